@@ -1,0 +1,134 @@
+"""Command line: `extproc serve | run | envoy-config | check`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from extproc import __version__, envoyconfig
+from extproc.config import ConfigError, LoadedConfig, config_from_environment, load_config, parse_config, demo_config_data
+
+
+def _load(path: str | None, *, with_secrets: bool = True) -> LoadedConfig:
+    if path is None:
+        return config_from_environment()
+    return load_config(path, with_secrets=with_secrets)
+
+
+def _override_processor(loaded: LoadedConfig, args: argparse.Namespace) -> LoadedConfig:
+    """Apply `serve` flags on top of the config's processor section."""
+    updates = {}
+    if args.grpc is not None:
+        updates["grpc_address"] = args.grpc
+    if args.admin_port is not None:
+        updates["admin_port"] = args.admin_port
+    if args.grace is not None:
+        updates["grace_period_seconds"] = args.grace
+    if not updates:
+        return loaded
+    config = loaded.config
+    processor = config.processor.model_copy(update=updates)
+    return loaded.model_copy(update={"config": config.model_copy(update={"processor": processor})})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.server import ServeOptions, run_event_loop, serve
+
+    loaded = _override_processor(_load(args.config), args)
+    settings = loaded.config.processor
+    options = ServeOptions(
+        grpc_address=settings.grpc_address,
+        admin_host=settings.admin_address,
+        admin_port=settings.admin_port,
+        grace_period_seconds=settings.grace_period_seconds,
+    )
+    run_event_loop(serve(loaded, options))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from extproc.supervisor import RunOptions, run_gateway
+
+    loaded = _load(args.config)
+    options = RunOptions(
+        config_path=Path(args.config) if args.config else None,
+        envoy_log_level=args.envoy_log_level,
+    )
+    return asyncio.run(run_gateway(loaded, options))
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    if args.demo:
+        config = parse_config(demo_config_data(), "<built-in demo>")
+    else:
+        config = _load(args.config, with_secrets=False).config
+    if args.fragment:
+        text = envoyconfig.to_yaml(envoyconfig.fragment(config, args.ca_file))
+    else:
+        header = envoyconfig.BUNDLED_HEADER if args.demo else ""
+        text = envoyconfig.to_yaml(envoyconfig.render(config, args.ca_file), header)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    loaded = load_config(args.file, with_secrets=not args.skip_secrets)
+    config = loaded.config
+    print(f"{args.file}: OK ({len(config.backends)} backend(s), {len(config.routes)} route(s))")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description="AI gateway data plane for Envoy")
+    parser.add_argument("--version", action="version", version=f"extproc {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="processor log level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the ext_proc gRPC processor (attach to your own Envoy)")
+    serve.add_argument("--config", help="gateway YAML (default: built from OPENAI_* env vars, else the demo)")
+    serve.add_argument("--grpc", help="listen address: host:port or unix:/path (default from config: 127.0.0.1:1063)")
+    serve.add_argument("--admin-port", type=int, help="admin HTTP port for /healthz (default 1064)")
+    serve.add_argument("--grace", type=float, help="seconds in-flight streams get to finish on SIGTERM")
+    serve.set_defaults(func=cmd_serve)
+
+    run = sub.add_parser("run", help="run Envoy and the processor together")
+    run.add_argument("--config", help="gateway YAML (default: built from OPENAI_* env vars, else the demo)")
+    run.add_argument("--envoy-log-level", default="warn", help="Envoy's --log-level (default warn)")
+    run.set_defaults(func=cmd_run)
+
+    render = sub.add_parser("envoy-config", help="print the Envoy config for a gateway config")
+    source = render.add_mutually_exclusive_group()
+    source.add_argument("--config", help="gateway YAML (default: built from the environment)")
+    source.add_argument("--demo", action="store_true", help="render the built-in demo config (envoy/envoy.yaml)")
+    render.add_argument("--fragment", action="store_true", help="only the filter, route and cluster pieces")
+    render.add_argument("--ca-file", default=envoyconfig.DEFAULT_CA_FILE, help="CA bundle for https backends")
+    render.add_argument("-o", "--output", help="write to this file instead of stdout")
+    render.set_defaults(func=cmd_envoy_config)
+
+    check = sub.add_parser("check", help="validate a gateway config file")
+    check.add_argument("file")
+    check.add_argument("--skip-secrets", action="store_true", help="do not resolve credential env vars/files")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"extproc: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

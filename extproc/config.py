@@ -1,0 +1,400 @@
+"""Gateway configuration: one YAML file, validated by pydantic.
+
+Errors name the file, the path of the bad field and what is allowed, because the
+person reading them is an operator at a terminal, not a Python developer.
+Secrets are *referenced* (env var or file) and resolved once at load into
+`SecretStr`, so they never show up in a repr, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# Header names we refuse as "extra headers": the gateway owns them.
+_RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+DEMO_BACKEND = "demo"
+DEMO_PORT = 1976
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the operator."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Schema(str, Enum):
+    """The API a backend speaks. Later issues add anthropic, aws_bedrock, azure_openai."""
+
+    openai = "openai"
+
+
+class SecretRef(_Strict):
+    """Where a secret lives: exactly one of an environment variable or a file."""
+
+    env: str | None = Field(default=None, description="environment variable holding the secret")
+    file: Path | None = Field(default=None, description="file whose content (stripped) is the secret")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of 'env' or 'file'")
+        return self
+
+    def describe(self) -> str:
+        return f"env var {self.env}" if self.env else f"file {self.file}"
+
+    def resolve(self, environ: Mapping[str, str]) -> SecretStr:
+        """Read the secret now; the error names where we looked, never the value."""
+        if self.env is not None:
+            value = environ.get(self.env, "")
+            if not value:
+                raise ValueError(f"environment variable {self.env} is not set or empty")
+            return SecretStr(value.strip())
+        assert self.file is not None
+        try:
+            value = self.file.expanduser().read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {self.file}: {exc.strerror}") from None
+        if not value:
+            raise ValueError(f"secret file {self.file} is empty")
+        return SecretStr(value)
+
+
+class Backend(_Strict):
+    """An upstream LLM API endpoint."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    schema_: Schema = Field(default=Schema.openai, alias="schema")
+    base_url: str = Field(description="e.g. https://api.openai.com/v1 (includes the API version path)")
+    api_key: SecretRef | None = None
+    model_name_override: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    request_timeout_seconds: float = Field(default=0, ge=0, description="whole-request limit; 0 = none (long streams)")
+    idle_timeout_seconds: float = Field(default=300, gt=0, description="limit on silence within a request")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host, e.g. https://api.openai.com/v1")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query string or fragment")
+        return value.rstrip("/")
+
+    @field_validator("model_name_override")
+    @classmethod
+    def _clean_override(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(c in value for c in "\r\n\0")):
+            raise ValueError("must be a non-empty model name without control characters")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _valid_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, header_value in value.items():
+            lower = name.lower()
+            if not _HEADER_NAME.match(name) or lower in _RESERVED_HEADERS or lower.startswith(("x-ai-eg-", ":")):
+                raise ValueError(f"header {name!r} cannot be set here (reserved or not a valid header name)")
+            if any(c in header_value for c in "\r\n\0"):
+                raise ValueError(f"header {name!r} value must not contain CR, LF or NUL")
+        return value
+
+    @property
+    def url(self) -> ParsedUrl:
+        return ParsedUrl.of(self.base_url)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedUrl:
+    """The parts of a backend base URL that Envoy and the processor each need."""
+
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str  # without the trailing slash, "" for none
+
+    @classmethod
+    def of(cls, url: str) -> ParsedUrl:
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        port = parts.port or (443 if scheme == "https" else 80)
+        return cls(scheme=scheme, host=parts.hostname or "", port=port, path_prefix=parts.path.rstrip("/"))
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.tls else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+class WeightedBackend(_Strict):
+    name: str
+    weight: int = Field(default=1, ge=1, le=1_000_000)
+
+
+class ModelMatch(_Strict):
+    """How a route matches the requested model: exactly one of the fields."""
+
+    model: str | list[str] | None = Field(default=None, description="exact model name(s)")
+    prefix: str | None = None
+    glob: str | None = Field(default=None, description="shell-style pattern, e.g. 'gpt-4o*'")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelMatch:
+        given = [k for k in ("model", "prefix", "glob") if getattr(self, k) not in (None, "", [])]
+        if len(given) != 1:
+            raise ValueError("set exactly one of 'model', 'prefix' or 'glob'")
+        return self
+
+    @property
+    def exact_models(self) -> list[str]:
+        if self.model is None:
+            return []
+        return [self.model] if isinstance(self.model, str) else list(self.model)
+
+
+class Route(_Strict):
+    """Requests whose model matches go to one of `backends` (weighted random)."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    match: ModelMatch | None = None
+    default: bool = False
+    backends: list[WeightedBackend] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _match_or_default(self) -> Route:
+        if self.default == (self.match is not None):
+            raise ValueError("a route needs either 'match' or 'default: true' (not both)")
+        return self
+
+
+class Limits(_Strict):
+    max_request_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+
+class EnvoySettings(_Strict):
+    """Where the bundled Envoy listens."""
+
+    listen_address: str = "127.0.0.1"
+    listen_port: int = Field(default=1975, ge=0, le=65535)
+    admin_port: int = Field(default=9901, ge=0, le=65535)
+
+
+class ProcessorSettings(_Strict):
+    """Where the processor listens; `grpc_address` is host:port or unix:/path."""
+
+    grpc_address: str = "127.0.0.1:1063"
+    admin_address: str = "127.0.0.1"
+    admin_port: int = Field(default=1064, ge=0, le=65535)
+    grace_period_seconds: float = Field(default=15, ge=0, le=3600)
+    message_timeout_ms: int = Field(default=5000, ge=50, le=60_000)
+
+
+class GatewayConfig(_Strict):
+    """The whole gateway: backends, routes, limits and listening addresses."""
+
+    version: Literal[1] = 1
+    backends: list[Backend] = Field(min_length=1)
+    routes: list[Route] = Field(min_length=1)
+    limits: Limits = Field(default_factory=Limits)
+    envoy: EnvoySettings = Field(default_factory=EnvoySettings)
+    processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> GatewayConfig:
+        names = [b.name for b in self.backends]
+        _no_duplicates(names, "backends", "backend")
+        _no_duplicates([r.name for r in self.routes], "routes", "route")
+        known = set(names)
+        for i, route in enumerate(self.routes):
+            for j, ref in enumerate(route.backends):
+                if ref.name not in known:
+                    raise _FieldError(
+                        ("routes", i, "backends", j, "name"),
+                        f"unknown backend {ref.name!r}; defined backends: {', '.join(names)}",
+                    )
+        defaults = [i for i, r in enumerate(self.routes) if r.default]
+        if len(defaults) > 1:
+            raise _FieldError(("routes", defaults[1], "default"), "only one route may be the default")
+        return self
+
+    def backend(self, name: str) -> Backend:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise KeyError(name)
+
+
+class _FieldError(ValueError):
+    """A cross-field error that still knows which field it is about."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+def _no_duplicates(names: list[str], section: str, what: str) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise _FieldError((section, i, "name"), f"duplicate {what} name {name!r}")
+        seen.add(name)
+
+
+class LoadedConfig(BaseModel):
+    """A validated config plus the secrets it references, resolved."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    config: GatewayConfig
+    source: str
+    secrets: dict[str, SecretStr] = Field(default_factory=dict, description="backend name -> api key")
+
+
+def format_loc(loc: tuple[str | int, ...]) -> str:
+    """('routes', 0, 'backends', 1, 'name') -> 'routes[0].backends[1].name'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _describe_error(error: Mapping[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
+    ctx = error.get("ctx") or {}
+    inner = ctx.get("error")
+    if isinstance(inner, _FieldError):
+        return f"{format_loc(inner.loc)}: {inner.message}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown field (check the spelling; see the README's config reference)"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    value = error.get("input")
+    shown = ""
+    if error["type"] not in ("missing", "extra_forbidden") and isinstance(value, str | int | float | bool):
+        shown = f" (got {value!r})"
+    return f"{format_loc(loc)}: {message}{shown}"
+
+
+def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
+    """Validate a decoded YAML document, raising ConfigError naming every bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with 'backends' and 'routes'")
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"  {_describe_error(e)}" for e in exc.errors()]
+        raise ConfigError(f"{source}: invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str], source: str) -> dict[str, SecretStr]:
+    """Resolve every backend's credential reference; errors name the field, never a value."""
+    secrets: dict[str, SecretStr] = {}
+    problems = []
+    for i, backend in enumerate(config.backends):
+        if backend.api_key is None:
+            continue
+        try:
+            secrets[backend.name] = backend.api_key.resolve(environ)
+        except ValueError as exc:
+            problems.append(f"  backends[{i}].api_key: {exc}")
+    if problems:
+        raise ConfigError(f"{source}: cannot resolve credentials:\n" + "\n".join(problems))
+    return secrets
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, with_secrets: bool = True) -> LoadedConfig:
+    """Read, validate and (optionally) resolve the secrets of a config file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    config = parse_config(data, source)
+    env = os.environ if environ is None else environ
+    secrets = resolve_secrets(config, env, source) if with_secrets else {}
+    return LoadedConfig(config=config, source=source, secrets=secrets)
+
+
+def config_from_environment(environ: Mapping[str, str] | None = None, demo_port: int = DEMO_PORT) -> LoadedConfig:
+    """The config `extproc run` uses when given none.
+
+    OPENAI_API_KEY (and optional OPENAI_BASE_URL, which includes /v1 as in the openai
+    SDK) gives an OpenAI backend serving every model; with no provider variable set,
+    the built-in demo backend (extproc.sim) answers so the first request works offline.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("OPENAI_API_KEY"):
+        data: dict[str, Any] = {
+            "backends": [
+                {
+                    "name": "openai",
+                    "schema": "openai",
+                    "base_url": env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
+                    "api_key": {"env": "OPENAI_API_KEY"},
+                }
+            ],
+            "routes": [{"name": "openai", "default": True, "backends": [{"name": "openai"}]}],
+        }
+        source = "<environment: OPENAI_API_KEY>"
+    else:
+        data = demo_config_data(demo_port)
+        source = "<built-in demo>"
+    config = parse_config(data, source)
+    return LoadedConfig(config=config, source=source, secrets=resolve_secrets(config, env, source))
+
+
+def demo_config_data(demo_port: int = DEMO_PORT) -> dict[str, Any]:
+    """The built-in demo: every model is served by the local simulator."""
+    return {
+        "backends": [{"name": DEMO_BACKEND, "schema": "openai", "base_url": f"http://127.0.0.1:{demo_port}/v1"}],
+        "routes": [
+            {"name": "demo-models", "match": {"model": ["demo-model", "demo-embedding"]}, "backends": [{"name": DEMO_BACKEND}]},
+            {"name": "default", "default": True, "backends": [{"name": DEMO_BACKEND}]},
+        ],
+    }
+
+
+def is_demo(loaded: LoadedConfig) -> bool:
+    return loaded.source == "<built-in demo>"

@@ -1,0 +1,274 @@
+"""Render the Envoy configuration from the gateway config.
+
+Adding a backend in the gateway YAML is all a user does: this module turns each
+backend into a cluster (TLS + SNI for https) and a route selected by the
+`x-ai-eg-backend` header that the processor sets, and wires the ext_proc filter.
+Output is plain data (dicts) dumped as YAML, deterministic for a given config so
+the bundled envoy/envoy.yaml can be checked against a fresh render.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from extproc.config import Backend, GatewayConfig
+from extproc.exchange import BACKEND_HEADER, MODEL_HEADER
+from extproc.protocol import METADATA_NAMESPACE
+
+PROCESSOR_CLUSTER = "extproc"
+DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
+
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_STDOUT_LOG = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+
+# Envoy's own local replies (upstream down, timeouts, no route) get the OpenAI error
+# shape. Matched by response flag, so replies the processor already shaped are untouched.
+_LOCAL_REPLY_ERRORS: list[tuple[list[str], int, str, str]] = [
+    (["UF", "UH", "UO", "URX", "NC"], 503, "backend_unavailable", "The backend is unavailable"),
+    (["UT", "SI"], 504, "backend_timeout", "The backend did not answer in time"),
+    (["UC", "UR", "UPE"], 502, "backend_error", "The backend connection failed"),
+    (["NR"], 404, "unknown_url", "No route for this request"),
+]
+
+
+def cluster_name(backend: str) -> str:
+    return f"backend-{backend}"
+
+
+def _socket_address(address: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _processor_address(grpc_address: str) -> dict[str, Any]:
+    if grpc_address.startswith("unix:"):
+        return {"pipe": {"path": grpc_address.removeprefix("unix:").removeprefix("//")}}
+    host, _, port = grpc_address.rpartition(":")
+    return _socket_address(host.strip("[]") or "127.0.0.1", int(port))
+
+
+def _access_log() -> list[dict[str, Any]]:
+    def meta(key: str) -> str:
+        return f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"
+
+    fields = {
+        "start_time": "%START_TIME%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(:PATH)%",
+        "status": "%RESPONSE_CODE%",
+        "response_flags": "%RESPONSE_FLAGS%",
+        "response_code_details": "%RESPONSE_CODE_DETAILS%",
+        "duration_ms": "%DURATION%",
+        "bytes_received": "%BYTES_RECEIVED%",
+        "bytes_sent": "%BYTES_SENT%",
+        "upstream_cluster": "%UPSTREAM_CLUSTER%",
+        "upstream_host": "%UPSTREAM_HOST%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "request_model": meta("request_model"),
+        "model_name_override": meta("model_name_override"),
+        "backend_name": meta("backend_name"),
+        "route_name": meta("route_name"),
+    }
+    return [
+        {
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": {"@type": _STDOUT_LOG, "log_format": {"json_format": fields}},
+        }
+    ]
+
+
+def _local_reply_config() -> dict[str, Any]:
+    mappers = []
+    for flags, status, code, message in _LOCAL_REPLY_ERRORS:
+        error = {"message": f"{message}: %LOCAL_REPLY_BODY%", "type": "server_error", "param": None, "code": code}
+        if code == "unknown_url":
+            error = {"message": "Invalid URL (%REQ(:METHOD)% %REQ(:PATH)%)", "type": "invalid_request_error",
+                     "param": None, "code": code}
+        mappers.append(
+            {
+                "filter": {"response_flag_filter": {"flags": flags}},
+                "status_code": status,
+                "body_format_override": {"json_format": {"error": error}, "content_type": "application/json"},
+            }
+        )
+    return {"mappers": mappers}
+
+
+def _ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
+    timeout_ms = config.processor.message_timeout_ms
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": _EXT_PROC,
+            "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
+            "failure_mode_allow": False,
+            "message_timeout": f"{timeout_ms / 1000:g}s",
+            "max_message_timeout": f"{max(timeout_ms / 1000, 30):g}s",
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "response_body_mode": "STREAMED",
+                "response_trailer_mode": "SKIP",
+            },
+            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        },
+    }
+
+
+def _backend_route(backend: Backend) -> dict[str, Any]:
+    url = backend.url
+    action: dict[str, Any] = {
+        "cluster": cluster_name(backend.name),
+        "host_rewrite_literal": url.authority,
+        "timeout": f"{backend.request_timeout_seconds:g}s",
+        "idle_timeout": f"{backend.idle_timeout_seconds:g}s",
+    }
+    return {
+        "name": f"backend-{backend.name}",
+        "match": {"prefix": "/", "headers": [{"name": BACKEND_HEADER, "string_match": {"exact": backend.name}}]},
+        "route": action,
+        "request_headers_to_remove": [MODEL_HEADER, BACKEND_HEADER],
+    }
+
+
+def _no_backend_route() -> dict[str, Any]:
+    """Reached only when the processor chose no backend (it answers such requests itself)."""
+    body = '{"error":{"message":"No backend was selected for this request","type":"invalid_request_error","param":null,"code":"no_backend"}}'
+    return {
+        "name": "no-backend",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": body}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+    }
+
+
+def _backend_cluster(backend: Backend, ca_file: str) -> dict[str, Any]:
+    url = backend.url
+    cluster: dict[str, Any] = {
+        "name": cluster_name(backend.name),
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "10s",
+        "load_assignment": {
+            "cluster_name": cluster_name(backend.name),
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(url.host, url.port)}}]}],
+        },
+    }
+    if url.tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _TLS,
+                "sni": url.host,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "validation_context": {
+                        "trusted_ca": {"filename": ca_file},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": url.host}}],
+                    },
+                },
+            },
+        }
+        protocol: dict[str, Any] = {"auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}
+    else:
+        protocol = {"explicit_http_config": {"http_protocol_options": {}}}
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {"@type": _HTTP_OPTIONS, **protocol}
+    }
+    return cluster
+
+
+def _processor_cluster(config: GatewayConfig) -> dict[str, Any]:
+    return {
+        "name": PROCESSOR_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": PROCESSOR_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _processor_address(config.processor.grpc_address)}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+
+
+def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
+    return [_ext_proc_filter(config), {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}]
+
+
+def routes(config: GatewayConfig) -> list[dict[str, Any]]:
+    return [*(_backend_route(b) for b in config.backends), _no_backend_route()]
+
+
+def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict[str, Any]]:
+    return [_processor_cluster(config), *(_backend_cluster(b, ca_file) for b in config.backends)]
+
+
+def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, Any]:
+    """The whole bootstrap for the bundled Envoy: admin, one listener, clusters."""
+    envoy = config.envoy
+    body_limit = config.limits.max_request_body_bytes
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": "ai_gateway",
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        "request_timeout": "0s",
+        "stream_idle_timeout": "300s",
+        "access_log": _access_log(),
+        "local_reply_config": _local_reply_config(),
+        "route_config": {
+            "name": "ai_gateway",
+            "virtual_hosts": [{"name": "ai_gateway", "domains": ["*"], "routes": routes(config)}],
+        },
+        "http_filters": http_filters(config),
+    }
+    return {
+        "admin": {"address": _socket_address("127.0.0.1", envoy.admin_port)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "ai_gateway",
+                    "address": _socket_address(envoy.listen_address, envoy.listen_port),
+                    # Envoy buffers the request body for the processor; allow the configured limit.
+                    "per_connection_buffer_limit_bytes": body_limit,
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": clusters(config, ca_file),
+        },
+    }
+
+
+def fragment(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, Any]:
+    """The pieces a user adds to an Envoy they already run (filters, routes, clusters)."""
+    return {
+        "http_filters": http_filters(config),
+        "routes": routes(config),
+        "clusters": clusters(config, ca_file),
+        "local_reply_config": _local_reply_config(),
+    }
+
+
+def to_yaml(data: dict[str, Any], header: str = "") -> str:
+    return header + yaml.safe_dump(data, sort_keys=False, width=120)
+
+
+BUNDLED_HEADER = (
+    "# Rendered by `extproc envoy-config --demo` from the built-in demo config. Do not edit by hand:\n"
+    "# change the gateway config and run `make envoy-config` (a test keeps this file in sync).\n"
+)

@@ -1,0 +1,76 @@
+"""Small builders for ext_proc messages, written once so the phase logic stays readable.
+
+Envoy facts these encode (see ENVOY_FACTS.md): header values travel in `raw_value`
+(never `value`); every phase must be answered with its own response type, even
+when nothing changes; dynamic metadata lands only in a namespace Envoy listens to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+METADATA_NAMESPACE = "io.envoy.ai_gateway"
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_JSON = (("content-type", b"application/json"),)
+
+# Answers that change nothing. They are never mutated after creation, so one shared
+# instance per phase saves an allocation per message on the hot path.
+CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+CONTINUE_REQUEST_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse())
+CONTINUE_RESPONSE_HEADERS = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+CONTINUE_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
+CONTINUE_REQUEST_TRAILERS = ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
+CONTINUE_RESPONSE_TRAILERS = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+
+
+def header_map(headers: ep.HttpHeaders) -> dict[str, bytes]:
+    """Envoy's header list as a dict of lower-case name -> raw bytes (last value wins)."""
+    return {h.key: h.raw_value for h in headers.headers.headers}
+
+
+def set_header(name: str, value: bytes) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, raw_value=value), append_action=_OVERWRITE)
+
+
+def header_mutation(
+    set_headers: Iterable[tuple[str, bytes]] = (), remove: Iterable[str] = ()
+) -> ep.HeaderMutation:
+    return ep.HeaderMutation(
+        set_headers=[set_header(k, v) for k, v in set_headers],
+        remove_headers=list(remove),
+    )
+
+
+def metadata_struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
+    """Dynamic metadata under the gateway namespace; None values are left out."""
+    struct = struct_pb2.Struct()
+    struct.update({METADATA_NAMESPACE: {k: v for k, v in values.items() if v is not None}})
+    return struct
+
+
+def immediate(
+    status: int,
+    body: bytes,
+    details: str,
+    headers: Iterable[tuple[str, bytes]] = _JSON,
+    metadata: Mapping[str, Any] | None = None,
+) -> ep.ProcessingResponse:
+    """Answer the client directly (Envoy sends it; the upstream never sees the request)."""
+    response = ep.ProcessingResponse(
+        immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=header_mutation(headers),
+            body=body,
+            details=details,
+        )
+    )
+    if metadata:
+        response.dynamic_metadata.CopyFrom(metadata_struct(metadata))
+    return response

@@ -1,0 +1,123 @@
+"""Model -> route -> backend selection.
+
+Routes are tried in file order; the default route (if any) is the last resort,
+wherever it appears. Results per model name are cached in a bounded dict so the
+per-request cost is one dict lookup plus one weighted pick.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import random
+import re
+from bisect import bisect_right
+from dataclasses import dataclass
+from itertools import accumulate
+
+from pydantic import SecretStr
+
+from extproc.config import Backend, GatewayConfig, ModelMatch, Route
+
+_CACHE_LIMIT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTarget:
+    """What the processor needs to send a request to one backend, precomputed."""
+
+    name: str
+    backend: Backend
+    path_prefix: str
+    authority: str
+    api_key: SecretStr | None
+    model_name_override: str | None
+    extra_headers: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    """A route with its matcher and weighted backends ready for picking."""
+
+    name: str
+    targets: tuple[BackendTarget, ...]
+    cumulative_weights: tuple[int, ...]
+
+    def pick(self, rng: random.Random) -> BackendTarget:
+        if len(self.targets) == 1:
+            return self.targets[0]
+        point = rng.random() * self.cumulative_weights[-1]
+        return self.targets[bisect_right(self.cumulative_weights, point)]
+
+
+def _matcher(match: ModelMatch) -> re.Pattern[str] | frozenset[str] | str:
+    if match.model is not None:
+        return frozenset(match.exact_models)
+    if match.prefix is not None:
+        return match.prefix
+    assert match.glob is not None
+    return re.compile(fnmatch.translate(match.glob))
+
+
+def _matches(matcher: re.Pattern[str] | frozenset[str] | str, model: str) -> bool:
+    if isinstance(matcher, frozenset):
+        return model in matcher
+    if isinstance(matcher, str):
+        return model.startswith(matcher)
+    return matcher.match(model) is not None
+
+
+class Router:
+    """Picks the route and backend for a model name."""
+
+    def __init__(self, config: GatewayConfig, secrets: dict[str, SecretStr], rng: random.Random | None = None) -> None:
+        targets = {b.name: _target(b, secrets.get(b.name)) for b in config.backends}
+        self._rng = rng or random.Random()
+        self._routes: list[tuple[re.Pattern[str] | frozenset[str] | str, CompiledRoute]] = []
+        self._default: CompiledRoute | None = None
+        for route in config.routes:
+            compiled = _compile(route, targets)
+            if route.match is None:
+                self._default = compiled
+            else:
+                self._routes.append((_matcher(route.match), compiled))
+        self._cache: dict[str, CompiledRoute | None] = {}
+        self.listed_models: tuple[str, ...] = tuple(
+            dict.fromkeys(m for r in config.routes if r.match for m in r.match.exact_models)
+        )
+
+    def route_for(self, model: str) -> CompiledRoute | None:
+        """The first route in file order matching `model`, else the default route."""
+        try:
+            return self._cache[model]
+        except KeyError:
+            pass
+        found = next((route for matcher, route in self._routes if _matches(matcher, model)), self._default)
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[model] = found
+        return found
+
+    def select(self, model: str) -> tuple[CompiledRoute, BackendTarget] | None:
+        route = self.route_for(model)
+        if route is None:
+            return None
+        return route, route.pick(self._rng)
+
+
+def _compile(route: Route, targets: dict[str, BackendTarget]) -> CompiledRoute:
+    chosen = tuple(targets[ref.name] for ref in route.backends)
+    weights = tuple(accumulate(ref.weight for ref in route.backends))
+    return CompiledRoute(name=route.name, targets=chosen, cumulative_weights=weights)
+
+
+def _target(backend: Backend, api_key: SecretStr | None) -> BackendTarget:
+    url = backend.url
+    return BackendTarget(
+        name=backend.name,
+        backend=backend,
+        path_prefix=url.path_prefix,
+        authority=url.authority,
+        api_key=api_key,
+        model_name_override=backend.model_name_override,
+        extra_headers=tuple((k.lower(), v.encode()) for k, v in backend.headers.items()),
+    )

@@ -1,0 +1,124 @@
+"""The OpenAI API as clients speak it: endpoints, request parsing and error bodies."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import orjson
+
+
+class Operation(str, Enum):
+    """What a client asked for; the value is the OpenTelemetry gen_ai.operation.name."""
+
+    chat = "chat"
+    completion = "text_completion"
+    embeddings = "embeddings"
+    models = "models"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    operation: Operation
+    method: str
+    suffix: str  # the path after the API version prefix, appended to a backend's base URL
+
+
+# Client paths as the openai SDK sends them (base URL ends in /v1).
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/chat/completions": Endpoint(Operation.chat, "POST", "/chat/completions"),
+    "/v1/completions": Endpoint(Operation.completion, "POST", "/completions"),
+    "/v1/embeddings": Endpoint(Operation.embeddings, "POST", "/embeddings"),
+    "/v1/models": Endpoint(Operation.models, "GET", "/models"),
+}
+
+
+class RequestError(Exception):
+    """A client mistake the gateway answers itself, in the client API's error shape."""
+
+    def __init__(self, status: int, message: str, error_type: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.code = code
+        self.param = param
+
+
+def error_body(status: int, message: str, error_type: str, code: str | None = None, param: str | None = None) -> bytes:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return orjson.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> RequestError:
+    return RequestError(400, message, "invalid_request_error", code, param)
+
+
+def not_found_path(method: str, path: str) -> RequestError:
+    return RequestError(404, f"Invalid URL ({method} {path})", "invalid_request_error", "unknown_url")
+
+
+def model_not_found(model: str) -> RequestError:
+    return RequestError(
+        404,
+        f"The model `{model}` does not exist or is not served by this gateway.",
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    )
+
+
+def too_large(limit: int) -> RequestError:
+    return RequestError(
+        413,
+        f"Request body too large: the limit is {limit} bytes.",
+        "invalid_request_error",
+        "request_too_large",
+    )
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    """The few facts the gateway needs from a request body, plus the body itself."""
+
+    body: dict[str, Any]
+    model: str
+    stream: bool
+
+
+_MAX_MODEL_LENGTH = 256
+
+
+def parse_request(raw: bytes) -> ParsedRequest:
+    """Parse the JSON body once; raise RequestError (400) for anything a backend would reject."""
+    if not raw:
+        raise bad_request("The request body is empty; expected a JSON object with a 'model' field.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    model = body.get("model")
+    if model is None or model == "":
+        raise bad_request("you must provide a model parameter", param="model", code="missing_required_parameter")
+    if not isinstance(model, str):
+        raise bad_request("'model' must be a string.", param="model", code="invalid_type")
+    if len(model) > _MAX_MODEL_LENGTH or not model.isprintable():
+        raise bad_request(
+            f"'model' must be at most {_MAX_MODEL_LENGTH} printable characters.", param="model", code="invalid_value"
+        )
+    return ParsedRequest(body=body, model=model, stream=body.get("stream") is True)
+
+
+def models_list(models: tuple[str, ...], owned_by: str = "extproc") -> bytes:
+    """OpenAI's list shape for GET /v1/models, built from the configured model names."""
+    created = int(time.time())
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": created, "owned_by": owned_by} for m in models],
+        }
+    )

@@ -1,0 +1,161 @@
+"""The processor process: grpc.aio ExternalProcessor, gRPC health, admin HTTP, shutdown.
+
+SIGTERM flips health to NOT_SERVING (so Envoy and orchestrators stop sending new
+work), lets in-flight streams finish for the grace period, then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.config import LoadedConfig
+from extproc.exchange import Exchange
+from extproc.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
+    """One `Process` stream per HTTP request; each stream is self-contained."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.in_flight = 0
+
+    async def Process(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        exchange = Exchange(self.runtime)
+        self.in_flight += 1
+        try:
+            async for request in request_iterator:
+                yield exchange.handle(request)
+        finally:
+            self.in_flight -= 1
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    grpc_address: str
+    admin_host: str
+    admin_port: int
+    grace_period_seconds: float
+
+
+class ProcessorServer:
+    """Owns the gRPC server, the health service and the admin HTTP server."""
+
+    def __init__(self, loaded: LoadedConfig, options: ServeOptions) -> None:
+        self.options = options
+        self.processor = ExternalProcessor(Runtime.build(loaded))
+        self.health = health.aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._admin: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        self.draining = False
+        self.grpc_port: int | None = None
+        self.admin_port: int | None = None
+
+    async def start(self) -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 128 * 1024 * 1024),
+                ("grpc.max_send_message_length", 128 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ]
+        )
+        ep_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        port = server.add_insecure_port(self.options.grpc_address)
+        if port == 0 and not self.options.grpc_address.startswith("unix:"):
+            raise OSError(f"cannot listen on {self.options.grpc_address} (address in use?)")
+        self.grpc_port = port
+        await server.start()
+        self._grpc = server
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._start_admin()
+        log.info(
+            "processor listening: grpc=%s admin=http://%s:%s",
+            self.options.grpc_address,
+            self.options.admin_host,
+            self.admin_port,
+        )
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _start_admin(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.options.admin_host, self.options.admin_port, reuse_address=True)
+        await site.start()
+        self._admin = runner
+        sockets = site._server.sockets if site._server else []  # noqa: SLF001 (aiohttp has no public accessor)
+        self.admin_port = sockets[0].getsockname()[1] if sockets else self.options.admin_port
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining", "in_flight": self.processor.in_flight}, status=503)
+        return web.json_response({"status": "ok", "in_flight": self.processor.in_flight})
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+        await self.drain_and_stop()
+
+    async def drain_and_stop(self) -> None:
+        """Refuse new streams, let in-flight ones finish within the grace period, then close."""
+        self.draining = True
+        grace = self.options.grace_period_seconds
+        log.info("draining: %d stream(s) in flight, grace %.1fs", self.processor.in_flight, grace)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._admin is not None:
+            await self._admin.cleanup()
+        log.info("processor stopped")
+
+
+def install_signal_handlers(server: ProcessorServer) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, server.request_stop)
+
+
+async def serve(loaded: LoadedConfig, options: ServeOptions) -> None:
+    server = ProcessorServer(loaded, options)
+    await server.start()
+    install_signal_handlers(server)
+    await server.wait_stopped()
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when available: grpc.aio and aiohttp both support it."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        asyncio.run(main)
+        return
+    uvloop.run(main)
