@@ -1,0 +1,425 @@
+"""aiohttp handlers that speak the OpenAI HTTP schema.
+
+Routing matches on the path *suffix*, so the simulator answers behind any base
+path a gateway may add (``/v1``, ``/openai/v1``, ``/x/y``). Per-request knobs
+arrive as ``x-sim-*`` headers, so tests can drive the upstream through a gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from extproc.sim import text
+
+DEMO_MODELS = ("demo-model", "demo-chat", "demo-embedding")
+DEFAULT_DIMENSIONS = 8
+MAX_DIMENSIONS = 4096
+MAX_CHUNKS = 10_000
+MAX_DELAY_MS = 600_000.0
+MAX_TOKENS_LIMIT = 1_000_000
+_ERROR_MODEL_RE = re.compile(r"^sim-error-(\d{3})$")
+
+_ERROR_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", None),
+    404: ("invalid_request_error", "not_found"),
+    408: ("timeout_error", None),
+    409: ("conflict_error", None),
+    413: ("invalid_request_error", "request_too_large"),
+    422: ("invalid_request_error", None),
+    429: ("requests", "rate_limit_exceeded"),
+}
+
+
+@dataclass
+class SimSettings:
+    """Server-wide defaults; shared with the handlers so changes apply live."""
+
+    chunks: int = 8
+    chunk_delay_ms: float = 0.0
+    first_byte_delay_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Effective per-request behaviour: server defaults overridden by headers."""
+
+    chunks: int
+    chunk_delay: float
+    first_byte_delay: float
+    error_status: int | None
+
+
+class ApiError(Exception):
+    """Raised inside a handler to answer with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> web.Response:
+    """OpenAI error body ``{"error": {message, type, param, code}}`` with ``status``."""
+    etype, default_code = _ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    body = {"error": {"message": message, "type": etype, "param": param, "code": code or default_code}}
+    headers = {"retry-after": "1"} if status == 429 else None
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(obj), content_type="application/json")
+
+
+def _header_number(request: web.Request, name: str, default: float, lo: float, hi: float) -> float:
+    raw = request.headers.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, f"invalid {name} header: {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ApiError(400, f"{name} must be between {lo:g} and {hi:g}, got {raw!r}")
+    return value
+
+
+def read_knobs(request: web.Request, settings: SimSettings) -> Knobs:
+    """Merge ``x-sim-*`` headers over the server defaults (400 on bad values)."""
+    chunks = _header_number(request, "x-sim-chunks", settings.chunks, 1, MAX_CHUNKS)
+    delay = _header_number(request, "x-sim-chunk-delay-ms", settings.chunk_delay_ms, 0, MAX_DELAY_MS)
+    first = _header_number(request, "x-sim-first-byte-delay-ms", settings.first_byte_delay_ms, 0, MAX_DELAY_MS)
+    status = request.headers.get("x-sim-error")
+    error_status: int | None = None
+    if status is not None:
+        if not status.strip().isdigit() or not 400 <= int(status) <= 599:
+            raise ApiError(400, f"x-sim-error must be an HTTP status 400-599, got {status!r}")
+        error_status = int(status)
+    return Knobs(int(chunks), delay / 1000.0, first / 1000.0, error_status)
+
+
+def _simulated_error(status: int, how: str) -> ApiError:
+    return ApiError(status, f"Simulated error {status} (requested via {how})")
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"We could not parse the JSON body of your request: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    return body
+
+
+def _require_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
+    match = _ERROR_MODEL_RE.match(model)
+    if match and 400 <= int(match.group(1)) <= 599:
+        raise _simulated_error(int(match.group(1)), f"model {model}")
+    return model
+
+
+def _reply_tokens(body: dict[str, Any]) -> tuple[int, bool]:
+    """Reply length and whether it was capped by the client (finish_reason "length")."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOKENS_LIMIT:
+            raise ApiError(400, f"{key} must be an integer between 1 and {MAX_TOKENS_LIMIT}", param=key)
+        return value, True
+    return text.DEFAULT_REPLY_TOKENS, False
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+@dataclass
+class _Reply:
+    """What both the streaming and non-streaming paths render."""
+
+    id: str
+    model: str
+    created: int
+    texts: list[str]
+    finish_reason: str
+    prompt_tokens: int
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        return _usage(self.prompt_tokens, sum(text.count_tokens(t) for t in self.texts))
+
+
+def _chat_reply(body: dict[str, Any], model: str) -> _Reply:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty array", param="messages", code="missing_required_parameter")
+    if not all(isinstance(m, dict) for m in messages):
+        raise ApiError(400, "each message must be an object", param="messages")
+    tokens, capped = _reply_tokens(body)
+    n = body.get("n") or 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
+        raise ApiError(400, "n must be an integer between 1 and 128", param="n")
+    reply = text.reply_text(text.last_user_text(messages), tokens)
+    return _Reply(
+        f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time()), [reply] * n,
+        "length" if capped else "stop", text.count_message_tokens(messages),
+    )
+
+
+def _prompts(body: dict[str, Any]) -> list[tuple[str, int]]:
+    """Legacy ``prompt`` as (text to answer, prompt tokens) per choice."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [(prompt, text.count_tokens(prompt))]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return [(p, text.count_tokens(p)) for p in prompt]
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [(" ".join(map(str, prompt)), len(prompt))]
+        if all(isinstance(p, list) and all(isinstance(i, int) for i in p) for p in prompt):
+            return [(" ".join(map(str, p)), len(p)) for p in prompt]
+    raise ApiError(400, "prompt must be a string, an array of strings or an array of token ids", param="prompt")
+
+
+def _completion_reply(body: dict[str, Any], model: str) -> _Reply:
+    prompts = _prompts(body)
+    tokens, capped = _reply_tokens(body)
+    return _Reply(
+        f"cmpl-{uuid.uuid4().hex}", model, int(time.time()), [text.reply_text(p, tokens) for p, _ in prompts],
+        "length" if capped else "stop", sum(count for _, count in prompts),
+    )
+
+
+def _chat_object(reply: _Reply) -> dict[str, Any]:
+    return {
+        "id": reply.id, "object": "chat.completion", "created": reply.created, "model": reply.model,
+        "choices": [
+            {
+                "index": i, "logprobs": None, "finish_reason": reply.finish_reason,
+                "message": {"role": "assistant", "content": t, "refusal": None},
+            }
+            for i, t in enumerate(reply.texts)
+        ],
+        "usage": reply.usage, "system_fingerprint": "fp_extproc_sim",
+    }
+
+
+def _completion_object(reply: _Reply) -> dict[str, Any]:
+    return {
+        "id": reply.id, "object": "text_completion", "created": reply.created, "model": reply.model,
+        "choices": [
+            {"index": i, "text": t, "logprobs": None, "finish_reason": reply.finish_reason}
+            for i, t in enumerate(reply.texts)
+        ],
+        "usage": reply.usage, "system_fingerprint": "fp_extproc_sim",
+    }
+
+
+def _chat_events(reply: _Reply, chunks: int) -> AsyncIterator[dict[str, Any] | None]:
+    """Chunk payloads of a streamed chat reply; ``None`` marks a pause point."""
+
+    def delta(i: int, d: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
+            "model": reply.model, "system_fingerprint": "fp_extproc_sim",
+            "choices": [{"index": i, "delta": d, "logprobs": None, "finish_reason": finish}],
+        }
+
+    return _stream_shape(
+        reply, chunks,
+        first=lambda i: delta(i, {"role": "assistant", "content": "", "refusal": None}),
+        piece=lambda i, s: delta(i, {"content": s}),
+        last=lambda i: delta(i, {}, reply.finish_reason),
+    )
+
+
+def _completion_events(reply: _Reply, chunks: int) -> AsyncIterator[dict[str, Any] | None]:
+    """Chunk payloads of a streamed legacy completion; no role chunk exists there."""
+
+    def choice(i: int, s: str, finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": reply.id, "object": "text_completion", "created": reply.created, "model": reply.model,
+            "system_fingerprint": "fp_extproc_sim",
+            "choices": [{"index": i, "text": s, "logprobs": None, "finish_reason": finish}],
+        }
+
+    return _stream_shape(
+        reply, chunks, first=None, piece=choice, last=lambda i: choice(i, "", reply.finish_reason)
+    )
+
+
+async def _stream_shape(
+    reply: _Reply,
+    chunks: int,
+    first: Callable[[int], dict[str, Any]] | None,
+    piece: Callable[[int, str], dict[str, Any]],
+    last: Callable[[int], dict[str, Any]],
+) -> AsyncIterator[dict[str, Any] | None]:
+    """Shared event order: opening chunks, content chunks (pause between), finish chunks."""
+    if first is not None:
+        for i in range(len(reply.texts)):
+            yield first(i)
+    pieces = [text.split_chunks(t, chunks) for t in reply.texts]
+    for step in range(max(len(p) for p in pieces)):
+        if step:
+            yield None
+        for i, parts in enumerate(pieces):
+            if step < len(parts):
+                yield piece(i, parts[step])
+    for i in range(len(reply.texts)):
+        yield last(i)
+
+
+async def _stream(
+    request: web.Request,
+    reply: _Reply,
+    events: AsyncIterator[dict[str, Any] | None],
+    include_usage: bool,
+    delay: float,
+    usage_object: str,
+) -> web.StreamResponse:
+    """Write each SSE event separately, so clients see chunks arrive over time."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    try:
+        async for event in events:
+            if event is None:
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                continue
+            if include_usage:
+                event["usage"] = None
+            await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
+        if include_usage:
+            usage_chunk = {
+                "id": reply.id, "object": usage_object, "created": reply.created, "model": reply.model,
+                "system_fingerprint": "fp_extproc_sim", "choices": [], "usage": reply.usage,
+            }
+            await resp.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+    except ConnectionError:
+        pass  # the client went away mid-stream; nothing left to tell it
+    return resp
+
+
+async def chat_completions(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
+    """``POST .../chat/completions``."""
+    reply = _chat_reply(body, _require_model(body))
+    if body.get("stream") is True:
+        events = _chat_events(reply, knobs.chunks)
+        return await _stream(request, reply, events, _include_usage(body), knobs.chunk_delay, "chat.completion.chunk")
+    return _json(_chat_object(reply))
+
+
+async def completions(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
+    """``POST .../completions`` (legacy text completions)."""
+    reply = _completion_reply(body, _require_model(body))
+    if body.get("stream") is True:
+        events = _completion_events(reply, knobs.chunks)
+        return await _stream(request, reply, events, _include_usage(body), knobs.chunk_delay, "text_completion")
+    return _json(_completion_object(reply))
+
+
+def _embedding_inputs(body: dict[str, Any]) -> list[tuple[str, int]]:
+    """``input`` as (seed text, token count) per item."""
+    value = body.get("input")
+    if isinstance(value, str):
+        return [(value, text.count_tokens(value))]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return [(v, text.count_tokens(v)) for v in value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [(" ".join(map(str, value)), len(value))]
+        if all(isinstance(v, list) and v and all(isinstance(i, int) for i in v) for v in value):
+            return [(" ".join(map(str, v)), len(v)) for v in value]
+    raise ApiError(
+        400, "input must be a string, an array of strings or an array of token id arrays", param="input",
+        code="missing_required_parameter" if value is None else None,
+    )
+
+
+async def embeddings(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
+    """``POST .../embeddings``: deterministic unit vectors, float or base64."""
+    model = _require_model(body)
+    inputs = _embedding_inputs(body)
+    dims = body.get("dimensions") or DEFAULT_DIMENSIONS
+    if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= MAX_DIMENSIONS:
+        raise ApiError(400, f"dimensions must be an integer between 1 and {MAX_DIMENSIONS}", param="dimensions")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
+    data = []
+    for index, (seed, _) in enumerate(inputs):
+        vector = text.embedding_vector(seed, dims)
+        encoded: Any = text.encode_base64_f32(vector) if fmt == "base64" else vector
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = sum(count for _, count in inputs)
+    return _json({
+        "object": "list", "data": data, "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })
+
+
+def _model_object(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 1_700_000_000, "owned_by": "extproc-sim"}
+
+
+Handler = Callable[[web.Request, dict[str, Any], Knobs], Awaitable[web.StreamResponse]]
+_POST_ROUTES: tuple[tuple[str, Handler], ...] = (
+    ("/chat/completions", chat_completions),
+    ("/completions", completions),
+    ("/embeddings", embeddings),
+)
+
+
+async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamResponse:
+    """Route by method and path suffix; turn every failure into an OpenAI error."""
+    try:
+        knobs = read_knobs(request, settings)
+        if knobs.first_byte_delay > 0:
+            await asyncio.sleep(knobs.first_byte_delay)
+        if knobs.error_status is not None:
+            raise _simulated_error(knobs.error_status, "x-sim-error header")
+        path = request.path.rstrip("/")
+        if request.method == "POST":
+            for suffix, handler in _POST_ROUTES:
+                if path.endswith(suffix):
+                    return await handler(request, _parse_body(await request.read()), knobs)
+        elif request.method == "GET":
+            if path.endswith("/models"):
+                return _json({"object": "list", "data": [_model_object(m) for m in DEMO_MODELS]})
+            if "/models/" in path:
+                return _json(_model_object(path.split("/models/", 1)[1]))
+        raise ApiError(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+    except ApiError as exc:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+    except web.HTTPException as exc:  # e.g. body larger than client_max_size
+        return error_response(exc.status, exc.reason)

@@ -1,0 +1,203 @@
+"""``SimServer``: runs the simulator app and records what it was sent.
+
+Recording lives here, in a middleware, so the API handlers stay free of test
+concerns; tests read ``server.requests`` to see what a gateway forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from extproc.sim.openai_api import SimSettings, dispatch, error_response
+
+MAX_RECORDED = 1000
+MAX_BODY_BYTES = 64 * 1024 * 1024  # long prompts in benchmarks exceed aiohttp's 1 MiB default
+SHUTDOWN_TIMEOUT_S = 0.5  # a simulator need not wait long for in-flight streams
+
+Recorder = Callable[["RecordedRequest"], None]
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the simulator received it (header names lower-cased)."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    json: Any | None
+
+
+def _headers(request: web.Request) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in request.headers.items():
+        key = name.lower()
+        out[key] = f"{out[key]}, {value}" if key in out else value
+    return out
+
+
+def _recording_middleware(record: Recorder) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            body = await request.read()
+        except web.HTTPException as exc:  # body over client_max_size
+            record(RecordedRequest(request.method, request.path, request.query_string, _headers(request), b"", None))
+            return error_response(exc.status, exc.reason)
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        record(RecordedRequest(request.method, request.path, request.query_string, _headers(request), body, parsed))
+        return await handler(request)
+
+    return middleware
+
+
+def create_app(settings: SimSettings, record: Recorder | None = None) -> web.Application:
+    """The simulator as an aiohttp app: one catch-all route that routes by path suffix."""
+    middlewares = [_recording_middleware(record)] if record is not None else []
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await dispatch(request, settings)
+
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+class SimServer:
+    """A local OpenAI-compatible upstream for demos, integration tests and benchmarks."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, chunks: int = 8, chunk_delay_ms: float = 0.0) -> None:
+        self.host = host
+        self.port = port
+        self.settings = SimSettings(chunks=chunks, chunk_delay_ms=chunk_delay_ms)
+        self.requests: list[RecordedRequest] = []
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def chunks(self) -> int:
+        return self.settings.chunks
+
+    @chunks.setter
+    def chunks(self, value: int) -> None:
+        self.settings.chunks = value
+
+    @property
+    def chunk_delay_ms(self) -> float:
+        return self.settings.chunk_delay_ms
+
+    @chunk_delay_ms.setter
+    def chunk_delay_ms(self, value: float) -> None:
+        self.settings.chunk_delay_ms = value
+
+    @property
+    def url(self) -> str:
+        """Origin without a base path, e.g. ``http://127.0.0.1:PORT``."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI SDK base URL, e.g. ``http://127.0.0.1:PORT/v1``."""
+        return f"{self.url}/v1"
+
+    def _record(self, request: RecordedRequest) -> None:
+        self.requests.append(request)
+        if len(self.requests) > MAX_RECORDED:
+            del self.requests[0]
+
+    def clear(self) -> None:
+        """Forget recorded requests (e.g. between test cases)."""
+        self.requests.clear()
+
+    async def start(self) -> None:
+        """Bind and serve; with port 0 the OS picks a port, stored in ``self.port``."""
+        if self._runner is not None:
+            raise RuntimeError("SimServer already started")
+        runner = web.AppRunner(
+            create_app(self.settings, self._record), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Stop serving; idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> SimServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def start_in_thread(self, timeout: float = 10.0) -> SimServer:
+        """Serve from a daemon thread with its own loop; returns once bound (for sync tests)."""
+        if self._thread is not None:
+            raise RuntimeError("SimServer already running in a thread")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as exc:  # report bind errors to the caller
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        thread = threading.Thread(target=run, name="extproc-sim", daemon=True)
+        thread.start()
+        if not ready.wait(timeout):
+            raise TimeoutError("SimServer did not start in time")
+        if failure:
+            thread.join()
+            raise failure[0]
+        self._loop, self._thread = loop, thread
+        return self
+
+    def stop_in_thread(self, timeout: float = 10.0) -> None:
+        """Stop a server started with ``start_in_thread``; idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        self._loop = self._thread = None
+        try:
+            asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+
+    def __enter__(self) -> SimServer:
+        return self.start_in_thread()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_in_thread()
