@@ -35,7 +35,7 @@ def _override_processor(loaded: LoadedConfig, args: argparse.Namespace) -> Loade
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from extproc.server import ServeOptions, run_event_loop, serve
+    from extproc.server import ListenError, ServeOptions, run_event_loop, serve
 
     loaded = _override_processor(_load(args.config), args)
     settings = loaded.config.processor
@@ -45,7 +45,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_port=settings.admin_port,
         grace_period_seconds=settings.grace_period_seconds,
     )
-    run_event_loop(serve(loaded, options))
+    try:
+        run_event_loop(serve(loaded, options))
+    except ListenError as exc:
+        print(f"extproc: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from extproc.config import Backend, GatewayConfig
-from extproc.exchange import BACKEND_HEADER, MODEL_HEADER
+from extproc.exchange import BACKEND_HEADER, MODEL_HEADER, PROCESSOR_DETAILS_PREFIX
 from extproc.protocol import METADATA_NAMESPACE
 
 PROCESSOR_CLUSTER = "extproc"
@@ -25,15 +25,19 @@ _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.Exter
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+_DOWNSTREAM_CONNECTIONS = (
+    "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
+)
 _STDOUT_LOG = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
 
-# Envoy's own local replies (upstream down, timeouts, no route) get the OpenAI error
-# shape. Matched by response flag, so replies the processor already shaped are untouched.
-_LOCAL_REPLY_ERRORS: list[tuple[list[str], int, str, str]] = [
+# Envoy's own local replies (upstream down, timeouts, body too large, no route) get the
+# OpenAI error shape. Replies the processor made (response code details starting with
+# "extproc_") already have it and are left untouched. First matching mapper wins.
+_UPSTREAM_ERRORS: list[tuple[list[str], int, str, str]] = [
     (["UF", "UH", "UO", "URX", "NC"], 503, "backend_unavailable", "The backend is unavailable"),
     (["UT", "SI"], 504, "backend_timeout", "The backend did not answer in time"),
-    (["UC", "UR", "UPE"], 502, "backend_error", "The backend connection failed"),
-    (["NR"], 404, "unknown_url", "No route for this request"),
+    (["UC", "UR", "UPE", "LR"], 502, "backend_error", "The backend connection failed"),
 ]
 
 
@@ -82,18 +86,50 @@ def _access_log() -> list[dict[str, Any]]:
     ]
 
 
-def _local_reply_config() -> dict[str, Any]:
-    mappers = []
-    for flags, status, code, message in _LOCAL_REPLY_ERRORS:
-        error = {"message": f"{message}: %LOCAL_REPLY_BODY%", "type": "server_error", "param": None, "code": code}
-        if code == "unknown_url":
-            error = {"message": "Invalid URL (%REQ(:METHOD)% %REQ(:PATH)%)", "type": "invalid_request_error",
-                     "param": None, "code": code}
+def _openai_error_format(message: str, error_type: str, code: str) -> dict[str, Any]:
+    error = {"message": message, "type": error_type, "param": None, "code": code}
+    return {"json_format": {"error": error}, "content_type": "application/json"}
+
+
+def _status_between(low: int, high: int) -> dict[str, Any]:
+    def compare(op: str, value: int) -> dict[str, Any]:
+        return {"status_code_filter": {"comparison": {"op": op, "value": {"default_value": value, "runtime_key": "extproc.local_reply.status"}}}}
+
+    return {"and_filter": {"filters": [compare("GE", low), compare("LE", high)]}}
+
+
+def _not_from_processor() -> dict[str, Any]:
+    """True for Envoy's own replies: the processor's carry details starting with its prefix."""
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": _CEL_FILTER,
+                "expression": f"!response.code_details.startsWith('{PROCESSOR_DETAILS_PREFIX}')",
+            },
+        }
+    }
+
+
+def _local_reply_config(body_limit: int) -> dict[str, Any]:
+    mappers: list[dict[str, Any]] = [
+        {
+            "filter": {"response_flag_filter": {"flags": flags}},
+            "status_code": status,
+            "body_format_override": _openai_error_format(f"{message}: %LOCAL_REPLY_BODY%", "server_error", code),
+        }
+        for flags, status, code, message in _UPSTREAM_ERRORS
+    ]
+    too_large = f"Request body too large: the limit is {body_limit} bytes."
+    for low, high, message, error_type, code in (
+        (413, 413, too_large, "invalid_request_error", "request_too_large"),
+        (400, 499, "%LOCAL_REPLY_BODY%", "invalid_request_error", "gateway_error"),
+        (500, 599, "%LOCAL_REPLY_BODY%", "server_error", "gateway_error"),
+    ):
         mappers.append(
             {
-                "filter": {"response_flag_filter": {"flags": flags}},
-                "status_code": status,
-                "body_format_override": {"json_format": {"error": error}, "content_type": "application/json"},
+                "filter": {"and_filter": {"filters": [_status_between(low, high), _not_from_processor()]}},
+                "body_format_override": _openai_error_format(message, error_type, code),
             }
         )
     return {"mappers": mappers}
@@ -141,12 +177,10 @@ def _backend_route(backend: Backend) -> dict[str, Any]:
 
 def _no_backend_route() -> dict[str, Any]:
     """Reached only when the processor chose no backend (it answers such requests itself)."""
-    body = '{"error":{"message":"No backend was selected for this request","type":"invalid_request_error","param":null,"code":"no_backend"}}'
     return {
         "name": "no-backend",
         "match": {"prefix": "/"},
-        "direct_response": {"status": 404, "body": {"inline_string": body}},
-        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "direct_response": {"status": 404, "body": {"inline_string": "No backend was selected for this request"}},
     }
 
 
@@ -228,7 +262,7 @@ def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, A
         "request_timeout": "0s",
         "stream_idle_timeout": "300s",
         "access_log": _access_log(),
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": _local_reply_config(body_limit),
         "route_config": {
             "name": "ai_gateway",
             "virtual_hosts": [{"name": "ai_gateway", "domains": ["*"], "routes": routes(config)}],
@@ -237,6 +271,14 @@ def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, A
     }
     return {
         "admin": {"address": _socket_address("127.0.0.1", envoy.admin_port)},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {"@type": _DOWNSTREAM_CONNECTIONS, "max_active_downstream_connections": 50000},
+                }
+            ]
+        },
         "static_resources": {
             "listeners": [
                 {
@@ -260,7 +302,7 @@ def fragment(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str,
         "http_filters": http_filters(config),
         "routes": routes(config),
         "clusters": clusters(config, ca_file),
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": _local_reply_config(config.limits.max_request_body_bytes),
     }
 
 

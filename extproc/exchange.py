@@ -25,6 +25,7 @@ MODEL_HEADER = "x-ai-eg-model"
 BACKEND_HEADER = "x-ai-eg-backend"
 # Credentials a client may send to the gateway; none of them may reach a provider.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
+PROCESSOR_DETAILS_PREFIX = "extproc_"  # response code details of those replies
 
 
 class Exchange:
@@ -79,7 +80,7 @@ class Exchange:
             raise openai.not_found_path(self.method, path)
         self.endpoint = endpoint
         if endpoint.operation is openai.Operation.models:
-            return protocol.immediate(200, self.runtime.models_body, "extproc_models")
+            return protocol.immediate(200, self.runtime.models_body, PROCESSOR_DETAILS_PREFIX + "models")
         if message.end_of_stream:
             raise openai.bad_request("The request body is empty; expected a JSON object with a 'model' field.")
         length = headers.get("content-length")
@@ -143,7 +144,8 @@ class Exchange:
 
     def _reject(self, error: RequestError) -> ep.ProcessingResponse:
         body = openai.error_body(error.status, error.message, error.error_type, error.code, error.param)
-        return protocol.immediate(error.status, body, f"extproc_{error.code or error.error_type}")
+        code = error.code or error.error_type
+        return protocol.immediate(error.status, body, PROCESSOR_DETAILS_PREFIX + code)
 
 
 def _continue(phase: str | None) -> ep.ProcessingResponse:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ from extproc.runtime import Runtime
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+class ListenError(OSError):
+    """An address the processor was told to use is not available."""
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
@@ -82,9 +87,10 @@ class ProcessorServer:
         )
         ep_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        port = server.add_insecure_port(self.options.grpc_address)
-        if port == 0 and not self.options.grpc_address.startswith("unix:"):
-            raise OSError(f"cannot listen on {self.options.grpc_address} (address in use?)")
+        try:
+            port = server.add_insecure_port(self.options.grpc_address)
+        except RuntimeError:
+            raise ListenError(f"cannot listen on {self.options.grpc_address} (address in use?)") from None
         self.grpc_port = port
         await server.start()
         self._grpc = server
@@ -107,15 +113,22 @@ class ProcessorServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.options.admin_host, self.options.admin_port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {self.options.admin_host}:{self.options.admin_port} (admin): {exc.strerror}"
+            ) from None
         self._admin = runner
         sockets = site._server.sockets if site._server else []  # noqa: SLF001 (aiohttp has no public accessor)
         self.admin_port = sockets[0].getsockname()[1] if sockets else self.options.admin_port
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         if self.draining:
-            return web.json_response({"status": "draining", "in_flight": self.processor.in_flight}, status=503)
-        return web.json_response({"status": "ok", "in_flight": self.processor.in_flight})
+            return web.json_response(
+                {"status": "draining", "in_flight": self.processor.in_flight, "pid": os.getpid()}, status=503
+            )
+        return web.json_response({"status": "ok", "in_flight": self.processor.in_flight, "pid": os.getpid()})
 
     def request_stop(self) -> None:
         self._stopping.set()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +40,8 @@ class RunOptions:
     demo_port: int = DEMO_PORT
 
 
-async def _wait_http(url: str, child: Child, expect: str | None = None) -> None:
-    """Poll `url` until it answers 200 (and contains `expect`), failing fast if `child` dies."""
+async def _wait_http(url: str, child: Child, accept: Callable[[str], bool] = lambda _body: True) -> None:
+    """Poll `url` until it answers 200 with a body `accept` likes, failing fast if `child` dies."""
     deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_SECONDS
     timeout = aiohttp.ClientTimeout(total=1)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -50,11 +52,22 @@ async def _wait_http(url: str, child: Child, expect: str | None = None) -> None:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
                 async with session.get(url) as response:
                     text = await response.text()
-                    if response.status == 200 and (expect is None or expect in text):
+                    if response.status == 200 and accept(text):
                         return
             if asyncio.get_running_loop().time() > deadline:
                 raise StartupError(f"{child.name} was not ready at {url} after {READY_TIMEOUT_SECONDS:.0f}s")
             await asyncio.sleep(0.05)
+
+
+async def _wait_file(path: Path, child: Child) -> None:
+    deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_SECONDS
+    while not (path.exists() and path.read_text().strip()):
+        if not child.running:
+            await child.wait()
+            raise StartupError(f"{child.name} exited with code {child.process.returncode}:\n{child.failure_reason()}")
+        if asyncio.get_running_loop().time() > deadline:
+            raise StartupError(f"{child.name} did not start within {READY_TIMEOUT_SECONDS:.0f}s")
+        await asyncio.sleep(0.05)
 
 
 def _example_model(loaded: LoadedConfig) -> str:
@@ -106,14 +119,23 @@ class Gateway:
             config_path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True, exclude_none=True)))
         processor = await self._spawn("processor", [python, "-m", "extproc", "serve", "--config", str(config_path)])
         admin = config.processor
-        await _wait_http(f"http://{admin.admin_address}:{admin.admin_port}/healthz", processor)
+        # The pid check makes sure we talk to *our* processor, not one left over on the port.
+        await _wait_http(
+            f"http://{admin.admin_address}:{admin.admin_port}/healthz", processor, accept=lambda body: json.loads(body).get("pid") == processor.process.pid
+        )
 
         envoy_path = self.run_dir / "envoy.yaml"
         envoy_path.write_text(envoyconfig.to_yaml(envoyconfig.render(config)))
-        command = envoy_command(envoy_path, ["--log-level", self.options.envoy_log_level])
+        admin_file = self.run_dir / "envoy-admin-address"
+        command = envoy_command(
+            envoy_path, ["--log-level", self.options.envoy_log_level, "--admin-address-path", str(admin_file)]
+        )
         envoy = await self._spawn("envoy", command.argv, command.env)
         try:
-            await _wait_http(f"http://127.0.0.1:{config.envoy.admin_port}/ready", envoy, expect="LIVE")
+            # Envoy writes its admin address only once *it* has bound it, so a stale Envoy
+            # on the same port cannot pass for ours.
+            await _wait_file(admin_file, envoy)
+            await _wait_http(f"http://{admin_file.read_text().strip()}/ready", envoy, accept=lambda body: "LIVE" in body)
         except StartupError as exc:
             raise StartupError(f"Envoy could not start: {exc}") from None
         return command.via
