@@ -9,12 +9,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from extproc import __version__, envoyconfig
-from extproc.config import ConfigError, LoadedConfig, config_from_environment, load_config, parse_config, demo_config_data
+from extproc.config import (
+    DEMO_PORT,
+    ConfigError,
+    LoadedConfig,
+    config_from_environment,
+    demo_config_data,
+    load_config,
+    parse_config,
+)
 
 
-def _load(path: str | None, *, with_secrets: bool = True) -> LoadedConfig:
+def _load(path: str | None, *, with_secrets: bool = True, demo_port: int = DEMO_PORT) -> LoadedConfig:
     if path is None:
-        return config_from_environment()
+        return config_from_environment(demo_port=demo_port)
     return load_config(path, with_secrets=with_secrets)
 
 
@@ -53,15 +61,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _override_ports(loaded: LoadedConfig, args: argparse.Namespace) -> LoadedConfig:
+    """Apply `run` port flags on top of the config (e.g. when 1975 is taken)."""
+    config = loaded.config
+    envoy = {k: v for k, v in (("listen_port", args.port), ("admin_port", args.envoy_admin_port)) if v is not None}
+    processor: dict[str, object] = {}
+    if args.processor_port is not None:
+        processor["grpc_address"] = f"127.0.0.1:{args.processor_port}"
+    if args.processor_admin_port is not None:
+        processor["admin_port"] = args.processor_admin_port
+    if not envoy and not processor:
+        return loaded
+    config = config.model_copy(
+        update={
+            "envoy": config.envoy.model_copy(update=envoy),
+            "processor": config.processor.model_copy(update=processor),
+        }
+    )
+    return loaded.model_copy(update={"config": config})
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from extproc.supervisor import RunOptions, run_gateway
 
-    loaded = _load(args.config)
+    overridden = any(v is not None for v in (args.port, args.envoy_admin_port, args.processor_port, args.processor_admin_port))
+    loaded = _override_ports(_load(args.config, demo_port=args.demo_port), args)
     options = RunOptions(
-        config_path=Path(args.config) if args.config else None,
+        # With port flags the processor must see the overridden config, so it is written out.
+        config_path=Path(args.config) if args.config and not overridden else None,
         envoy_log_level=args.envoy_log_level,
+        demo_port=args.demo_port,
     )
     return asyncio.run(run_gateway(loaded, options))
 
@@ -106,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run Envoy and the processor together")
     run.add_argument("--config", help="gateway YAML (default: built from OPENAI_* env vars, else the demo)")
     run.add_argument("--envoy-log-level", default="warn", help="Envoy's --log-level (default warn)")
+    run.add_argument("--port", type=int, help="Envoy listener port (default from config: 1975)")
+    run.add_argument("--envoy-admin-port", type=int, help="Envoy admin port (default 9901)")
+    run.add_argument("--processor-port", type=int, help="processor gRPC port on 127.0.0.1 (default 1063)")
+    run.add_argument("--processor-admin-port", type=int, help="processor admin HTTP port (default 1064)")
+    run.add_argument("--demo-port", type=int, default=DEMO_PORT, help="port of the built-in demo backend (default 1976)")
     run.set_defaults(func=cmd_run)
 
     render = sub.add_parser("envoy-config", help="print the Envoy config for a gateway config")

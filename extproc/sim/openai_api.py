@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -48,6 +48,15 @@ class SimSettings:
     chunks: int = 8
     chunk_delay_ms: float = 0.0
     first_byte_delay_ms: float = 0.0
+    # Streams sent with `x-sim-hold: NAME` pause after their first content chunk until a
+    # test calls `SimServer.release(NAME)`: proof by causality (not timing) that a
+    # gateway forwards chunks as they come rather than at the end.
+    holds: dict[str, asyncio.Event] = field(default_factory=dict)
+    hold_outcomes: dict[str, str] = field(default_factory=dict)
+    hold_timeout_s: float = 10.0
+
+    def hold(self, name: str) -> asyncio.Event:
+        return self.holds.setdefault(name, asyncio.Event())
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,9 @@ class Knobs:
     chunk_delay: float
     first_byte_delay: float
     error_status: int | None
+
+
+SETTINGS = web.AppKey("settings", SimSettings)
 
 
 class ApiError(Exception):
@@ -308,9 +320,13 @@ async def _stream(
     """Write each SSE event separately, so clients see chunks arrive over time."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
+    hold = request.headers.get("x-sim-hold")
     try:
         async for event in events:
             if event is None:
+                if hold:
+                    await _wait_hold(request.app[SETTINGS], hold)
+                    hold = None
                 if delay > 0:
                     await asyncio.sleep(delay)
                 continue
@@ -328,6 +344,14 @@ async def _stream(
     except ConnectionError:
         pass  # the client went away mid-stream; nothing left to tell it
     return resp
+
+
+async def _wait_hold(settings: SimSettings, name: str) -> None:
+    try:
+        await asyncio.wait_for(settings.hold(name).wait(), settings.hold_timeout_s)
+        settings.hold_outcomes[name] = "released"
+    except TimeoutError:
+        settings.hold_outcomes[name] = "timed_out"
 
 
 async def chat_completions(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:

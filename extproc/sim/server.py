@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.sim.openai_api import SimSettings, dispatch, error_response
+from extproc.sim.openai_api import SETTINGS, SimSettings, dispatch, error_response
 
 MAX_RECORDED = 1000
 MAX_BODY_BYTES = 64 * 1024 * 1024  # long prompts in benchmarks exceed aiohttp's 1 MiB default
@@ -66,6 +66,7 @@ def create_app(settings: SimSettings, record: Recorder | None = None) -> web.App
     """The simulator as an aiohttp app: one catch-all route that routes by path suffix."""
     middlewares = [_recording_middleware(record)] if record is not None else []
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS] = settings
 
     async def handle(request: web.Request) -> web.StreamResponse:
         return await dispatch(request, settings)
@@ -119,6 +120,17 @@ class SimServer:
         self.requests.append(request)
         if len(self.requests) > MAX_RECORDED:
             del self.requests[0]
+
+    def release(self, name: str) -> None:
+        """Let streams held with `x-sim-hold: NAME` continue (thread-safe)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.settings.hold(name).set)
+        else:
+            self.settings.hold(name).set()
+
+    def hold_outcome(self, name: str) -> str | None:
+        """'released' when a held stream went on because of `release`, 'timed_out' otherwise."""
+        return self.settings.hold_outcomes.get(name)
 
     def clear(self) -> None:
         """Forget recorded requests (e.g. between test cases)."""

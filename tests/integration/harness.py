@@ -1,0 +1,161 @@
+"""Start the real gateway (`extproc run`: real Envoy + real processor) for tests.
+
+Ports are picked at run time on 127.0.0.1; every process started here is stopped
+at teardown, and the test fails if the gateway leaves one behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+READY_LINE = "extproc gateway ready"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def descendants(pid: int) -> set[int]:
+    """All live descendants of `pid`, read from /proc (no psutil needed)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class RunningGateway:
+    """`extproc run` as a child process, with its stdout (banner + access log) collected."""
+
+    def __init__(self, config: dict[str, Any], tmp: Path, env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
+        self.listen_port = free_port()
+        self.envoy_admin_port = free_port()
+        self.processor_admin_port = free_port()
+        config = dict(config)
+        config.setdefault("envoy", {}).update(listen_port=self.listen_port, admin_port=self.envoy_admin_port)
+        processor = config.setdefault("processor", {})
+        processor.setdefault("grpc_address", f"127.0.0.1:{free_port()}")
+        processor.update(admin_port=self.processor_admin_port)
+        self.config = config
+        self.config_path = tmp / "gateway.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.env = {**os.environ, **(env or {})}
+        self.args = args or []
+        self.stdout_lines: list[str] = []
+        self.stderr_lines: list[str] = []
+        self.process: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}/v1"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    def start(self, timeout: float = 60) -> RunningGateway:
+        argv = [sys.executable, "-m", "extproc", "run", "--config", str(self.config_path), *self.args]
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=self.env
+        )
+        threading.Thread(target=self._pump, args=(self.process.stdout, self.stdout_lines), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.process.stderr, self.stderr_lines), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("gateway did not start:\n" + "\n".join(self.stderr_lines[-30:]))
+        return self
+
+    def _pump(self, stream: Any, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+            if line.startswith(READY_LINE):
+                self._ready.set()
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """Envoy's JSON access-log lines printed so far."""
+        entries = []
+        for line in list(self.stdout_lines):
+            if line.startswith("{"):
+                entries.append(orjson.loads(line))
+        return entries
+
+    def wait_access_log(self, predicate: Any, timeout: float = 15) -> dict[str, Any]:
+        """Envoy flushes its access log about once a second: wait for a matching entry."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.access_log():
+                if predicate(entry):
+                    return entry
+            time.sleep(0.1)
+        raise AssertionError(f"no access-log entry matched; have: {self.access_log()[-5:]}")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM `extproc run`; assert it exits and leaves no process behind."""
+        assert self.process is not None
+        children = descendants(self.process.pid)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leftover = [p for p in children if alive(p)]
+        for pid in leftover:
+            os.kill(pid, signal.SIGKILL)
+        assert not leftover, f"extproc run left processes behind: {leftover}"
+        return code
+
+
+@contextmanager
+def running_gateway(config: dict[str, Any], tmp: Path, **kwargs: Any) -> Iterator[RunningGateway]:
+    gateway = RunningGateway(config, tmp, **kwargs).start()
+    try:
+        yield gateway
+    finally:
+        if gateway.process is not None and gateway.process.poll() is None:
+            gateway.stop()
