@@ -1,0 +1,90 @@
+"""The rendered Envoy config is what the real Envoy binary accepts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extproc import envoyconfig
+from extproc.config import demo_config_data, parse_config
+from extproc.launcher import bundled_envoy
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED = ROOT / "envoy" / "envoy.yaml"
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(bundled_envoy()), "--mode", "validate", "-c", str(path), "--disable-hot-restart", "-l", "error"],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_bundled_envoy_yaml_is_the_render_of_the_demo_config() -> None:
+    rendered = subprocess.run(
+        [sys.executable, "-m", "extproc", "envoy-config", "--demo"], capture_output=True, text=True, check=True
+    ).stdout
+    assert BUNDLED.read_text() == rendered, "envoy/envoy.yaml is stale: run `make envoy-config`"
+
+
+def test_bundled_envoy_yaml_validates() -> None:
+    result = _validate(BUNDLED)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_config_with_tls_prefix_and_unix_socket_validates(tmp_path: Path) -> None:
+    config = parse_config({
+        "backends": [
+            {"name": "openai", "base_url": "https://api.openai.com/v1", "api_key": {"env": "X"}},
+            {"name": "proxy", "base_url": "http://127.0.0.1:8080/prefix/v1", "model_name_override": "m",
+             "request_timeout_seconds": 600, "idle_timeout_seconds": 30},
+        ],
+        "routes": [
+            {"name": "gpt", "match": {"glob": "gpt-*"}, "backends": [{"name": "openai", "weight": 3}, {"name": "proxy"}]},
+            {"name": "rest", "default": True, "backends": [{"name": "proxy"}]},
+        ],
+        "processor": {"grpc_address": "unix:/tmp/extproc-test.sock"},
+    })
+    path = tmp_path / "envoy.yaml"
+    path.write_text(envoyconfig.to_yaml(envoyconfig.render(config)))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_fragment_pieces_fit_into_a_users_envoy(tmp_path: Path) -> None:
+    """The documented attach path: a user's own listener + our filter/route/cluster pieces."""
+    config = parse_config(demo_config_data())
+    pieces = envoyconfig.fragment(config)
+    users_envoy = {
+        "static_resources": {
+            "listeners": [{
+                "name": "users_listener",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 18080}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "users",
+                        "local_reply_config": pieces["local_reply_config"],
+                        "route_config": {"virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": pieces["routes"]}]},
+                        "http_filters": pieces["http_filters"],
+                    },
+                }]}],
+            }],
+            "clusters": pieces["clusters"],
+        }
+    }
+    path = tmp_path / "users-envoy.yaml"
+    path.write_text(yaml.safe_dump(users_envoy))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--fragment", "--demo"])
+def test_envoy_config_cli_prints_yaml(flag: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", flag], capture_output=True, text=True, check=True)
+    assert yaml.safe_load(out.stdout)

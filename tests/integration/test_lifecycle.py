@@ -1,0 +1,237 @@
+"""Starting, stopping and attaching: `extproc run`, `extproc serve`, `extproc check`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc import envoyconfig
+from extproc.config import parse_config
+from extproc.launcher import envoy_command
+from extproc.sim import SimServer
+from tests.integration.harness import READY_LINE, alive, descendants, free_port, running_gateway
+
+USER = [{"role": "user", "content": "hello there"}]
+
+
+def _env_without_providers() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "AZURE_OPENAI_", "AWS_"))}
+
+
+def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "extproc", *argv], capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_run_without_config_serves_the_offline_demo(tmp_path: Path) -> None:
+    """What `make run` does on a fresh machine with no provider keys."""
+    ports = {name: free_port() for name in ("port", "envoy-admin-port", "processor-port", "processor-admin-port", "demo-port")}
+    argv = [sys.executable, "-m", "extproc", "run", *[a for k, v in ports.items() for a in (f"--{k}", str(v))]]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env_without_providers())
+    banner: list[str] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            banner.append(line)
+            if line.startswith("Stop with Ctrl-C"):
+                break
+        text = "".join(banner)
+        assert text.startswith(READY_LINE), text + (process.stderr.read() if process.poll() is not None else "")
+        base_url = f"http://127.0.0.1:{ports['port']}/v1"
+        assert f"OpenAI base URL:  {base_url}" in text
+        assert f"curl -s {base_url}/chat/completions" in text and '"model":"demo-model"' in text
+
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+        reply = client.chat.completions.create(model="demo-model", messages=USER)
+        assert reply.choices[0].message.content.startswith("This is a simulated reply to: hello there")
+        streamed = client.chat.completions.create(model="any-model-at-all", messages=USER, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        children = descendants(process.pid)
+        assert len(children) >= 3  # demo backend, processor, Envoy
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    assert code == 0
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in children if alive(p)]
+
+
+def test_run_reports_envoy_failure_without_traceback(tmp_path: Path, sim_a: SimServer) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = {
+        "backends": [{"name": "a", "base_url": sim_a.base_url}],
+        "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
+        "processor": {"grpc_address": f"127.0.0.1:{free_port()}", "admin_port": free_port()},
+        "envoy": {"listen_port": port, "admin_port": free_port()},
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        result = _run(["run", "--config", str(path)])
+    finally:
+        taken.close()
+    assert result.returncode != 0
+    assert "Envoy could not start" in result.stderr
+    assert "cannot bind" in result.stderr and str(port) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_processor_on_a_unix_socket(tmp_path: Path, sim_a: SimServer) -> None:
+    config = {
+        "backends": [{"name": "a", "base_url": sim_a.base_url}],
+        "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
+        "processor": {"grpc_address": f"unix:{tmp_path}/extproc.sock"},
+    }
+    with running_gateway(config, tmp_path) as gateway:
+        client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0, timeout=30)
+        assert client.chat.completions.create(model="whatever", messages=USER).choices[0].message.content
+        assert (tmp_path / "extproc.sock").exists()
+        assert gateway.stop() == 0
+
+
+class _Serve:
+    """`extproc serve` plus a separately started Envoy: the "attach to your Envoy" set-up."""
+
+    def __init__(self, tmp: Path, sim: SimServer, grace: float) -> None:
+        self.grpc_port, self.admin_port = free_port(), free_port()
+        self.listen_port = free_port()
+        data = {
+            "backends": [{"name": "a", "base_url": sim.base_url}],
+            "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
+            "processor": {"grpc_address": f"127.0.0.1:{self.grpc_port}", "admin_port": self.admin_port,
+                          "grace_period_seconds": grace},
+            "envoy": {"listen_port": self.listen_port, "admin_port": free_port()},
+        }
+        (tmp / "gateway.yaml").write_text(yaml.safe_dump(data))
+        (tmp / "envoy.yaml").write_text(envoyconfig.to_yaml(envoyconfig.render(parse_config(data))))
+        self.processor = subprocess.Popen(
+            [sys.executable, "-m", "extproc", "serve", "--config", str(tmp / "gateway.yaml")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        command = envoy_command(tmp / "envoy.yaml", ["--log-level", "error"])
+        self.envoy = subprocess.Popen(command.argv, env=command.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.admin_port}/healthz").status_code == 200:
+                    httpx.get(f"http://127.0.0.1:{self.listen_port}/v1/models").raise_for_status()
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("serve + envoy did not become ready")
+
+    def close(self) -> None:
+        for process in (self.envoy, self.processor):
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)
+
+
+def _expected_reply(sim: SimServer, model: str) -> str:
+    """The simulator's full reply to USER, asked of it directly."""
+    direct = openai.OpenAI(base_url=sim.base_url, api_key="k", max_retries=0)
+    return direct.chat.completions.create(model=model, messages=USER).choices[0].message.content or ""
+
+
+@pytest.fixture
+def attached(tmp_path: Path, sim_a: SimServer):  # type: ignore[no-untyped-def]
+    served = _Serve(tmp_path, sim_a, grace=20)
+    yield served
+    served.close()
+
+
+def test_serve_answers_grpc_health(attached: _Serve) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{attached.grpc_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_zero(attached: _Serve, sim_a: SimServer) -> None:
+    hold = f"drain-{uuid.uuid4().hex}"
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{attached.listen_port}/v1", api_key="k", max_retries=0, timeout=60)
+    stream = client.chat.completions.create(
+        model="m", messages=USER, stream=True, extra_headers={"x-sim-hold": hold, "x-sim-chunks": "5"}
+    )
+    iterator = iter(stream)
+    first = next(iterator)
+    assert first.choices  # the stream is open and the processor is handling it
+
+    attached.processor.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # drain has begun: health says so
+        if httpx.get(f"http://127.0.0.1:{attached.admin_port}/healthz").status_code == 503:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("processor did not report draining")
+    assert attached.processor.poll() is None  # still serving the open stream
+
+    sim_a.release(hold)
+    rest = list(iterator)
+    content = "".join(c.choices[0].delta.content or "" for c in [first, *rest] if c.choices)
+    assert rest[-1].choices[0].finish_reason == "stop"
+    assert content == _expected_reply(sim_a, "m")
+    assert attached.processor.wait(30) == 0
+    output = attached.processor.stdout.read() if attached.processor.stdout else ""
+    assert "draining: 1 stream(s) in flight" in output
+
+
+def test_check_accepts_a_good_file_and_explains_a_bad_one(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({
+        "backends": [{"name": "a", "base_url": "https://api.example.com/v1", "api_key": {"env": "CHECK_TEST_KEY"}}],
+        "routes": [{"name": "r", "default": True, "backends": [{"name": "a"}]}],
+    }))
+    ok = _run(["check", str(good)], env={**os.environ, "CHECK_TEST_KEY": "sk-check-secret"})
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout and "sk-check-secret" not in ok.stdout + ok.stderr
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "backends": [{"name": "a", "schema": "openia", "base_url": "https://api.example.com/v1"}],
+        "routes": [{"name": "r", "default": True, "backends": [{"name": "b"}]}],
+    }))
+    result = _run(["check", str(bad)])
+    assert result.returncode == 2
+    assert str(bad) in result.stderr
+    assert "backends[0].schema" in result.stderr and "'openai'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_everything(tmp_path: Path, sim_a: SimServer) -> None:
+    config = {
+        "backends": [{"name": "a", "base_url": sim_a.base_url}],
+        "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
+    }
+    with running_gateway(config, tmp_path) as gateway:
+        assert gateway.process is not None
+        children = descendants(gateway.process.pid)
+        gateway.process.send_signal(signal.SIGINT)
+        assert gateway.process.wait(30) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in children if alive(p)]
+
