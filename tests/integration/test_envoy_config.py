@@ -88,3 +88,13 @@ def test_fragment_pieces_fit_into_a_users_envoy(tmp_path: Path) -> None:
 def test_envoy_config_cli_prints_yaml(flag: str) -> None:
     out = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", flag], capture_output=True, text=True, check=True)
     assert yaml.safe_load(out.stdout)
+
+
+def test_example_config_renders_to_a_valid_envoy_config(tmp_path: Path) -> None:
+    from extproc.config import load_config
+
+    loaded = load_config(ROOT / "examples" / "gateway.yaml", with_secrets=False)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(envoyconfig.to_yaml(envoyconfig.render(loaded.config)))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
