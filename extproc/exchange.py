@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import protocol
@@ -118,8 +117,7 @@ class Exchange:
         common = ep.CommonResponse(clear_route_cache=True)
         override = target.model_name_override
         if override is not None and override != parsed.model:
-            parsed.body["model"] = override
-            new_body = orjson.dumps(parsed.body)
+            new_body = openai.with_model(message.body, parsed.body, override)
             common.body_mutation.body = new_body
             set_headers.append(("content-length", str(len(new_body)).encode()))
         common.header_mutation.CopyFrom(protocol.header_mutation(set_headers, remove))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -111,6 +113,24 @@ def parse_request(raw: bytes) -> ParsedRequest:
             f"'model' must be at most {_MAX_MODEL_LENGTH} printable characters.", param="model", code="invalid_value"
         )
     return ParsedRequest(body=body, model=model, stream=body.get("stream") is True)
+
+
+# A run of 19+ digits may be an integer outside [-2**63, 2**64), which orjson reads as a float.
+_WIDE_INTEGER = re.compile(rb"\d{19}")
+
+
+def with_model(raw: bytes, body: dict[str, Any], model: str) -> bytes:
+    """The request body with `model` replaced and every other value kept exactly.
+
+    orjson is exact for everything but integers wider than 64 bits (legal JSON, e.g. a
+    huge `seed`); only a body that may contain one takes the slower exact stdlib path.
+    """
+    if _WIDE_INTEGER.search(raw) is None:
+        body["model"] = model
+        return orjson.dumps(body)
+    exact = json.loads(raw)
+    exact["model"] = model
+    return json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def models_list(models: tuple[str, ...], owned_by: str = "extproc") -> bytes:
