@@ -69,17 +69,21 @@ class SecretRef(_Strict):
     def resolve(self, environ: Mapping[str, str]) -> SecretStr:
         """Read the secret now; the error names where we looked, never the value."""
         if self.env is not None:
-            value = environ.get(self.env, "")
+            value = environ.get(self.env, "").strip()
             if not value:
                 raise ValueError(f"environment variable {self.env} is not set or empty")
-            return SecretStr(value.strip())
-        assert self.file is not None
-        try:
-            value = self.file.expanduser().read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read secret file {self.file}: {exc.strerror}") from None
-        if not value:
-            raise ValueError(f"secret file {self.file} is empty")
+        else:
+            assert self.file is not None
+            try:
+                value = self.file.expanduser().read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+                raise ValueError(f"cannot read secret file {self.file}: {reason}") from None
+            if not value:
+                raise ValueError(f"secret file {self.file} is empty")
+        # It travels in a header: a line break or NUL inside would break or split it.
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError(f"the secret from {self.describe()} contains a line break or NUL character")
         return SecretStr(value)
 
 
@@ -105,6 +109,8 @@ class Backend(_Strict):
             raise ValueError("must be an http:// or https:// URL with a host, e.g. https://api.openai.com/v1")
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query string or fragment")
+        if not parts.path.isascii() or any(c in parts.path for c in " \t\r\n"):
+            raise ValueError("the path must be ASCII without spaces (percent-encode other characters)")
         return value.rstrip("/")
 
     @field_validator("model_name_override")

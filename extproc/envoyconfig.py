@@ -41,6 +41,12 @@ _UPSTREAM_ERRORS: list[tuple[list[str], int, str, str]] = [
 ]
 
 
+def duration(seconds: float) -> str:
+    """A protobuf JSON duration ("1.5s"): fixed-point, never an exponent, ns precision."""
+    text = f"{seconds:.9f}".rstrip("0").rstrip(".")
+    return f"{text}s"
+
+
 def cluster_name(backend: str) -> str:
     return f"backend-{backend}"
 
@@ -143,8 +149,8 @@ def _ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
             "@type": _EXT_PROC,
             "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
             "failure_mode_allow": False,
-            "message_timeout": f"{timeout_ms / 1000:g}s",
-            "max_message_timeout": f"{max(timeout_ms / 1000, 30):g}s",
+            "message_timeout": duration(timeout_ms / 1000),
+            "max_message_timeout": duration(max(timeout_ms / 1000, 30)),
             "allow_mode_override": True,
             "processing_mode": {
                 "request_header_mode": "SEND",
@@ -164,8 +170,8 @@ def _backend_route(backend: Backend) -> dict[str, Any]:
     action: dict[str, Any] = {
         "cluster": cluster_name(backend.name),
         "host_rewrite_literal": url.authority,
-        "timeout": f"{backend.request_timeout_seconds:g}s",
-        "idle_timeout": f"{backend.idle_timeout_seconds:g}s",
+        "timeout": duration(backend.request_timeout_seconds),
+        "idle_timeout": duration(backend.idle_timeout_seconds),
     }
     return {
         "name": f"backend-{backend.name}",

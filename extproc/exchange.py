@@ -104,7 +104,8 @@ class Exchange:
         set_headers: list[tuple[str, bytes]] = [
             (MODEL_HEADER, parsed.model.encode()),
             (BACKEND_HEADER, target.name.encode()),
-            (":path", self._upstream_path(target).encode()),
+            # :path was decoded as Latin-1, so encoding it back the same way keeps every byte.
+            (":path", self._upstream_path(target).encode("latin-1")),
         ]
         remove: list[str] = []
         if target.api_key is not None:

@@ -125,12 +125,18 @@ def with_model(raw: bytes, body: dict[str, Any], model: str) -> bytes:
     orjson is exact for everything but integers wider than 64 bits (legal JSON, e.g. a
     huge `seed`); only a body that may contain one takes the slower exact stdlib path.
     """
-    if _WIDE_INTEGER.search(raw) is None:
-        body["model"] = model
+    if _WIDE_INTEGER.search(raw) is not None:
+        try:
+            exact = json.loads(raw)
+            exact["model"] = model
+            return json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
+        except RecursionError:  # nested deeper than the stdlib parser goes: orjson's answer is all we have
+            pass
+    body["model"] = model
+    try:
         return orjson.dumps(body)
-    exact = json.loads(raw)
-    exact["model"] = model
-    return json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
+    except TypeError:  # orjson writes at most 254 levels of nesting; no real request comes near
+        raise bad_request("The request body is nested too deeply for the gateway to rewrite it.") from None
 
 
 def models_list(models: tuple[str, ...], owned_by: str = "extproc") -> bytes:
