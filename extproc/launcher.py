@@ -112,6 +112,9 @@ class Child:
             stdout=asyncio.subprocess.DEVNULL if quiet_stdout else None,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=_die_with_parent,
+            # Own session: a terminal's Ctrl-C reaches only the supervisor, which then
+            # stops the children in order (Envoy first, so the processor can drain).
+            start_new_session=True,
         )
         child = cls(name, process)
         child._pump = asyncio.create_task(child._read_stderr())
