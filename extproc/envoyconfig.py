@@ -265,6 +265,9 @@ def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, A
         "stat_prefix": "ai_gateway",
         "codec_type": "AUTO",
         "use_remote_address": True,
+        # "/v1//chat/./completions" is the same endpoint as "/v1/chat/completions".
+        "normalize_path": True,
+        "merge_slashes": True,
         # A client's own x-request-id is kept, so it can find its request in the access log.
         "preserve_external_request_id": True,
         "request_timeout": "0s",

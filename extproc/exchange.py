@@ -9,6 +9,7 @@ work is pure CPU on data Envoy already sent, so it runs inline on the event loop
 from __future__ import annotations
 
 import logging
+from urllib.parse import unquote
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
@@ -75,6 +76,8 @@ class Exchange:
         path, _, query = headers.get(":path", b"").decode("latin-1").partition("?")
         self.path, self.query = path, query
         endpoint = openai.ENDPOINTS.get(path)
+        if endpoint is None and self.method == "GET" and path.startswith(openai.MODEL_PATH_PREFIX):
+            return self._model_object(unquote(path.removeprefix(openai.MODEL_PATH_PREFIX)))
         if endpoint is None or endpoint.method != self.method:
             raise openai.not_found_path(self.method, path)
         self.endpoint = endpoint
@@ -87,6 +90,12 @@ class Exchange:
         if length is not None and length.isdigit() and int(length) > limit:
             raise openai.too_large(limit)
         return protocol.CONTINUE_REQUEST_HEADERS
+
+    def _model_object(self, model: str) -> ep.ProcessingResponse:
+        """GET /v1/models/{id}: a model the gateway can route is a model it serves."""
+        if not model or self.runtime.router.route_for(model) is None:
+            raise openai.model_not_found(model)
+        return protocol.immediate(200, openai.model_object(model), PROCESSOR_DETAILS_PREFIX + "model")
 
     def on_request_body(self, message: ep.HttpBody) -> ep.ProcessingResponse:
         limit = self.runtime.max_request_body_bytes

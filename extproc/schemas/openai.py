@@ -139,12 +139,20 @@ def with_model(raw: bytes, body: dict[str, Any], model: str) -> bytes:
         raise bad_request("The request body is nested too deeply for the gateway to rewrite it.") from None
 
 
-def models_list(models: tuple[str, ...], owned_by: str = "extproc") -> bytes:
+MODEL_PATH_PREFIX = "/v1/models/"
+_OWNED_BY = "extproc"
+_STARTED = int(time.time())
+
+
+def _model(model: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": _STARTED, "owned_by": _OWNED_BY}
+
+
+def models_list(models: tuple[str, ...]) -> bytes:
     """OpenAI's list shape for GET /v1/models, built from the configured model names."""
-    created = int(time.time())
-    return orjson.dumps(
-        {
-            "object": "list",
-            "data": [{"id": m, "object": "model", "created": created, "owned_by": owned_by} for m in models],
-        }
-    )
+    return orjson.dumps({"object": "list", "data": [_model(m) for m in models]})
+
+
+def model_object(model: str) -> bytes:
+    """OpenAI's model object for GET /v1/models/{id}."""
+    return orjson.dumps(_model(model))

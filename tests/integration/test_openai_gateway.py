@@ -252,3 +252,19 @@ def test_embeddings_base64_is_decodable(client: openai.OpenAI) -> None:
     payload = orjson.loads(raw.content)
     decoded = base64.b64decode(payload["data"][0]["embedding"])
     assert len(decoded) == 8 * 4
+
+
+def test_model_retrieve(client: openai.OpenAI) -> None:
+    assert client.models.retrieve("model-b-alias").id == "model-b-alias"
+    assert client.models.retrieve("split-anything").id == "split-anything"  # routable by glob
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.code == "model_not_found"
+
+
+def test_equivalent_paths_are_normalised(gateway: RunningGateway, sim_a: SimServer) -> None:
+    response = httpx.post(
+        f"{gateway.url}//v1/./chat//completions", json={"model": "model-a", "messages": USER}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    assert _only(sim_a, "/chat/completions").path == "/v1/chat/completions"
