@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from extproc.usage import BUILTIN_KEYS, CostType, compile_cel
+
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,6 +34,13 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 # Header names we refuse as "extra headers": the gateway owns them.
 _RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+# Metadata keys the gateway writes itself; cost keys may not reuse them.
+REQUEST_METADATA_KEYS = frozenset(
+    {"request_model", "model_name_override", "response_model", "backend_name", "route_name", "token_latency_ttft",
+     "token_latency_itl", "session.id", "tenant", "llm_usage_estimated"}
+)
+RESERVED_METADATA_KEYS = BUILTIN_KEYS | REQUEST_METADATA_KEYS
 
 DEMO_BACKEND = "demo"
 DEMO_PORT = 1976
@@ -207,6 +216,52 @@ class Limits(_Strict):
     max_request_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
 
+class Cost(_Strict):
+    """A number Envoy can charge, written as dynamic metadata at the end of each response."""
+
+    metadata_key: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,62}$")]
+    type: CostType
+    cel: str | None = Field(default=None, description="CEL expression, for type 'cel'")
+
+    @model_validator(mode="after")
+    def _cel_matches_type(self) -> Cost:
+        if self.metadata_key in RESERVED_METADATA_KEYS:
+            raise ValueError(f"metadata_key {self.metadata_key!r} is written by the gateway itself; pick another name")
+        if self.type is CostType.cel:
+            if not self.cel:
+                raise ValueError("type 'cel' needs a 'cel' expression")
+            compile_cel(self.cel)  # raises ValueError with the parser's message
+        elif self.cel is not None:
+            raise ValueError(f"'cel' is only allowed with type 'cel' (this cost has type {self.type.value!r})")
+        return self
+
+
+class UsageSettings(_Strict):
+    """How token usage is obtained."""
+
+    force_stream_usage: bool = Field(
+        default=True, description="ask backends for usage on streams the client did not ask it for"
+    )
+    estimate_when_missing: bool = Field(
+        default=False, description="count tokens offline when a backend reports none (marked estimated)"
+    )
+    max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
+
+
+class RequestMetadata(_Strict):
+    """Request headers whose values become dynamic metadata (and later span attributes)."""
+
+    session_id_header: str = "agent-session-id"
+    tenant_header: str | None = None
+
+    @field_validator("session_id_header", "tenant_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is not None and not _HEADER_NAME.match(value):
+            raise ValueError("must be a valid HTTP header name")
+        return value.lower() if value else value
+
+
 class EnvoySettings(_Strict):
     """Where the bundled Envoy listens."""
 
@@ -232,6 +287,9 @@ class GatewayConfig(_Strict):
     backends: list[Backend] = Field(min_length=1)
     routes: list[Route] = Field(min_length=1)
     limits: Limits = Field(default_factory=Limits)
+    costs: list[Cost] = Field(default_factory=list)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
+    metadata: RequestMetadata = Field(default_factory=RequestMetadata)
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
 
@@ -248,6 +306,11 @@ class GatewayConfig(_Strict):
                         ("routes", i, "backends", j, "name"),
                         f"unknown backend {ref.name!r}; defined backends: {', '.join(names)}",
                     )
+        seen_keys: set[str] = set()
+        for i, cost in enumerate(self.costs):
+            if cost.metadata_key in seen_keys:
+                raise _FieldError(("costs", i, "metadata_key"), f"duplicate cost key {cost.metadata_key!r}")
+            seen_keys.add(cost.metadata_key)
         defaults = [i for i, r in enumerate(self.routes) if r.default]
         if len(defaults) > 1:
             raise _FieldError(("routes", defaults[1], "default"), "only one route may be the default")

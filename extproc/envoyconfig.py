@@ -62,7 +62,7 @@ def _processor_address(grpc_address: str) -> dict[str, Any]:
     return _socket_address(host.strip("[]") or "127.0.0.1", int(port))
 
 
-def _access_log() -> list[dict[str, Any]]:
+def _access_log(config: GatewayConfig) -> list[dict[str, Any]]:
     def meta(key: str) -> str:
         return f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"
 
@@ -81,8 +81,21 @@ def _access_log() -> list[dict[str, Any]]:
         "request_id": "%REQ(X-REQUEST-ID)%",
         "request_model": meta("request_model"),
         "model_name_override": meta("model_name_override"),
+        "response_model": meta("response_model"),
         "backend_name": meta("backend_name"),
         "route_name": meta("route_name"),
+        "session_id": meta("session.id"),
+        "tenant": meta("tenant"),
+        "input_tokens": meta("llm_input_token"),
+        "output_tokens": meta("llm_output_token"),
+        "total_tokens": meta("llm_total_token"),
+        "cached_input_tokens": meta("llm_cached_input_token"),
+        "cache_creation_input_tokens": meta("llm_cache_creation_input_token"),
+        "reasoning_tokens": meta("llm_reasoning_token"),
+        "usage_estimated": meta("llm_usage_estimated"),
+        "ttft_ms": meta("token_latency_ttft"),
+        "itl_ms": meta("token_latency_itl"),
+        **{f"cost_{c.metadata_key}": meta(c.metadata_key) for c in config.costs},
     }
     return [
         {
@@ -272,7 +285,7 @@ def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, A
         "preserve_external_request_id": True,
         "request_timeout": "0s",
         "stream_idle_timeout": "300s",
-        "access_log": _access_log(),
+        "access_log": _access_log(config),
         "local_reply_config": _local_reply_config(body_limit),
         "route_config": {
             "name": "ai_gateway",

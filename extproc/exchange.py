@@ -2,22 +2,31 @@
 
 Envoy opens one gRPC stream per HTTP request and sends, in order: request headers,
 the buffered request body (POST only), response headers, response body chunks.
-Each `on_*` method answers one message. Nothing here blocks or awaits: the phase
-work is pure CPU on data Envoy already sent, so it runs inline on the event loop.
+Each `on_*` method answers one message. The phase work is CPU on data Envoy already
+sent, so it runs inline on the event loop; the one exception (the opt-in token
+estimate, which may encode megabytes) is returned as a coroutine and run in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
 from urllib.parse import unquote
 
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import protocol
+from extproc.estimate import estimate_usage
+from extproc.response import BodyKind, ResponseObserver
 from extproc.routing import BackendTarget, CompiledRoute
 from extproc.runtime import Runtime
 from extproc.schemas import openai
-from extproc.schemas.openai import Endpoint, RequestError
+from extproc.schemas.openai import Endpoint, Operation, RequestError
+from extproc.usage import TokenUsage, cost_metadata
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +34,24 @@ MODEL_HEADER = "x-ai-eg-model"
 BACKEND_HEADER = "x-ai-eg-backend"
 # Credentials a client may send to the gateway; none of them may reach a provider.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
-PROCESSOR_DETAILS_PREFIX = "extproc_"  # response code details of those replies
+PROCESSOR_DETAILS_PREFIX = "extproc_"  # response code details of replies the processor makes
+_MAX_HEADER_VALUE = 256  # session id / tenant values longer than this are cut
+_STREAMING_OPERATIONS = (Operation.chat, Operation.completion)
+
+Answer = ep.ProcessingResponse | Coroutine[Any, Any, ep.ProcessingResponse]
 
 
 class Exchange:
     """Per-request state; lives exactly as long as Envoy's ext_proc stream."""
 
-    __slots__ = ("runtime", "method", "path", "query", "endpoint", "model", "route", "target")
+    __slots__ = (
+        "runtime", "started_at", "method", "path", "query", "endpoint", "model", "route", "target", "stream",
+        "session_id", "tenant", "observer", "finished", "_prompt",
+    )
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.started_at = time.monotonic()
         self.method = ""
         self.path = ""
         self.query = ""
@@ -42,19 +59,25 @@ class Exchange:
         self.model: str | None = None
         self.route: CompiledRoute | None = None
         self.target: BackendTarget | None = None
+        self.stream = False
+        self.session_id: str | None = None
+        self.tenant: str | None = None
+        self.observer: ResponseObserver | None = None
+        self.finished = False
+        self._prompt: tuple[str, int] | None = None  # (text, messages), kept only for the estimate
 
-    def handle(self, request: ep.ProcessingRequest) -> ep.ProcessingResponse:
+    def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message; a bug here becomes a clean error, never a dead stream."""
         phase = request.WhichOneof("request")
         try:
+            if phase == "response_body":
+                return self.on_response_body(request.response_body)
             if phase == "request_headers":
                 return self.on_request_headers(request.request_headers)
             if phase == "request_body":
                 return self.on_request_body(request.request_body)
             if phase == "response_headers":
-                return protocol.CONTINUE_RESPONSE_HEADERS
-            if phase == "response_body":
-                return protocol.CONTINUE_RESPONSE_BODY
+                return self.on_response_headers(request.response_headers)
             if phase == "request_trailers":
                 return protocol.CONTINUE_REQUEST_TRAILERS
             return protocol.CONTINUE_RESPONSE_TRAILERS
@@ -81,7 +104,7 @@ class Exchange:
         if endpoint is None or endpoint.method != self.method:
             raise openai.not_found_path(self.method, path)
         self.endpoint = endpoint
-        if endpoint.operation is openai.Operation.models:
+        if endpoint.operation is Operation.models:
             return protocol.immediate(200, self.runtime.models_body, PROCESSOR_DETAILS_PREFIX + "models")
         if message.end_of_stream:
             raise openai.bad_request("The request body is empty; expected a JSON object with a 'model' field.")
@@ -89,6 +112,9 @@ class Exchange:
         limit = self.runtime.max_request_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             raise openai.too_large(limit)
+        self.session_id = _header_text(headers.get(self.runtime.session_id_header))
+        if self.runtime.tenant_header:
+            self.tenant = _header_text(headers.get(self.runtime.tenant_header))
         return protocol.CONTINUE_REQUEST_HEADERS
 
     def _model_object(self, model: str) -> ep.ProcessingResponse:
@@ -98,17 +124,19 @@ class Exchange:
         return protocol.immediate(200, openai.model_object(model), PROCESSOR_DETAILS_PREFIX + "model")
 
     def on_request_body(self, message: ep.HttpBody) -> ep.ProcessingResponse:
-        limit = self.runtime.max_request_body_bytes
+        runtime = self.runtime
+        limit = runtime.max_request_body_bytes
         if len(message.body) > limit:
             raise openai.too_large(limit)
         parsed = openai.parse_request(message.body)
         self.model = parsed.model
-        selection = self.runtime.router.select(parsed.model)
+        selection = runtime.router.select(parsed.model)
         if selection is None:
             raise openai.model_not_found(parsed.model)
         self.route, self.target = selection
         target = self.target
         assert self.endpoint is not None
+        self.stream = parsed.stream and self.endpoint.operation in _STREAMING_OPERATIONS
 
         set_headers: list[tuple[str, bytes]] = [
             (MODEL_HEADER, parsed.model.encode()),
@@ -124,10 +152,26 @@ class Exchange:
             remove.extend(CLIENT_CREDENTIAL_HEADERS)
         set_headers.extend(target.extra_headers)
 
-        common = ep.CommonResponse(clear_route_cache=True)
+        updates: dict[str, Any] = {}
         override = target.model_name_override
         if override is not None and override != parsed.model:
-            new_body = openai.with_model(message.body, parsed.body, override)
+            updates["model"] = override
+        forced_usage = self.stream and runtime.force_stream_usage and not openai.asks_for_usage(parsed.body)
+        if forced_usage:
+            updates["stream_options"] = openai.with_include_usage(parsed.body)
+            # The extra usage event is removed on the way back; that needs plain bytes.
+            set_headers.append(("accept-encoding", b"identity"))
+        if runtime.estimate_when_missing:
+            self._prompt = (openai.prompt_text(parsed.body), len(parsed.body.get("messages") or ()) or 1)
+        self.observer = ResponseObserver(
+            strip_usage=forced_usage,
+            collect_text=runtime.estimate_when_missing,
+            max_json_bytes=runtime.max_response_bytes,
+        )
+
+        common = ep.CommonResponse(clear_route_cache=True)
+        if updates:
+            new_body = openai.with_updates(message.body, parsed.body, updates)
             common.body_mutation.body = new_body
             set_headers.append(("content-length", str(len(new_body)).encode()))
         common.header_mutation.CopyFrom(protocol.header_mutation(set_headers, remove))
@@ -140,6 +184,8 @@ class Exchange:
                     "model_name_override": override or parsed.model,
                     "backend_name": target.name,
                     "route_name": self.route.name,
+                    "session.id": self.session_id,
+                    "tenant": self.tenant,
                 }
             )
         )
@@ -150,10 +196,95 @@ class Exchange:
         path = target.path_prefix + self.endpoint.suffix
         return f"{path}?{self.query}" if self.query else path
 
+    # -- response phases ------------------------------------------------------
+
+    def on_response_headers(self, message: ep.HttpHeaders) -> Answer:
+        observer = self.observer
+        if observer is None:  # not a request we routed (e.g. an Envoy local reply)
+            return protocol.CONTINUE_RESPONSE_HEADERS
+        headers = protocol.header_map(message)
+        status = headers.get(":status", b"0")
+        length = headers.get("content-length", b"")
+        kind = observer.on_headers(
+            int(status) if status.isdigit() else 0,
+            headers.get("content-type", b"").decode("latin-1"),
+            headers.get("content-encoding", b"").decode("latin-1"),
+            int(length) if length.isdigit() else None,
+        )
+        if kind is not BodyKind.none and not message.end_of_stream:
+            return protocol.CONTINUE_RESPONSE_HEADERS
+        # Nothing to read in the body: account now, and spare Envoy the body round trips.
+        response = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+        if not message.end_of_stream:
+            response.mode_override.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
+        return self._finish(response)
+
+    def on_response_body(self, message: ep.HttpBody) -> Answer:
+        observer = self.observer
+        if observer is None or observer.kind is BodyKind.none:
+            return protocol.CONTINUE_RESPONSE_BODY
+        end = message.end_of_stream
+        replacement = observer.on_chunk(message.body, end, time.monotonic())
+        # Account as soon as the body is complete ([DONE] or all bytes), in the answer that
+        # lets those bytes go to the client: a client that hangs up right after reading
+        # them can no longer cost us the metadata.
+        finish = not self.finished and (observer.complete or end)
+        if replacement is None and not finish:
+            return protocol.CONTINUE_RESPONSE_BODY
+        response = ep.ProcessingResponse(response_body=ep.BodyResponse())
+        if replacement is not None and replacement != message.body:
+            response.response_body.response.body_mutation.body = replacement
+        return self._finish(response) if finish else response
+
+    # -- accounting -----------------------------------------------------------
+
+    def _finish(self, response: ep.ProcessingResponse) -> Answer:
+        """Attach the end-of-response metadata (tokens, costs, model, latency) to `response`."""
+        self.finished = True
+        observer = self.observer
+        assert observer is not None
+        if observer.usage is None and self._prompt is not None and 200 <= observer.status < 300:
+            return self._finish_with_estimate(response)
+        response.dynamic_metadata.CopyFrom(protocol.metadata_struct(self.final_metadata()))
+        return response
+
+    async def _finish_with_estimate(self, response: ep.ProcessingResponse) -> ep.ProcessingResponse:
+        assert self.observer is not None and self._prompt is not None
+        prompt, messages = self._prompt
+        self.observer.usage = await asyncio.to_thread(estimate_usage, prompt, messages, self.observer.output_text)
+        response.dynamic_metadata.CopyFrom(protocol.metadata_struct(self.final_metadata()))
+        return response
+
+    def final_metadata(self) -> dict[str, Any]:
+        """Everything known at the end of the response, as metadata values."""
+        observer = self.observer
+        assert observer is not None and self.target is not None and self.route is not None
+        values: dict[str, Any] = {"response_model": observer.response_model}
+        usage: TokenUsage | None = observer.usage if 200 <= observer.status < 300 else None
+        if usage is not None:
+            values.update(usage.metadata())
+            values.update(
+                cost_metadata(self.runtime.costs, usage, self.model or "", self.target.name, self.route.name)
+            )
+        if self.stream and observer.first_output_at is not None:
+            values["token_latency_ttft"] = (observer.first_output_at - self.started_at) * 1000
+            outputs = usage.output_tokens if usage is not None else 0
+            if outputs > 1 and observer.last_output_at is not None:
+                values["token_latency_itl"] = (observer.last_output_at - observer.first_output_at) * 1000 / (outputs - 1)
+        return values
+
     def _reject(self, error: RequestError) -> ep.ProcessingResponse:
         body = openai.error_body(error.status, error.message, error.error_type, error.code, error.param)
         code = error.code or error.error_type
         return protocol.immediate(error.status, body, PROCESSOR_DETAILS_PREFIX + code)
+
+
+def _header_text(value: bytes | None) -> str | None:
+    """A request header as metadata text: bounded, printable, or nothing."""
+    if not value:
+        return None
+    text = value[:_MAX_HEADER_VALUE].decode("utf-8", "replace")
+    return text if text.isprintable() else None
 
 
 def _continue(phase: str | None) -> ep.ProcessingResponse:

@@ -76,7 +76,8 @@ def envoy_command(
     binary = bundled_envoy()
     # Each Envoy we start is independent: no hot-restart shared memory, so several can
     # run on one host (tests, a user's own Envoy) without --base-id juggling.
-    args = ["-c", str(config_path), "--disable-hot-restart", *extra_args]
+    # Access-log lines reach stdout within a second (Envoy's default is every 10 s).
+    args = ["-c", str(config_path), "--disable-hot-restart", "--file-flush-interval-msec", "1000", *extra_args]
     func_e = func_e if func_e is not None else shutil.which("func-e", path=env.get("PATH"))
     if func_e:
         seed_func_e(binary, env)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from extproc.config import LoadedConfig
 from extproc.routing import Router
 from extproc.schemas import openai
+from extproc.usage import CostKey, compile_cel
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,13 +18,28 @@ class Runtime:
     router: Router
     max_request_body_bytes: int
     models_body: bytes
+    costs: tuple[CostKey, ...]
+    session_id_header: str
+    tenant_header: str | None
+    force_stream_usage: bool
+    estimate_when_missing: bool
+    max_response_bytes: int
 
     @classmethod
     def build(cls, loaded: LoadedConfig) -> Runtime:
-        router = Router(loaded.config, loaded.secrets)
+        config = loaded.config
+        router = Router(config, loaded.secrets)
         return cls(
             loaded=loaded,
             router=router,
-            max_request_body_bytes=loaded.config.limits.max_request_body_bytes,
+            max_request_body_bytes=config.limits.max_request_body_bytes,
             models_body=openai.models_list(router.listed_models),
+            costs=tuple(
+                CostKey(c.metadata_key, c.type, compile_cel(c.cel) if c.cel else None) for c in config.costs
+            ),
+            session_id_header=config.metadata.session_id_header,
+            tenant_header=config.metadata.tenant_header,
+            force_stream_usage=config.usage.force_stream_usage,
+            estimate_when_missing=config.usage.estimate_when_missing,
+            max_response_bytes=config.usage.max_response_bytes,
         )

@@ -48,7 +48,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.in_flight += 1
         try:
             async for request in request_iterator:
-                yield exchange.handle(request)
+                answer = exchange.handle(request)
+                yield answer if isinstance(answer, ep.ProcessingResponse) else await answer
         finally:
             self.in_flight -= 1
 

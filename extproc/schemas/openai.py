@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from extproc.usage import TokenUsage
+
 
 class Operation(str, Enum):
     """What a client asked for; the value is the OpenTelemetry gen_ai.operation.name."""
@@ -119,24 +121,36 @@ def parse_request(raw: bytes) -> ParsedRequest:
 _WIDE_INTEGER = re.compile(rb"\d{19}")
 
 
-def with_model(raw: bytes, body: dict[str, Any], model: str) -> bytes:
-    """The request body with `model` replaced and every other value kept exactly.
+def with_updates(raw: bytes, body: dict[str, Any], updates: dict[str, Any]) -> bytes:
+    """The request body with top-level `updates` applied and every other value kept exactly.
 
-    orjson is exact for everything but integers wider than 64 bits (legal JSON, e.g. a
+    orjson is exact for everything but integers outside 64 bits (legal JSON, e.g. a
     huge `seed`); only a body that may contain one takes the slower exact stdlib path.
     """
     if _WIDE_INTEGER.search(raw) is not None:
         try:
             exact = json.loads(raw)
-            exact["model"] = model
+            exact.update(updates)
             return json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
         except RecursionError:  # nested deeper than the stdlib parser goes: orjson's answer is all we have
             pass
-    body["model"] = model
+    body.update(updates)
     try:
         return orjson.dumps(body)
     except TypeError:  # orjson writes at most 254 levels of nesting; no real request comes near
         raise bad_request("The request body is nested too deeply for the gateway to rewrite it.") from None
+
+
+def asks_for_usage(body: dict[str, Any]) -> bool:
+    """Did the client ask for the usage chunk on its stream (stream_options.include_usage)?"""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def with_include_usage(body: dict[str, Any]) -> dict[str, Any]:
+    """The client's stream_options with include_usage turned on."""
+    options = body.get("stream_options")
+    return {**(options if isinstance(options, dict) else {}), "include_usage": True}
 
 
 MODEL_PATH_PREFIX = "/v1/models/"
@@ -156,3 +170,106 @@ def models_list(models: tuple[str, ...]) -> bytes:
 def model_object(model: str) -> bytes:
     """OpenAI's model object for GET /v1/models/{id}."""
     return orjson.dumps(_model(model))
+
+
+# -- responses -------------------------------------------------------------------
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def usage_from_openai(usage: Any) -> TokenUsage | None:
+    """OpenAI's `usage` object (chat, completions, embeddings) as TokenUsage."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = _int(usage.get("prompt_tokens"))
+    completion = _int(usage.get("completion_tokens"))
+    total = _int(usage.get("total_tokens")) or prompt + completion
+    prompt_details = usage.get("prompt_tokens_details")
+    completion_details = usage.get("completion_tokens_details")
+    return TokenUsage(
+        input_tokens=prompt,
+        output_tokens=completion,
+        total_tokens=total,
+        cached_input_tokens=_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        reasoning_tokens=(
+            _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
+        ),
+    )
+
+
+def error_type_of(body: Any) -> str | None:
+    """The error type (or code) a provider put in an OpenAI-shaped error body."""
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        error = body["error"]
+        for key in ("type", "code"):
+            if isinstance(error.get(key), str) and error[key]:
+                return str(error[key])
+        return "error"
+    return None
+
+
+def _has_output(choice: Any) -> bool:
+    """True when a streamed choice carries generated output (text, refusal or a tool call)."""
+    if not isinstance(choice, dict):
+        return False
+    if choice.get("text"):  # completions
+        return True
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return False
+    return bool(
+        delta.get("content") or delta.get("refusal") or delta.get("tool_calls") or delta.get("reasoning_content")
+        or delta.get("function_call")
+    )
+
+
+def stream_chunk_has_output(chunk: dict[str, Any]) -> bool:
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(_has_output(c) for c in choices)
+
+
+def stream_chunk_text(chunk: dict[str, Any]) -> str:
+    """The generated text in one chunk (for the opt-in estimate when usage is missing)."""
+    parts: list[str] = []
+    for choice in chunk.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        if isinstance(choice.get("text"), str):
+            parts.append(choice["text"])
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            for key in ("content", "refusal", "reasoning_content"):
+                if isinstance(delta.get(key), str):
+                    parts.append(delta[key])
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    parts.extend(v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
+    return "".join(parts)
+
+
+def is_usage_only_chunk(chunk: dict[str, Any]) -> bool:
+    """The extra final chunk `stream_options.include_usage` adds: no choices, just usage."""
+    return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """All prompt text of a request (for the opt-in estimate)."""
+    parts: list[str] = []
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    for key in ("prompt", "input"):
+        value = body.get(key)
+        if isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, list):
+            parts.extend(v for v in value if isinstance(v, str))
+    return "\n".join(parts)

