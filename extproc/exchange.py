@@ -273,6 +273,27 @@ class Exchange:
                 values["token_latency_itl"] = (observer.last_output_at - observer.first_output_at) * 1000 / (outputs - 1)
         return values
 
+    def close(self) -> None:
+        """Envoy ended the stream. A response that never completed (the client or the
+        upstream hung up) is still recorded with what was seen; Envoy no longer listens
+        for metadata then, so the log line is the record (metrics join it later)."""
+        observer = self.observer
+        if self.finished or observer is None or self.target is None or self.route is None:
+            return
+        usage = observer.usage
+        ttft = (observer.first_output_at - self.started_at) * 1000 if observer.first_output_at else None
+        log.info(
+            "response cut off before completion: route=%s backend=%s model=%s status=%s output_seen=%s "
+            "usage=%s ttft_ms=%s",
+            self.route.name,
+            self.target.name,
+            self.model,
+            observer.status or "none",
+            observer.first_output_at is not None,
+            usage.metadata() if usage else "not reported",
+            f"{ttft:.1f}" if ttft is not None else "none",
+        )
+
     def _reject(self, error: RequestError) -> ep.ProcessingResponse:
         body = openai.error_body(error.status, error.message, error.error_type, error.code, error.param)
         code = error.code or error.error_type

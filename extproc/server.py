@@ -52,6 +52,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 yield answer if isinstance(answer, ep.ProcessingResponse) else await answer
         finally:
             self.in_flight -= 1
+            exchange.close()
 
 
 @dataclass(slots=True)

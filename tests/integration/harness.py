@@ -130,6 +130,16 @@ class RunningGateway:
             time.sleep(0.1)
         raise AssertionError(f"no access-log entry matched; have: {self.access_log()[-5:]}")
 
+    def wait_stderr(self, predicate: Any, timeout: float = 15) -> str:
+        """Wait for a line on the gateway's stderr (processor and Envoy logs) matching `predicate`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.stderr_lines):
+                if predicate(line):
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no stderr line matched; last lines: {self.stderr_lines[-10:]}")
+
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM `extproc run`; assert it exits and leaves no process behind."""
         assert self.process is not None

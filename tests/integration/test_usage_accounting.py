@@ -212,3 +212,25 @@ def test_missing_usage_is_estimated_and_marked(client: openai.OpenAI, accounting
     assert 0 < entry["output_tokens"] <= len(text)
     assert entry["input_tokens"] > 0
     assert entry["total_tokens"] == entry["input_tokens"] + entry["output_tokens"]
+
+
+def test_client_hanging_up_mid_stream_is_recorded_and_harmless(
+    accounting_gateway: RunningGateway, sim_a: SimServer, client: openai.OpenAI
+) -> None:
+    hold = f"cut-{uuid.uuid4().hex}"
+    request_id, headers = _tagged()
+    with httpx.stream(
+        "POST", f"{accounting_gateway.base_url}/chat/completions",
+        json={"model": "cut-model", "messages": USER, "stream": True},
+        headers={**headers, "x-sim-hold": hold}, timeout=30,
+    ) as response:
+        first = next(response.iter_bytes())
+        assert b"data:" in first
+    # the client is gone; let the upstream finish into the void
+    sim_a.release(hold)
+    entry = _log(accounting_gateway, request_id)
+    assert entry["response_flags"] == "DC"
+    assert entry["request_model"] == "cut-model" and entry["backend_name"] == "sim"
+    accounting_gateway.wait_stderr(lambda line: "response cut off before completion" in line and "cut-model" in line)
+    # the gateway is unharmed
+    assert client.chat.completions.create(model="m", messages=USER).choices[0].message.content
