@@ -12,8 +12,17 @@ from typing import Protocol
 import brotli
 
 
+NO_LIMIT = 1 << 40
+
+
+class OutputLimitExceeded(ValueError):
+    """The body decompresses to more than the caller allows (a bomb, or just too big)."""
+
+
 class ChunkDecoder(Protocol):
-    def decode(self, chunk: bytes) -> bytes: ...
+    def decode(self, chunk: bytes, limit: int = NO_LIMIT) -> bytes:
+        """Decompress `chunk`; raise OutputLimitExceeded rather than produce over `limit` bytes."""
+        ...
 
 
 class _Zlib:
@@ -22,8 +31,11 @@ class _Zlib:
     def __init__(self, wbits: int) -> None:
         self._inner = zlib.decompressobj(wbits)
 
-    def decode(self, chunk: bytes) -> bytes:
-        return self._inner.decompress(chunk)
+    def decode(self, chunk: bytes, limit: int = NO_LIMIT) -> bytes:
+        out = self._inner.decompress(chunk, max(limit, 1))
+        if self._inner.unconsumed_tail:
+            raise OutputLimitExceeded(f"decompressed body exceeds {limit} bytes")
+        return out
 
 
 class _Brotli:
@@ -32,8 +44,11 @@ class _Brotli:
     def __init__(self) -> None:
         self._inner = brotli.Decompressor()
 
-    def decode(self, chunk: bytes) -> bytes:
-        return self._inner.process(chunk)
+    def decode(self, chunk: bytes, limit: int = NO_LIMIT) -> bytes:
+        out = self._inner.process(chunk, output_buffer_limit=max(limit, 1))
+        if len(out) >= limit and not self._inner.can_accept_more_data():
+            raise OutputLimitExceeded(f"decompressed body exceeds {limit} bytes")
+        return out
 
 
 def decoder_for(content_encoding: str) -> ChunkDecoder | None:

@@ -37,7 +37,7 @@ class ResponseObserver:
     __slots__ = (
         "status", "kind", "usage", "response_model", "error_type", "first_output_at", "last_output_at",
         "complete", "strip_usage", "_decoder", "_sse", "_json", "_json_limit", "_output_text", "_broken",
-        "_expected_bytes", "_received_bytes",
+        "_expected_bytes", "_received_bytes", "_decoded_bytes",
     )
 
     def __init__(self, *, strip_usage: bool, collect_text: bool, max_json_bytes: int) -> None:
@@ -60,6 +60,7 @@ class ResponseObserver:
         self._broken = False
         self._expected_bytes: int | None = None
         self._received_bytes = 0
+        self._decoded_bytes = 0
 
     @property
     def output_text(self) -> str:
@@ -97,12 +98,16 @@ class ResponseObserver:
         if self._broken:
             return None
         self._received_bytes += len(chunk)
-        if self._expected_bytes is not None and self._received_bytes >= self._expected_bytes:
-            end = True  # every byte the upstream announced is here
+        all_in = self._expected_bytes is not None and self._received_bytes >= self._expected_bytes
+        end = end or all_in  # every byte the upstream announced is here
         try:
-            data = self._decoder.decode(chunk) if self._decoder is not None and chunk else chunk
+            data = chunk
+            if self._decoder is not None and chunk:
+                # The same cap as for JSON bodies bounds what a compressed body may expand to.
+                data = self._decoder.decode(chunk, self._json_limit - self._decoded_bytes)
+                self._decoded_bytes += len(data)
             if self.kind is BodyKind.sse:
-                return self._on_sse(data, end, now)
+                return self._on_sse(data, end, all_in, now)
             if self.kind is BodyKind.json:
                 self._on_json(data, end)
         except Exception as exc:  # a broken body must never break the client's response
@@ -112,11 +117,13 @@ class ResponseObserver:
 
     # -- SSE ----------------------------------------------------------------
 
-    def _on_sse(self, data: bytes, end: bool, now: float) -> bytes | None:
+    def _on_sse(self, data: bytes, end: bool, all_in: bool, now: float) -> bytes | None:
         assert self._sse is not None
         events = self._sse.feed(data) if data else []
         if end:
             events += self._sse.flush()
+        if all_in:
+            self.complete = True
         if not self.strip_usage:
             for event in events:
                 if event.has_data:
@@ -130,7 +137,17 @@ class ResponseObserver:
         return b"".join(out)
 
     def _on_event(self, event: SSEEvent, now: float) -> bool:
-        """Read one event; False when it is the forced usage-only event to drop."""
+        """Read one event; False when it is the forced usage-only event to drop.
+
+        Never raises: an event we cannot make sense of is passed on untouched, so a
+        rewritten stream cannot lose bytes the client should get."""
+        try:
+            return self._read_event(event, now)
+        except Exception as exc:
+            log.debug("unreadable stream event passed through: %s", exc)
+            return True
+
+    def _read_event(self, event: SSEEvent, now: float) -> bool:
         if event.data == _DONE:
             self.complete = True
             return True

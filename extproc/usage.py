@@ -69,6 +69,9 @@ class CostType(str, Enum):
     cel = "cel"
 
 
+_SAMPLE_CONTEXT = {name: 1 for name in CEL_VARIABLES} | {"model": "m", "backend": "b", "route": "r"}
+
+
 @lru_cache(maxsize=256)
 def compile_cel(expression: str) -> cel.Program:
     """Compile a cost expression, rejecting unknown variables (raises ValueError)."""
@@ -76,12 +79,20 @@ def compile_cel(expression: str) -> cel.Program:
         program = cel.compile(expression)
     except ValueError as exc:
         raise ValueError(f"invalid CEL expression: {exc}") from None
+    # variables() also lists the loop variables of macros such as filter/map/exists, so an
+    # identifier outside the known set is only an error if evaluation says it is undefined.
     unknown = sorted(set(program.variables()) - CEL_VARIABLES)
     if unknown:
-        raise ValueError(
-            f"CEL expression uses unknown variable(s) {', '.join(unknown)}; "
-            f"available: {', '.join(sorted(CEL_VARIABLES))}"
-        )
+        try:
+            program.execute(_SAMPLE_CONTEXT)
+        except RuntimeError as exc:
+            if "Undefined variable" in str(exc):
+                raise ValueError(
+                    f"CEL expression uses unknown variable(s) {', '.join(unknown)}; "
+                    f"available: {', '.join(sorted(CEL_VARIABLES))}"
+                ) from None
+        except Exception:  # noqa: S110 - other failures depend on the numbers, not the names
+            pass
     return program
 
 

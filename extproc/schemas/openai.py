@@ -243,7 +243,8 @@ def stream_chunk_text(chunk: dict[str, Any]) -> str:
             for key in ("content", "refusal", "reasoning_content"):
                 if isinstance(delta.get(key), str):
                     parts.append(delta[key])
-            for call in delta.get("tool_calls") or ():
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict):
                     parts.extend(v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
