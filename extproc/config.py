@@ -38,7 +38,7 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Metadata keys the gateway writes itself; cost keys may not reuse them.
 REQUEST_METADATA_KEYS = frozenset(
     {"request_model", "model_name_override", "response_model", "backend_name", "route_name", "token_latency_ttft",
-     "token_latency_itl", "session.id", "tenant", "llm_usage_estimated"}
+     "token_latency_itl", "session.id", "tenant", "llm_usage_estimated", "response_error_type"}
 )
 RESERVED_METADATA_KEYS = BUILTIN_KEYS | REQUEST_METADATA_KEYS
 

@@ -93,6 +93,7 @@ def _access_log(config: GatewayConfig) -> list[dict[str, Any]]:
         "cache_creation_input_tokens": meta("llm_cache_creation_input_token"),
         "reasoning_tokens": meta("llm_reasoning_token"),
         "usage_estimated": meta("llm_usage_estimated"),
+        "error_type": meta("response_error_type"),
         "ttft_ms": meta("token_latency_ttft"),
         "itl_ms": meta("token_latency_itl"),
         **{f"cost_{c.metadata_key}": meta(c.metadata_key) for c in config.costs},

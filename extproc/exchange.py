@@ -260,6 +260,8 @@ class Exchange:
         observer = self.observer
         assert observer is not None and self.target is not None and self.route is not None
         values: dict[str, Any] = {"response_model": observer.response_model}
+        if observer.status >= 400:
+            values["response_error_type"] = observer.error_type or f"http_{observer.status}"
         usage: TokenUsage | None = observer.usage if 200 <= observer.status < 300 else None
         if usage is not None:
             values.update(usage.metadata())

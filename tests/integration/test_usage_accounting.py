@@ -194,6 +194,7 @@ def test_error_responses_charge_nothing(client: openai.OpenAI, accounting_gatewa
         client.chat.completions.create(model="m", messages=USER, extra_headers={**headers, "x-sim-error": "500"})
     entry = _log(accounting_gateway, request_id)
     assert entry["status"] == 500
+    assert entry["error_type"] == "server_error"  # the provider's own error type
     assert entry["total_tokens"] is None and entry["cost_budget_tokens"] is None
     assert entry["backend_name"] == "sim"
 
