@@ -262,6 +262,40 @@ class RequestMetadata(_Strict):
         return value.lower() if value else value
 
 
+class TelemetrySettings(_Strict):
+    """Metrics and traces. Export targets come from the standard OTEL_* variables."""
+
+    metric_header_attributes: dict[str, str] = Field(
+        default_factory=dict, description="request header -> metric attribute name (off by default)"
+    )
+    max_attribute_values: int = Field(
+        default=100, ge=1, le=100_000, description="distinct values per mapped attribute before 'other'"
+    )
+    user_id_header: str | None = Field(default=None, description="request header copied to span user.id")
+    max_content_chars: int = Field(
+        default=32_768, ge=256, le=16 * 1024 * 1024, description="longest text recorded in a span attribute"
+    )
+
+    @field_validator("metric_header_attributes")
+    @classmethod
+    def _valid_mapping(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for header, attribute in value.items():
+            if not _HEADER_NAME.match(header):
+                raise ValueError(f"{header!r} is not a valid HTTP header name")
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$", attribute):
+                raise ValueError(f"{attribute!r} is not a valid attribute name")
+            out[header.lower()] = attribute
+        return out
+
+    @field_validator("user_id_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is not None and not _HEADER_NAME.match(value):
+            raise ValueError("must be a valid HTTP header name")
+        return value.lower() if value else value
+
+
 class EnvoySettings(_Strict):
     """Where the bundled Envoy listens."""
 
@@ -290,6 +324,7 @@ class GatewayConfig(_Strict):
     costs: list[Cost] = Field(default_factory=list)
     usage: UsageSettings = Field(default_factory=UsageSettings)
     metadata: RequestMetadata = Field(default_factory=RequestMetadata)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
 

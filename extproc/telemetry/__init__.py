@@ -1,0 +1,1 @@
+"""Metrics and traces built from per-request records."""
