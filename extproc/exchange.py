@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -26,7 +26,12 @@ from extproc.routing import BackendTarget, CompiledRoute
 from extproc.runtime import Runtime
 from extproc.schemas import openai
 from extproc.schemas.openai import Endpoint, Operation, RequestError
+from extproc.telemetry.record import RequestRecord
 from extproc.usage import TokenUsage, cost_metadata
+
+if TYPE_CHECKING:
+    from extproc.telemetry import Telemetry
+    from extproc.telemetry.tracing import SpanHandle
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-aut
 PROCESSOR_DETAILS_PREFIX = "extproc_"  # response code details of replies the processor makes
 _MAX_HEADER_VALUE = 256  # session id / tenant values longer than this are cut
 _STREAMING_OPERATIONS = (Operation.chat, Operation.completion)
+_TRACE_HEADERS = ("traceparent", "tracestate")
 
 Answer = ep.ProcessingResponse | Coroutine[Any, Any, ep.ProcessingResponse]
 
@@ -45,13 +51,16 @@ class Exchange:
     """Per-request state; lives exactly as long as Envoy's ext_proc stream."""
 
     __slots__ = (
-        "runtime", "started_at", "method", "path", "query", "endpoint", "model", "route", "target", "stream",
-        "session_id", "tenant", "observer", "finished", "_prompt",
+        "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
+        "route", "target", "stream", "session_id", "tenant", "observer", "finished", "processor_seconds",
+        "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt",
     )
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, telemetry: Telemetry | None = None) -> None:
         self.runtime = runtime
+        self.telemetry = telemetry
         self.started_at = time.monotonic()
+        self.start_time_ns = time.time_ns()
         self.method = ""
         self.path = ""
         self.query = ""
@@ -64,6 +73,12 @@ class Exchange:
         self.tenant: str | None = None
         self.observer: ResponseObserver | None = None
         self.finished = False
+        self.processor_seconds = 0.0  # time spent answering Envoy for this request (server adds it up)
+        self.span: SpanHandle | None = None
+        self.user_id: str | None = None
+        self.attributes: dict[str, str] = {}
+        self._trace_headers: dict[str, bytes] = {}
+        self._request_body: dict[str, Any] | None = None  # kept only when a span records content
         self._prompt: tuple[str, int] | None = None  # (text, messages), kept only for the estimate
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
@@ -115,7 +130,20 @@ class Exchange:
         self.session_id = _header_text(headers.get(self.runtime.session_id_header))
         if self.runtime.tenant_header:
             self.tenant = _header_text(headers.get(self.runtime.tenant_header))
+        if self.telemetry is not None:
+            self._read_telemetry_headers(headers)
         return protocol.CONTINUE_REQUEST_HEADERS
+
+    def _read_telemetry_headers(self, headers: dict[str, bytes]) -> None:
+        settings = self.telemetry.settings  # type: ignore[union-attr]
+        if settings.user_id_header:
+            self.user_id = _header_text(headers.get(settings.user_id_header))
+        for header, attribute in settings.metric_header_attributes.items():
+            value = _header_text(headers.get(header))
+            if value is not None:
+                self.attributes[attribute] = value
+        if self.telemetry.tracing.enabled:  # type: ignore[union-attr]
+            self._trace_headers = {k: headers[k] for k in _TRACE_HEADERS if k in headers}
 
     def _model_object(self, model: str) -> ep.ProcessingResponse:
         """GET /v1/models/{id}: a model the gateway can route is a model it serves."""
@@ -163,10 +191,20 @@ class Exchange:
             set_headers.append(("accept-encoding", b"identity"))
         if runtime.estimate_when_missing:
             self._prompt = (openai.prompt_text(parsed.body), len(parsed.body.get("messages") or ()) or 1)
+        content_chars: int | None = None
+        tracing = self.telemetry.tracing if self.telemetry is not None else None
+        if tracing is not None and tracing.enabled:
+            self.span = tracing.start(self.endpoint.operation.value, self._trace_headers, self.start_time_ns)
+            if self.span is not None:
+                set_headers.extend(tracing.inject(self.span))
+                if tracing.records_content:
+                    self._request_body = parsed.body
+                    content_chars = self.telemetry.settings.max_content_chars  # type: ignore[union-attr]
         self.observer = ResponseObserver(
             strip_usage=forced_usage,
             collect_text=runtime.estimate_when_missing,
             max_json_bytes=runtime.max_response_bytes,
+            collect_output_chars=content_chars,
         )
 
         common = ep.CommonResponse(clear_route_cache=True)
@@ -276,9 +314,17 @@ class Exchange:
         return values
 
     def close(self) -> None:
-        """Envoy ended the stream. A response that never completed (the client or the
-        upstream hung up) is still recorded with what was seen; Envoy no longer listens
-        for metadata then, so the log line is the record (metrics join it later)."""
+        """Envoy ended the stream: publish the request's record to metrics and traces.
+
+        A response that never completed (the client or the upstream hung up) is still
+        recorded with what was seen; Envoy no longer listens for metadata then, so the
+        processor also logs it."""
+        record = self.record()
+        if record is not None and self.telemetry is not None:
+            try:
+                self.telemetry.publish(record, self.span)
+            except Exception:
+                log.exception("telemetry failed for %s %s", self.method, self.path)
         observer = self.observer
         if self.finished or observer is None or self.target is None or self.route is None:
             return
@@ -294,6 +340,50 @@ class Exchange:
             observer.first_output_at is not None,
             usage.metadata() if usage else "not reported",
             f"{ttft:.1f}" if ttft is not None else "none",
+        )
+
+    def record(self) -> RequestRecord | None:
+        """The facts of this request for telemetry; None for requests never routed."""
+        observer, target, route, endpoint = self.observer, self.target, self.route, self.endpoint
+        if observer is None or target is None or route is None or endpoint is None or self.model is None:
+            return None
+        status = observer.status
+        ok = 200 <= status < 300
+        if status >= 300:
+            error_type = observer.error_type or str(status)
+        elif status == 0:
+            error_type = "no_response"
+        elif not self.finished:
+            error_type = "incomplete"  # cut off mid-body, by the client or the upstream
+        else:
+            error_type = None
+        url = target.backend.url
+        return RequestRecord(
+            operation=endpoint.operation.value,
+            provider=target.backend.schema_.value,
+            request_model=self.model,
+            backend_model=target.model_name_override or self.model,
+            response_model=observer.response_model,
+            backend=target.name,
+            route=route.name,
+            server_address=url.host,
+            server_port=url.port,
+            stream=self.stream,
+            status=status,
+            error_type=error_type,
+            usage=observer.usage if ok else None,
+            start_time_ns=self.start_time_ns,
+            started_at=self.started_at,
+            ended_at=time.monotonic(),
+            first_output_at=observer.first_output_at,
+            last_output_at=observer.last_output_at,
+            complete=self.finished,
+            processor_seconds=self.processor_seconds,
+            session_id=self.session_id,
+            user_id=self.user_id,
+            attributes=self.attributes,
+            request_body=self._request_body,
+            output=observer.output,
         )
 
     def _reject(self, error: RequestError) -> ep.ProcessingResponse:

@@ -17,6 +17,7 @@ import orjson
 from extproc.decoding import ChunkDecoder, decoder_for
 from extproc.schemas import openai
 from extproc.sse import SSEDecoder, SSEEvent
+from extproc.telemetry.record import OutputMessage
 from extproc.usage import TokenUsage
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,12 @@ class ResponseObserver:
     __slots__ = (
         "status", "kind", "usage", "response_model", "error_type", "first_output_at", "last_output_at",
         "complete", "strip_usage", "_decoder", "_sse", "_json", "_json_limit", "_output_text", "_broken",
-        "_expected_bytes", "_received_bytes", "_decoded_bytes",
+        "_expected_bytes", "_received_bytes", "_decoded_bytes", "_messages", "_max_chars",
     )
 
-    def __init__(self, *, strip_usage: bool, collect_text: bool, max_json_bytes: int) -> None:
+    def __init__(
+        self, *, strip_usage: bool, collect_text: bool, max_json_bytes: int, collect_output_chars: int | None = None
+    ) -> None:
         self.status = 0
         self.kind = BodyKind.none
         self.usage: TokenUsage | None = None
@@ -61,10 +64,19 @@ class ResponseObserver:
         self._expected_bytes: int | None = None
         self._received_bytes = 0
         self._decoded_bytes = 0
+        # Output messages for traces, assembled only when a span will record them.
+        self._messages: dict[int, OutputMessage] | None = {} if collect_output_chars else None
+        self._max_chars = collect_output_chars or 0
 
     @property
     def output_text(self) -> str:
         return "".join(self._output_text or ())
+
+    @property
+    def output(self) -> list[OutputMessage] | None:
+        if self._messages is None:
+            return None
+        return [self._messages[i] for i in sorted(self._messages)]
 
     def on_headers(
         self, status: int, content_type: str, content_encoding: str, content_length: int | None = None
@@ -164,6 +176,8 @@ class ResponseObserver:
             self.usage = usage
         if "error" in chunk:
             self.error_type = openai.error_type_of(chunk) or self.error_type
+        if self._messages is not None:
+            openai.add_stream_chunk(self._messages, chunk, self._max_chars)
         if openai.stream_chunk_has_output(chunk):
             if self.first_output_at is None:
                 self.first_output_at = now
@@ -194,8 +208,11 @@ class ResponseObserver:
         self.usage = openai.usage_from_openai(body.get("usage"))
         if self.status >= 400:
             self.error_type = openai.error_type_of(body)
-        elif self._output_text is not None:
+            return
+        if self._output_text is not None:
             self._output_text.append(_message_text(body))
+        if self._messages is not None:
+            self._messages = dict(enumerate(openai.output_from_body(body, self._max_chars)))
 
 
 def _message_text(body: dict[str, object]) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.config import LoadedConfig
 from extproc.exchange import Exchange
 from extproc.runtime import Runtime
+from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +39,25 @@ class ListenError(OSError):
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     """One `Process` stream per HTTP request; each stream is self-contained."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, telemetry: Telemetry | None = None) -> None:
         self.runtime = runtime
+        self.telemetry = telemetry
         self.in_flight = 0
 
     async def Process(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        exchange = Exchange(self.runtime)
+        exchange = Exchange(self.runtime, self.telemetry)
         self.in_flight += 1
+        clock = time.perf_counter
         try:
             async for request in request_iterator:
+                began = clock()
                 answer = exchange.handle(request)
-                yield answer if isinstance(answer, ep.ProcessingResponse) else await answer
+                if not isinstance(answer, ep.ProcessingResponse):
+                    answer = await answer
+                exchange.processor_seconds += clock() - began
+                yield answer
         finally:
             self.in_flight -= 1
             exchange.close()
@@ -68,7 +76,8 @@ class ProcessorServer:
 
     def __init__(self, loaded: LoadedConfig, options: ServeOptions) -> None:
         self.options = options
-        self.processor = ExternalProcessor(Runtime.build(loaded))
+        self.telemetry = Telemetry(loaded.config.telemetry)
+        self.processor = ExternalProcessor(Runtime.build(loaded), self.telemetry)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
@@ -112,6 +121,7 @@ class ProcessorServer:
     async def _start_admin(self) -> None:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.options.admin_host, self.options.admin_port, reuse_address=True)
@@ -132,6 +142,10 @@ class ProcessorServer:
             )
         return web.json_response({"status": "ok", "in_flight": self.processor.in_flight, "pid": os.getpid()})
 
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body, content_type = self.telemetry.metrics.render_prometheus()
+        return web.Response(body=body, headers={"content-type": content_type})
+
     def request_stop(self) -> None:
         self._stopping.set()
 
@@ -149,6 +163,8 @@ class ProcessorServer:
             await self._grpc.stop(grace)
         if self._admin is not None:
             await self._admin.cleanup()
+        # Flush what the exporters still hold, off the event loop (it may touch the network).
+        await asyncio.to_thread(self.telemetry.shutdown)
         log.info("processor stopped")
 
 

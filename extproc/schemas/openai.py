@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from extproc.telemetry.record import OutputMessage, ToolCall
 from extproc.usage import TokenUsage
 
 
@@ -134,9 +135,8 @@ def with_updates(raw: bytes, body: dict[str, Any], updates: dict[str, Any]) -> b
             return json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
         except RecursionError:  # nested deeper than the stdlib parser goes: orjson's answer is all we have
             pass
-    body.update(updates)
     try:
-        return orjson.dumps(body)
+        return orjson.dumps({**body, **updates})  # a shallow copy: `body` stays what the client sent
     except TypeError:  # orjson writes at most 254 levels of nesting; no real request comes near
         raise bad_request("The request body is nested too deeply for the gateway to rewrite it.") from None
 
@@ -274,3 +274,91 @@ def prompt_text(body: dict[str, Any]) -> str:
         elif isinstance(value, list):
             parts.extend(v for v in value if isinstance(v, str))
     return "\n".join(parts)
+
+
+# -- assembled output (for traces) ---------------------------------------------------
+
+_MAX_CHOICES = 16
+_MAX_TOOL_CALLS = 64
+
+
+def add_stream_chunk(messages: dict[int, OutputMessage], chunk: dict[str, Any], max_chars: int) -> None:
+    """Fold one streamed chunk's deltas into per-choice output messages (bounded)."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        index = choice.get("index", 0)
+        if not isinstance(index, int) or not 0 <= index < _MAX_CHOICES:
+            continue
+        message = messages.get(index)
+        if message is None:
+            message = messages[index] = OutputMessage()
+        if isinstance(choice.get("finish_reason"), str):
+            message.finish_reason = choice["finish_reason"]
+        if isinstance(choice.get("text"), str):  # completions
+            message.content = _bounded(message.content + choice["text"], max_chars)
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            continue
+        if isinstance(delta.get("role"), str):
+            message.role = delta["role"]
+        if isinstance(delta.get("content"), str):
+            message.content = _bounded(message.content + delta["content"], max_chars)
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            if isinstance(call, dict):
+                _add_tool_call_delta(message, call, max_chars)
+
+
+def _add_tool_call_delta(message: OutputMessage, call: dict[str, Any], max_chars: int) -> None:
+    position = call.get("index", len(message.tool_calls))
+    if not isinstance(position, int) or not 0 <= position < _MAX_TOOL_CALLS:
+        return
+    while len(message.tool_calls) <= position:
+        message.tool_calls.append(ToolCall())
+    target = message.tool_calls[position]
+    if isinstance(call.get("id"), str):
+        target.id = call["id"]
+    function = call.get("function")
+    if isinstance(function, dict):
+        if isinstance(function.get("name"), str):
+            target.name += function["name"]
+        if isinstance(function.get("arguments"), str):
+            target.arguments = _bounded(target.arguments + function["arguments"], max_chars)
+
+
+def output_from_body(body: dict[str, Any], max_chars: int) -> list[OutputMessage]:
+    """The assistant messages of a JSON chat/completions response (bounded)."""
+    out: list[OutputMessage] = []
+    for choice in (body.get("choices") or ())[:_MAX_CHOICES]:
+        if not isinstance(choice, dict):
+            continue
+        message = OutputMessage(finish_reason=choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None)
+        if isinstance(choice.get("text"), str):
+            message.content = _bounded(choice["text"], max_chars)
+        raw = choice.get("message")
+        if isinstance(raw, dict):
+            if isinstance(raw.get("role"), str):
+                message.role = raw["role"]
+            if isinstance(raw.get("content"), str):
+                message.content = _bounded(raw["content"], max_chars)
+            calls = raw.get("tool_calls")
+            for call in (calls if isinstance(calls, list) else ())[:_MAX_TOOL_CALLS]:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    message.tool_calls.append(
+                        ToolCall(
+                            id=call.get("id") if isinstance(call.get("id"), str) else None,
+                            name=str(function.get("name") or ""),
+                            arguments=_bounded(str(function.get("arguments") or ""), max_chars),
+                        )
+                    )
+        out.append(message)
+    return out
+
+
+def _bounded(text: str, max_chars: int) -> str:
+    return text if len(text) <= max_chars else text[:max_chars]

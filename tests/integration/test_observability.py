@@ -1,0 +1,213 @@
+"""Metrics on the admin port and OpenInference traces over OTLP, through real Envoy."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from extproc.sim import SimServer
+from tests.integration.harness import RunningGateway, running_gateway
+from tests.otlp_receiver import OtlpReceiver
+
+USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Envoy?"}]
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as otlp:
+        yield otlp
+
+
+def _config(sim: SimServer) -> dict[str, Any]:
+    return {
+        "backends": [
+            {"name": "sim", "base_url": sim.base_url},
+            {"name": "renamed", "base_url": sim.base_url, "model_name_override": "upstream-name"},
+        ],
+        "routes": [
+            {"name": "renamed", "match": {"model": "client-name"}, "backends": [{"name": "renamed"}]},
+            {"name": "all", "default": True, "backends": [{"name": "sim"}]},
+        ],
+        "telemetry": {"metric_header_attributes": {"x-team": "team"}, "user_id_header": "x-user-id"},
+    }
+
+
+def _otel_env(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_METRIC_EXPORT_INTERVAL": "60000",
+        "OTEL_SERVICE_NAME": "gateway-under-test",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def observed(sim_a: SimServer, receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    with running_gateway(_config(sim_a), tmp_path_factory.mktemp("observed"), env=_otel_env(receiver)) as gateway:
+        yield gateway
+
+
+def _metrics(gateway: RunningGateway) -> dict[str, list[Any]]:
+    text = httpx.get(f"http://127.0.0.1:{gateway.processor_admin_port}/metrics", timeout=10).text
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def _sample_sum(samples: list[Any], suffix: str, **labels: str) -> float:
+    return sum(
+        s.value for s in samples if s.name.endswith(suffix) and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def _family(metrics: dict[str, list[Any]], prefix: str) -> list[Any]:
+    names = [name for name in metrics if name.startswith(prefix)]
+    assert names, f"no metric family starting with {prefix}: {sorted(metrics)}"
+    return metrics[names[0]]
+
+
+def test_token_metrics_equal_upstream_usage(observed: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
+    model = f"metrics-{secrets.token_hex(4)}"
+    usages = [
+        client.chat.completions.create(model=model, messages=USER, max_tokens=n, extra_headers={"x-team": "blue"}).usage
+        for n in (3, 5, 8)
+    ]
+    streamed = list(client.chat.completions.create(
+        model=model, messages=USER, stream=True, stream_options={"include_usage": True}, extra_headers={"x-team": "blue"}
+    ))
+    usages.append(streamed[-1].usage)
+    assert all(u is not None for u in usages)
+
+    tokens = _family(_metrics(observed), "gen_ai_client_token_usage")
+    labels = {"gen_ai_request_model": model, "gen_ai_operation_name": "chat", "gen_ai_provider_name": "openai"}
+    assert _sample_sum(tokens, "_sum", gen_ai_token_type="input", **labels) == sum(u.prompt_tokens for u in usages)
+    assert _sample_sum(tokens, "_sum", gen_ai_token_type="output", **labels) == sum(u.completion_tokens for u in usages)
+    assert _sample_sum(tokens, "_count", gen_ai_token_type="output", **labels) == 4
+    assert _sample_sum(tokens, "_count", gen_ai_token_type="output", team="blue", **labels) == 4
+
+    metrics = _metrics(observed)
+    duration = _family(metrics, "gen_ai_server_request_duration")
+    assert _sample_sum(duration, "_count", gen_ai_request_model=model) == 4
+    ttft = _family(metrics, "gen_ai_server_time_to_first_token")
+    assert _sample_sum(ttft, "_count", gen_ai_request_model=model) == 1  # the one stream
+    overhead = _family(metrics, "extproc_processor_duration")
+    assert _sample_sum(overhead, "_count") >= 4
+
+
+def test_overridden_model_keeps_the_original_as_an_attribute(observed: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
+    client.chat.completions.create(model="client-name", messages=USER)
+    tokens = _family(_metrics(observed), "gen_ai_client_token_usage")
+    assert _sample_sum(
+        tokens, "_count", gen_ai_request_model="upstream-name", gen_ai_original_model="client-name",
+        gen_ai_response_model="upstream-name", gen_ai_token_type="input",
+    ) >= 1
+
+
+def test_failures_carry_error_type(observed: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
+    model = f"failing-{secrets.token_hex(4)}"
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model=model, messages=USER, extra_headers={"x-sim-error": "429"})
+    duration = _family(_metrics(observed), "gen_ai_server_request_duration")
+    failures = [s for s in duration if s.labels.get("gen_ai_request_model") == model and s.name.endswith("_count")]
+    assert failures and all(s.labels.get("error_type") for s in failures)
+
+
+def test_span_joins_the_client_trace_and_parents_the_upstream_call(
+    observed: RunningGateway, receiver: OtlpReceiver, sim_a: SimServer
+) -> None:
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
+    completion = client.chat.completions.create(
+        model="traced-model", messages=USER, temperature=0.5, max_tokens=6,
+        extra_headers={
+            "traceparent": f"00-{trace_id}-{client_span}-01",
+            "tracestate": "vendor=abc",
+            "agent-session-id": "session-7",
+            "x-user-id": "user-9",
+        },
+    )
+    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
+    attributes = span.attributes
+
+    assert span.name == "ChatCompletion"
+    assert span.parent_span_id == client_span
+    upstream = sim_a.requests[-1].headers
+    assert upstream["traceparent"].split("-")[1] == trace_id
+    assert upstream["traceparent"].split("-")[2] == span.span_id  # the provider call's parent is the gateway span
+    assert upstream["tracestate"] == "vendor=abc"
+
+    assert attributes["openinference.span.kind"] == "LLM"
+    assert attributes["llm.model_name"] == "traced-model"
+    assert attributes["llm.provider"] == "openai"
+    assert attributes["session.id"] == "session-7"
+    assert attributes["user.id"] == "user-9"
+    assert json.loads(attributes["llm.invocation_parameters"]) == {"temperature": 0.5, "max_tokens": 6}
+    assert attributes["llm.input_messages.0.message.role"] == "system"
+    assert attributes["llm.input_messages.1.message.content"] == "What is Envoy?"
+    assert attributes["llm.output_messages.0.message.content"] == completion.choices[0].message.content
+    assert attributes["llm.token_count.prompt"] == completion.usage.prompt_tokens
+    assert attributes["llm.token_count.completion"] == completion.usage.completion_tokens
+    assert attributes["llm.token_count.total"] == completion.usage.total_tokens
+    assert attributes["input.mime_type"] == "application/json"
+    assert json.loads(attributes["input.value"])["messages"] == USER
+    assert span.resource["service.name"] == "gateway-under-test"
+
+
+def test_streamed_output_is_assembled_in_the_span(observed: RunningGateway, receiver: OtlpReceiver) -> None:
+    trace_id = secrets.token_hex(16)
+    client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="m", messages=USER, stream=True, extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+    ))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
+    assert span.attributes["llm.output_messages.0.message.content"] == text
+    assert span.attributes["llm.token_count.completion"] > 0  # forced usage reached the span too
+
+
+def test_embedding_span(observed: RunningGateway, receiver: OtlpReceiver) -> None:
+    trace_id = secrets.token_hex(16)
+    client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
+    client.embeddings.create(model="embedder", input="vector me",
+                             extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
+    assert span.attributes["openinference.span.kind"] == "EMBEDDING"
+    assert span.attributes["embedding.model_name"] == "embedder"
+
+
+def test_error_span_has_error_status(observed: RunningGateway, receiver: OtlpReceiver) -> None:
+    trace_id = secrets.token_hex(16)
+    client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="m", messages=USER, extra_headers={
+            "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01", "x-sim-error": "503"})
+    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
+    assert span.status_code == "ERROR"
+
+
+def test_hidden_inputs_are_absent(sim_a: SimServer, receiver: OtlpReceiver, tmp_path: Path) -> None:
+    env = _otel_env(receiver, OPENINFERENCE_HIDE_INPUTS="true", OPENINFERENCE_HIDE_OUTPUTS="true")
+    with running_gateway(_config(sim_a), tmp_path, env=env) as gateway:
+        trace_id = secrets.token_hex(16)
+        client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "my secret plan"}],
+                                       extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+        span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
+    attributes = span.attributes
+    assert not [k for k in attributes if k.startswith("llm.input_messages")]
+    assert "my secret plan" not in json.dumps(attributes)
+    assert attributes["input.value"] == "__REDACTED__"
+    assert attributes["output.value"] == "__REDACTED__"  # the simulator echoes the prompt in its reply
+    assert not [k for k in attributes if k.startswith("llm.output_messages")]
+    assert attributes["llm.token_count.total"] > 0  # counts are not content: still recorded
