@@ -306,11 +306,11 @@ class Exchange:
             values.update(
                 cost_metadata(self.runtime.costs, usage, self.model or "", self.target.name, self.route.name)
             )
-        if self.stream and observer.first_output_at is not None:
-            values["token_latency_ttft"] = (observer.first_output_at - self.started_at) * 1000
-            outputs = usage.output_tokens if usage is not None else 0
-            if outputs > 1 and observer.last_output_at is not None:
-                values["token_latency_itl"] = (observer.last_output_at - observer.first_output_at) * 1000 / (outputs - 1)
+        record = self.record()
+        if record is not None and (ttft := record.time_to_first_token) is not None:
+            values["token_latency_ttft"] = ttft * 1000
+            if (per_token := record.time_per_output_token) is not None:
+                values["token_latency_itl"] = per_token * 1000
         return values
 
     def close(self) -> None:
