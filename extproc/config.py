@@ -34,6 +34,19 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 # Header names we refuse as "extra headers": the gateway owns them.
 _RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers that carry credentials: never copied into metadata, metrics or spans.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"})
+
+
+def _telemetry_header(value: str | None) -> str | None:
+    """A request header whose value may be published: valid, lower-cased, not a credential."""
+    if value is None:
+        return None
+    if not _HEADER_NAME.match(value):
+        raise ValueError(f"{value!r} is not a valid HTTP header name")
+    if value.lower() in CREDENTIAL_HEADERS:
+        raise ValueError(f"{value!r} carries credentials and is never copied into metadata, metrics or traces")
+    return value.lower()
 
 # Metadata keys the gateway writes itself; cost keys may not reuse them.
 REQUEST_METADATA_KEYS = frozenset(
@@ -257,9 +270,7 @@ class RequestMetadata(_Strict):
     @field_validator("session_id_header", "tenant_header")
     @classmethod
     def _header_name(cls, value: str | None) -> str | None:
-        if value is not None and not _HEADER_NAME.match(value):
-            raise ValueError("must be a valid HTTP header name")
-        return value.lower() if value else value
+        return _telemetry_header(value)
 
 
 class TelemetrySettings(_Strict):
@@ -281,8 +292,7 @@ class TelemetrySettings(_Strict):
     def _valid_mapping(cls, value: dict[str, str]) -> dict[str, str]:
         out = {}
         for header, attribute in value.items():
-            if not _HEADER_NAME.match(header):
-                raise ValueError(f"{header!r} is not a valid HTTP header name")
+            _telemetry_header(header)
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$", attribute):
                 raise ValueError(f"{attribute!r} is not a valid attribute name")
             out[header.lower()] = attribute
@@ -291,9 +301,7 @@ class TelemetrySettings(_Strict):
     @field_validator("user_id_header")
     @classmethod
     def _header_name(cls, value: str | None) -> str | None:
-        if value is not None and not _HEADER_NAME.match(value):
-            raise ValueError("must be a valid HTTP header name")
-        return value.lower() if value else value
+        return _telemetry_header(value)
 
 
 class EnvoySettings(_Strict):

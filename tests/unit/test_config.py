@@ -600,3 +600,22 @@ def test_loaded_config_is_immutable() -> None:
     assert isinstance(loaded, LoadedConfig)
     with pytest.raises(ValidationError):
         loaded.config.backends[0].base_url = "http://evil/v1"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"telemetry": {"metric_header_attributes": {"Authorization": "auth"}}},
+        {"telemetry": {"user_id_header": "cookie"}},
+        {"metadata": {"tenant_header": "x-api-key"}},
+        {"metadata": {"session_id_header": "Proxy-Authorization"}},
+    ],
+)
+def test_credential_headers_are_never_published(section: dict) -> None:
+    """A header carrying credentials cannot be mapped into metadata, metrics or spans."""
+    base = {
+        "backends": [{"name": "a", "base_url": "http://127.0.0.1:1/v1"}],
+        "routes": [{"name": "r", "default": True, "backends": [{"name": "a"}]}],
+    }
+    with pytest.raises(ConfigError, match="carries credentials"):
+        parse_config({**base, **section}, "gw.yaml")
