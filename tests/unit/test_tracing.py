@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from extproc.config import TelemetrySettings
+from extproc.telemetry import span_attributes
 from extproc.telemetry import tracing as tracing_module
 from extproc.telemetry.record import OutputMessage, RequestRecord, ToolCall
 from extproc.telemetry.tracing import SpanHandle, Tracing
@@ -592,7 +593,7 @@ def test_oldest_messages_are_left_out_when_the_span_budget_runs_out() -> None:
     assert len(recorded) < 20
     assert json.loads(a[SpanAttributes.METADATA])["input_messages_omitted"] == 20 - len(recorded)
     content_chars = sum(len(v) for k, v in a.items() if k.startswith(IN) and isinstance(v, str))
-    assert content_chars <= limit * tracing_module.SPAN_CONTENT_BUDGET_FACTOR
+    assert content_chars <= limit * span_attributes.SPAN_CONTENT_BUDGET_FACTOR
 
 
 def test_attribute_count_stays_within_the_sdk_limit(harness: Harness) -> None:
@@ -608,10 +609,10 @@ def test_attribute_count_stays_within_the_sdk_limit(harness: Harness) -> None:
 
 def test_message_count_is_capped() -> None:
     h = Harness({"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "100000"})
-    messages = [{"role": "user", "content": str(i)} for i in range(tracing_module.MAX_MESSAGES + 100)]
+    messages = [{"role": "user", "content": str(i)} for i in range(span_attributes.MAX_MESSAGES + 100)]
     a = h.attributes(make_record(request_body={"model": "m", "messages": messages}))
     indexes = sorted(int(k.split(".")[2]) for k in keys_under(a, IN) if k.endswith(ROLE))
-    assert indexes == list(range(100, tracing_module.MAX_MESSAGES + 100))
+    assert indexes == list(range(100, span_attributes.MAX_MESSAGES + 100))
     assert json.loads(a[SpanAttributes.METADATA])["input_messages_omitted"] == 100
 
 
