@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit integration envoy-config clean
+.PHONY: run test unit integration envoy-config system-deps clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,14 +21,21 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/extproc run $(if $(CONFIG),--config $(CONFIG))
 
-## test: unit and integration tests (real Envoy, real processor, official SDK clients)
-test: $(STAMP)
+## system-deps: redis-server, which the rate-limit tests start on a free port (Debian package)
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; \
+	  else echo "the tests need redis-server: sudo apt-get install redis-server" >&2; exit 1; fi; }
+
+## test: unit and integration tests (real Envoy, real processor, official SDK clients, real Redis)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-unit: $(STAMP)
+unit: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
 ## envoy-config: re-render the bundled envoy/envoy.yaml from the default config

@@ -1,4 +1,4 @@
-"""Command line: `extproc serve | run | envoy-config | check`."""
+"""Command line: `extproc serve | run | envoy-config | ratelimit-config | check`."""
 
 from __future__ import annotations
 
@@ -114,6 +114,21 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ratelimit_config(args: argparse.Namespace) -> int:
+    """The budgets as an envoyproxy/ratelimit descriptor file (for an external service)."""
+    import yaml
+
+    from extproc.budgets import descriptor_config
+
+    config = _load(args.config, with_secrets=False).config
+    text = yaml.safe_dump(descriptor_config(config), sort_keys=False)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     loaded = load_config(args.file, with_secrets=not args.skip_secrets)
     config = loaded.config
@@ -152,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--ca-file", default=envoyconfig.DEFAULT_CA_FILE, help="CA bundle for https backends")
     render.add_argument("-o", "--output", help="write to this file instead of stdout")
     render.set_defaults(func=cmd_envoy_config)
+
+    limits = sub.add_parser("ratelimit-config", help="print the budgets as an envoyproxy/ratelimit config file")
+    limits.add_argument("--config", help="gateway YAML (default: built from the environment)")
+    limits.add_argument("-o", "--output", help="write to this file instead of stdout")
+    limits.set_defaults(func=cmd_ratelimit_config)
 
     check = sub.add_parser("check", help="validate a gateway config file")
     check.add_argument("file")

@@ -8,6 +8,7 @@ Secrets are *referenced* (env var or file) and resolved once at load into
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -51,7 +52,8 @@ def _telemetry_header(value: str | None) -> str | None:
 # Metadata keys the gateway writes itself; cost keys may not reuse them.
 REQUEST_METADATA_KEYS = frozenset(
     {"request_model", "model_name_override", "response_model", "backend_name", "route_name", "token_latency_ttft",
-     "token_latency_itl", "session.id", "tenant", "llm_usage_estimated", "response_error_type"}
+     "token_latency_itl", "session.id", "tenant", "llm_usage_estimated", "response_error_type",
+     "ratelimit_reserve"}
 )
 RESERVED_METADATA_KEYS = BUILTIN_KEYS | REQUEST_METADATA_KEYS
 
@@ -238,7 +240,7 @@ class Cost(_Strict):
 
     @model_validator(mode="after")
     def _cel_matches_type(self) -> Cost:
-        if self.metadata_key in RESERVED_METADATA_KEYS:
+        if self.metadata_key in RESERVED_METADATA_KEYS or self.metadata_key.startswith("ratelimit_"):
             raise ValueError(f"metadata_key {self.metadata_key!r} is written by the gateway itself; pick another name")
         if self.type is CostType.cel:
             if not self.cel:
@@ -265,9 +267,8 @@ class RequestMetadata(_Strict):
     """Request headers whose values become dynamic metadata (and later span attributes)."""
 
     session_id_header: str = "agent-session-id"
-    tenant_header: str | None = None
 
-    @field_validator("session_id_header", "tenant_header")
+    @field_validator("session_id_header")
     @classmethod
     def _header_name(cls, value: str | None) -> str | None:
         return _telemetry_header(value)
@@ -304,6 +305,79 @@ class TelemetrySettings(_Strict):
         return _telemetry_header(value)
 
 
+class ApiKeyTenant(_Strict):
+    """A client API key (as sent in Authorization: Bearer or x-api-key) that identifies a tenant."""
+
+    key: SecretRef
+    tenant: Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class Tenancy(_Strict):
+    """Who a request is charged to. Without this section there are no tenants."""
+
+    header: str | None = Field(default=None, description="request header naming the tenant, e.g. x-tenant-id")
+    api_keys: list[ApiKeyTenant] = Field(default_factory=list, description="client API key -> tenant")
+    default_tenant: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    reject_status: Literal[401, 403] = Field(
+        default=401, description="answer for requests with no tenant when there is no default_tenant"
+    )
+
+    @field_validator("header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        return _telemetry_header(value)
+
+    @model_validator(mode="after")
+    def _some_source(self) -> Tenancy:
+        if self.header is None and not self.api_keys:
+            raise ValueError("set 'header' and/or 'api_keys' to say where the tenant comes from")
+        return self
+
+
+RateUnit = Literal["second", "minute", "hour", "day"]
+
+
+class Budget(_Strict):
+    """A token budget per tenant and window, enforced by Envoy's global rate-limit filter."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")]
+    tenant: str = Field(default="*", description="a tenant name, or '*' for each tenant separately")
+    model: str | None = Field(default=None, description="only requests for this model (the client's name)")
+    unit: RateUnit
+    limit: int = Field(ge=1, le=4_294_967_295, description="at most 2^32-1, the rate limit protocol's range")
+    cost: str = Field(default="llm_total_token", description="metadata key charged: a token key or a cost key")
+
+
+class RequestLimit(_Strict):
+    """Requests per tenant and window, enforced by each Envoy alone (local rate-limit filter)."""
+
+    tenant: str = "*"
+    unit: RateUnit
+    requests: int = Field(ge=1)
+
+
+class RateLimitService(_Strict):
+    """The rate limit service Envoy asks. 'builtin' runs it inside the processor."""
+
+    address: str = Field(default="builtin", description="'builtin', or host:port of an envoyproxy/ratelimit peer")
+    store: str = Field(default="memory", description="builtin only: 'memory' (one node) or redis://host:port/db")
+    failure_mode: Literal["open", "closed"] = Field(
+        default="open", description="when the service or its store is down: let requests through, or refuse them"
+    )
+    domain: str = "ai-gateway"
+    reserve: bool = Field(
+        default=False, description="charge an estimate at request time and settle after (bounds overshoot)"
+    )
+    timeout_ms: int = Field(default=500, ge=10, le=30_000)
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be 'memory' or a redis:// / rediss:// URL")
+        return value
+
+
 class EnvoySettings(_Strict):
     """Where the bundled Envoy listens."""
 
@@ -333,6 +407,10 @@ class GatewayConfig(_Strict):
     usage: UsageSettings = Field(default_factory=UsageSettings)
     metadata: RequestMetadata = Field(default_factory=RequestMetadata)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    tenancy: Tenancy | None = None
+    budgets: list[Budget] = Field(default_factory=list)
+    request_limits: list[RequestLimit] = Field(default_factory=list)
+    ratelimit: RateLimitService = Field(default_factory=RateLimitService)
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
 
@@ -354,6 +432,18 @@ class GatewayConfig(_Strict):
             if cost.metadata_key in seen_keys:
                 raise _FieldError(("costs", i, "metadata_key"), f"duplicate cost key {cost.metadata_key!r}")
             seen_keys.add(cost.metadata_key)
+        chargeable = BUILTIN_KEYS | seen_keys
+        _no_duplicates([b.name for b in self.budgets], "budgets", "budget")
+        for i, budget in enumerate(self.budgets):
+            if budget.cost not in chargeable:
+                raise _FieldError(
+                    ("budgets", i, "cost"),
+                    f"unknown cost {budget.cost!r}; use a token key ({', '.join(sorted(BUILTIN_KEYS))}) "
+                    "or a metadata_key from 'costs'",
+                )
+        if (self.budgets or self.request_limits) and self.tenancy is None:
+            where = "budgets" if self.budgets else "request_limits"
+            raise _FieldError((where,), "limits are per tenant: add a 'tenancy' section saying where tenants come from")
         defaults = [i for i, r in enumerate(self.routes) if r.default]
         if len(defaults) > 1:
             raise _FieldError(("routes", defaults[1], "default"), "only one route may be the default")
@@ -391,6 +481,9 @@ class LoadedConfig(BaseModel):
     config: GatewayConfig
     source: str
     secrets: dict[str, SecretStr] = Field(default_factory=dict, description="backend name -> api key")
+    tenant_keys: dict[str, str] = Field(
+        default_factory=dict, description="sha256 of a client API key -> tenant (keys themselves are not kept)"
+    )
 
 
 def format_loc(loc: tuple[str | int, ...]) -> str:
@@ -433,6 +526,27 @@ def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
         raise ConfigError(f"{source}: invalid configuration:\n" + "\n".join(lines)) from None
 
 
+def key_digest(key: str) -> str:
+    """How client API keys are looked up: by digest, so the table holds no usable key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def resolve_tenant_keys(config: GatewayConfig, environ: Mapping[str, str], source: str) -> dict[str, str]:
+    """Client API key digests -> tenant, from `tenancy.api_keys`."""
+    if config.tenancy is None:
+        return {}
+    table: dict[str, str] = {}
+    problems = []
+    for i, entry in enumerate(config.tenancy.api_keys):
+        try:
+            table[key_digest(entry.key.resolve(environ).get_secret_value())] = entry.tenant
+        except ValueError as exc:
+            problems.append(f"  tenancy.api_keys[{i}].key: {exc}")
+    if problems:
+        raise ConfigError(f"{source}: cannot resolve tenant API keys:\n" + "\n".join(problems))
+    return table
+
+
 def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str], source: str) -> dict[str, SecretStr]:
     """Resolve every backend's credential reference; errors name the field, never a value."""
     secrets: dict[str, SecretStr] = {}
@@ -465,8 +579,14 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, w
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
     config = parse_config(data, source)
     env = os.environ if environ is None else environ
-    secrets = resolve_secrets(config, env, source) if with_secrets else {}
-    return LoadedConfig(config=config, source=source, secrets=secrets)
+    if not with_secrets:
+        return LoadedConfig(config=config, source=source)
+    return LoadedConfig(
+        config=config,
+        source=source,
+        secrets=resolve_secrets(config, env, source),
+        tenant_keys=resolve_tenant_keys(config, env, source),
+    )
 
 
 def config_from_environment(environ: Mapping[str, str] | None = None, demo_port: int = DEMO_PORT) -> LoadedConfig:

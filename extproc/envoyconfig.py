@@ -13,11 +13,13 @@ from typing import Any
 
 import yaml
 
+from extproc import budgets
 from extproc.config import Backend, GatewayConfig
 from extproc.exchange import BACKEND_HEADER, MODEL_HEADER, PROCESSOR_DETAILS_PREFIX
 from extproc.protocol import METADATA_NAMESPACE
 
-PROCESSOR_CLUSTER = "extproc"
+PROCESSOR_CLUSTER = "extproc"  # also serves the built-in rate limit service
+RATELIMIT_CLUSTER = "ratelimit"
 DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -29,6 +31,8 @@ _CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v
 _DOWNSTREAM_CONNECTIONS = (
     "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
 )
+_RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
+_LOCAL_RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 _STDOUT_LOG = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
 
 # Envoy's own local replies (upstream down, timeouts, body too large, no route) get the
@@ -140,6 +144,19 @@ def _local_reply_config(body_limit: int) -> dict[str, Any]:
         }
         for flags, status, code, message in _UPSTREAM_ERRORS
     ]
+    mappers.append(
+        {
+            # Envoy's rate-limit filters (token budget or request limit) said no. Matched by
+            # status: the local filter sets its RL flag only after the reply is mapped.
+            "filter": {"and_filter": {"filters": [_status_between(429, 429), _not_from_processor()]}},
+            "body_format_override": _openai_error_format(
+                "Rate limit reached for this tenant: the token budget or request limit is spent. "
+                "See the x-ratelimit-* and retry-after headers.",
+                "tokens",
+                "rate_limit_exceeded",
+            ),
+        }
+    )
     too_large = f"Request body too large: the limit is {body_limit} bytes."
     for low, high, message, error_type, code in (
         (413, 413, too_large, "invalid_request_error", "request_too_large"),
@@ -258,16 +275,101 @@ def _processor_cluster(config: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def _global_rate_limit_filter(config: GatewayConfig) -> dict[str, Any]:
+    """Envoy's global rate-limit filter, after ext_proc so it sees the request metadata."""
+    service = config.ratelimit
+    cluster = PROCESSOR_CLUSTER if service.address == "builtin" else RATELIMIT_CLUSTER
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": _RATELIMIT,
+            "domain": service.domain,
+            "stat_prefix": "token_budgets",
+            "timeout": duration(service.timeout_ms / 1000),
+            "failure_mode_deny": service.failure_mode == "closed",
+            "status_on_error": {"code": "ServiceUnavailable"},
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+            "rate_limit_service": {
+                "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
+                "transport_api_version": "V3",
+            },
+            "rate_limits": budgets.envoy_rate_limits(config),
+        },
+    }
+
+
+def _local_rate_limit_filter(config: GatewayConfig) -> dict[str, Any]:
+    """Requests per tenant, counted by this Envoy alone: no service needed."""
+    always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "tenant_requests.enabled"}
+    shortest = min(budgets.UNIT_SECONDS[limit.unit] for limit in config.request_limits)
+    return {
+        "name": "envoy.filters.http.local_ratelimit",
+        "typed_config": {
+            "@type": _LOCAL_RATELIMIT,
+            "stat_prefix": "tenant_requests",
+            # Requests that match no descriptor (no tenant limit) are not limited.
+            "token_bucket": {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "1s"},
+            "filter_enabled": always,
+            "filter_enforced": {**always, "runtime_key": "tenant_requests.enforced"},
+            "descriptors": budgets.local_rate_limit_descriptors(config.request_limits),
+            "rate_limits": [{"actions": [_tenant_action()]}],
+            "max_dynamic_descriptors": 10_000,
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+            "response_headers_to_add": [
+                {"header": {"key": "retry-after", "value": str(shortest)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            ],
+        },
+    }
+
+
+def _tenant_action() -> dict[str, Any]:
+    return {
+        "metadata": {
+            "descriptor_key": budgets.TENANT_KEY,
+            "metadata_key": {"key": METADATA_NAMESPACE, "path": [{"key": budgets.TENANT_KEY}]},
+            "source": "DYNAMIC",
+        }
+    }
+
+
 def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
-    return [_ext_proc_filter(config), {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}]
+    filters = [_ext_proc_filter(config)]
+    if config.request_limits:
+        filters.append(_local_rate_limit_filter(config))
+    if config.budgets:
+        filters.append(_global_rate_limit_filter(config))
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
+    return filters
 
 
 def routes(config: GatewayConfig) -> list[dict[str, Any]]:
     return [*(_backend_route(b) for b in config.backends), _no_backend_route()]
 
 
+def _ratelimit_cluster(address: str) -> dict[str, Any]:
+    host, _, port = address.rpartition(":")
+    return {
+        "name": RATELIMIT_CLUSTER,
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": RATELIMIT_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, int(port))}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+
+
 def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict[str, Any]]:
-    return [_processor_cluster(config), *(_backend_cluster(b, ca_file) for b in config.backends)]
+    out = [_processor_cluster(config), *(_backend_cluster(b, ca_file) for b in config.backends)]
+    if config.budgets and config.ratelimit.address != "builtin":
+        out.append(_ratelimit_cluster(config.ratelimit.address))
+    return out
 
 
 def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, Any]:

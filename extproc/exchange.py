@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,8 @@ from urllib.parse import unquote
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc import protocol
+from extproc import budgets, protocol
+from extproc.config import Tenancy, key_digest
 from extproc.estimate import estimate_usage
 from extproc.response import BodyKind, ResponseObserver
 from extproc.routing import BackendTarget, CompiledRoute
@@ -43,6 +45,8 @@ PROCESSOR_DETAILS_PREFIX = "extproc_"  # response code details of replies the pr
 _MAX_HEADER_VALUE = 256  # session id / tenant values longer than this are cut
 _STREAMING_OPERATIONS = (Operation.chat, Operation.completion)
 _TRACE_HEADERS = ("traceparent", "tracestate")
+_MAX_TENANT = 128
+_TENANT_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 Answer = ep.ProcessingResponse | Coroutine[Any, Any, ep.ProcessingResponse]
 
@@ -53,7 +57,7 @@ class Exchange:
     __slots__ = (
         "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
         "route", "target", "stream", "session_id", "tenant", "observer", "finished", "processor_seconds",
-        "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt",
+        "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved",
     )
 
     def __init__(self, runtime: Runtime, telemetry: Telemetry | None = None) -> None:
@@ -80,6 +84,7 @@ class Exchange:
         self._trace_headers: dict[str, bytes] = {}
         self._request_body: dict[str, Any] | None = None  # kept only when a span records content
         self._prompt: tuple[str, int] | None = None  # (text, messages), kept only for the estimate
+        self._reserved = 0  # tokens charged up front to each budget in reserve mode
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message; a bug here becomes a clean error, never a dead stream."""
@@ -128,11 +133,30 @@ class Exchange:
         if length is not None and length.isdigit() and int(length) > limit:
             raise openai.too_large(limit)
         self.session_id = _header_text(headers.get(self.runtime.session_id_header))
-        if self.runtime.tenant_header:
-            self.tenant = _header_text(headers.get(self.runtime.tenant_header))
+        if self.runtime.tenancy is not None:
+            self.tenant = self._tenant(headers, self.runtime.tenancy)
         if self.telemetry is not None:
             self._read_telemetry_headers(headers)
         return protocol.CONTINUE_REQUEST_HEADERS
+
+    def _tenant(self, headers: dict[str, bytes], tenancy: Tenancy) -> str:
+        """Who pays: a known client API key first (it proves identity), then the tenant
+        header, then the default; with none of them the request is refused."""
+        key = _client_api_key(headers)
+        if key and (tenant := self.runtime.tenant_keys.get(key_digest(key))) is not None:
+            return tenant
+        if tenancy.header is not None and (named := _header_text(headers.get(tenancy.header))) is not None:
+            if len(named) > _MAX_TENANT or not _TENANT_CHARS.match(named):
+                raise openai.bad_request(
+                    f"The {tenancy.header} header must be 1-{_MAX_TENANT} characters of letters, digits and _.-"
+                )
+            return named
+        if tenancy.default_tenant is not None:
+            return tenancy.default_tenant
+        source = " or ".join(
+            ([f"the {tenancy.header} header"] if tenancy.header else []) + (["a known API key"] if tenancy.api_keys else [])
+        )
+        raise openai.no_tenant(tenancy.reject_status, f"This gateway needs to know who is calling: send {source}.")
 
     def _read_telemetry_headers(self, headers: dict[str, bytes]) -> None:
         settings = self.telemetry.settings  # type: ignore[union-attr]
@@ -215,18 +239,18 @@ class Exchange:
         common.header_mutation.CopyFrom(protocol.header_mutation(set_headers, remove))
 
         response = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
-        response.dynamic_metadata.CopyFrom(
-            protocol.metadata_struct(
-                {
-                    "request_model": parsed.model,
-                    "model_name_override": override or parsed.model,
-                    "backend_name": target.name,
-                    "route_name": self.route.name,
-                    "session.id": self.session_id,
-                    "tenant": self.tenant,
-                }
-            )
-        )
+        request_metadata: dict[str, Any] = {
+            "request_model": parsed.model,
+            "model_name_override": override or parsed.model,
+            "backend_name": target.name,
+            "route_name": self.route.name,
+            "session.id": self.session_id,
+            "tenant": self.tenant,
+        }
+        if runtime.reserve_budgets:
+            self._reserved = openai.reserve_estimate(len(message.body), parsed.body)
+            request_metadata[budgets.RESERVE_KEY] = self._reserved
+        response.dynamic_metadata.CopyFrom(protocol.metadata_struct(request_metadata))
         return response
 
     def _upstream_path(self, target: BackendTarget) -> str:
@@ -306,6 +330,11 @@ class Exchange:
             values.update(
                 cost_metadata(self.runtime.costs, usage, self.model or "", self.target.name, self.route.name)
             )
+        for budget in self.runtime.reserve_budgets:
+            # Settle the up-front charge: add what the estimate missed, or give back the rest.
+            actual = int(values.get(budget.cost, 0))
+            values[budgets.settle_key(budget)] = max(actual - self._reserved, 0)
+            values[budgets.refund_key(budget)] = max(self._reserved - actual, 0)
         record = self.record()
         if record is not None and (ttft := record.time_to_first_token) is not None:
             values["token_latency_ttft"] = ttft * 1000
@@ -390,6 +419,15 @@ class Exchange:
         body = openai.error_body(error.status, error.message, error.error_type, error.code, error.param)
         code = error.code or error.error_type
         return protocol.immediate(error.status, body, PROCESSOR_DETAILS_PREFIX + code)
+
+
+def _client_api_key(headers: dict[str, bytes]) -> str | None:
+    """The key a client sent the gateway: `Authorization: Bearer K` or `x-api-key: K`."""
+    authorization = headers.get("authorization")
+    if authorization and authorization[:7].lower() == b"bearer ":
+        return authorization[7:].strip().decode("latin-1")
+    key = headers.get("x-api-key")
+    return key.strip().decode("latin-1") if key else None
 
 
 def _header_text(value: bytes | None) -> str | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from extproc.config import LoadedConfig
+from extproc.budgets import reserves
+from extproc.config import Budget, LoadedConfig, Tenancy
 from extproc.routing import Router
 from extproc.schemas import openai
 from extproc.usage import CostKey, compile_cel
@@ -20,7 +21,9 @@ class Runtime:
     models_body: bytes
     costs: tuple[CostKey, ...]
     session_id_header: str
-    tenant_header: str | None
+    tenancy: Tenancy | None
+    tenant_keys: dict[str, str]
+    reserve_budgets: tuple[Budget, ...]
     force_stream_usage: bool
     estimate_when_missing: bool
     max_response_bytes: int
@@ -38,7 +41,9 @@ class Runtime:
                 CostKey(c.metadata_key, c.type, compile_cel(c.cel) if c.cel else None) for c in config.costs
             ),
             session_id_header=config.metadata.session_id_header,
-            tenant_header=config.metadata.tenant_header,
+            tenancy=config.tenancy,
+            tenant_keys=loaded.tenant_keys,
+            reserve_budgets=tuple(b for b in config.budgets if reserves(config, b)),
             force_stream_usage=config.usage.force_stream_usage,
             estimate_when_missing=config.usage.estimate_when_missing,
             max_response_bytes=config.usage.max_response_bytes,

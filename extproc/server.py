@@ -22,7 +22,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc.config import LoadedConfig
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
+
+from extproc.budgets import descriptor_config
+from extproc.config import GatewayConfig, LoadedConfig
+from extproc.ratelimit import RateLimitServicer, load_rules, store_from_url
 from extproc.exchange import Exchange
 from extproc.runtime import Runtime
 from extproc.telemetry import Telemetry
@@ -78,6 +82,9 @@ class ProcessorServer:
         self.options = options
         self.telemetry = Telemetry(loaded.config.telemetry)
         self.processor = ExternalProcessor(Runtime.build(loaded), self.telemetry)
+        self.ratelimit = builtin_rate_limit_service(loaded.config)
+        if self.ratelimit is not None:
+            self.telemetry.metrics.watch_rate_limit_service(self.ratelimit)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
@@ -98,6 +105,8 @@ class ProcessorServer:
         )
         ep_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.ratelimit is not None:
+            rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.ratelimit, server)
         try:
             port = server.add_insecure_port(self.options.grpc_address)
         except RuntimeError:
@@ -163,9 +172,22 @@ class ProcessorServer:
             await self._grpc.stop(grace)
         if self._admin is not None:
             await self._admin.cleanup()
+        if self.ratelimit is not None:
+            await self.ratelimit.store.close()
         # Flush what the exporters still hold, off the event loop (it may touch the network).
         await asyncio.to_thread(self.telemetry.shutdown)
         log.info("processor stopped")
+
+
+def builtin_rate_limit_service(config: GatewayConfig) -> RateLimitServicer | None:
+    """The rate limit service Envoy's budget filter calls, when it runs in this process."""
+    if not config.budgets or config.ratelimit.address != "builtin":
+        return None
+    rules = load_rules(descriptor_config(config), "<budgets>")
+    # Answer (or fail) before Envoy's own timeout, so its failure mode is what applies.
+    store_timeout = config.ratelimit.timeout_ms / 1000 * 0.8
+    store = store_from_url(config.ratelimit.store, timeout=store_timeout)
+    return RateLimitServicer(rules, store, store_timeout=store_timeout)
 
 
 def install_signal_handlers(server: ProcessorServer) -> None:

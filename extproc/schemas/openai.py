@@ -75,6 +75,13 @@ def model_not_found(model: str) -> RequestError:
     )
 
 
+def no_tenant(status: int, message: str) -> RequestError:
+    """401 (who are you?) or 403 (not allowed without a tenant), as configured."""
+    if status == 401:
+        return RequestError(401, message, "invalid_request_error", "invalid_api_key")
+    return RequestError(403, message, "permission_error", "tenant_required")
+
+
 def too_large(limit: int) -> RequestError:
     return RequestError(
         413,
@@ -139,6 +146,14 @@ def with_updates(raw: bytes, body: dict[str, Any], updates: dict[str, Any]) -> b
         return orjson.dumps({**body, **updates})  # a shallow copy: `body` stays what the client sent
     except TypeError:  # orjson writes at most 254 levels of nesting; no real request comes near
         raise bad_request("The request body is nested too deeply for the gateway to rewrite it.") from None
+
+
+def reserve_estimate(body_bytes: int, body: dict[str, Any]) -> int:
+    """Tokens to reserve before a request runs: ~4 bytes of JSON per prompt token, plus
+    the most it may generate (`max_completion_tokens` / `max_tokens`, when given)."""
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    most = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
+    return body_bytes // 4 + most
 
 
 def asks_for_usage(body: dict[str, Any]) -> bool:

@@ -46,6 +46,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
@@ -58,6 +59,8 @@ from extproc.config import TelemetrySettings
 from extproc.telemetry.record import RequestRecord
 
 log = logging.getLogger(__name__)
+
+RATELIMIT_STORE_ERRORS = "extproc.ratelimit.store_errors"
 
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.41.0"
 METER_NAME = "extproc"
@@ -273,6 +276,7 @@ class Metrics:
             shutdown_on_exit=otlp is not None,  # flush OTLP at exit even if shutdown() was missed
         )
         meter = self._provider.get_meter(METER_NAME, __version__, schema_url=SCHEMA_URL)
+        self._meter = meter
         self._token_usage = meter.create_histogram(
             TOKEN_USAGE, unit="{token}", description="Number of input and output tokens used."
         )
@@ -293,6 +297,21 @@ class Metrics:
             PROCESSOR_DURATION,
             unit="s",
             description="Time the processor spent on a request, upstream excluded.",
+        )
+
+    def watch_rate_limit_service(self, service: Any) -> None:
+        """Count the built-in rate limit service's store failures (`failures`: reason -> n)."""
+        if self._provider is None:
+            return
+
+        def observe(_options: CallbackOptions) -> list[Observation]:
+            return [Observation(count, {"reason": reason}) for reason, count in service.failures.items()]
+
+        self._meter.create_observable_counter(
+            RATELIMIT_STORE_ERRORS,
+            callbacks=[observe],
+            unit="{error}",
+            description="Rate limit store calls that failed; Envoy then applied its failure mode.",
         )
 
     def record(self, record: RequestRecord) -> None:

@@ -75,6 +75,7 @@ class RunningGateway:
         processor.setdefault("grpc_address", f"127.0.0.1:{free_port()}")
         processor.update(admin_port=self.processor_admin_port)
         self.config = config
+        tmp.mkdir(parents=True, exist_ok=True)
         self.config_path = tmp / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.env = {**os.environ, **(env or {})}

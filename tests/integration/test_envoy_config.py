@@ -98,3 +98,23 @@ def test_example_config_renders_to_a_valid_envoy_config(tmp_path: Path) -> None:
     path.write_text(envoyconfig.to_yaml(envoyconfig.render(loaded.config)))
     result = _validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("ratelimit", [{}, {"address": "127.0.0.1:8081", "reserve": True, "failure_mode": "closed"}])
+def test_budgets_and_request_limits_render_a_valid_envoy_config(tmp_path: Path, ratelimit: dict) -> None:
+    config = parse_config({
+        "backends": [{"name": "a", "base_url": "http://127.0.0.1:8000/v1"}],
+        "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
+        "tenancy": {"header": "x-tenant-id"},
+        "costs": [{"metadata_key": "micro_usd", "type": "cel", "cel": "double(total_tokens) * 2.0"}],
+        "budgets": [
+            {"name": "tpm", "unit": "minute", "limit": 1000},
+            {"name": "gold", "tenant": "gold", "model": "gpt-4o", "unit": "day", "limit": 5, "cost": "micro_usd"},
+        ],
+        "request_limits": [{"unit": "minute", "requests": 60}, {"tenant": "gold", "unit": "second", "requests": 5}],
+        "ratelimit": ratelimit,
+    })
+    path = tmp_path / "envoy.yaml"
+    path.write_text(envoyconfig.to_yaml(envoyconfig.render(config)))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -32,7 +32,7 @@ def accounting_gateway(sim_a: SimServer, tmp_path_factory: pytest.TempPathFactor
             {"metadata_key": "micro_usd", "type": "cel", "cel": CEL_COST},
         ],
         "usage": {"estimate_when_missing": True},
-        "metadata": {"tenant_header": "x-tenant-id"},
+        "tenancy": {"header": "x-tenant-id", "default_tenant": "nobody"},
     }
     with running_gateway(config, tmp_path_factory.mktemp("accounting")) as gateway:
         yield gateway

@@ -607,7 +607,7 @@ def test_loaded_config_is_immutable() -> None:
     [
         {"telemetry": {"metric_header_attributes": {"Authorization": "auth"}}},
         {"telemetry": {"user_id_header": "cookie"}},
-        {"metadata": {"tenant_header": "x-api-key"}},
+        {"tenancy": {"header": "x-api-key"}},
         {"metadata": {"session_id_header": "Proxy-Authorization"}},
     ],
 )
