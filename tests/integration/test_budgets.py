@@ -160,6 +160,20 @@ def test_store_down_follows_the_failure_mode(sim_a: SimServer, tmp_path: Path, m
             assert response.status_code == 503
             assert set(orjson.loads(response.content)["error"]) == {"message", "type", "param", "code"}
         gateway.wait_stderr(lambda line: "rate limit store" in line.lower())
+        metrics = httpx.get(f"http://127.0.0.1:{gateway.processor_admin_port}/metrics", timeout=10).text
+        errors = [line for line in metrics.splitlines() if line.startswith("extproc_ratelimit_store_errors")]
+        assert errors and float(errors[0].rsplit(" ", 1)[1]) >= 1
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_external_service_down_follows_the_failure_mode(sim_a: SimServer, tmp_path: Path, mode: str) -> None:
+    config = _config(sim_a, address=f"127.0.0.1:{free_port()}", failure_mode=mode)
+    with running_gateway(config, tmp_path) as gateway:
+        response = httpx.post(
+            f"{gateway.base_url}/chat/completions", json={"model": "m", "messages": USER},
+            headers={"x-tenant-id": _tenant()}, timeout=30,
+        )
+        assert response.status_code == (200 if mode == "open" else 503), response.text
 
 
 def test_request_limits_need_no_service(sim_a: SimServer, tmp_path: Path) -> None:
