@@ -40,7 +40,7 @@ integration: $(STAMP) system-deps
 
 ## envoy-config: re-render the bundled envoy/envoy.yaml from the default config
 envoy-config: $(STAMP)
-	$(BIN)/extproc envoy-config --demo -o envoy/envoy.yaml
+	$(BIN)/extproc envoy-config --demo --workers 2 -o envoy/envoy.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

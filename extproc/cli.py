@@ -35,6 +35,8 @@ def _override_processor(loaded: LoadedConfig, args: argparse.Namespace) -> Loade
         updates["admin_port"] = args.admin_port
     if args.grace is not None:
         updates["grace_period_seconds"] = args.grace
+    if args.workers is not None:
+        updates["workers"] = args.workers
     if not updates:
         return loaded
     config = loaded.config
@@ -44,14 +46,29 @@ def _override_processor(loaded: LoadedConfig, args: argparse.Namespace) -> Loade
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server import ListenError, ServeOptions, run_event_loop, serve
+    from extproc.workers import supervise_workers, worker_addresses, worker_count
 
     loaded = _override_processor(_load(args.config), args)
     settings = loaded.config.processor
+    count = worker_count(settings)
+    if count > 1 and args.worker_index is None:
+        import asyncio
+
+        forwarded = ["--log-level", args.log_level, "serve"]
+        for flag, value in (("--config", args.config), ("--grpc", args.grpc), ("--admin-port", args.admin_port),
+                            ("--grace", args.grace)):
+            if value is not None:
+                forwarded += [flag, str(value)]
+        return asyncio.run(supervise_workers(forwarded, count, settings.grace_period_seconds))
+    addresses = worker_addresses(settings, count)
+    me = addresses[args.worker_index or 0]
     options = ServeOptions(
-        grpc_address=settings.grpc_address,
+        grpc_address=me.grpc_address,
         admin_host=settings.admin_address,
-        admin_port=settings.admin_port,
+        admin_port=me.admin_port,
         grace_period_seconds=settings.grace_period_seconds,
+        worker_index=me.index,
+        peer_admin_ports=[a.admin_port for a in addresses if a.index != me.index] if me.index == 0 else [],
     )
     try:
         run_event_loop(serve(loaded, options))
@@ -70,6 +87,8 @@ def _override_ports(loaded: LoadedConfig, args: argparse.Namespace) -> LoadedCon
         processor["grpc_address"] = f"127.0.0.1:{args.processor_port}"
     if args.processor_admin_port is not None:
         processor["admin_port"] = args.processor_admin_port
+    if args.workers is not None:
+        processor["workers"] = args.workers
     if not envoy and not processor:
         return loaded
     config = config.model_copy(
@@ -86,7 +105,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from extproc.supervisor import RunOptions, run_gateway
 
-    overridden = any(v is not None for v in (args.port, args.envoy_admin_port, args.processor_port, args.processor_admin_port))
+    overridden = any(
+        v is not None
+        for v in (args.port, args.envoy_admin_port, args.processor_port, args.processor_admin_port, args.workers)
+    )
     loaded = _override_ports(_load(args.config, demo_port=args.demo_port), args)
     options = RunOptions(
         # With port flags the processor must see the overridden config, so it is written out.
@@ -102,6 +124,8 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         config = parse_config(demo_config_data(), "<built-in demo>")
     else:
         config = _load(args.config, with_secrets=False).config
+    if args.workers is not None:
+        config = config.model_copy(update={"processor": config.processor.model_copy(update={"workers": args.workers})})
     if args.fragment:
         text = envoyconfig.to_yaml(envoyconfig.fragment(config, args.ca_file))
     else:
@@ -147,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc", help="listen address: host:port or unix:/path (default from config: 127.0.0.1:1063)")
     serve.add_argument("--admin-port", type=int, help="admin HTTP port for /healthz (default 1064)")
     serve.add_argument("--grace", type=float, help="seconds in-flight streams get to finish on SIGTERM")
+    serve.add_argument("--workers", type=int, help="processor processes (default from config; 0 = one per core)")
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the worker supervisor
     serve.set_defaults(func=cmd_serve)
 
     run = sub.add_parser("run", help="run Envoy and the processor together")
@@ -156,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--envoy-admin-port", type=int, help="Envoy admin port (default 9901)")
     run.add_argument("--processor-port", type=int, help="processor gRPC port on 127.0.0.1 (default 1063)")
     run.add_argument("--processor-admin-port", type=int, help="processor admin HTTP port (default 1064)")
+    run.add_argument("--workers", type=int, help="processor processes (default from config; 0 = one per core)")
     run.add_argument("--demo-port", type=int, default=DEMO_PORT, help="port of the built-in demo backend (default 1976)")
     run.set_defaults(func=cmd_run)
 
@@ -165,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--demo", action="store_true", help="render the built-in demo config (envoy/envoy.yaml)")
     render.add_argument("--fragment", action="store_true", help="only the filter, route and cluster pieces")
     render.add_argument("--ca-file", default=envoyconfig.DEFAULT_CA_FILE, help="CA bundle for https backends")
+    render.add_argument("--workers", type=int, help="processor workers to spread streams over (default from config)")
     render.add_argument("-o", "--output", help="write to this file instead of stdout")
     render.set_defaults(func=cmd_envoy_config)
 

@@ -394,6 +394,9 @@ class ProcessorSettings(_Strict):
     admin_port: int = Field(default=1064, ge=0, le=65535)
     grace_period_seconds: float = Field(default=15, ge=0, le=3600)
     message_timeout_ms: int = Field(default=5000, ge=50, le=60_000)
+    workers: int = Field(
+        default=0, ge=0, le=256, description="processor processes; 0 = one per core. Worker i uses port + i"
+    )
 
 
 class GatewayConfig(_Strict):

@@ -17,9 +17,11 @@ from extproc import budgets
 from extproc.config import Backend, GatewayConfig
 from extproc.exchange import BACKEND_HEADER, MODEL_HEADER, PROCESSOR_DETAILS_PREFIX
 from extproc.protocol import METADATA_NAMESPACE
+from extproc.workers import worker_addresses, worker_count
 
-PROCESSOR_CLUSTER = "extproc"  # also serves the built-in rate limit service
-RATELIMIT_CLUSTER = "ratelimit"
+PROCESSOR_CLUSTER = "extproc"  # every processor worker
+BUILTIN_RATELIMIT_CLUSTER = "extproc-ratelimit"  # worker 0, which runs the built-in rate limit service
+RATELIMIT_CLUSTER = "ratelimit"  # an external rate limit service
 DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -257,14 +259,18 @@ def _backend_cluster(backend: Backend, ca_file: str) -> dict[str, Any]:
     return cluster
 
 
-def _processor_cluster(config: GatewayConfig) -> dict[str, Any]:
+def _grpc_cluster(name: str, addresses: list[str]) -> dict[str, Any]:
+    """An HTTP/2 cluster over the given gRPC addresses; streams are spread round robin."""
     return {
-        "name": PROCESSOR_CLUSTER,
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
         "load_assignment": {
-            "cluster_name": PROCESSOR_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _processor_address(config.processor.grpc_address)}}]}],
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _processor_address(address)}} for address in addresses]}
+            ],
         },
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -275,10 +281,15 @@ def _processor_cluster(config: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def _worker_grpc_addresses(config: GatewayConfig) -> list[str]:
+    settings = config.processor
+    return [w.grpc_address for w in worker_addresses(settings, worker_count(settings))]
+
+
 def _global_rate_limit_filter(config: GatewayConfig) -> dict[str, Any]:
     """Envoy's global rate-limit filter, after ext_proc so it sees the request metadata."""
     service = config.ratelimit
-    cluster = PROCESSOR_CLUSTER if service.address == "builtin" else RATELIMIT_CLUSTER
+    cluster = BUILTIN_RATELIMIT_CLUSTER if service.address == "builtin" else RATELIMIT_CLUSTER
     return {
         "name": "envoy.filters.http.ratelimit",
         "typed_config": {
@@ -366,9 +377,13 @@ def _ratelimit_cluster(address: str) -> dict[str, Any]:
 
 
 def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict[str, Any]]:
-    out = [_processor_cluster(config), *(_backend_cluster(b, ca_file) for b in config.backends)]
-    if config.budgets and config.ratelimit.address != "builtin":
-        out.append(_ratelimit_cluster(config.ratelimit.address))
+    workers = _worker_grpc_addresses(config)
+    out = [_grpc_cluster(PROCESSOR_CLUSTER, workers), *(_backend_cluster(b, ca_file) for b in config.backends)]
+    if config.budgets:
+        if config.ratelimit.address == "builtin":
+            out.append(_grpc_cluster(BUILTIN_RATELIMIT_CLUSTER, workers[:1]))  # worker 0 keeps the counters
+        else:
+            out.append(_ratelimit_cluster(config.ratelimit.address))
     return out
 
 
@@ -438,6 +453,7 @@ def to_yaml(data: dict[str, Any], header: str = "") -> str:
 
 
 BUNDLED_HEADER = (
-    "# Rendered by `extproc envoy-config --demo` from the built-in demo config. Do not edit by hand:\n"
+    "# Rendered by `extproc envoy-config --demo --workers 2` from the built-in demo config (`extproc run`\n"
+    "# renders for the machine's core count). Do not edit by hand:\n"
     "# change the gateway config and run `make envoy-config` (a test keeps this file in sync).\n"
 )

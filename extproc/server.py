@@ -13,10 +13,11 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import aiohttp
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
@@ -30,6 +31,7 @@ from extproc.ratelimit import RateLimitServicer, load_rules, store_from_url
 from extproc.exchange import Exchange
 from extproc.runtime import Runtime
 from extproc.telemetry import Telemetry
+from extproc.telemetry.merge import merge_expositions
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class ServeOptions:
     admin_host: str
     admin_port: int
     grace_period_seconds: float
+    worker_index: int = 0
+    peer_admin_ports: list[int] = field(default_factory=list)  # worker 0 merges their /metrics
 
 
 class ProcessorServer:
@@ -82,7 +86,8 @@ class ProcessorServer:
         self.options = options
         self.telemetry = Telemetry(loaded.config.telemetry)
         self.processor = ExternalProcessor(Runtime.build(loaded), self.telemetry)
-        self.ratelimit = builtin_rate_limit_service(loaded.config)
+        # One process owns the rate limit counters (a memory store must be one budget).
+        self.ratelimit = builtin_rate_limit_service(loaded.config) if options.worker_index == 0 else None
         if self.ratelimit is not None:
             self.telemetry.metrics.watch_rate_limit_service(self.ratelimit)
         self.health = health.aio.HealthServicer()
@@ -146,14 +151,39 @@ class ProcessorServer:
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         if self.draining:
-            return web.json_response(
-                {"status": "draining", "in_flight": self.processor.in_flight, "pid": os.getpid()}, status=503
-            )
-        return web.json_response({"status": "ok", "in_flight": self.processor.in_flight, "pid": os.getpid()})
+            return web.json_response(self._health_body("draining"), status=503)
+        return web.json_response(self._health_body("ok"))
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    def _health_body(self, status: str) -> dict[str, object]:
+        return {
+            "status": status,
+            "in_flight": self.processor.in_flight,
+            "worker": self.options.worker_index,
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+        }
+
+    async def _metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.telemetry.metrics.render_prometheus()
-        return web.Response(body=body, headers={"content-type": content_type})
+        if request.query.get("local") or not self.options.peer_admin_ports:
+            return web.Response(body=body, headers={"content-type": content_type})
+        # Worker 0 answers for all workers: fetch theirs and add the series up.
+        timeout = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            peers = await asyncio.gather(
+                *(self._peer_metrics(session, port) for port in self.options.peer_admin_ports)
+            )
+        texts = [body.decode(), *(text for text in peers if text is not None)]
+        return web.Response(text=merge_expositions(texts), headers={"content-type": "text/plain; version=0.0.4"})
+
+    async def _peer_metrics(self, session: aiohttp.ClientSession, port: int) -> str | None:
+        url = f"http://{self.options.admin_host}:{port}/metrics?local=1"
+        try:
+            async with session.get(url) as response:
+                return await response.text() if response.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("metrics of the worker on admin port %d not included: %s", port, exc)
+            return None
 
     def request_stop(self) -> None:
         self._stopping.set()

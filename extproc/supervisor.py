@@ -24,6 +24,7 @@ import yaml
 from extproc import envoyconfig
 from extproc.config import DEMO_PORT, LoadedConfig, is_demo
 from extproc.launcher import Child, envoy_command
+from extproc.workers import worker_addresses, worker_count
 
 READY_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 10.0
@@ -119,10 +120,16 @@ class Gateway:
             config_path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True, exclude_none=True)))
         processor = await self._spawn("processor", [python, "-m", "extproc", "serve", "--config", str(config_path)])
         admin = config.processor
-        # The pid check makes sure we talk to *our* processor, not one left over on the port.
-        await _wait_http(
-            f"http://{admin.admin_address}:{admin.admin_port}/healthz", processor, accept=lambda body: json.loads(body).get("pid") == processor.process.pid
-        )
+        # Every worker must answer, and be ours (itself the child, or a child of it),
+        # not a processor left over on the port.
+        ours = {processor.process.pid}
+
+        def is_ours(body: str) -> bool:
+            health = json.loads(body)
+            return health.get("pid") in ours or health.get("ppid") in ours
+
+        for worker in worker_addresses(admin, worker_count(admin)):
+            await _wait_http(f"http://{admin.admin_address}:{worker.admin_port}/healthz", processor, accept=is_ours)
 
         envoy_path = self.run_dir / "envoy.yaml"
         envoy_path.write_text(envoyconfig.to_yaml(envoyconfig.render(config)))

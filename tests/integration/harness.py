@@ -7,6 +7,7 @@ at teardown, and the test fails if the gateway leaves one behind.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,6 +29,32 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_block(size: int) -> int:
+    """A port p such that p .. p+size-1 are all free (processor worker i uses port + i).
+
+    Drawn below the kernel's ephemeral range, where outgoing connections never take a
+    port between our check and the server's bind."""
+    low, _high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(200):
+        base = random.randrange(10_000, max(low - size, 10_001))
+        sockets = []
+        try:
+            for offset in range(size):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no block of {size} free ports found")
+
+
+TEST_WORKERS = 2  # processor workers per test gateway: exercises spreading and merged metrics
 
 
 def descendants(pid: int) -> set[int]:
@@ -68,12 +95,14 @@ class RunningGateway:
                  args: list[str] | None = None) -> None:
         self.listen_port = free_port()
         self.envoy_admin_port = free_port()
-        self.processor_admin_port = free_port()
         config = dict(config)
         config.setdefault("envoy", {}).update(listen_port=self.listen_port, admin_port=self.envoy_admin_port)
-        processor = config.setdefault("processor", {})
-        processor.setdefault("grpc_address", f"127.0.0.1:{free_port()}")
+        processor = dict(config.get("processor", {}))
+        processor.setdefault("workers", TEST_WORKERS)
+        self.processor_admin_port = free_port_block(processor["workers"])
+        processor.setdefault("grpc_address", f"127.0.0.1:{free_port_block(processor['workers'])}")
         processor.update(admin_port=self.processor_admin_port)
+        config["processor"] = processor
         self.config = config
         tmp.mkdir(parents=True, exist_ok=True)
         self.config_path = tmp / "gateway.yaml"

@@ -26,7 +26,8 @@ def _validate(path: Path) -> subprocess.CompletedProcess[str]:
 
 def test_bundled_envoy_yaml_is_the_render_of_the_demo_config() -> None:
     rendered = subprocess.run(
-        [sys.executable, "-m", "extproc", "envoy-config", "--demo"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "extproc", "envoy-config", "--demo", "--workers", "2"], capture_output=True, text=True,
+        check=True,
     ).stdout
     assert BUNDLED.read_text() == rendered, "envoy/envoy.yaml is stale: run `make envoy-config`"
 

@@ -22,7 +22,7 @@ from extproc import envoyconfig
 from extproc.config import parse_config
 from extproc.launcher import envoy_command
 from extproc.sim import SimServer
-from tests.integration.harness import READY_LINE, alive, descendants, free_port, running_gateway
+from tests.integration.harness import READY_LINE, alive, descendants, free_port, free_port_block, running_gateway
 
 USER = [{"role": "user", "content": "hello there"}]
 
@@ -37,7 +37,9 @@ def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
 
 def test_run_without_config_serves_the_offline_demo(tmp_path: Path) -> None:
     """What `make run` does on a fresh machine with no provider keys."""
-    ports = {name: free_port() for name in ("port", "envoy-admin-port", "processor-port", "processor-admin-port", "demo-port")}
+    ports = {name: free_port() for name in ("port", "envoy-admin-port", "demo-port")}
+    ports |= {name: free_port_block(2) for name in ("processor-port", "processor-admin-port")}
+    ports["workers"] = 2
     argv = [sys.executable, "-m", "extproc", "run", *[a for k, v in ports.items() for a in (f"--{k}", str(v))]]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env_without_providers())
     banner: list[str] = []
@@ -78,7 +80,8 @@ def test_run_reports_envoy_failure_without_traceback(tmp_path: Path, sim_a: SimS
     config = {
         "backends": [{"name": "a", "base_url": sim_a.base_url}],
         "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
-        "processor": {"grpc_address": f"127.0.0.1:{free_port()}", "admin_port": free_port()},
+        "processor": {"grpc_address": f"127.0.0.1:{free_port_block(2)}", "admin_port": free_port_block(2),
+                      "workers": 2},
         "envoy": {"listen_port": port, "admin_port": free_port()},
     }
     path = tmp_path / "gateway.yaml"
@@ -110,13 +113,14 @@ class _Serve:
     """`extproc serve` plus a separately started Envoy: the "attach to your Envoy" set-up."""
 
     def __init__(self, tmp: Path, sim: SimServer, grace: float) -> None:
-        self.grpc_port, self.admin_port = free_port(), free_port()
+        # One worker: its admin port then shows the drain (a second, idle worker would just exit).
+        self.grpc_port, self.admin_port = free_port_block(1), free_port_block(1)
         self.listen_port = free_port()
         data = {
             "backends": [{"name": "a", "base_url": sim.base_url}],
             "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
             "processor": {"grpc_address": f"127.0.0.1:{self.grpc_port}", "admin_port": self.admin_port,
-                          "grace_period_seconds": grace},
+                          "grace_period_seconds": grace, "workers": 1},
             "envoy": {"listen_port": self.listen_port, "admin_port": free_port()},
         }
         (tmp / "gateway.yaml").write_text(yaml.safe_dump(data))

@@ -39,6 +39,8 @@ def gateway(**overrides: Any) -> GatewayConfig:
         "routes": [{"name": "all", "default": True, "backends": [{"name": "openai"}]}],
     }
     data.update(overrides)
+    # One processor worker unless a test says otherwise (the default follows the core count).
+    data["processor"] = {"workers": 1, **data.get("processor", {})}
     return parse_config(data)
 
 
@@ -333,3 +335,17 @@ def test_any_configured_timeout_renders_as_a_valid_duration(request: float, idle
         duration.FromJsonString(rendered)  # protobuf's JSON form: decimal seconds, no exponent
         assert abs(duration.ToTimedelta().total_seconds() - wanted) <= 0.001, (rendered, wanted)
     as_bootstrap(render(config))
+
+
+def test_streams_are_spread_over_every_worker_and_rate_limits_go_to_worker_zero() -> None:
+    config = gateway(
+        processor={"grpc_address": "127.0.0.1:7000", "workers": 3},
+        tenancy={"header": "x-tenant-id"},
+        budgets=[{"name": "tpm", "unit": "minute", "limit": 10}],
+    )
+    by_name = clusters_by_name(render(config))
+    endpoints = by_name["extproc"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints]
+    assert ports == [7000, 7001, 7002]
+    assert by_name["extproc"]["lb_policy"] == "ROUND_ROBIN"
+    assert only_endpoint(by_name["extproc-ratelimit"]) == {"socket_address": {"address": "127.0.0.1", "port_value": 7000}}
