@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit integration envoy-config system-deps clean
+.PHONY: run test unit integration envoy-config system-deps bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ unit: $(STAMP) system-deps
 
 integration: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration
+
+## bench: Envoy alone vs the gateway under wrk, against an Envoy direct_response upstream
+bench: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk; \
+	  else echo "the benchmark needs wrk: sudo apt-get install wrk" >&2; exit 1; fi; }
+	$(BIN)/python scripts/bench $(BENCH_ARGS)
 
 ## envoy-config: re-render the bundled envoy/envoy.yaml from the default config
 envoy-config: $(STAMP)

@@ -92,7 +92,10 @@ def fake_upstream(listen_port: int, admin_port: int, json_body: str, sse_body: s
     # A direct response sent before the request body is read makes Envoy close the
     # connection; reading the whole request first keeps connections alive, as a real
     # upstream does.
-    read_whole_request = {"name": "envoy.filters.http.buffer", "typed_config": {"@type": _BUFFER, "max_request_bytes": 1 << 20}}
+    read_whole_request = {
+        "name": "envoy.filters.http.buffer",
+        "typed_config": {"@type": _BUFFER, "max_request_bytes": 1 << 20},
+    }
     route_config = {
         "name": "fake_upstream",
         # Envoy refuses direct_response bodies over 4 KiB unless told otherwise.

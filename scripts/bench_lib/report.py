@@ -118,7 +118,7 @@ def format_table(
     with_compare = "gateway" in scenario_order and "envoy" in scenario_order
     with_processor = "gateway" in scenario_order
     if with_compare:
-        groups.append(("gateway vs Envoy alone", ["+p50", "+p99", "RPS"]))
+        groups.append(("gateway vs Envoy alone", ["+p50", "+p99", "RPS %"]))
     if with_processor:
         groups.append((processor_label, ["CPU ms/req", "RSS MiB"]))
 
@@ -144,7 +144,10 @@ def format_table(
                 row += ["error"] * 4
                 notes.append(f"{name} {load}: {first_line(run['error'])}")
                 continue
-            result = run["result"]
+            result = run.get("result")
+            if not result:  # never finished (interrupted)
+                row += ["-"] * 4
+                continue
             lat = result["latency_ms"]
             rps = fmt_rps(result["rps"])
             if result["errors_total"]:

@@ -1,0 +1,337 @@
+"""scripts/bench's pure helpers: fake upstream bodies (checked with the openai SDK's own
+types), the wrk script and result line, and the report table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+
+from bench_lib import bodies, envoy, procs, report  # noqa: E402
+from bench_lib import wrk as wrklib  # noqa: E402
+
+# --- fake upstream bodies ---------------------------------------------------------------
+
+
+def test_chat_completion_body_is_an_openai_chat_completion() -> None:
+    completion = ChatCompletion.model_validate(json.loads(bodies.chat_completion_body()))
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == bodies.answer_text()
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+
+def test_stream_body_is_24_content_chunks_a_finish_a_usage_chunk_and_done() -> None:
+    body = bodies.chat_stream_body()
+    assert body.endswith("data: [DONE]\n\n")
+    payloads = bodies.parse_sse_data(body)
+    assert payloads[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate(json.loads(p)) for p in payloads[:-1]]
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) == bodies.CONTENT_EVENTS == 24
+    assert content[0].choices[0].delta.role == "assistant"
+    finish, usage_only = chunks[-2], chunks[-1]
+    assert finish.choices[0].finish_reason == "stop" and finish.usage is None
+    assert usage_only.choices == []
+    assert usage_only.usage is not None and usage_only.usage.completion_tokens == 24
+    assert len(chunks) == 26
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == bodies.answer_text()
+
+
+def test_the_openai_sdk_streams_the_fake_upstream_body() -> None:
+    """The SDK's own SSE reader (as used by `create(stream=True)`) accepts the stream."""
+    client = openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1")
+    response = httpx.Response(
+        200,
+        headers={"content-type": "text/event-stream"},
+        content=bodies.chat_stream_body().encode(),
+        request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions"),
+    )
+    chunks = list(openai.Stream(cast_to=ChatCompletionChunk, response=response, client=client))
+    assert len(chunks) == 26
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == bodies.usage()["total_tokens"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_body_is_about_one_kilobyte_of_chat_request(stream: bool) -> None:
+    raw = bodies.request_body(stream)
+    assert 950 <= len(raw) <= 1200
+    body = json.loads(raw)
+    assert body["model"] == bodies.REQUEST_MODEL
+    assert len(body["messages"][-1]["content"]) == bodies.PROMPT_CHARS
+    assert body.get("stream", False) is stream
+    assert "stream_options" not in body
+
+
+def test_request_body_can_ask_for_stream_usage() -> None:
+    body = json.loads(bodies.request_body(True, include_usage=True))
+    assert body["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in json.loads(bodies.request_body(False, include_usage=True))
+
+
+def test_parse_sse_data_handles_crlf_and_multiline_data() -> None:
+    assert bodies.parse_sse_data("data: a\r\n\r\n: comment\n\ndata: b\ndata: c\n\n") == ["a", "b\nc"]
+
+
+# --- Envoy configs ---------------------------------------------------------------------
+
+
+def test_fake_upstream_serves_sse_only_for_post_with_the_mode_header() -> None:
+    config = envoy.fake_upstream(8000, 8001, '{"json":1}', "data: x\n\n" * 1000)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    route_config = hcm["route_config"]
+    assert route_config["max_direct_response_body_size_bytes"] >= 9000  # Envoy's default limit is 4 KiB
+    sse, fallback = route_config["virtual_hosts"][0]["routes"]
+    headers = {h["name"]: h["string_match"]["exact"] for h in sse["match"]["headers"]}
+    assert headers == {":method": "POST", bodies.SSE_MODE_HEADER: "sse"}
+    assert sse["response_headers_to_add"][0]["header"]["value"] == "text/event-stream"
+    assert "headers" not in fallback["match"]
+    assert fallback["response_headers_to_add"][0]["header"]["value"] == "application/json"
+    # The whole request is read before answering, so connections stay open.
+    assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.buffer", "envoy.filters.http.router"]
+
+
+def test_plain_proxy_routes_everything_to_the_upstream_without_ext_proc() -> None:
+    config = envoy.plain_proxy(8000, 8001, 9000)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.router"]
+    (cluster,) = config["static_resources"]["clusters"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9000}
+
+
+# --- wrk -------------------------------------------------------------------------------
+
+
+def test_lua_script_posts_the_body_with_the_headers() -> None:
+    load = wrklib.LOADS_BY_NAME["sse_c8"]
+    script = wrklib.load_script(load)
+    assert 'wrk.method = "POST"' in script
+    assert 'wrk.headers["content-type"] = "application/json"' in script
+    assert f'wrk.headers["{bodies.SSE_MODE_HEADER}"] = "sse"' in script
+    assert bodies.request_body(True).decode() in script
+    assert "function done(summary, latency, requests)" in script
+    assert wrklib.RESULT_MARKER in script
+    assert "x-bench-mode" not in wrklib.load_script(wrklib.LOADS_BY_NAME["rps_c32"])
+
+
+def test_lua_long_string_level_avoids_the_body_content() -> None:
+    script = wrklib.lua_script(b'{"a":"]]","b":"]=]"}', {})
+    assert 'wrk.body = [==[\n{"a":"]]","b":"]=]"}]==]' in script
+
+
+def test_loads_are_the_four_documented_ones() -> None:
+    assert [(x.name, x.stream, x.connections, x.threads) for x in wrklib.LOADS] == [
+        ("latency_c1", False, 1, 1),
+        ("sse_c1", True, 1, 1),
+        ("rps_c32", False, 32, 2),
+        ("sse_c8", True, 8, 2),
+    ]
+    argv = wrklib.command("/usr/bin/wrk", "http://127.0.0.1:1/v1/chat/completions", "s.lua", wrklib.LOADS[2], 3)
+    assert argv == [
+        "/usr/bin/wrk", "-t", "2", "-c", "32", "-d", "3s", "--timeout", "5s", "-s", "s.lua",
+        "http://127.0.0.1:1/v1/chat/completions",
+    ]
+
+
+WRK_STDOUT = """Running 3s test @ http://127.0.0.1:40000/v1/chat/completions
+  2 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.05ms  564.30us   4.42ms   70.00%
+  3764 requests in 2.00s, 2.99MB read
+  Non-2xx or 3xx responses: 4
+Requests/sec:   1882.00
+BENCH_JSON {"requests":3764,"duration_us":2000000,"bytes":3131648,"errors":{"connect":0,"read":1,"write":0,\
+"status":4,"timeout":2},"latency_us":{"min":45.0,"mean":1051.8,"stdev":564.3,"max":4418.0,"p50":971.0,\
+"p90":1791.0,"p99":2642.0,"p999":4158.0}}
+"""
+
+
+def test_parse_result_reads_the_json_line_not_the_human_output() -> None:
+    result = wrklib.parse_result(WRK_STDOUT)
+    assert result["requests"] == 3764
+    assert result["duration_s"] == 2.0
+    assert result["rps"] == 1882.0
+    assert result["bytes"] == 3131648
+    assert result["errors"] == {"connect": 0, "read": 1, "write": 0, "timeout": 2, "status": 4}
+    assert result["errors_total"] == 7
+    assert result["latency_ms"]["p50"] == pytest.approx(0.971)
+    assert result["latency_ms"]["p90"] == pytest.approx(1.791)
+    assert result["latency_ms"]["p99"] == pytest.approx(2.642)
+    assert result["latency_ms"]["max"] == pytest.approx(4.418)
+
+
+def test_parse_result_with_no_completed_request_has_no_latency() -> None:
+    line = (
+        'BENCH_JSON {"requests":0,"duration_us":3000000,"bytes":0,"errors":{"connect":32,"read":0,"write":0,'
+        '"status":0,"timeout":0},"latency_us":{"min":null,"mean":null,"stdev":null,"max":null,"p50":null,'
+        '"p90":null,"p99":null,"p999":null}}'
+    )
+    result = wrklib.parse_result(line)
+    assert result["rps"] == 0.0
+    assert result["errors_total"] == 32
+    assert set(result["latency_ms"].values()) == {None}
+
+
+@pytest.mark.parametrize(
+    "stdout",
+    [
+        "Running 3s test\nRequests/sec: 100\n",
+        "BENCH_JSON {not json",
+        'BENCH_JSON {"requests":"many","duration_us":1,"errors":{},"latency_us":{}}',
+        'BENCH_JSON {"requests":1,"duration_us":1}',
+        "BENCH_JSON [1, 2]",
+    ],
+)
+def test_parse_result_rejects_missing_or_malformed_lines(stdout: str) -> None:
+    with pytest.raises(wrklib.WrkOutputError):
+        wrklib.parse_result(stdout)
+
+
+# --- processes (pure parts) ---------------------------------------------------------------
+
+
+def test_processor_processes_are_recognised_by_their_command_line() -> None:
+    python = "/work/main/.venv/bin/python"
+    serve = [python, "-m", "extproc", "serve", "--config", "/tmp/g.yaml"]
+    worker = [python, "-m", "extproc", "--log-level", "INFO", "serve", "--config", "x", "--worker-index", "1"]
+    run = [python, "-m", "extproc", "run", "--config", "/tmp/serve/g.yaml"]
+    envoy_argv = ["/x/envoy", "-c", "/tmp/envoy.yaml"]
+    assert procs.is_processor(serve) and not procs.is_processor_worker(serve)
+    assert procs.is_processor(worker) and procs.is_processor_worker(worker)
+    assert not procs.is_processor(run)
+    assert not procs.is_processor(envoy_argv)
+
+
+def test_cpu_between_snapshots_counts_new_processes_whole_and_skips_reused_pids() -> None:
+    ticks = procs.CLOCK_TICKS
+    before = {1: (100, 10 * ticks), 2: (200, 5 * ticks)}
+    after = {1: (100, 12 * ticks), 2: (999, 1 * ticks), 3: (300, 3 * ticks)}  # pid 2 was reused
+    assert procs.cpu_seconds_between(before, after) == pytest.approx(2 + 1 + 3)
+
+
+# --- report ----------------------------------------------------------------------------
+
+
+def _run(rps: float, p50: float, p90: float, p99: float, errors: dict[str, int] | None = None,
+         **extra: Any) -> dict[str, Any]:
+    errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0, "status": 0, **(errors or {})}
+    result = {
+        "requests": int(rps * 10),
+        "duration_s": 10.0,
+        "rps": rps,
+        "errors": errors,
+        "errors_total": sum(errors.values()),
+        "latency_ms": {"p50": p50, "p90": p90, "p99": p99},
+    }
+    return {"error": None, "result": result, **extra}
+
+
+def _results() -> dict[str, Any]:
+    return {
+        "direct": {"error": None, "loads": {"latency_c1": _run(20000, 0.05, 0.07, 0.1), "rps_c32": _run(50000, 0.5, 1, 2)}},
+        "envoy": {"error": None, "loads": {"latency_c1": _run(8000, 0.12, 0.15, 0.3), "rps_c32": _run(20000, 1.5, 2, 4)}},
+        "gateway": {
+            "error": None,
+            "loads": {
+                "latency_c1": _run(
+                    1000, 0.92, 1.1, 2.3, processor={"cpu_ms_per_request": 0.8123, "rss_bytes": 200 * report.MIB}
+                ),
+                "rps_c32": _run(
+                    5000, 6.5, 8, 12.25, {"status": 3}, processor={"cpu_ms_per_request": 0.5, "rss_bytes": 210 * report.MIB},
+                    system_cpu={"other_share": 0.4},
+                ),
+            },
+        },
+    }
+
+
+def test_compare_gives_added_latency_and_rps_share() -> None:
+    results = _results()
+    cmp = report.compare(results["gateway"]["loads"]["latency_c1"], results["envoy"]["loads"]["latency_c1"])
+    assert cmp["added_p50_ms"] == pytest.approx(0.8)
+    assert cmp["added_p99_ms"] == pytest.approx(2.0)
+    assert cmp["rps_percent_of_envoy"] == pytest.approx(12.5)
+    assert set(report.compare(None, results["envoy"]["loads"]["latency_c1"]).values()) == {None}
+    assert set(report.compare({"error": "boom"}, results["envoy"]["loads"]["latency_c1"]).values()) == {None}
+
+
+def test_table_has_a_row_per_load_and_column_groups_per_scenario() -> None:
+    text = report.format_table(
+        _results(), ["direct", "envoy", "gateway"], ["latency_c1", "rps_c32"], "processor (2 workers)"
+    )
+    lines = text.splitlines()
+    titles, headers = lines[0], lines[1]
+    for title in ("direct (no proxy)", "Envoy alone", "gateway", "gateway vs Envoy alone", "processor (2 workers)"):
+        assert title in titles
+    assert headers.split("|")[1].split() == ["RPS", "p50", "p90", "p99"]
+    assert "CPU ms/req" in headers and "RSS MiB" in headers
+    latency = next(line for line in lines if line.startswith("latency_c1"))
+    cells = [c.split() for c in latency.split("|")]
+    assert cells[1] == ["20000", "0.05", "0.07", "0.10"]
+    assert cells[2] == ["8000", "0.12", "0.15", "0.30"]
+    assert cells[3] == ["1000", "0.92", "1.10", "2.30"]
+    assert cells[4] == ["+0.80", "+2.00", "12.5%"]
+    assert headers.split("|")[4].split() == ["+p50", "+p99", "RPS", "%"]
+    assert cells[5] == ["0.812", "200.0"]
+    rps = next(line for line in lines if line.startswith("rps_c32"))
+    assert rps.split("|")[3].split()[0] == "5000!~"  # wrk errors and a busy machine are flagged
+    assert "gateway rps_c32: 3 errors in 50000 requests (status 3)" in text
+    assert "gateway rps_c32: other processes on the machine used 40% of all CPUs" in text
+    # Columns line up: every table line has its separators at the same places.
+    def separators(line: str, char: str) -> tuple[int, ...]:
+        return tuple(i for i, ch in enumerate(line) if ch == char)
+
+    assert lines[2].startswith("-----")
+    positions = {separators(line, "|") for line in lines[:2] + lines[3:5]} | {separators(lines[2], "+")}
+    assert len(positions) == 1
+
+
+def test_table_reports_a_failed_scenario_and_a_failed_run_without_losing_the_others() -> None:
+    results = _results()
+    results["gateway"] = {"error": "extproc run exited with code 1: port in use\nmore", "loads": {}}
+    results["envoy"]["loads"]["rps_c32"] = {"error": "wrk exited with code 1: boom"}
+    text = report.format_table(results, ["direct", "envoy", "gateway"], ["latency_c1", "rps_c32"])
+    latency = next(line for line in text.splitlines() if line.startswith("latency_c1"))
+    assert latency.split("|")[3].split() == ["failed"] * 4
+    assert latency.split("|")[4].split() == ["-", "-", "-"]
+    assert latency.split("|")[1].split()[0] == "20000"
+    rps = next(line for line in text.splitlines() if line.startswith("rps_c32"))
+    assert rps.split("|")[2].split() == ["error"] * 4
+    assert "gateway: FAILED: extproc run exited with code 1: port in use" in text
+    assert "more" not in text
+    assert "envoy rps_c32: wrk exited with code 1: boom" in text
+
+
+def test_table_shows_a_run_that_never_finished_as_dashes() -> None:
+    results = _results()
+    results["gateway"]["loads"]["rps_c32"] = {"error": None, "warmup": {}}
+    del results["envoy"]["loads"]["rps_c32"]
+    text = report.format_table(results, ["direct", "envoy", "gateway"], ["latency_c1", "rps_c32"])
+    rps = next(line for line in text.splitlines() if line.startswith("rps_c32"))
+    assert [cell.split() for cell in rps.split("|")[2:5]] == [["-"] * 4, ["-"] * 4, ["-"] * 3]
+
+
+def test_table_without_gateway_has_no_comparison_or_processor_columns() -> None:
+    text = report.format_table(_results(), ["direct"], ["latency_c1"])
+    assert "gateway" not in text and "processor" not in text
+    assert text.splitlines()[1].split("|")[1].split() == ["RPS", "p50", "p90", "p99"]
+
+
+def test_number_formats() -> None:
+    assert report.fmt_ms(0.123) == "0.12"
+    assert report.fmt_ms(123.45) == "123.5"
+    assert report.fmt_ms(None) == "-"
+    assert report.fmt_delta_ms(-0.5) == "-0.50"
+    assert report.fmt_delta_ms(0.0) == "+0.00"
+    assert report.fmt_percent(99.94) == "99.9%"
+    assert report.fmt_rps(1234.6) == "1235"
