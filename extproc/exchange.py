@@ -46,6 +46,12 @@ _MAX_HEADER_VALUE = 256  # session id / tenant values longer than this are cut
 _STREAMING_OPERATIONS = (Operation.chat, Operation.completion)
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _MAX_TENANT = 128
+_BUFFER_JSON_RESPONSE = ep.ProcessingResponse(
+    response_headers=ep.HeadersResponse(),
+    mode_override=processing_mode_pb2.ProcessingMode(
+        response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
+    ),
+)
 _TENANT_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 Answer = ep.ProcessingResponse | Coroutine[Any, Any, ep.ProcessingResponse]
@@ -273,6 +279,11 @@ class Exchange:
             headers.get("content-encoding", b"").decode("latin-1"),
             int(length) if length.isdigit() else None,
         )
+        if kind is BodyKind.json and not message.end_of_stream:
+            # A JSON body is read at its end anyway: one buffered message instead of a
+            # message per chunk (and one more for the end). PARTIAL: a body over Envoy's
+            # buffer limit comes in parts rather than failing the request.
+            return _BUFFER_JSON_RESPONSE
         if kind is not BodyKind.none and not message.end_of_stream:
             return protocol.CONTINUE_RESPONSE_HEADERS
         # Nothing to read in the body: account now, and spare Envoy the body round trips.

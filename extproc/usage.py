@@ -11,9 +11,10 @@ import logging
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cel
+if TYPE_CHECKING:
+    import cel
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ _SAMPLE_CONTEXT = {name: 1 for name in CEL_VARIABLES} | {"model": "m", "backend"
 @lru_cache(maxsize=256)
 def compile_cel(expression: str) -> cel.Program:
     """Compile a cost expression, rejecting unknown variables (raises ValueError)."""
+    import cel  # ~30 MB resident: loaded only by configs that use CEL costs
+
     try:
         program = cel.compile(expression)
     except ValueError as exc:
@@ -102,7 +105,7 @@ class CostKey:
 
     metadata_key: str
     type: CostType
-    program: cel.Program | None = None
+    program: "cel.Program | None" = None
 
     def value(self, usage: TokenUsage, context: dict[str, Any]) -> float | int | None:
         if self.type is CostType.input_token:
