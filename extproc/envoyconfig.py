@@ -259,11 +259,11 @@ def _backend_cluster(backend: Backend, ca_file: str) -> dict[str, Any]:
     return cluster
 
 
-def _grpc_cluster(name: str, addresses: list[str]) -> dict[str, Any]:
+def _grpc_cluster(name: str, addresses: list[str], discovery: str = "STATIC") -> dict[str, Any]:
     """An HTTP/2 cluster over the given gRPC addresses; streams are spread round robin."""
     return {
         "name": name,
-        "type": "STATIC",
+        "type": discovery,
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "load_assignment": {
@@ -357,25 +357,6 @@ def routes(config: GatewayConfig) -> list[dict[str, Any]]:
     return [*(_backend_route(b) for b in config.backends), _no_backend_route()]
 
 
-def _ratelimit_cluster(address: str) -> dict[str, Any]:
-    host, _, port = address.rpartition(":")
-    return {
-        "name": RATELIMIT_CLUSTER,
-        "type": "STRICT_DNS",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": RATELIMIT_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, int(port))}}]}],
-        },
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-    }
-
-
 def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict[str, Any]]:
     workers = _worker_grpc_addresses(config)
     out = [_grpc_cluster(PROCESSOR_CLUSTER, workers), *(_backend_cluster(b, ca_file) for b in config.backends)]
@@ -383,7 +364,8 @@ def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict
         if config.ratelimit.address == "builtin":
             out.append(_grpc_cluster(BUILTIN_RATELIMIT_CLUSTER, workers[:1]))  # worker 0 keeps the counters
         else:
-            out.append(_ratelimit_cluster(config.ratelimit.address))
+            # An external service may be named by DNS (e.g. a Kubernetes service).
+            out.append(_grpc_cluster(RATELIMIT_CLUSTER, [config.ratelimit.address], discovery="STRICT_DNS"))
     return out
 
 
