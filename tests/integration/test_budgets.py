@@ -200,13 +200,14 @@ def test_reserve_refuses_what_cannot_fit_and_refunds_the_unused(sim_a: SimServer
     config["budgets"] = [{"name": "hourly", "unit": "hour", "limit": 300}]
     with running_gateway(config, tmp_path) as gateway:
         # More than the whole budget may be generated: refused before any upstream cost.
-        # (The refused reservation still counts in its window, as envoyproxy/ratelimit counts
-        # over-limit hits, so this tenant is done for the hour.)
         sim_a.clear()
-        with pytest.raises(openai.RateLimitError):
-            _client(gateway, _tenant()).chat.completions.create(model="m", messages=USER, max_tokens=400)
-        assert sim_a.requests == []
         client = _client(gateway, _tenant())
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="m", messages=USER, max_tokens=400)
+        assert sim_a.requests == []
+        # The refused reservation is given back (the processor sees Envoy's 429 and
+        # settles it as a response that cost nothing), so the tenant can still work.
+        time.sleep(0.3)
         # A long one-word prompt: the estimate (~4 bytes/token) reserves far more than it costs.
         wordy = [{"role": "user", "content": "x" * 400}]
         for _ in range(4):  # without refunds, 4 reservations of ~115 tokens would not fit in 300
