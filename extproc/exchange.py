@@ -196,20 +196,7 @@ class Exchange:
         assert self.endpoint is not None
         self.stream = parsed.stream and self.endpoint.operation in _STREAMING_OPERATIONS
 
-        set_headers: list[tuple[str, bytes]] = [
-            (MODEL_HEADER, parsed.model.encode()),
-            (BACKEND_HEADER, target.name.encode()),
-            # :path was decoded as Latin-1, so encoding it back the same way keeps every byte.
-            (":path", self._upstream_path(target).encode("latin-1")),
-        ]
-        remove: list[str] = []
-        if target.api_key is not None:
-            set_headers.append(("authorization", b"Bearer " + target.api_key.get_secret_value().encode()))
-            remove.extend(h for h in CLIENT_CREDENTIAL_HEADERS if h != "authorization")
-        else:
-            remove.extend(CLIENT_CREDENTIAL_HEADERS)
-        set_headers.extend(target.extra_headers)
-
+        set_headers, remove = self._upstream_headers(target, parsed.model)
         updates: dict[str, Any] = {}
         override = target.model_name_override
         if override is not None and override != parsed.model:
@@ -221,15 +208,7 @@ class Exchange:
             set_headers.append(("accept-encoding", b"identity"))
         if runtime.estimate_when_missing:
             self._prompt = (openai.prompt_text(parsed.body), len(parsed.body.get("messages") or ()) or 1)
-        content_chars: int | None = None
-        tracing = self.telemetry.tracing if self.telemetry is not None else None
-        if tracing is not None and tracing.enabled:
-            self.span = tracing.start(self.endpoint.operation.value, self._trace_headers, self.start_time_ns)
-            if self.span is not None:
-                set_headers.extend(tracing.inject(self.span))
-                if tracing.records_content:
-                    self._request_body = parsed.body
-                    content_chars = self.telemetry.settings.max_content_chars  # type: ignore[union-attr]
+        content_chars = self._start_span(set_headers, parsed.body)
         self.observer = ResponseObserver(
             strip_usage=forced_usage,
             collect_text=runtime.estimate_when_missing,
@@ -258,6 +237,38 @@ class Exchange:
             request_metadata[budgets.RESERVE_KEY] = self._reserved
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(request_metadata))
         return response
+
+    def _upstream_headers(self, target: BackendTarget, model: str) -> tuple[list[tuple[str, bytes]], list[str]]:
+        """Where Envoy sends the request and with whose credentials: (headers to set, to remove)."""
+        set_headers: list[tuple[str, bytes]] = [
+            (MODEL_HEADER, model.encode()),
+            (BACKEND_HEADER, target.name.encode()),
+            # :path was decoded as Latin-1, so encoding it back the same way keeps every byte.
+            (":path", self._upstream_path(target).encode("latin-1")),
+        ]
+        if target.api_key is not None:
+            set_headers.append(("authorization", b"Bearer " + target.api_key.get_secret_value().encode()))
+            remove = [h for h in CLIENT_CREDENTIAL_HEADERS if h != "authorization"]
+        else:
+            remove = list(CLIENT_CREDENTIAL_HEADERS)
+        set_headers.extend(target.extra_headers)
+        return set_headers, remove
+
+    def _start_span(self, set_headers: list[tuple[str, bytes]], body: dict[str, Any]) -> int | None:
+        """Start the request's span (child of the client's trace) and pass it upstream.
+
+        Returns how many characters of output to assemble for it (None: no content kept)."""
+        tracing = self.telemetry.tracing if self.telemetry is not None else None
+        if tracing is None or not tracing.enabled or self.endpoint is None:
+            return None
+        self.span = tracing.start(self.endpoint.operation.value, self._trace_headers, self.start_time_ns)
+        if self.span is None:
+            return None
+        set_headers.extend(tracing.inject(self.span))
+        if not tracing.records_content:
+            return None
+        self._request_body = body
+        return self.telemetry.settings.max_content_chars  # type: ignore[union-attr]
 
     def _upstream_path(self, target: BackendTarget) -> str:
         assert self.endpoint is not None
