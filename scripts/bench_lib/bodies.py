@@ -53,10 +53,12 @@ def prompt_text(chars: int = PROMPT_CHARS) -> str:
     return text[: chars - 1] + "."
 
 
-def request_body(stream: bool, include_usage: bool = False) -> bytes:
-    """A ~1 KB chat request: a system message and a ~900-character user message."""
+def request_body(stream: bool, include_usage: bool = False, model: str = REQUEST_MODEL) -> bytes:
+    """A ~1 KB chat request: a system message and a ~900-character user message.
+
+    `model` is the only thing a scenario may change (LiteLLM routes by it)."""
     body: dict[str, Any] = {
-        "model": REQUEST_MODEL,
+        "model": model,
         "messages": [
             {"role": "system", "content": "You are a concise assistant."},
             {"role": "user", "content": prompt_text()},

@@ -1,12 +1,13 @@
 """The results table: rows are loads, column groups are scenarios, plus the gateway's
-overhead against Envoy alone and the processor's CPU and memory."""
+overhead against Envoy alone and the processor's CPU and memory (and, with the optional
+`litellm` scenario, the gateway's throughput against LiteLLM's and LiteLLM's CPU and memory)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-SCENARIO_TITLES = {"direct": "direct (no proxy)", "envoy": "Envoy alone", "gateway": "gateway"}
+SCENARIO_TITLES = {"direct": "direct (no proxy)", "envoy": "Envoy alone", "gateway": "gateway", "litellm": "LiteLLM"}
 MIB = 1024 * 1024
 BUSY_SHARE = 0.10  # other processes using more than this share of all CPUs during a run get a note
 
@@ -33,6 +34,12 @@ def fmt_fixed(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
+
+
 def _ok(run: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """The wrk numbers of a run that completed, else None."""
     if not run or run.get("error") or not run.get("result"):
@@ -55,6 +62,44 @@ def compare(gateway_run: Mapping[str, Any] | None, envoy_run: Mapping[str, Any] 
     if envoy["rps"]:
         out["rps_percent_of_envoy"] = 100 * gateway["rps"] / envoy["rps"]
     return out
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def compare_litellm(gateway_run: Mapping[str, Any] | None, litellm_run: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The gateway against LiteLLM on one load: RPS ratio (gateway / LiteLLM), latencies,
+    and CPU per request of each whole proxy (the gateway's Envoy + processor; all of LiteLLM's processes)."""
+    gateway, litellm = _ok(gateway_run), _ok(litellm_run)
+    out: dict[str, Any] = {
+        "rps_ratio": None, "gateway_rps": None, "litellm_rps": None,
+        "gateway_p50_ms": None, "litellm_p50_ms": None, "gateway_p99_ms": None, "litellm_p99_ms": None,
+        "gateway_cpu_ms_per_request": None, "litellm_cpu_ms_per_request": None, "cpu_ratio": None,
+    }
+    if gateway is not None:
+        out.update(gateway_rps=gateway["rps"], gateway_p50_ms=gateway["latency_ms"].get("p50"),
+                   gateway_p99_ms=gateway["latency_ms"].get("p99"))
+        cpu = (gateway_run or {}).get("cpu") or {}
+        parts = [cpu.get(k, {}).get("cpu_ms_per_request") for k in ("processor", "proxy_envoy")]
+        if all(p is not None for p in parts):
+            out["gateway_cpu_ms_per_request"] = sum(parts)
+    if litellm is not None:
+        out.update(litellm_rps=litellm["rps"], litellm_p50_ms=litellm["latency_ms"].get("p50"),
+                   litellm_p99_ms=litellm["latency_ms"].get("p99"))
+        out["litellm_cpu_ms_per_request"] = ((litellm_run or {}).get("litellm") or {}).get("cpu_ms_per_request")
+    if gateway is not None and litellm is not None:
+        out["rps_ratio"] = _ratio(gateway["rps"], litellm["rps"])
+        out["cpu_ratio"] = _ratio(out["litellm_cpu_ms_per_request"], out["gateway_cpu_ms_per_request"])
+    return out
+
+
+def _resource_cells(run: Mapping[str, Any] | None, key: str) -> list[str]:
+    usage = (run or {}).get(key) or {}
+    rss = usage.get("rss_bytes")
+    return [fmt_fixed(usage.get("cpu_ms_per_request"), 3), fmt_fixed(rss / MIB if rss is not None else None, 1)]
 
 
 def _error_summary(errors: Mapping[str, int]) -> str:
@@ -106,6 +151,7 @@ def format_table(
     scenario_order: Sequence[str],
     load_order: Sequence[str],
     processor_label: str = "processor",
+    litellm_label: str = "LiteLLM proxy",
 ) -> str:
     """The report as text: the table, then notes for failures and wrk errors.
 
@@ -117,10 +163,16 @@ def format_table(
         groups.append((SCENARIO_TITLES.get(name, name), ["RPS", "p50", "p90", "p99"]))
     with_compare = "gateway" in scenario_order and "envoy" in scenario_order
     with_processor = "gateway" in scenario_order
+    with_litellm = "litellm" in scenario_order
+    with_litellm_compare = with_litellm and "gateway" in scenario_order
     if with_compare:
         groups.append(("gateway vs Envoy alone", ["+p50", "+p99", "RPS %"]))
+    if with_litellm_compare:
+        groups.append(("gateway vs LiteLLM", ["RPS x"]))
     if with_processor:
         groups.append((processor_label, ["CPU ms/req", "RSS MiB"]))
+    if with_litellm:
+        groups.append((litellm_label, ["CPU ms/req", "RSS MiB"]))
 
     notes: list[str] = []
     for name in scenario_order:
@@ -172,14 +224,16 @@ def format_table(
                 fmt_delta_ms(cmp["added_p99_ms"]),
                 fmt_percent(cmp["rps_percent_of_envoy"]),
             ]
+        if with_litellm_compare:
+            cmp_l = compare_litellm(
+                scenarios.get("gateway", {}).get("loads", {}).get(load),
+                scenarios.get("litellm", {}).get("loads", {}).get(load),
+            )
+            row.append(fmt_ratio(cmp_l["rps_ratio"]))
         if with_processor:
-            run = scenarios.get("gateway", {}).get("loads", {}).get(load) or {}
-            processor = run.get("processor") or {}
-            rss = processor.get("rss_bytes")
-            row += [
-                fmt_fixed(processor.get("cpu_ms_per_request"), 3),
-                fmt_fixed(rss / MIB if rss is not None else None, 1),
-            ]
+            row += _resource_cells(scenarios.get("gateway", {}).get("loads", {}).get(load), "processor")
+        if with_litellm:
+            row += _resource_cells(scenarios.get("litellm", {}).get("loads", {}).get(load), "litellm")
         rows.append(row)
 
     lines = _render(groups, rows)
@@ -189,8 +243,16 @@ def format_table(
         lines.append("! = wrk saw errors, ~ = the machine was busy with other work during the run (see notes).")
     if with_compare:
         lines.append("gateway vs Envoy alone: added p50/p99 ms, gateway RPS as % of Envoy alone's.")
+    if with_litellm_compare:
+        lines.append("gateway vs LiteLLM: gateway RPS / LiteLLM RPS on the same load (2.00x = twice LiteLLM's).")
     if with_processor:
         lines.append("processor: CPU time of all processor processes per request; RSS summed at the end of the run.")
+    if with_litellm:
+        lines.append(
+            "LiteLLM proxy: CPU time of all its processes (uvicorn supervisor and workers) per request; RSS summed "
+            "at the end of the run. That is a whole proxy: the gateway's equivalent is its processor plus its Envoy "
+            "(comparison_vs_litellm in the JSON)."
+        )
     if notes:
         lines.append("")
         lines.append("Notes:")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bench_lib.bodies import SSE_MODE_HEADER, request_body
+from bench_lib.bodies import REQUEST_MODEL, SSE_MODE_HEADER, request_body
 
 RESULT_MARKER = "BENCH_JSON "
 ERROR_KINDS = ("connect", "read", "write", "timeout", "status")
@@ -108,8 +108,8 @@ def lua_script(body: bytes, headers: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n" + _DONE.replace("__MARKER__", RESULT_MARKER)
 
 
-def load_script(load: Load, include_usage: bool = False) -> str:
-    return lua_script(request_body(load.stream, include_usage), request_headers(load.stream))
+def load_script(load: Load, include_usage: bool = False, model: str = REQUEST_MODEL) -> str:
+    return lua_script(request_body(load.stream, include_usage, model), request_headers(load.stream))
 
 
 def command(

@@ -3,6 +3,8 @@ types), the wrk script and result line, and the report table."""
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,9 +15,10 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
 
-from bench_lib import bodies, envoy, procs, report  # noqa: E402
+from bench_lib import bodies, envoy, litellm, procs, report  # noqa: E402
 from bench_lib import wrk as wrklib  # noqa: E402
 
 # --- fake upstream bodies ---------------------------------------------------------------
@@ -335,3 +338,207 @@ def test_number_formats() -> None:
     assert report.fmt_delta_ms(0.0) == "+0.00"
     assert report.fmt_percent(99.94) == "99.9%"
     assert report.fmt_rps(1234.6) == "1235"
+
+
+# --- the optional litellm scenario ------------------------------------------------------
+
+
+def test_request_body_for_another_model_differs_only_in_the_model() -> None:
+    for stream in (False, True):
+        default = json.loads(bodies.request_body(stream))
+        other = json.loads(bodies.request_body(stream, model=litellm.MODEL_NAME))
+        assert other.pop("model") == litellm.MODEL_NAME
+        assert default.pop("model") == bodies.REQUEST_MODEL
+        assert other == default
+    script = wrklib.load_script(wrklib.LOADS_BY_NAME["sse_c8"], model=litellm.MODEL_NAME)
+    assert bodies.request_body(True, model=litellm.MODEL_NAME).decode() in script
+    assert f'wrk.headers["{bodies.SSE_MODE_HEADER}"] = "sse"' in script
+
+
+def test_litellm_config_is_one_openai_deployment_on_the_fake_upstream_without_a_database() -> None:
+    config = litellm.config(41000)
+    (deployment,) = config["model_list"]
+    assert deployment["model_name"] == litellm.MODEL_NAME == "bench-model"
+    assert deployment["litellm_params"] == {
+        "model": f"openai/{bodies.REQUEST_MODEL}",
+        "api_base": "http://127.0.0.1:41000/v1",
+        "api_key": "fake",
+    }
+    general = config["general_settings"]
+    assert "master_key" not in general and "database_url" not in general
+    assert general["disable_spend_logs"] is True and general["disable_error_logs"] is True
+    # The fake upstream streams only for requests carrying the x-bench-mode header.
+    assert general["forward_client_headers_to_llm_api"] is True
+    assert config["litellm_settings"]["set_verbose"] is False
+
+
+def test_litellm_environment_is_lean_and_drops_what_would_change_the_proxy() -> None:
+    base = {
+        "PATH": "/usr/bin", "HOME": "/root", "LITELLM_MASTER_KEY": "sk-x", "DATABASE_URL": "postgres://x",
+        "PYTHONPATH": "/elsewhere", "LITELLM_LOG": "DEBUG", "REDIS_HOST": "r",
+    }
+    env = litellm.environment(base)
+    assert env["PATH"] == "/usr/bin" and env["HOME"] == "/root"
+    for dropped in ("LITELLM_MASTER_KEY", "DATABASE_URL", "PYTHONPATH", "REDIS_HOST"):
+        assert dropped not in env
+    assert env["LITELLM_LOG"] == "ERROR"
+    assert env["DISABLE_ADMIN_UI"] == "True"
+    assert env["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
+    assert env["LITELLM_TELEMETRY_DISABLED"] == "true"
+
+
+def test_litellm_command_line_listens_on_loopback_with_two_workers() -> None:
+    argv = litellm.command(Path("/v"), Path("/t/c.yaml"), 4321)
+    assert argv[0] == "/v/bin/litellm"
+    flags = dict(zip(argv[1::2], argv[2::2]))
+    assert flags["--config"] == "/t/c.yaml"
+    assert flags["--host"] == "127.0.0.1"
+    assert flags["--port"] == "4321"
+    assert flags["--num_workers"] == "2"
+    assert int(flags["--timeout_worker_healthcheck"]) >= 60
+    assert litellm.requirement() == f"litellm[proxy]=={litellm.PINNED_VERSION}"
+
+
+def test_litellm_output_helpers() -> None:
+    assert litellm.ready_workers("x\nLiteLLM: Proxy initialized with Config\ny\nLiteLLM: Proxy initialized with") == 2
+    stderr = "12:00 - LiteLLM Proxy:CRITICAL: LITELLM_MASTER_KEY is not set! ...\nERROR: port in use"
+    assert litellm.failure_lines(stderr) == ["ERROR: port in use"]
+    pip_log = (
+        "$ python -m pip install litellm\nWARNING: Location 'file:///x' is ignored: it is neither a file nor a directory.\n"
+        "Collecting litellm\nERROR: Could not find a version\nERROR: No matching distribution found\n"
+    )
+    assert litellm.log_summary(pip_log) == "ERROR: Could not find a version | ERROR: No matching distribution found"
+    assert litellm.log_summary("$ cmd\nCollecting a\nKilled\n") == "Collecting a | Killed"
+
+
+def _fake_venv(tmp_path: Path, version: str, install_ok: bool) -> Path:
+    """A venv whose python answers like one holding litellm `version`, and whose
+    `pip install` either installs PINNED_VERSION or fails as pip does."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    state = tmp_path / "version"
+    state.write_text(version)
+    python = venv / "bin" / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "-c" ]; then cat {state}; echo; exit 0; fi\n'
+        'if [ "$3" = "freeze" ]; then echo "litellm==$(cat ' + str(state) + ')"; exit 0; fi\n'
+        + (f'echo "Successfully installed"; echo {litellm.PINNED_VERSION} > {state}; exit 0\n' if install_ok
+           else 'echo "ERROR: No matching distribution found for litellm"; exit 1\n')
+    )
+    python.chmod(0o755)
+    return venv
+
+
+def test_litellm_venv_with_the_pinned_version_is_reused(tmp_path: Path) -> None:
+    venv = _fake_venv(tmp_path, litellm.PINNED_VERSION, install_ok=False)
+    messages: list[str] = []
+    info = litellm.ensure_installed(venv, tmp_path / "install.log", messages.append)
+    assert info["installed_now"] is False and info["version"] == litellm.PINNED_VERSION
+    assert info["pip_freeze"] == [f"litellm=={litellm.PINNED_VERSION}"]
+    assert messages == [] and not (tmp_path / "install.log").exists()
+
+
+def test_litellm_venv_with_another_version_is_upgraded(tmp_path: Path) -> None:
+    venv = _fake_venv(tmp_path, "1.0.0", install_ok=True)
+    messages: list[str] = []
+    info = litellm.ensure_installed(venv, tmp_path / "install.log", messages.append)
+    assert info["found_version"] == "1.0.0"
+    assert info["installed_now"] is True and info["version"] == litellm.PINNED_VERSION
+    assert "replacing 1.0.0" in messages[0]
+    assert f"pip install --disable-pip-version-check --no-input {litellm.requirement()}" in (
+        tmp_path / "install.log"
+    ).read_text()
+
+
+def test_litellm_install_failure_says_what_pip_said(tmp_path: Path) -> None:
+    venv = _fake_venv(tmp_path, "", install_ok=False)
+    with pytest.raises(litellm.InstallError, match="No matching distribution found for litellm"):
+        litellm.ensure_installed(venv, tmp_path / "install.log", lambda message: None)
+
+
+def _bench_module() -> Any:
+    loader = importlib.machinery.SourceFileLoader("bench_script", str(SCRIPTS / "bench"))
+    spec = importlib.util.spec_from_loader("bench_script", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_litellm_scenario_runs_only_when_asked_for() -> None:
+    bench = _bench_module()
+    assert bench.parse_args([]).scenarios == ["direct", "envoy", "gateway"]
+    assert bench.parse_args([]).litellm is False
+    args = bench.parse_args(["--litellm"])
+    assert args.scenarios == ["direct", "envoy", "gateway", "litellm"] and args.litellm is True
+    assert args.litellm_venv == bench.REPO / ".bench" / "litellm-venv"
+    assert bench.parse_args(["--scenarios", "litellm,direct"]).scenarios == ["direct", "litellm"]
+    assert bench.parse_args(["--scenarios", "gateway", "--litellm"]).scenarios == ["gateway", "litellm"]
+
+
+def _with_litellm() -> dict[str, Any]:
+    results = _results()
+    results["gateway"]["loads"]["latency_c1"]["cpu"] = {
+        "processor": {"cpu_ms_per_request": 0.8}, "proxy_envoy": {"cpu_ms_per_request": 0.2}
+    }
+    results["litellm"] = {
+        "error": None,
+        "loads": {
+            "latency_c1": _run(400, 2.5, 3, 9.5, litellm={"cpu_ms_per_request": 4.0, "rss_bytes": 900 * report.MIB}),
+            "rps_c32": _run(500, 60, 80, 120),
+        },
+    }
+    return results
+
+
+def test_compare_litellm_gives_rps_ratio_and_whole_proxy_cpu() -> None:
+    results = _with_litellm()
+    cmp = report.compare_litellm(results["gateway"]["loads"]["latency_c1"], results["litellm"]["loads"]["latency_c1"])
+    assert cmp["rps_ratio"] == pytest.approx(2.5)
+    assert cmp["gateway_p50_ms"] == pytest.approx(0.92) and cmp["litellm_p50_ms"] == pytest.approx(2.5)
+    assert cmp["gateway_cpu_ms_per_request"] == pytest.approx(1.0)
+    assert cmp["cpu_ratio"] == pytest.approx(4.0)
+    assert report.compare_litellm(None, results["litellm"]["loads"]["latency_c1"])["rps_ratio"] is None
+    assert report.compare_litellm(results["gateway"]["loads"]["rps_c32"], {"error": "boom"})["rps_ratio"] is None
+
+
+def test_table_with_litellm_has_its_group_the_rps_ratio_and_its_resources() -> None:
+    text = report.format_table(
+        _with_litellm(), ["direct", "envoy", "gateway", "litellm"], ["latency_c1", "rps_c32"],
+        "processor (2 workers)", "LiteLLM (2 workers)",
+    )
+    lines = text.splitlines()
+    titles = [t.strip() for t in lines[0].split("|")]
+    assert titles == [
+        "", "direct (no proxy)", "Envoy alone", "gateway", "LiteLLM", "gateway vs Envoy alone", "gateway vs LiteLLM",
+        "processor (2 workers)", "LiteLLM (2 workers)",
+    ]
+    latency = [c.split() for c in next(line for line in lines if line.startswith("latency_c1")).split("|")]
+    assert latency[4] == ["400", "2.50", "3.00", "9.50"]
+    assert latency[6] == ["2.50x"]
+    assert latency[7] == ["0.812", "200.0"]
+    assert latency[8] == ["4.000", "900.0"]
+    rps = [c.split() for c in next(line for line in lines if line.startswith("rps_c32")).split("|")]
+    assert rps[6] == ["10.0x"]
+    assert rps[8] == ["-", "-"]
+    assert "gateway vs LiteLLM: gateway RPS / LiteLLM RPS" in text
+    columns = {tuple(i for i, ch in enumerate(line) if ch == "|") for line in lines[:2] + lines[3:5]}
+    assert len(columns) == 1 and columns == {tuple(i for i, ch in enumerate(lines[2]) if ch == "+")}
+
+
+def test_table_with_a_failed_litellm_keeps_the_others() -> None:
+    results = _results()
+    results["litellm"] = {"error": "LiteLLM install failed: ERROR: No matching distribution", "loads": {}}
+    text = report.format_table(results, ["gateway", "litellm"], ["latency_c1"])
+    latency = [c.split() for c in next(line for line in text.splitlines() if line.startswith("latency_c1")).split("|")]
+    assert latency[1] == ["1000", "0.92", "1.10", "2.30"]
+    assert latency[2] == ["failed"] * 4
+    assert latency[3] == ["-"]
+    assert "litellm: FAILED: LiteLLM install failed" in text
+
+
+def test_ratio_format() -> None:
+    assert report.fmt_ratio(None) == "-"
+    assert report.fmt_ratio(2.345) == "2.35x"
+    assert report.fmt_ratio(12.34) == "12.3x"
