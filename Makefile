@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit integration envoy-config system-deps bench soak clean
+.PHONY: run test unit integration envoy-config system-deps wrk bench soak clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,17 +38,19 @@ unit: $(STAMP) system-deps
 integration: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
-## bench: Envoy alone vs the gateway under wrk, against an Envoy direct_response upstream
-bench: $(STAMP)
+## wrk: the load generator bench and soak drive (Debian package)
+wrk:
 	@command -v wrk >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk; \
 	  else echo "the benchmark needs wrk: sudo apt-get install wrk" >&2; exit 1; fi; }
+
+## bench: Envoy alone vs the gateway under wrk, against an Envoy direct_response upstream
+bench: $(STAMP) wrk
 	$(BIN)/python scripts/bench $(BENCH_ARGS)
 
 ## soak: 10 minutes of mixed JSON + SSE traffic, processor memory and errors sampled every 10 s
-soak: $(STAMP)
-	@command -v wrk >/dev/null 2>&1 || $(MAKE) bench BENCH_ARGS=--help >/dev/null
+soak: $(STAMP) wrk
 	$(BIN)/python scripts/soak --mode soak $(SOAK_ARGS)
 
 ## envoy-config: re-render the bundled envoy/envoy.yaml from the default config
