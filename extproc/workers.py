@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extproc.config import ProcessorSettings
+from extproc.launcher import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ async def supervise_workers(argv: Sequence[str], count: int, grace_seconds: floa
         await asyncio.create_subprocess_exec(
             sys.executable, "-m", "extproc", *argv, "--worker-index", str(index), "--workers", str(count),
             stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # a killed supervisor leaves no worker behind
         )
         for index in range(count)
     ]

@@ -239,3 +239,34 @@ def test_ctrl_c_stops_everything(tmp_path: Path, sim_a: SimServer) -> None:
             time.sleep(0.05)
         assert not [p for p in children if alive(p)]
 
+
+
+def test_killed_worker_supervisor_leaves_no_worker_behind(tmp_path: Path, sim_a: SimServer) -> None:
+    admin = free_port_block(2)
+    config = {
+        "backends": [{"name": "a", "base_url": sim_a.base_url}],
+        "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
+        "processor": {"grpc_address": f"127.0.0.1:{free_port_block(2)}", "admin_port": admin, "workers": 2},
+    }
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "serve", "--config", str(tmp_path / "gateway.yaml")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if all(httpx.get(f"http://127.0.0.1:{admin + i}/healthz").status_code == 200 for i in range(2)):
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        workers = descendants(parent.pid)
+        assert len(workers) == 2
+    finally:
+        parent.kill()  # no chance to stop its workers itself
+        parent.wait(10)
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in workers if alive(p)]
