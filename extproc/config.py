@@ -395,7 +395,7 @@ class ProcessorSettings(_Strict):
     grace_period_seconds: float = Field(default=15, ge=0, le=3600)
     message_timeout_ms: int = Field(default=5000, ge=50, le=60_000)
     workers: int = Field(
-        default=0, ge=0, le=256, description="processor processes; 0 = one per core. Worker i uses port + i"
+        default=0, ge=0, le=256, description="processor processes; 0 = one per core. Worker i uses ports + 10*i"
     )
 
 

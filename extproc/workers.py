@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from extproc.config import ProcessorSettings
+from extproc.config import ConfigError, ProcessorSettings
 from extproc.launcher import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,13 @@ class WorkerAddress:
     admin_port: int
 
 
+# Worker i listens on the configured ports + 10*i: the defaults (gRPC 1063, admin 1064)
+# then never collide (1063, 1073, ... and 1064, 1074, ...).
+PORT_STRIDE = 10
+
+
 def worker_addresses(settings: ProcessorSettings, count: int) -> list[WorkerAddress]:
-    """Worker i listens on the configured gRPC port + i (or socket path + '.i') and admin port + i."""
+    """Worker i: gRPC port + 10*i (or socket path + '.i'), admin port + 10*i."""
     out = []
     for index in range(count):
         address = settings.grpc_address
@@ -51,8 +56,16 @@ def worker_addresses(settings: ProcessorSettings, count: int) -> list[WorkerAddr
                 address = f"{address}.{index}"
             else:
                 host, _, port = address.rpartition(":")
-                address = f"{host}:{int(port) + index}"
-        out.append(WorkerAddress(index, address, settings.admin_port + index if settings.admin_port else 0))
+                address = f"{host}:{int(port) + PORT_STRIDE * index}"
+        admin = settings.admin_port + PORT_STRIDE * index if settings.admin_port else 0
+        out.append(WorkerAddress(index, address, admin))
+    grpc_ports = {int(w.grpc_address.rpartition(":")[2]) for w in out if not w.grpc_address.startswith("unix:")}
+    clash = sorted(grpc_ports & {w.admin_port for w in out})
+    if clash:
+        raise ConfigError(
+            f"processor ports collide for {count} workers (gRPC port + 10*i and admin port + 10*i both give "
+            f"{', '.join(map(str, clash))}): pick processor.grpc_address and processor.admin_port further apart"
+        )
     return out
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import orjson
 import yaml
 
+from extproc.workers import PORT_STRIDE
+
 READY_LINE = "extproc gateway ready"
 
 
@@ -32,19 +34,19 @@ def free_port() -> int:
 
 
 def free_port_block(size: int) -> int:
-    """A port p such that p .. p+size-1 are all free (processor worker i uses port + i).
+    """A port p such that p + 10*i is free for every worker i < size (see extproc.workers).
 
     Drawn below the kernel's ephemeral range, where outgoing connections never take a
     port between our check and the server's bind."""
     low, _high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     for _ in range(200):
-        base = random.randrange(10_000, max(low - size, 10_001))
+        base = random.randrange(10_000, max(low - PORT_STRIDE * size, 10_001))
         sockets = []
         try:
-            for offset in range(size):
+            for index in range(size):
                 sock = socket.socket()
                 sockets.append(sock)
-                sock.bind(("127.0.0.1", base + offset))
+                sock.bind(("127.0.0.1", base + PORT_STRIDE * index))
             return base
         except OSError:
             continue

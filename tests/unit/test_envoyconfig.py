@@ -346,6 +346,25 @@ def test_streams_are_spread_over_every_worker_and_rate_limits_go_to_worker_zero(
     by_name = clusters_by_name(render(config))
     endpoints = by_name["extproc"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     ports = [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints]
-    assert ports == [7000, 7001, 7002]
+    assert ports == [7000, 7010, 7020]
     assert by_name["extproc"]["lb_policy"] == "ROUND_ROBIN"
     assert only_endpoint(by_name["extproc-ratelimit"]) == {"socket_address": {"address": "127.0.0.1", "port_value": 7000}}
+
+
+def test_default_ports_give_every_worker_its_own_grpc_and_admin_port() -> None:
+    from extproc.workers import worker_addresses
+
+    addresses = worker_addresses(gateway().processor, 4)
+    grpc = [int(a.grpc_address.rpartition(":")[2]) for a in addresses]
+    admin = [a.admin_port for a in addresses]
+    assert grpc == [1063, 1073, 1083, 1093] and admin == [1064, 1074, 1084, 1094]
+    assert not set(grpc) & set(admin)
+
+
+def test_colliding_worker_ports_are_refused() -> None:
+    from extproc.config import ConfigError
+    from extproc.workers import worker_addresses
+
+    settings = gateway(processor={"grpc_address": "127.0.0.1:5000", "admin_port": 5010}).processor
+    with pytest.raises(ConfigError, match="collide"):
+        worker_addresses(settings, 2)
