@@ -33,6 +33,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_HANDED_OUT: set[int] = set()  # ports given out by free_port_block in this test run
+
+
 def free_port_block(size: int) -> int:
     """A port p such that p + 10*i is free for every worker i < size (see extproc.workers).
 
@@ -41,12 +44,16 @@ def free_port_block(size: int) -> int:
     low, _high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     for _ in range(200):
         base = random.randrange(10_000, max(low - PORT_STRIDE * size, 10_001))
+        wanted = {base + PORT_STRIDE * index for index in range(size)}
+        if wanted & _HANDED_OUT:  # free now, but promised to an earlier caller
+            continue
         sockets = []
         try:
             for index in range(size):
                 sock = socket.socket()
                 sockets.append(sock)
                 sock.bind(("127.0.0.1", base + PORT_STRIDE * index))
+            _HANDED_OUT.update(wanted)
             return base
         except OSError:
             continue
