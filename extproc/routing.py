@@ -29,6 +29,8 @@ class BackendTarget:
     backend: Backend
     path_prefix: str
     authority: str
+    host: str  # server.address / server.port in telemetry
+    port: int
     api_key: SecretStr | None
     model_name_override: str | None
     extra_headers: tuple[tuple[str, bytes], ...]
@@ -117,6 +119,8 @@ def _target(backend: Backend, api_key: SecretStr | None) -> BackendTarget:
         backend=backend,
         path_prefix=url.path_prefix,
         authority=url.authority,
+        host=url.host,
+        port=url.port,
         api_key=api_key,
         model_name_override=backend.model_name_override,
         extra_headers=tuple((k.lower(), v.encode()) for k, v in backend.headers.items()),
