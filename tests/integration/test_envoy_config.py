@@ -61,6 +61,7 @@ def test_fragment_pieces_fit_into_a_users_envoy(tmp_path: Path) -> None:
     config = parse_config(demo_config_data())
     pieces = envoyconfig.fragment(config)
     users_envoy = {
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": pieces["runtime"]}]},
         "static_resources": {
             "listeners": [{
                 "name": "users_listener",
