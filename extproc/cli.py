@@ -45,23 +45,21 @@ def _override_processor(loaded: LoadedConfig, args: argparse.Namespace) -> Loade
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from extproc.workers import supervise_workers, worker_addresses, worker_count
+    from extproc.server import ListenError, ServeOptions, run_event_loop, serve
+    from extproc.workers import WorkerPool, worker_addresses, worker_count
 
     loaded = _override_processor(_load(args.config), args)
     settings = loaded.config.processor
     count = worker_count(settings)
+    pool = None
     if count > 1 and args.worker_index is None:
-        import asyncio
-
+        # This process is worker 0 and starts the others with the same flags.
         forwarded = ["--log-level", args.log_level, "serve"]
         for flag, value in (("--config", args.config), ("--grpc", args.grpc), ("--admin-port", args.admin_port),
                             ("--grace", args.grace)):
             if value is not None:
                 forwarded += [flag, str(value)]
-        return asyncio.run(supervise_workers(forwarded, count, settings.grace_period_seconds))
-    # Imported only in the worker: the parent that supervises workers stays small.
-    from extproc.server import ListenError, ServeOptions, run_event_loop, serve
-
+        pool = WorkerPool(forwarded, count)
     addresses = worker_addresses(settings, count)
     me = addresses[args.worker_index or 0]
     options = ServeOptions(
@@ -73,11 +71,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         peer_admin_ports=[a.admin_port for a in addresses if a.index != me.index] if me.index == 0 else [],
     )
     try:
-        run_event_loop(serve(loaded, options))
+        return run_event_loop(serve(loaded, options, pool))
     except ListenError as exc:
         print(f"extproc: {exc}", file=sys.stderr, flush=True)
         return 1
-    return 0
 
 
 def _override_ports(loaded: LoadedConfig, args: argparse.Namespace) -> LoadedConfig:

@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import aiohttp
-from aiohttp import web
+import orjson
+import h11
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
+from extproc import admin
+from extproc.admin import AdminRequest, AdminResponse, AdminServer
 from extproc.budgets import descriptor_config
 from extproc.config import GatewayConfig, LoadedConfig
 from extproc.ratelimit import RateLimitServicer, load_rules, store_from_url
@@ -32,6 +34,7 @@ from extproc.exchange import Exchange
 from extproc.runtime import Runtime
 from extproc.telemetry import Telemetry
 from extproc.telemetry.merge import merge_expositions
+from extproc.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ class ProcessorServer:
             self.telemetry.metrics.watch_rate_limit_service(self.ratelimit)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
-        self._admin: web.AppRunner | None = None
+        self._admin: AdminServer | None = None
         self._stopping = asyncio.Event()
         self.draining = False
         self.grpc_port: int | None = None
@@ -137,26 +140,18 @@ class ProcessorServer:
             await self.health.set(name, status)
 
     async def _start_admin(self) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self.options.admin_host, self.options.admin_port, reuse_address=True)
+        server = AdminServer({"/healthz": self._healthz, "/metrics": self._metrics})
         try:
-            await site.start()
+            self.admin_port = await server.start(self.options.admin_host, self.options.admin_port)
         except OSError as exc:
             raise ListenError(
                 f"cannot listen on {self.options.admin_host}:{self.options.admin_port} (admin): {exc.strerror}"
             ) from None
-        self._admin = runner
-        sockets = site._server.sockets if site._server else []  # noqa: SLF001 (aiohttp has no public accessor)
-        self.admin_port = sockets[0].getsockname()[1] if sockets else self.options.admin_port
+        self._admin = server
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
-        if self.draining:
-            return web.json_response(self._health_body("draining"), status=503)
-        return web.json_response(self._health_body("ok"))
+    async def _healthz(self, _request: AdminRequest) -> AdminResponse:
+        status = "draining" if self.draining else "ok"
+        return AdminResponse(503 if self.draining else 200, orjson.dumps(self._health_body(status)))
 
     def _health_body(self, status: str) -> dict[str, object]:
         return {
@@ -167,30 +162,28 @@ class ProcessorServer:
             "ppid": os.getppid(),
         }
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: AdminRequest) -> AdminResponse:
         body, content_type = self.telemetry.metrics.render_prometheus()
         if request.query.get("local") or not self.options.peer_admin_ports:
-            return web.Response(body=body, headers={"content-type": content_type})
+            return AdminResponse(200, body, content_type)
         # Worker 0 answers for all workers: fetch theirs and add the series up.
-        timeout = aiohttp.ClientTimeout(total=2)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            peers = await asyncio.gather(
-                *(self._peer_metrics(session, port) for port in self.options.peer_admin_ports)
-            )
+        peers = await asyncio.gather(*(self._peer_metrics(port) for port in self.options.peer_admin_ports))
         texts = [body.decode(), *(text for text in peers if text is not None)]
-        return web.Response(text=merge_expositions(texts), headers={"content-type": "text/plain; version=0.0.4"})
+        return AdminResponse(200, merge_expositions(texts).encode(), "text/plain; version=0.0.4")
 
-    async def _peer_metrics(self, session: aiohttp.ClientSession, port: int) -> str | None:
-        url = f"http://{self.options.admin_host}:{port}/metrics?local=1"
+    async def _peer_metrics(self, port: int) -> str | None:
         try:
-            async with session.get(url) as response:
-                return await response.text() if response.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("metrics of the worker on admin port %d not included: %s", port, exc)
+            status, body = await admin.fetch(self.options.admin_host, port, "/metrics?local=1", timeout=2)
+        except (OSError, TimeoutError, h11.ProtocolError) as exc:
+            log.warning("metrics of the worker on admin port %d not included: %r", port, exc)
             return None
+        return body.decode() if status == 200 else None
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    async def stop_requested(self) -> None:
+        await self._stopping.wait()
 
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
@@ -205,7 +198,7 @@ class ProcessorServer:
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self._admin is not None:
-            await self._admin.cleanup()
+            await self._admin.close()
         if self.ratelimit is not None:
             await self.ratelimit.store.close()
         # Flush what the exporters still hold, off the event loop (it may touch the network).
@@ -231,18 +224,40 @@ def install_signal_handlers(server: ProcessorServer) -> None:
             loop.add_signal_handler(sig, server.request_stop)
 
 
-async def serve(loaded: LoadedConfig, options: ServeOptions) -> None:
+async def serve(loaded: LoadedConfig, options: ServeOptions, pool: WorkerPool | None = None) -> int:
+    """Run one worker until SIGTERM/SIGINT; worker 0 may also own the other workers' processes.
+    Returns the exit code: 1 when a worker died on its own (the whole processor stops)."""
     server = ProcessorServer(loaded, options)
-    await server.start()
+    if pool is not None:
+        await pool.start()  # they boot while this worker binds its ports
+    try:
+        await server.start()
+    except BaseException:
+        if pool is not None:
+            await pool.stop(0)
+        raise
     install_signal_handlers(server)
+    failed = False
+    if pool is not None:
+        assert pool.died is not None
+        stop = asyncio.ensure_future(server.stop_requested())
+        await asyncio.wait({stop, pool.died}, return_when=asyncio.FIRST_COMPLETED)
+        if pool.died.done() and not pool.died.cancelled():
+            child = pool.died.result()
+            log.error("processor worker %s exited with code %s; stopping the others", child.pid, child.returncode)
+            failed = True
+        stop.cancel()
+        server.request_stop()
+        results = await asyncio.gather(server.wait_stopped(), pool.stop(options.grace_period_seconds))
+        return 1 if failed else (1 if results[1] else 0)
     await server.wait_stopped()
+    return 0
 
 
-def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop when available: grpc.aio and aiohttp both support it."""
+def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when available (grpc.aio supports it)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        asyncio.run(main)
-        return
-    uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)

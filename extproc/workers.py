@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -20,9 +19,6 @@ from dataclasses import dataclass
 
 from extproc.config import ConfigError, ProcessorSettings
 from extproc.launcher import die_with_parent
-
-log = logging.getLogger(__name__)
-
 
 def worker_count(settings: ProcessorSettings) -> int:
     """`workers: 0` means one per core this process may use."""
@@ -69,40 +65,52 @@ def worker_addresses(settings: ProcessorSettings, count: int) -> list[WorkerAddr
     return out
 
 
-async def supervise_workers(argv: Sequence[str], count: int, grace_seconds: float) -> int:
-    """Run `count` copies of `extproc serve ... --worker-index i`; forward SIGTERM/SIGINT to
-    all of them (each drains its own streams) and exit when they have; a worker that dies
-    on its own stops the rest, so whoever supervises us sees the failure."""
-    children = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "extproc", *argv, "--worker-index", str(index), "--workers", str(count),
-            stdin=asyncio.subprocess.DEVNULL,
-            preexec_fn=die_with_parent,  # a killed supervisor leaves no worker behind
-        )
-        for index in range(count)
-    ]
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    waits = {asyncio.ensure_future(child.wait()): child for child in children}
-    stop = asyncio.ensure_future(stopping.wait())
-    done, _ = await asyncio.wait({*waits, stop}, return_when=asyncio.FIRST_COMPLETED)
-    failed = stop not in done
-    if failed:
-        died = next(waits[task] for task in done if task in waits)
-        log.error("processor worker %s exited with code %s; stopping the others", died.pid, died.returncode)
-    for child in children:
-        if child.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(asyncio.gather(*(child.wait() for child in children)), grace_seconds + 10)
-    except TimeoutError:
-        for child in children:
+class WorkerPool:
+    """Workers 1..N-1, started by worker 0 (which runs in the parent process: a separate
+    supervisor would cost a whole interpreter's memory and do nothing else).
+
+    A worker that exits on its own is reported through `died`, so worker 0 stops the
+    rest and whoever supervises the processor sees the failure; on shutdown SIGTERM
+    goes to every worker (each drains its own streams)."""
+
+    def __init__(self, argv: Sequence[str], count: int) -> None:
+        self.argv = list(argv)
+        self.count = count
+        self.children: list[asyncio.subprocess.Process] = []
+        self.died: asyncio.Future[asyncio.subprocess.Process] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.died = loop.create_future()
+        for index in range(1, self.count):
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "extproc", *self.argv,
+                "--worker-index", str(index), "--workers", str(self.count),
+                stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=die_with_parent,  # a killed worker 0 leaves no worker behind
+            )
+            self.children.append(child)
+            asyncio.ensure_future(self._watch(child))
+
+    async def _watch(self, child: asyncio.subprocess.Process) -> None:
+        await child.wait()
+        if self.died is not None and not self.died.done():
+            self.died.set_result(child)
+
+    async def stop(self, grace_seconds: float) -> int:
+        """SIGTERM every worker, wait for them (killing stragglers), return the worst exit code."""
+        if self.died is not None and not self.died.done():
+            self.died.cancel()  # exits from now on are the ones we asked for
+        for child in self.children:
             if child.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    child.kill()
-        await asyncio.gather(*(child.wait() for child in children))
-    stop.cancel()
-    return 1 if failed else max((child.returncode or 0) for child in children)
+                    child.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(child.wait() for child in self.children)), grace_seconds + 10)
+        except TimeoutError:
+            for child in self.children:
+                if child.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.kill()
+            await asyncio.gather(*(child.wait() for child in self.children))
+        return max((abs(child.returncode or 0) for child in self.children), default=0)

@@ -95,10 +95,6 @@ def is_processor(argv: Sequence[str]) -> bool:
     return "serve" in argv and any(a == "extproc" or a.endswith("/extproc") for a in argv[:4])
 
 
-def is_processor_worker(argv: Sequence[str]) -> bool:
-    return is_processor(argv) and "--worker-index" in argv
-
-
 def processor_pids(run_pid: int) -> list[int]:
     """Every process of the processor under `extproc run`: each `extproc serve` and what
     it started (its workers). Envoy and the demo backend are not part of it."""

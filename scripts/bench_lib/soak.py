@@ -299,18 +299,18 @@ def summarize_streams(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def process_role(argv: Sequence[str]) -> str:
-    """`worker N` for `extproc serve --worker-index N`, else `processor` (the supervisor
-    of workers, or the single processor)."""
+    """`worker N` for `extproc serve --worker-index N`, else `worker 0` (the process
+    `extproc serve` started: it is worker 0 and the parent of the others)."""
     if "--worker-index" in argv:
         i = list(argv).index("--worker-index")
         if i + 1 < len(argv):
             return f"worker {argv[i + 1]}"
         return "worker"
-    return "processor"
+    return "worker 0"
 
 
 def short_role(role: str) -> str:
-    return "w" + role.split()[1] if role.startswith("worker ") else ("sup" if role == "processor" else role)
+    return "w" + role.split()[1] if role.startswith("worker ") else role
 
 
 # --- report -------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def per_process(sample: Mapping[str, Any]) -> str:
     by_pid = sample.get("processor_rss_by_pid") or {}
-    parts = sorted(by_pid.values(), key=lambda p: (p["role"] != "processor", p["role"]))
+    parts = sorted(by_pid.values(), key=lambda p: p["role"])
     return " ".join(f"{short_role(p['role'])} {mib(p['rss_bytes'])}" for p in parts)
 
 

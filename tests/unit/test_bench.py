@@ -209,8 +209,7 @@ def test_processor_processes_are_recognised_by_their_command_line() -> None:
     worker = [python, "-m", "extproc", "--log-level", "INFO", "serve", "--config", "x", "--worker-index", "1"]
     run = [python, "-m", "extproc", "run", "--config", "/tmp/serve/g.yaml"]
     envoy_argv = ["/x/envoy", "-c", "/tmp/envoy.yaml"]
-    assert procs.is_processor(serve) and not procs.is_processor_worker(serve)
-    assert procs.is_processor(worker) and procs.is_processor_worker(worker)
+    assert procs.is_processor(serve) and procs.is_processor(worker)
     assert not procs.is_processor(run)
     assert not procs.is_processor(envoy_argv)
 

@@ -226,8 +226,8 @@ def test_stream_prompts_differ() -> None:
 def test_process_role() -> None:
     base = ["/venv/bin/python", "-m", "extproc", "--log-level", "INFO", "serve", "--config", "g.yaml"]
     assert soak.process_role([*base, "--worker-index", "1", "--workers", "2"]) == "worker 1"
-    assert soak.process_role(base) == "processor"
-    assert soak.short_role("worker 1") == "w1" and soak.short_role("processor") == "sup"
+    assert soak.process_role(base) == "worker 0"  # the parent is worker 0
+    assert soak.short_role("worker 1") == "w1" and soak.short_role("worker 0") == "w0"
 
 
 def test_soak_table_and_memory_line() -> None:
@@ -239,7 +239,6 @@ def test_soak_table_and_memory_line() -> None:
             workers_rss_bytes=60 * MIB,
             envoy_errors_so_far={"downstream_5xx": i, "downstream_4xx": 0, "upstream_5xx": 0},
             processor_rss_by_pid={
-                "10": {"role": "processor", "rss_bytes": 40 * MIB},
                 "12": {"role": "worker 1", "rss_bytes": 30 * MIB},
                 "11": {"role": "worker 0", "rss_bytes": 30 * MIB},
             },
@@ -249,6 +248,6 @@ def test_soak_table_and_memory_line() -> None:
     assert "processor RSS MiB" in lines[0]
     assert lines[2].split()[:4] == ["0s*", "100.0", "60.0", "-"]
     assert lines[3].split()[:7] == ["10s", "101.0", "60.0", "95", "60.0", "1", "0"]
-    assert lines[3].endswith("sup 40.0 w0 30.0 w1 30.0")
+    assert lines[3].rstrip().endswith("w0 30.0 w1 30.0")
     line = soak.format_memory_line(soak.memory_verdict(samples, 10))
     assert "101.0 MiB at 10s" in line and "+0.0 MiB" in line and "=> flat" in line
