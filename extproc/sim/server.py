@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from extproc.sim import anthropic_api, bedrock_api
 from extproc.sim.openai_api import SETTINGS, SimSettings, dispatch, error_response
 
 MAX_RECORDED = 1000
@@ -63,12 +64,18 @@ def _recording_middleware(record: Recorder) -> Any:
 
 
 def create_app(settings: SimSettings, record: Recorder | None = None) -> web.Application:
-    """The simulator as an aiohttp app: one catch-all route that routes by path suffix."""
+    """The simulator as an aiohttp app: one catch-all route that routes by path suffix
+    (OpenAI, Anthropic Messages and Bedrock Converse, each in its own module)."""
     middlewares = [_recording_middleware(record)] if record is not None else []
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        # One simulator speaks every provider's API, told apart by path as the real ones are.
+        if anthropic_api.matches(request.path):
+            return await anthropic_api.dispatch(request, settings)
+        if bedrock_api.matches(request.path):
+            return await bedrock_api.dispatch(request, settings)
         return await dispatch(request, settings)
 
     app.router.add_route("*", "/{tail:.*}", handle)

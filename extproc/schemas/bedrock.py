@@ -1,0 +1,780 @@
+"""AWS Bedrock Runtime Converse / ConverseStream, spoken to OpenAI chat-completions clients.
+
+Everything here is a pure function (or a small incremental state machine), so the
+gateway can translate requests, responses, streams and errors without network I/O,
+and tests can prove each piece against botocore, the AWS SDK's own reference code.
+Binary event-stream decoding and SigV4 signing are botocore's; only the mapping
+between the two schemas is ours.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any, NamedTuple
+
+import orjson
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from botocore.eventstream import EventStreamBuffer, EventStreamMessage, ParserError
+from botocore.utils import percent_encode
+
+from extproc.schemas.openai import bad_request, error_body
+from extproc.usage import TokenUsage
+
+log = logging.getLogger(__name__)
+
+EVENT_STREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"
+
+# -- request -----------------------------------------------------------------------
+
+
+def converse_path(model: str, stream: bool) -> str:
+    """The request path for a model, percent-encoded exactly as botocore renders the
+    non-greedy ``{modelId}`` label (``:`` -> ``%3A``, ``/`` of an ARN -> ``%2F``), so a
+    signature computed over it matches what AWS recomputes."""
+    return f"/model/{percent_encode(model)}/{'converse-stream' if stream else 'converse'}"
+
+
+_IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/gif": "gif",
+                  "image/webp": "webp"}
+
+
+def _text_of(content: Any, role: str, index: int) -> list[str]:
+    """Text parts of a message that may only carry text (system, developer, tool)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        out: list[str] = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                out.append(part["text"])
+            else:
+                raise bad_request(f"messages[{index}]: a {role} message may only contain text parts.", "messages")
+        return out
+    raise bad_request(f"messages[{index}].content must be a string or an array of content parts.", "messages")
+
+
+def _image_block(part: dict[str, Any], index: int) -> dict[str, Any]:
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise bad_request(f"messages[{index}]: image_url.url must be a string.", "messages")
+    if not url.startswith("data:"):
+        raise bad_request(
+            f"messages[{index}]: Bedrock Converse accepts images only inline, as base64 data: URLs.",
+            "messages", "unsupported_image_url",
+        )
+    header, comma, data = url[5:].partition(",")
+    mime, _, encoding = header.partition(";")
+    image_format = _IMAGE_FORMATS.get(mime.strip().lower())
+    if not comma or encoding.strip().lower() != "base64" or image_format is None:
+        raise bad_request(
+            f"messages[{index}]: images must be base64 data: URLs of type png, jpeg, gif or webp.",
+            "messages", "invalid_image_format",
+        )
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"messages[{index}]: the image data is not valid base64.", "messages") from None
+    # The REST body carries blobs as base64 text, so the client's encoding passes through.
+    return {"image": {"format": image_format, "source": {"bytes": data}}}
+
+
+def _user_blocks(content: Any, index: int) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    if not isinstance(content, list):
+        raise bad_request(f"messages[{index}].content must be a string or an array of content parts.", "messages")
+    blocks: list[dict[str, Any]] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            if part["text"]:
+                blocks.append({"text": part["text"]})
+        elif kind == "image_url":
+            blocks.append(_image_block(part, index))
+        else:
+            raise bad_request(
+                f"messages[{index}]: content part type {kind!r} is not supported by Bedrock Converse.", "messages"
+            )
+    return blocks
+
+
+def _tool_use_block(call: Any, index: int) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(call.get("id"), str) \
+            or not isinstance(function.get("name"), str):
+        raise bad_request(f"messages[{index}].tool_calls: each call needs an id and a function name.", "messages")
+    arguments = function.get("arguments") or "{}"
+    try:
+        parsed = orjson.loads(arguments) if isinstance(arguments, str) else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise bad_request(
+            f"messages[{index}].tool_calls: function.arguments must be a JSON object (as a string).", "messages"
+        )
+    return {"toolUse": {"toolUseId": call["id"], "name": function["name"], "input": parsed}}
+
+
+def _assistant_blocks(message: dict[str, Any], index: int) -> list[dict[str, Any]]:
+    blocks = [{"text": t} for t in _assistant_text(message.get("content"), index) if t]
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise bad_request(f"messages[{index}].tool_calls must be an array.", "messages")
+        blocks.extend(_tool_use_block(call, index) for call in calls)
+    return blocks
+
+
+def _assistant_text(content: Any, index: int) -> list[str]:
+    if isinstance(content, list):  # text and refusal parts; a refusal is what the assistant said
+        out = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in ("text", "refusal"):
+                value = part.get(part["type"])
+                if isinstance(value, str):
+                    out.append(value)
+                    continue
+            raise bad_request(f"messages[{index}]: an assistant message may only contain text parts.", "messages")
+        return out
+    return _text_of(content, "assistant", index)
+
+
+def _tool_result_block(message: dict[str, Any], index: int) -> dict[str, Any]:
+    tool_call_id = message.get("tool_call_id")
+    if not isinstance(tool_call_id, str) or not tool_call_id:
+        raise bad_request(f"messages[{index}]: a tool message needs a tool_call_id.", "messages")
+    text = "\n".join(_text_of(message.get("content"), "tool", index))
+    return {"toolResult": {"toolUseId": tool_call_id, "content": [{"text": text}]}}
+
+
+def _messages(raw: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(system blocks, alternating Converse messages) from OpenAI chat messages."""
+    if not isinstance(raw, list) or not raw:
+        raise bad_request("'messages' must be a non-empty array.", "messages")
+    system: list[dict[str, Any]] = []
+    messages: list[dict[str, Any]] = []
+    for index, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{index}] must be an object.", "messages")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.extend({"text": t} for t in _text_of(message.get("content"), role, index) if t)
+            continue
+        if role == "user":
+            blocks, bedrock_role = _user_blocks(message.get("content"), index), "user"
+        elif role == "assistant":
+            blocks, bedrock_role = _assistant_blocks(message, index), "assistant"
+        elif role == "tool":
+            blocks, bedrock_role = [_tool_result_block(message, index)], "user"
+        else:
+            raise bad_request(f"messages[{index}]: role {role!r} is not supported by Bedrock Converse.", "messages")
+        if not blocks:  # Bedrock rejects empty content; an empty turn says nothing anyway
+            continue
+        if messages and messages[-1]["role"] == bedrock_role:  # Bedrock requires alternating roles
+            messages[-1]["content"].extend(blocks)
+        else:
+            messages.append({"role": bedrock_role, "content": blocks})
+    if not messages:
+        raise bad_request("'messages' must contain at least one non-empty user message.", "messages")
+    return system, messages
+
+
+def _tool_spec(tool: Any, index: int) -> dict[str, Any]:
+    function = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise bad_request(f"tools[{index}] must be a function tool with a name.", "tools")
+    parameters = function.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise bad_request(f"tools[{index}].function.parameters must be a JSON Schema object.", "tools")
+    spec: dict[str, Any] = {"name": function["name"], "inputSchema": {"json": parameters}}
+    if isinstance(function.get("description"), str) and function["description"]:
+        spec["description"] = function["description"]
+    return {"toolSpec": spec}
+
+
+def _tool_choice(choice: Any, names: set[str]) -> dict[str, Any] | None:
+    """Bedrock's toolChoice; None for "auto", which is Bedrock's default and the only
+    choice every tool-capable model accepts (explicit toolChoice is model-specific)."""
+    if choice is None or choice == "auto":
+        return None
+    if choice == "required":
+        return {"any": {}}
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if name not in names:
+            raise bad_request("tool_choice names a function that is not in 'tools'.", "tool_choice")
+        return {"tool": {"name": name}}
+    raise bad_request("tool_choice must be 'none', 'auto', 'required' or a function.", "tool_choice")
+
+
+def _uses_tools(messages: list[dict[str, Any]]) -> bool:
+    return any("toolUse" in b or "toolResult" in b for m in messages for b in m["content"])
+
+
+def _tool_config(body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice is only allowed when tools are specified.", "tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise bad_request("'tools' must be an array.", "tools")
+    specs = [_tool_spec(tool, i) for i, tool in enumerate(tools)]
+    if choice == "none":
+        # Converse has no "none". Dropping the tools forbids calls, but Bedrock requires
+        # toolConfig whenever the history holds toolUse/toolResult blocks; then the tools
+        # stay (with the default "auto") and the model may still call one.
+        return {"tools": specs} if _uses_tools(messages) else None
+    config: dict[str, Any] = {"tools": specs}
+    tool_choice = _tool_choice(choice, {s["toolSpec"]["name"] for s in specs})
+    if tool_choice is not None:
+        config["toolChoice"] = tool_choice
+    return config
+
+
+def _unit_number(body: dict[str, Any], key: str) -> float | None:
+    """A number Converse bounds to [0, 1]: refused here rather than after a signed round trip
+    (OpenAI allows temperature up to 2; Bedrock does not)."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise bad_request(f"'{key}' must be a number between 0 and 1 for Bedrock models.", key)
+    return value
+
+
+def _inference_config(body: dict[str, Any]) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad_request(f"'{key}' must be a positive integer.", key)
+        config["maxTokens"] = value
+        break
+    temperature = _unit_number(body, "temperature")
+    if temperature is not None:
+        config["temperature"] = temperature
+    top_p = _unit_number(body, "top_p")
+    if top_p is not None:
+        config["topP"] = top_p
+    stop = body.get("stop")
+    if isinstance(stop, str) and stop:
+        config["stopSequences"] = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) and s for s in stop):
+        if stop:
+            config["stopSequences"] = stop
+    elif stop is not None:
+        raise bad_request("'stop' must be a non-empty string or an array of them.", "stop")
+    return config
+
+
+def chat_to_converse(body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat-completions request as a Converse request body.
+
+    The model goes in the path (see `converse_path`), streaming in the choice of path.
+    Raises RequestError (400) for what Converse cannot express. Parameters Converse has
+    no field for (seed, penalties, response_format, ...) are dropped, not refused.
+    """
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad_request("Bedrock Converse returns one choice; 'n' must be 1.", "n")
+    system, messages = _messages(body.get("messages"))
+    out: dict[str, Any] = {"messages": messages}
+    if system:
+        out["system"] = system
+    inference = _inference_config(body)
+    if inference:
+        out["inferenceConfig"] = inference
+    tool_config = _tool_config(body, messages)
+    if tool_config is not None:
+        out["toolConfig"] = tool_config
+    return out
+
+
+# -- response ----------------------------------------------------------------------
+
+_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "guardrail_intervened": "content_filter",
+    "content_filtered": "content_filter",
+}
+
+
+def finish_reason(stop_reason: Any) -> str:
+    """OpenAI's finish_reason for a Bedrock stopReason (unknown ones read as "stop")."""
+    return _FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def usage_from_bedrock(usage: Any) -> TokenUsage | None:
+    """Bedrock's `usage` as TokenUsage, with input counted the way OpenAI counts prompts.
+
+    Bedrock's inputTokens excludes tokens read from or written to the prompt cache;
+    OpenAI's prompt_tokens is the whole prompt, of which cached_tokens were cache hits.
+    """
+    if not isinstance(usage, dict):
+        return None
+    cache_read = _count(usage.get("cacheReadInputTokens"))
+    cache_write = usage.get("cacheWriteInputTokens")
+    written = _count(cache_write) if cache_write is not None else None
+    input_tokens = _count(usage.get("inputTokens")) + cache_read + (written or 0)
+    output_tokens = _count(usage.get("outputTokens"))
+    return TokenUsage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+        cached_input_tokens=cache_read,
+        cache_creation_input_tokens=written,
+    )
+
+
+def openai_usage(usage: TokenUsage) -> dict[str, Any]:
+    """OpenAI's `usage` object; cache_creation_tokens is our extension, present only when known."""
+    details: dict[str, Any] = {"cached_tokens": usage.cached_input_tokens}
+    if usage.cache_creation_input_tokens is not None:
+        details["cache_creation_tokens"] = usage.cache_creation_input_tokens
+    return {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": details,
+    }
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def converse_to_chat(response: dict[str, Any], model: str) -> dict[str, Any]:
+    """A Converse JSON response as an OpenAI `chat.completion` (one choice)."""
+    output = response.get("output")
+    message = output.get("message") if isinstance(output, dict) else None
+    blocks = message.get("content") if isinstance(message, dict) else None
+    texts: list[str] = []
+    reasoning: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    for block in blocks if isinstance(blocks, list) else ():
+        if not isinstance(block, dict):
+            continue
+        if isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif isinstance(block.get("toolUse"), dict):
+            use = block["toolUse"]
+            arguments = orjson.dumps(use.get("input", {})).decode()
+            tool_calls.append({
+                "id": str(use.get("toolUseId") or ""),
+                "type": "function",
+                "function": {"name": str(use.get("name") or ""), "arguments": arguments},
+            })
+        elif isinstance(block.get("reasoningContent"), dict):
+            text = (block["reasoningContent"].get("reasoningText") or {}).get("text")
+            if isinstance(text, str):
+                reasoning.append(text)
+    reply: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) if texts or not tool_calls else None,
+        "refusal": None,
+    }
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    if reasoning:  # the de-facto field (DeepSeek, vLLM) for thinking text
+        reply["reasoning_content"] = "".join(reasoning)
+    out: dict[str, Any] = {
+        "id": _completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": reply, "logprobs": None, "finish_reason": finish_reason(response.get("stopReason"))}
+        ],
+    }
+    usage = usage_from_bedrock(response.get("usage"))
+    if usage is not None:
+        out["usage"] = openai_usage(usage)
+    return out
+
+
+# -- errors ------------------------------------------------------------------------
+
+# Bedrock error type -> OpenAI (type, code).
+_ERRORS: dict[str, tuple[str, str | None]] = {
+    "throttlingexception": ("requests", "rate_limit_exceeded"),
+    "servicequotaexceededexception": ("requests", "rate_limit_exceeded"),
+    "validationexception": ("invalid_request_error", None),
+    "accessdeniedexception": ("permission_error", "permission_denied"),
+    "unrecognizedclientexception": ("invalid_request_error", "invalid_api_key"),
+    "invalidsignatureexception": ("invalid_request_error", "invalid_api_key"),
+    "incompletesignatureexception": ("invalid_request_error", "invalid_api_key"),
+    "missingauthenticationtokenexception": ("invalid_request_error", "invalid_api_key"),
+    "expiredtokenexception": ("invalid_request_error", "invalid_api_key"),
+    "resourcenotfoundexception": ("invalid_request_error", "not_found"),
+    "modeltimeoutexception": ("server_error", "timeout"),
+    "modelnotreadyexception": ("server_error", "model_not_ready"),
+    "modelerrorexception": ("server_error", "model_error"),
+    "modelstreamerrorexception": ("server_error", "model_error"),
+    "serviceunavailableexception": ("server_error", "service_unavailable"),
+    "internalserverexception": ("server_error", None),
+}
+
+
+def _error_kind(error_type: str | None, status: int) -> tuple[str, str | None]:
+    if error_type:
+        known = _ERRORS.get(error_type.lower())
+        if known is not None:
+            return known
+    if status == 429:
+        return "requests", "rate_limit_exceeded"
+    if status == 401:
+        return "invalid_request_error", "invalid_api_key"
+    if status == 403:
+        return "permission_error", None
+    return ("server_error" if status >= 500 else "invalid_request_error"), None
+
+
+def _error_type_name(header: str | None, body: Any) -> str | None:
+    """`ThrottlingException` from `ThrottlingException:http://...`, or from the body's __type."""
+    if header:
+        return header.split(":", 1)[0].strip() or None
+    if isinstance(body, dict):
+        for key in ("__type", "code", "Code"):
+            value = body.get(key)
+            if isinstance(value, str) and value:
+                return value.rsplit("#", 1)[-1]
+    return None
+
+
+def error_to_openai(status: int, body: bytes, error_type_header: str | None) -> bytes:
+    """A Bedrock error response as OpenAI's error JSON; never raises."""
+    try:
+        return _error_to_openai(status, bytes(body), error_type_header)
+    except Exception:  # whatever arrived, the client still gets an error in its own shape
+        error_type, code = _error_kind(None, status if isinstance(status, int) else 502)
+        return error_body(status, f"Bedrock returned HTTP {status}", error_type, code)
+
+
+def _error_to_openai(status: int, body: bytes, error_type_header: str | None) -> bytes:
+    try:
+        parsed: Any = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    name = _error_type_name(error_type_header, parsed)
+    message = None
+    if isinstance(parsed, dict):
+        message = next((parsed[k] for k in ("message", "Message") if isinstance(parsed.get(k), str)), None)
+    if message is None:
+        text = body[:1000].decode("utf-8", "replace").strip() if body and parsed is None else ""
+        message = text or f"Bedrock returned HTTP {status}" + (f" ({name})" if name else "")
+    error_type, code = _error_kind(name, status)
+    return error_body(status, message, error_type, code)
+
+
+# -- streaming ---------------------------------------------------------------------
+
+_PRELUDE_LENGTH = 12
+_MIN_FRAME = 16  # prelude + message CRC
+_MAX_FRAME = 16 * 1024 * 1024 + 128 * 1024 + 16  # botocore's payload + headers limits
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+class StreamTranslator:
+    """A ConverseStream body (binary AWS event stream) as OpenAI chat.completion.chunk SSE.
+
+    Frames are cut out of the byte stream here (by the 4-byte length each starts with)
+    and each complete frame is checked and decoded by botocore's EventStreamBuffer, so
+    the work per `feed` is proportional to the chunk however the body is split, even a
+    large frame arriving a byte at a time. A corrupt frame or an exception event becomes
+    one OpenAI error event and ends the translated stream (without [DONE], as OpenAI
+    ends a failed stream); bytes after it are ignored.
+    """
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.model = model
+        self.include_usage = include_usage
+        self.id = _completion_id()
+        self.created = int(time.time())
+        self.usage: TokenUsage | None = None
+        self.latency_ms: int | None = None
+        self.stop_reason: str | None = None
+        self.error: dict[str, Any] | None = None
+        self.done = False  # [DONE] or an error event was emitted; nothing more will be
+        self._buf = bytearray()
+        self._prelude_checked = False
+        self._tool_index: dict[int, int] = {}  # contentBlockIndex -> OpenAI tool_calls index
+
+    def feed(self, data: bytes) -> bytes:
+        """Bytes of the event stream in, SSE bytes to send on now out."""
+        if self.done:
+            return b""
+        self._buf += data
+        out: list[bytes] = []
+        pos = 0
+        buf = self._buf
+        while not self.done and len(buf) - pos >= _PRELUDE_LENGTH:
+            total = int.from_bytes(buf[pos:pos + 4], "big")
+            if not self._prelude_checked:
+                if not _MIN_FRAME <= total <= _MAX_FRAME:
+                    out.append(self._fail("corrupt_stream", f"invalid event-stream frame length {total}"))
+                    break
+                self._decode(bytes(buf[pos:pos + _PRELUDE_LENGTH]), out)  # checks the prelude CRC only
+                if self.done:
+                    break
+                self._prelude_checked = True
+            if len(buf) - pos < total:
+                break
+            message = self._decode(bytes(buf[pos:pos + total]), out)
+            pos += total
+            self._prelude_checked = False
+            if message is not None:
+                out.extend(self._on_message(message))
+        if self.done:
+            self._buf = bytearray()
+        elif pos:
+            del buf[:pos]
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """At the end of the body: complete the stream, or report why it is incomplete."""
+        if self.done:
+            return b""
+        if self._buf or self.stop_reason is None:
+            return self._fail("stream_truncated", "The Bedrock stream ended before the response was complete.")
+        self.done = True  # messageStop without metadata: no usage to report
+        return _DONE
+
+    def _decode(self, frame: bytes, out: list[bytes]) -> EventStreamMessage | None:
+        decoder = EventStreamBuffer()
+        decoder.add_data(frame)
+        try:
+            return next(decoder, None)
+        except ParserError as exc:
+            out.append(self._fail("corrupt_stream", f"corrupt event-stream frame: {exc}"))
+        except Exception as exc:  # malformed headers botocore does not anticipate
+            out.append(self._fail("corrupt_stream", f"undecodable event-stream frame: {exc!r}"))
+        return None
+
+    def _fail(self, code: str | None, message: str, error_type: str = "server_error") -> bytes:
+        self.done = True
+        self.error = {"message": message, "type": error_type, "param": None, "code": code}
+        return _sse({"error": self.error})
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _sse({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        })
+
+    def _on_message(self, message: EventStreamMessage) -> list[bytes]:
+        headers = message.headers
+        kind = headers.get(":message-type")
+        if kind == "exception":
+            name = str(headers.get(":exception-type") or "exception")
+            body = _payload(message)
+            text = body.get("message") or body.get("Message") or name
+            error_type, code = _error_kind(name, 500)
+            return [self._fail(code, str(text), error_type)]
+        if kind == "error":
+            name = str(headers.get(":error-code") or "error")
+            error_type, code = _error_kind(name, 500)
+            return [self._fail(code, str(headers.get(":error-message") or name), error_type)]
+        if kind != "event":
+            return []
+        event = headers.get(":event-type")
+        payload = _payload(message)
+        if event == "messageStart":
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if event == "contentBlockStart":
+            start = payload.get("start")
+            use = start.get("toolUse") if isinstance(start, dict) else None
+            if isinstance(use, dict):
+                index = self._tool_index.setdefault(_count(payload.get("contentBlockIndex")), len(self._tool_index))
+                call = {"index": index, "id": str(use.get("toolUseId") or ""), "type": "function",
+                        "function": {"name": str(use.get("name") or ""), "arguments": ""}}
+                return [self._chunk({"tool_calls": [call]})]
+            return []
+        if event == "contentBlockDelta":
+            return self._on_delta(payload)
+        if event == "messageStop":
+            self.stop_reason = str(payload.get("stopReason") or "end_turn")
+            return [self._chunk({}, finish_reason(self.stop_reason))]
+        if event == "metadata":
+            return self._on_metadata(payload)
+        return []  # contentBlockStop and events newer than this code
+
+    def _on_delta(self, payload: dict[str, Any]) -> list[bytes]:
+        delta = payload.get("delta")
+        if not isinstance(delta, dict):
+            return []
+        if isinstance(delta.get("text"), str):
+            return [self._chunk({"content": delta["text"]})]
+        use = delta.get("toolUse")
+        if isinstance(use, dict) and isinstance(use.get("input"), str):
+            block = _count(payload.get("contentBlockIndex"))
+            index = self._tool_index.setdefault(block, len(self._tool_index))
+            return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": use["input"]}}]})]
+        reasoning = delta.get("reasoningContent")
+        if isinstance(reasoning, dict) and isinstance(reasoning.get("text"), str):
+            return [self._chunk({"reasoning_content": reasoning["text"]})]
+        return []
+
+    def _on_metadata(self, payload: dict[str, Any]) -> list[bytes]:
+        self.usage = usage_from_bedrock(payload.get("usage"))
+        metrics = payload.get("metrics")
+        if isinstance(metrics, dict) and isinstance(metrics.get("latencyMs"), int):
+            self.latency_ms = metrics["latencyMs"]
+        out: list[bytes] = []
+        if self.include_usage and self.usage is not None:
+            out.append(_sse({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [], "usage": openai_usage(self.usage),
+            }))
+        out.append(_DONE)
+        self.done = True
+        return out
+
+
+def _payload(message: EventStreamMessage) -> dict[str, Any]:
+    try:
+        value = orjson.loads(message.payload) if message.payload else {}
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# -- SigV4 -------------------------------------------------------------------------
+
+
+def sign(
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    region: str,
+    access_key: str,
+    secret_key: str,
+    session_token: str | None = None,
+    service: str = "bedrock",
+) -> dict[str, str]:
+    """The headers to add (lower-case names) so AWS accepts this exact request.
+
+    botocore signs `headers` plus `host`, derived from `url` as HTTP clients send it
+    (so the upstream's Host/:authority must be that host[:port]). Pass only headers
+    that reach AWS unchanged; `content-type` is always signed, and returned as
+    application/json when `headers` has none.
+    """
+    given = {k.lower(): v for k, v in headers.items() if k.lower() not in ("host", "authorization")}
+    added: dict[str, str] = {}
+    if "content-type" not in given:
+        given["content-type"] = added["content-type"] = "application/json"
+    request = AWSRequest(method=method.upper(), url=url, data=body, headers=given)
+    SigV4Auth(Credentials(access_key, secret_key, session_token), service, region).add_auth(request)
+    for name, value in request.headers.items():
+        if given.get(name.lower()) != value:
+            added[name.lower()] = value
+    return added
+
+
+class AwsCredentials(NamedTuple):
+    access_key: str
+    secret_key: str
+    token: str | None
+    region: str
+
+
+_NEGATIVE_CACHE_S = 60.0
+
+
+class _CredentialCache:
+    """One botocore session and its resolved credentials object, kept for the process.
+
+    The provider chain (env vars, shared files, SSO, container/instance metadata, ...)
+    runs once; temporary credentials refresh themselves inside botocore. "Nothing
+    found" is remembered for a minute so a misconfigured gateway does not rerun the
+    chain (and its metadata-service timeouts) on every request.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._session: Any = None
+        self._credentials: Any = None
+        self._missing_until = 0.0
+
+    def get(self) -> tuple[Any, Any]:
+        with self._lock:
+            if self._credentials is None and time.monotonic() >= self._missing_until:
+                import botocore.session  # loads botocore's data only when AWS is configured
+
+                self._session = self._session or botocore.session.Session()
+                try:
+                    self._credentials = self._session.get_credentials()
+                except Exception as exc:  # e.g. a broken profile: same as none found
+                    log.warning("AWS credentials could not be resolved: %s", exc)
+                if self._credentials is None:
+                    self._missing_until = time.monotonic() + _NEGATIVE_CACHE_S
+            return self._session, self._credentials
+
+    def clear(self) -> None:
+        with self._lock:
+            self._session = self._credentials = None
+            self._missing_until = 0.0
+
+
+_CREDENTIALS = _CredentialCache()
+
+
+def clear_credentials_cache() -> None:
+    """Forget resolved credentials (tests, or after the environment changed)."""
+    _CREDENTIALS.clear()
+
+
+def credentials_from_environment(region: str | None) -> AwsCredentials | None:
+    """AWS credentials from botocore's default provider chain, and the region to sign for
+    (`region`, else the session's: AWS_DEFAULT_REGION / the profile; else AWS_REGION).
+    None when no credentials or no region are found.
+
+    Cheap per call; near expiry, temporary credentials are refreshed synchronously
+    by botocore (possibly a network call to STS or the metadata service).
+    """
+    session, credentials = _CREDENTIALS.get()
+    if credentials is None:
+        return None
+    try:
+        frozen = credentials.get_frozen_credentials()
+    except Exception as exc:
+        log.warning("AWS credentials could not be refreshed: %s", exc)
+        return None
+    if not frozen.access_key or not frozen.secret_key:
+        return None
+    region = region or session.get_config_variable("region") or os.environ.get("AWS_REGION")
+    if not region:
+        return None
+    return AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token, region)
