@@ -58,6 +58,7 @@ REQUEST_METADATA_KEYS = frozenset(
 RESERVED_METADATA_KEYS = BUILTIN_KEYS | REQUEST_METADATA_KEYS
 
 DEMO_BACKEND = "demo"
+AWS_SECRET_SEPARATOR = "/aws."  # LoadedConfig.secrets key for a backend's AWS keys: "<backend>/aws.<field>"
 DEMO_PORT = 1976
 
 
@@ -70,9 +71,13 @@ class _Strict(BaseModel):
 
 
 class Schema(str, Enum):
-    """The API a backend speaks. Later issues add anthropic, aws_bedrock, azure_openai."""
+    """The API a backend speaks; anything but `openai` is translated per attempt by the
+    processor's upstream stage (see extproc/upstream.py)."""
 
     openai = "openai"
+    anthropic = "anthropic"
+    aws_bedrock = "aws_bedrock"
+    azure_openai = "azure_openai"
 
 
 class SecretRef(_Strict):
@@ -111,13 +116,43 @@ class SecretRef(_Strict):
         return SecretStr(value)
 
 
+class AwsSettings(_Strict):
+    """SigV4 signing for Bedrock. Keys left out come from botocore's usual chain
+    (environment, shared config/credentials files, container or instance roles)."""
+
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")]
+    access_key_id: SecretRef | None = None
+    secret_access_key: SecretRef | None = None
+    session_token: SecretRef | None = None
+
+    @model_validator(mode="after")
+    def _keys_in_pairs(self) -> AwsSettings:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("set both 'access_key_id' and 'secret_access_key', or neither (botocore's chain)")
+        return self
+
+
 class Backend(_Strict):
     """An upstream LLM API endpoint."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     schema_: Schema = Field(default=Schema.openai, alias="schema")
-    base_url: str = Field(description="e.g. https://api.openai.com/v1 (includes the API version path)")
-    api_key: SecretRef | None = None
+    base_url: str = Field(
+        default="",
+        validate_default=True,
+        description="openai: https://api.openai.com/v1 (includes /v1); anthropic: https://api.anthropic.com "
+        "(no /v1, as in the anthropic SDK); azure_openai: https://RESOURCE.openai.azure.com; aws_bedrock: "
+        "default https://bedrock-runtime.REGION.amazonaws.com",
+    )
+    api_key: SecretRef | None = Field(
+        default=None, description="openai: Bearer token; anthropic: x-api-key; azure_openai: api-key header"
+    )
+    anthropic_version: str = Field(default="2023-06-01", pattern=r"^\d{4}-\d{2}-\d{2}$")
+    api_version: str | None = Field(default=None, description="azure_openai: the api-version query parameter")
+    deployment: str | None = Field(
+        default=None, description="azure_openai: deployment name (default: the model the backend is asked for)"
+    )
+    aws: AwsSettings | None = None
     model_name_override: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     request_timeout_seconds: float = Field(default=0, ge=0, description="whole-request limit; 0 = none (long streams)")
@@ -125,9 +160,40 @@ class Backend(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bedrock_default_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("schema") == "aws_bedrock" and not data.get("base_url"):
+            region = (data.get("aws") or {}).get("region") if isinstance(data.get("aws"), dict) else None
+            if isinstance(region, str) and region:
+                return {**data, "base_url": f"https://bedrock-runtime.{region}.amazonaws.com"}
+        return data
+
+    @model_validator(mode="after")
+    def _schema_fields(self) -> Backend:
+        schema = self.schema_
+        if schema is Schema.aws_bedrock:
+            if self.aws is None:
+                raise ValueError("an aws_bedrock backend needs 'aws: {region: ...}'")
+            if self.api_key is not None:
+                raise ValueError("aws_bedrock signs with AWS credentials ('aws'), not 'api_key'")
+        elif self.aws is not None:
+            raise ValueError("'aws' is only for aws_bedrock backends")
+        if schema is Schema.azure_openai:
+            if not self.api_version:
+                raise ValueError("an azure_openai backend needs 'api_version' (e.g. 2024-10-21)")
+        elif self.api_version is not None or self.deployment is not None:
+            raise ValueError("'api_version' and 'deployment' are only for azure_openai backends")
+        for value, what in ((self.api_version, "api_version"), (self.deployment, "deployment")):
+            if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+                raise ValueError(f"'{what}' may only hold letters, digits and . _ -")
+        return self
+
     @field_validator("base_url")
     @classmethod
     def _valid_url(cls, value: str) -> str:
+        if not value:
+            raise ValueError("required (aws_bedrock backends default it from aws.region)")
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host, e.g. https://api.openai.com/v1")
@@ -188,7 +254,11 @@ class ParsedUrl:
 
 class WeightedBackend(_Strict):
     name: str
-    weight: int = Field(default=1, ge=1, le=1_000_000)
+    weight: int = Field(default=1, ge=1, le=1_000_000, description="share among backends of the same priority")
+    priority: int = Field(
+        default=0, ge=0, le=9,
+        description="0 is tried first; on connect failure, 5xx or 429 Envoy retries on the next priority",
+    )
 
 
 class ModelMatch(_Strict):
@@ -213,7 +283,8 @@ class ModelMatch(_Strict):
 
 
 class Route(_Strict):
-    """Requests whose model matches go to one of `backends` (weighted random)."""
+    """Requests whose model matches go to one of `backends` (weighted random); backends
+    with a higher `priority` number are fallbacks, tried by Envoy when earlier ones fail."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     match: ModelMatch | None = None
@@ -224,7 +295,14 @@ class Route(_Strict):
     def _match_or_default(self) -> Route:
         if self.default == (self.match is not None):
             raise ValueError("a route needs either 'match' or 'default: true' (not both)")
+        levels = sorted({b.priority for b in self.backends})
+        if levels != list(range(len(levels))):
+            raise ValueError(f"backend priorities must be 0, 1, ... without gaps (got {levels})")
         return self
+
+    @property
+    def has_fallback(self) -> bool:
+        return any(b.priority for b in self.backends)
 
 
 class Limits(_Strict):
@@ -483,7 +561,9 @@ class LoadedConfig(BaseModel):
 
     config: GatewayConfig
     source: str
-    secrets: dict[str, SecretStr] = Field(default_factory=dict, description="backend name -> api key")
+    secrets: dict[str, SecretStr] = Field(
+        default_factory=dict, description="backend name -> api key; '<backend>/aws.<field>' -> AWS key"
+    )
     tenant_keys: dict[str, str] = Field(
         default_factory=dict, description="sha256 of a client API key -> tenant (keys themselves are not kept)"
     )
@@ -555,12 +635,19 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str], source: s
     secrets: dict[str, SecretStr] = {}
     problems = []
     for i, backend in enumerate(config.backends):
-        if backend.api_key is None:
-            continue
-        try:
-            secrets[backend.name] = backend.api_key.resolve(environ)
-        except ValueError as exc:
-            problems.append(f"  backends[{i}].api_key: {exc}")
+        refs: list[tuple[str, str, SecretRef | None]] = [(backend.name, "api_key", backend.api_key)]
+        if backend.aws is not None:
+            refs += [
+                (f"{backend.name}{AWS_SECRET_SEPARATOR}{field}", f"aws.{field}", getattr(backend.aws, field))
+                for field in ("access_key_id", "secret_access_key", "session_token")
+            ]
+        for key, field, ref in refs:
+            if ref is None:
+                continue
+            try:
+                secrets[key] = ref.resolve(environ)
+            except ValueError as exc:
+                problems.append(f"  backends[{i}].{field}: {exc}")
     if problems:
         raise ConfigError(f"{source}: cannot resolve credentials:\n" + "\n".join(problems))
     return secrets
@@ -592,31 +679,63 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, w
     )
 
 
-def config_from_environment(environ: Mapping[str, str] | None = None, demo_port: int = DEMO_PORT) -> LoadedConfig:
-    """The config `extproc run` uses when given none.
+# Bedrock model ids start with the provider (or a cross-region inference prefix).
+BEDROCK_MODEL_PREFIXES = ("anthropic.", "amazon.", "meta.", "mistral.", "cohere.", "ai21.", "deepseek.", "qwen.",
+                          "writer.", "us.", "eu.", "apac.", "global.")
 
-    OPENAI_API_KEY (and optional OPENAI_BASE_URL, which includes /v1 as in the openai
-    SDK) gives an OpenAI backend serving every model; with no provider variable set,
-    the built-in demo backend (extproc.sim) answers so the first request works offline.
+
+def _aws_region(env: Mapping[str, str]) -> str | None:
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+
+
+def _aws_credentials_present(env: Mapping[str, str]) -> bool:
+    """Explicit AWS credentials in the environment (keys or a named profile); the
+    processor then signs with botocore's chain, which also finds files and roles."""
+    return bool((env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")) or env.get("AWS_PROFILE"))
+
+
+def config_from_environment(environ: Mapping[str, str] | None = None, demo_port: int = DEMO_PORT) -> LoadedConfig:
+    """The config `extproc run` uses when given none, from each official SDK's variables.
+
+    OPENAI_API_KEY (+ OPENAI_BASE_URL, which includes /v1 as in the openai SDK);
+    ANTHROPIC_API_KEY (+ ANTHROPIC_BASE_URL, without /v1 as in the anthropic SDK) for
+    `claude-*`; AZURE_OPENAI_API_KEY + AZURE_OPENAI_ENDPOINT + OPENAI_API_VERSION
+    (default route, or OpenAI's fallback when both are set); AWS credentials + AWS_REGION
+    for Bedrock model ids. Base URLs keep any path prefix they carry. With no provider
+    variable set, the built-in demo backend (extproc.sim) answers, offline.
     """
     env = os.environ if environ is None else environ
+    backends: list[dict[str, Any]] = []
+    routes: list[dict[str, Any]] = []
+    default: list[dict[str, Any]] = []
+    if env.get("ANTHROPIC_API_KEY"):
+        backends.append({"name": "anthropic", "schema": "anthropic", "api_key": {"env": "ANTHROPIC_API_KEY"},
+                         "base_url": env.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"})
+        routes.append({"name": "anthropic", "match": {"glob": "claude-*"}, "backends": [{"name": "anthropic"}]})
+    region = _aws_region(env)
+    if region and _aws_credentials_present(env):
+        backends.append({"name": "bedrock", "schema": "aws_bedrock", "aws": {"region": region}})
+        routes += [
+            {"name": f"bedrock-{prefix.rstrip('.')}", "match": {"prefix": prefix}, "backends": [{"name": "bedrock"}]}
+            for prefix in BEDROCK_MODEL_PREFIXES
+        ]
     if env.get("OPENAI_API_KEY"):
-        data: dict[str, Any] = {
-            "backends": [
-                {
-                    "name": "openai",
-                    "schema": "openai",
-                    "base_url": env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
-                    "api_key": {"env": "OPENAI_API_KEY"},
-                }
-            ],
-            "routes": [{"name": "openai", "default": True, "backends": [{"name": "openai"}]}],
-        }
-        source = "<environment: OPENAI_API_KEY>"
-    else:
-        data = demo_config_data(demo_port)
-        source = "<built-in demo>"
-    config = parse_config(data, source)
+        backends.append({"name": "openai", "schema": "openai", "api_key": {"env": "OPENAI_API_KEY"},
+                         "base_url": env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"})
+        default.append({"name": "openai", "priority": 0})
+    if env.get("AZURE_OPENAI_API_KEY") and env.get("AZURE_OPENAI_ENDPOINT"):
+        backends.append({"name": "azure", "schema": "azure_openai", "api_key": {"env": "AZURE_OPENAI_API_KEY"},
+                         "base_url": env["AZURE_OPENAI_ENDPOINT"],
+                         "api_version": env.get("OPENAI_API_VERSION") or "2024-10-21"})
+        default.append({"name": "azure", "priority": len(default)})  # OpenAI's fallback when both are set
+    if not backends:
+        config = parse_config(demo_config_data(demo_port), "<built-in demo>")
+        return LoadedConfig(config=config, source="<built-in demo>")
+    if default:
+        routes.append({"name": "default", "default": True, "backends": default})
+    names = sorted(b["name"] for b in backends)
+    source = f"<environment: {', '.join(names)}>"
+    config = parse_config({"backends": backends, "routes": routes}, source)
     return LoadedConfig(config=config, source=source, secrets=resolve_secrets(config, env, source))
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from extproc import budgets
-from extproc.config import Backend, GatewayConfig
-from extproc.exchange import BACKEND_HEADER, MODEL_HEADER, PROCESSOR_DETAILS_PREFIX
+from extproc.config import Backend, GatewayConfig, Route, Schema
+from extproc.exchange import BACKEND_HEADER, MODEL_HEADER, PROCESSOR_DETAILS_PREFIX, ROUTE_HEADER
 from extproc.protocol import METADATA_NAMESPACE
 from extproc.workers import worker_addresses, worker_count
 
@@ -36,6 +36,14 @@ _DOWNSTREAM_CONNECTIONS = (
 _RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 _LOCAL_RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 _STDOUT_LOG = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+_UPSTREAM_CODEC = "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+_PREVIOUS_PRIORITIES = (
+    "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
+)
+_RAW_BUFFER = "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+UPSTREAM_HOST_ATTRIBUTE = "xds.upstream_host_metadata"  # how the upstream stage learns the backend
+# When a backend fails (cannot connect, resets, 5xx, 429), Envoy tries the next priority.
+FALLBACK_RETRY_ON = "connect-failure,refused-stream,reset,5xx,retriable-status-codes"
 
 # Envoy's own local replies (upstream down, timeouts, body too large, no route) get the
 # OpenAI error shape. Replies the processor made (response code details starting with
@@ -55,6 +63,11 @@ def duration(seconds: float) -> str:
 
 def cluster_name(backend: str) -> str:
     return f"backend-{backend}"
+
+
+def route_cluster_name(route: str) -> str:
+    """A route with fallbacks gets one cluster holding all its backends, by priority."""
+    return f"route-{route}"
 
 
 def _socket_address(address: str, port: int) -> dict[str, Any]:
@@ -198,6 +211,49 @@ def _ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def _upstream_stage_filters(config: GatewayConfig) -> list[dict[str, Any]]:
+    """The processor again, below the router: once per attempt, for the backend Envoy
+    picked (the endpoint's metadata names it), to translate, sign and read back."""
+    timeout_ms = config.processor.message_timeout_ms
+    ext_proc = {
+        "@type": _EXT_PROC,
+        "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
+        "failure_mode_allow": False,
+        "message_timeout": duration(timeout_ms / 1000),
+        "max_message_timeout": duration(max(timeout_ms / 1000, 30)),
+        "allow_mode_override": True,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "request_body_mode": "BUFFERED",
+            "request_trailer_mode": "SKIP",
+            "response_header_mode": "SEND",
+            "response_body_mode": "NONE",  # the processor asks for the body when it translates it
+            "response_trailer_mode": "SKIP",
+        },
+        "request_attributes": [UPSTREAM_HOST_ATTRIBUTE],
+        # Each attempt sets its backend's host (a fallback cluster mixes hosts); Envoy
+        # refuses :authority mutations without this.
+        "mutation_rules": {"allow_all_routing": True},
+        "metadata_options": {
+            "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]},
+            "forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]},
+        },
+    }
+    return [
+        {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+        {"name": "envoy.filters.http.upstream_codec", "typed_config": {"@type": _UPSTREAM_CODEC}},
+    ]
+
+
+def _endpoint_metadata(backend: Backend) -> dict[str, Any]:
+    return {
+        "filter_metadata": {
+            METADATA_NAMESPACE: {"backend": backend.name},
+            "envoy.transport_socket_match": {"backend": backend.name},
+        }
+    }
+
+
 def _backend_route(backend: Backend) -> dict[str, Any]:
     url = backend.url
     action: dict[str, Any] = {
@@ -214,6 +270,36 @@ def _backend_route(backend: Backend) -> dict[str, Any]:
     }
 
 
+def _fallback_route(config: GatewayConfig, route: Route) -> dict[str, Any]:
+    members = [config.backend(ref.name) for ref in route.backends]
+    longest = 0.0 if any(b.request_timeout_seconds == 0 for b in members) else max(
+        b.request_timeout_seconds for b in members
+    )
+    action: dict[str, Any] = {
+        "cluster": route_cluster_name(route.name),
+        "timeout": duration(longest),
+        "idle_timeout": duration(max(b.idle_timeout_seconds for b in members)),
+        "retry_policy": {
+            "retry_on": FALLBACK_RETRY_ON,
+            "retriable_status_codes": [429],
+            "num_retries": max(len(members) - 1, 1),
+            "retry_priority": {
+                "name": "envoy.retry_priorities.previous_priorities",
+                "typed_config": {"@type": _PREVIOUS_PRIORITIES, "update_frequency": 1},
+            },
+            "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+            "host_selection_retry_max_attempts": 5,
+        },
+    }
+    return {
+        "name": f"route-{route.name}",
+        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": route.name}}]},
+        "route": action,
+        "request_headers_to_remove": [MODEL_HEADER, BACKEND_HEADER, ROUTE_HEADER],
+    }
+
+
 def _no_backend_route() -> dict[str, Any]:
     """Reached only when the processor chose no backend (it answers such requests itself)."""
     return {
@@ -223,40 +309,84 @@ def _no_backend_route() -> dict[str, Any]:
     }
 
 
-def _backend_cluster(backend: Backend, ca_file: str) -> dict[str, Any]:
+def _tls_socket(host: str, ca_file: str, alpn: list[str]) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _TLS,
+            "sni": host,
+            "common_tls_context": {
+                "alpn_protocols": alpn,
+                "validation_context": {
+                    "trusted_ca": {"filename": ca_file},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}],
+                },
+            },
+        },
+    }
+
+
+def _backend_cluster(config: GatewayConfig, backend: Backend, ca_file: str) -> dict[str, Any]:
     url = backend.url
+    endpoint = {"endpoint": {"address": _socket_address(url.host, url.port)}, "metadata": _endpoint_metadata(backend)}
     cluster: dict[str, Any] = {
         "name": cluster_name(backend.name),
         "type": "STRICT_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": "10s",
-        "load_assignment": {
-            "cluster_name": cluster_name(backend.name),
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(url.host, url.port)}}]}],
-        },
+        "load_assignment": {"cluster_name": cluster_name(backend.name), "endpoints": [{"lb_endpoints": [endpoint]}]},
     }
     if url.tls:
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": _TLS,
-                "sni": url.host,
-                "common_tls_context": {
-                    "alpn_protocols": ["h2", "http/1.1"],
-                    "validation_context": {
-                        "trusted_ca": {"filename": ca_file},
-                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": url.host}}],
-                    },
-                },
-            },
-        }
-        protocol: dict[str, Any] = {"auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}
+        cluster["transport_socket"] = _tls_socket(url.host, ca_file, ["h2", "http/1.1"])
+        options: dict[str, Any] = {"auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}
     else:
-        protocol = {"explicit_http_config": {"http_protocol_options": {}}}
+        options = {"explicit_http_config": {"http_protocol_options": {}}}
+    if backend.schema_ is not Schema.openai:
+        options["http_filters"] = _upstream_stage_filters(config)
     cluster["typed_extension_protocol_options"] = {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {"@type": _HTTP_OPTIONS, **protocol}
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {"@type": _HTTP_OPTIONS, **options}
     }
     return cluster
+
+
+def _fallback_cluster(config: GatewayConfig, route: Route, ca_file: str) -> dict[str, Any]:
+    """All of a route's backends in one cluster, by priority (weights within one).
+
+    Each endpoint's metadata names its backend, for the upstream stage and for its own
+    TLS settings (`transport_socket_matches`). HTTP/1.1 everywhere: one protocol for
+    plain and TLS endpoints alike."""
+    levels: dict[int, list[dict[str, Any]]] = {}
+    matches: list[dict[str, Any]] = []
+    for ref in route.backends:
+        backend = config.backend(ref.name)
+        url = backend.url
+        levels.setdefault(ref.priority, []).append({
+            "endpoint": {"address": _socket_address(url.host, url.port), "hostname": url.host},
+            "metadata": _endpoint_metadata(backend),
+            "load_balancing_weight": ref.weight,
+        })
+        socket = _tls_socket(url.host, ca_file, ["http/1.1"]) if url.tls else {
+            "name": "envoy.transport_sockets.raw_buffer", "typed_config": {"@type": _RAW_BUFFER}}
+        matches.append({"name": backend.name, "match": {"backend": backend.name}, "transport_socket": socket})
+    name = route_cluster_name(route.name)
+    return {
+        "name": name,
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "10s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"priority": p, "lb_endpoints": levels[p]} for p in sorted(levels)],
+        },
+        "transport_socket_matches": matches,
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": _upstream_stage_filters(config),
+            }
+        },
+    }
 
 
 def _grpc_cluster(name: str, addresses: list[str], discovery: str = "STATIC") -> dict[str, Any]:
@@ -354,12 +484,17 @@ def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
 
 
 def routes(config: GatewayConfig) -> list[dict[str, Any]]:
-    return [*(_backend_route(b) for b in config.backends), _no_backend_route()]
+    fallback = [_fallback_route(config, r) for r in config.routes if r.has_fallback]
+    return [*fallback, *(_backend_route(b) for b in config.backends), _no_backend_route()]
 
 
 def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict[str, Any]]:
     workers = _worker_grpc_addresses(config)
-    out = [_grpc_cluster(PROCESSOR_CLUSTER, workers), *(_backend_cluster(b, ca_file) for b in config.backends)]
+    out = [
+        _grpc_cluster(PROCESSOR_CLUSTER, workers),
+        *(_backend_cluster(config, b, ca_file) for b in config.backends),
+        *(_fallback_cluster(config, r, ca_file) for r in config.routes if r.has_fallback),
+    ]
     if config.budgets:
         if config.ratelimit.address == "builtin":
             out.append(_grpc_cluster(BUILTIN_RATELIMIT_CLUSTER, workers[:1]))  # worker 0 keeps the counters

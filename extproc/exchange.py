@@ -21,12 +21,13 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import budgets, protocol
-from extproc.config import Tenancy, key_digest
+from extproc.config import Schema, Tenancy, key_digest
 from extproc.estimate import estimate_usage
 from extproc.response import BodyKind, ResponseObserver
 from extproc.routing import BackendTarget, CompiledRoute
 from extproc.runtime import Runtime
-from extproc.schemas import openai
+from extproc.schemas import anthropic, openai
+from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.schemas.openai import Endpoint, Operation, RequestError
 from extproc.telemetry.record import RequestRecord
 from extproc.usage import TokenUsage, cost_metadata
@@ -38,7 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODEL_HEADER = "x-ai-eg-model"
-BACKEND_HEADER = "x-ai-eg-backend"
+BACKEND_HEADER = "x-ai-eg-backend"  # request: the backend picked; response: the backend that served (upstream stage)
+ROUTE_HEADER = "x-ai-eg-route"  # a route with fallbacks: Envoy picks the backend per attempt
+ANTHROPIC_MESSAGES = "anthropic.messages"
 # Credentials a client may send to the gateway; none of them may reach a provider.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
 PROCESSOR_DETAILS_PREFIX = "extproc_"  # response code details of replies the processor makes
@@ -52,6 +55,13 @@ _BUFFER_JSON_RESPONSE = ep.ProcessingResponse(
         response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
     ),
 )
+# gen_ai.provider.name values of the OpenTelemetry GenAI conventions, per backend schema.
+PROVIDER_NAMES = {
+    Schema.openai: "openai",
+    Schema.anthropic: "anthropic",
+    Schema.aws_bedrock: "aws.bedrock",
+    Schema.azure_openai: "azure.ai.openai",
+}
 _TENANT_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 Answer = ep.ProcessingResponse | Coroutine[Any, Any, ep.ProcessingResponse]
@@ -63,7 +73,7 @@ class Exchange:
     __slots__ = (
         "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
         "route", "target", "stream", "session_id", "tenant", "observer", "finished", "processor_seconds",
-        "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved",
+        "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved", "staged",
     )
 
     def __init__(self, runtime: Runtime, telemetry: Telemetry | None = None) -> None:
@@ -91,6 +101,9 @@ class Exchange:
         self._request_body: dict[str, Any] | None = None  # kept only when a span records content
         self._prompt: tuple[str, int] | None = None  # (text, messages), kept only for the estimate
         self._reserved = 0  # tokens charged up front to each budget in reserve mode
+        # The upstream stage prepares each attempt (translation, fallback): this stage
+        # leaves path, model and credentials alone and learns the served backend late.
+        self.staged = False
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message; a bug here becomes a clean error, never a dead stream."""
@@ -107,7 +120,7 @@ class Exchange:
             if phase == "request_trailers":
                 return protocol.CONTINUE_REQUEST_TRAILERS
             return protocol.CONTINUE_RESPONSE_TRAILERS
-        except RequestError as exc:
+        except (RequestError, AnthropicRequestError) as exc:
             return self._reject(exc)
         except Exception:
             log.exception("processor error in %s for %s %s", phase, self.method, self.path)
@@ -186,27 +199,41 @@ class Exchange:
         limit = runtime.max_request_body_bytes
         if len(message.body) > limit:
             raise openai.too_large(limit)
-        parsed = openai.parse_request(message.body)
+        assert self.endpoint is not None
+        anthropic_api = self.endpoint.client_api == ANTHROPIC_MESSAGES
+        parsed = anthropic.parse_request(message.body) if anthropic_api else openai.parse_request(message.body)
         self.model = parsed.model
         selection = runtime.router.select(parsed.model)
         if selection is None:
+            if anthropic_api:
+                raise AnthropicRequestError(404, f"model: {parsed.model} is not served by this gateway", "not_found_error")
             raise openai.model_not_found(parsed.model)
         self.route, self.target = selection
-        target = self.target
-        assert self.endpoint is not None
+        route, target = self.route, self.target
         self.stream = parsed.stream and self.endpoint.operation in _STREAMING_OPERATIONS
+        self.staged = route.fallback or target.translated
+        if anthropic_api and not route.fallback and target.backend.schema_ is not Schema.anthropic:
+            raise AnthropicRequestError(
+                400, f"The model `{parsed.model}` is served by a backend that does not speak the Anthropic Messages "
+                "API; use /v1/chat/completions for it.", "invalid_request_error")
 
-        set_headers, remove = self._upstream_headers(target, parsed.model)
+        if self.staged:
+            set_headers, remove = self._staged_headers(route, target, parsed.model)
+            override = None
+        else:
+            set_headers, remove = self._upstream_headers(target, parsed.model)
+            override = target.model_name_override
         updates: dict[str, Any] = {}
-        override = target.model_name_override
         if override is not None and override != parsed.model:
             updates["model"] = override
-        forced_usage = self.stream and runtime.force_stream_usage and not openai.asks_for_usage(parsed.body)
+        forced_usage = (
+            not anthropic_api and self.stream and runtime.force_stream_usage and not openai.asks_for_usage(parsed.body)
+        )
         if forced_usage:
             updates["stream_options"] = openai.with_include_usage(parsed.body)
             # The extra usage event is removed on the way back; that needs plain bytes.
             set_headers.append(("accept-encoding", b"identity"))
-        if runtime.estimate_when_missing:
+        if runtime.estimate_when_missing and not anthropic_api:
             self._prompt = (openai.prompt_text(parsed.body), len(parsed.body.get("messages") or ()) or 1)
         content_chars = self._start_span(set_headers, parsed.body)
         self.observer = ResponseObserver(
@@ -214,6 +241,7 @@ class Exchange:
             collect_text=runtime.estimate_when_missing,
             max_json_bytes=runtime.max_response_bytes,
             collect_output_chars=content_chars,
+            anthropic_api=anthropic_api,
         )
 
         common = ep.CommonResponse(clear_route_cache=True)
@@ -226,17 +254,27 @@ class Exchange:
         response = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
         request_metadata: dict[str, Any] = {
             "request_model": parsed.model,
-            "model_name_override": override or parsed.model,
-            "backend_name": target.name,
-            "route_name": self.route.name,
+            "route_name": route.name,
             "session.id": self.session_id,
             "tenant": self.tenant,
         }
+        if self.staged:
+            request_metadata["client_api"] = self.endpoint.client_api  # read by the upstream stage
+        else:
+            request_metadata["model_name_override"] = override or parsed.model
+            request_metadata["backend_name"] = target.name
         if runtime.reserve_budgets:
             self._reserved = openai.reserve_estimate(len(message.body), parsed.body)
             request_metadata[budgets.RESERVE_KEY] = self._reserved
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(request_metadata))
         return response
+
+    def _staged_headers(
+        self, route: CompiledRoute, target: BackendTarget, model: str
+    ) -> tuple[list[tuple[str, bytes]], list[str]]:
+        """Only where Envoy goes: the upstream stage sets path, model and credentials per attempt."""
+        where = (ROUTE_HEADER, route.name.encode()) if route.fallback else (BACKEND_HEADER, target.name.encode())
+        return [(MODEL_HEADER, model.encode()), where], list(CLIENT_CREDENTIAL_HEADERS)
 
     def _upstream_headers(self, target: BackendTarget, model: str) -> tuple[list[tuple[str, bytes]], list[str]]:
         """Where Envoy sends the request and with whose credentials: (headers to set, to remove)."""
@@ -282,6 +320,24 @@ class Exchange:
         if observer is None:  # not a request we routed (e.g. an Envoy local reply)
             return protocol.CONTINUE_RESPONSE_HEADERS
         headers = protocol.header_map(message)
+        if not self.staged:
+            return self._on_response_headers(message, headers, observer)
+        # The upstream stage names the backend that served this attempt: account to it
+        # (before any accounting below), and keep the internal header from the client.
+        served = headers.get(BACKEND_HEADER)
+        if served is None:
+            return self._on_response_headers(message, headers, observer)
+        self.target = self.runtime.router.targets.get(served.decode("latin-1"), self.target)
+        answer = self._on_response_headers(message, headers, observer)
+        if isinstance(answer, ep.ProcessingResponse):
+            return _removing_backend_header(answer)
+
+        async def later() -> ep.ProcessingResponse:  # the opt-in estimate runs in a thread
+            return _removing_backend_header(await answer)
+
+        return later()
+
+    def _on_response_headers(self, message: ep.HttpHeaders, headers: dict[str, bytes], observer: ResponseObserver) -> Answer:
         status = headers.get(":status", b"0")
         length = headers.get("content-length", b"")
         kind = observer.on_headers(
@@ -410,7 +466,7 @@ class Exchange:
             error_type = None
         return RequestRecord(
             operation=endpoint.operation.value,
-            provider=target.backend.schema_.value,
+            provider=PROVIDER_NAMES[target.backend.schema_],
             request_model=self.model,
             backend_model=target.model_name_override or self.model,
             response_model=observer.response_model,
@@ -437,9 +493,19 @@ class Exchange:
             output=observer.output,
         )
 
-    def _reject(self, error: RequestError) -> ep.ProcessingResponse:
-        body = openai.error_body(error.status, error.message, error.error_type, error.code, error.param)
-        code = error.code or error.error_type
+    def _reject(self, error: RequestError | AnthropicRequestError) -> ep.ProcessingResponse:
+        """Answer the client in its own API's error shape."""
+        code = getattr(error, "code", None) or error.error_type
+        if self.endpoint is not None and self.endpoint.client_api == ANTHROPIC_MESSAGES:
+            kind = error.error_type if error.error_type.endswith("_error") else (
+                "api_error" if error.status >= 500 else "invalid_request_error")
+            if error.status == 413:
+                kind = "request_too_large"
+            body = anthropic.error_body(error.message, kind)
+        elif isinstance(error, AnthropicRequestError):
+            body = openai.error_body(error.status, error.message, error.error_type)
+        else:
+            body = openai.error_body(error.status, error.message, error.error_type, error.code, error.param)
         return protocol.immediate(error.status, body, PROCESSOR_DETAILS_PREFIX + code)
 
 
@@ -458,6 +524,13 @@ def _header_text(value: bytes | None) -> str | None:
         return None
     text = value[:_MAX_HEADER_VALUE].decode("utf-8", "replace")
     return text if text.isprintable() else None
+
+
+def _removing_backend_header(answer: ep.ProcessingResponse) -> ep.ProcessingResponse:
+    response = ep.ProcessingResponse()
+    response.CopyFrom(answer)  # answers may be shared constants: never mutate them
+    response.response_headers.response.header_mutation.remove_headers.append(BACKEND_HEADER)
+    return response
 
 
 def _continue(phase: str | None) -> ep.ProcessingResponse:

@@ -15,7 +15,7 @@ from enum import Enum
 import orjson
 
 from extproc.decoding import ChunkDecoder, decoder_for
-from extproc.schemas import openai
+from extproc.schemas import anthropic, openai
 from extproc.sse import SSEDecoder, SSEEvent
 from extproc.telemetry.record import OutputMessage
 from extproc.usage import TokenUsage
@@ -38,11 +38,17 @@ class ResponseObserver:
     __slots__ = (
         "status", "kind", "usage", "response_model", "error_type", "first_output_at", "last_output_at",
         "complete", "strip_usage", "_decoder", "_sse", "_json", "_json_limit", "_output_text", "_broken",
-        "_expected_bytes", "_received_bytes", "_decoded_bytes", "_messages", "_max_chars",
+        "_expected_bytes", "_received_bytes", "_decoded_bytes", "_messages", "_max_chars", "_anthropic",
     )
 
     def __init__(
-        self, *, strip_usage: bool, collect_text: bool, max_json_bytes: int, collect_output_chars: int | None = None
+        self,
+        *,
+        strip_usage: bool,
+        collect_text: bool,
+        max_json_bytes: int,
+        collect_output_chars: int | None = None,
+        anthropic_api: bool = False,
     ) -> None:
         self.status = 0
         self.kind = BodyKind.none
@@ -67,6 +73,8 @@ class ResponseObserver:
         # Output messages for traces, assembled only when a span will record them.
         self._messages: dict[int, OutputMessage] | None = {} if collect_output_chars else None
         self._max_chars = collect_output_chars or 0
+        # A client of the Anthropic Messages API reads Anthropic's own stream, untouched.
+        self._anthropic: anthropic.StreamUsage | None = anthropic.StreamUsage() if anthropic_api else None
 
     @property
     def output_text(self) -> str:
@@ -160,6 +168,9 @@ class ResponseObserver:
             return True
 
     def _read_event(self, event: SSEEvent, now: float) -> bool:
+        if self._anthropic is not None:
+            self._read_anthropic_event(self._anthropic, event, now)
+            return True
         if event.data == _DONE:
             self.complete = True
             return True
@@ -186,6 +197,20 @@ class ResponseObserver:
                 self._output_text.append(openai.stream_chunk_text(chunk))
         return not (self.strip_usage and openai.is_usage_only_chunk(chunk))
 
+    def _read_anthropic_event(self, reader: anthropic.StreamUsage, event: SSEEvent, now: float) -> None:
+        data = orjson.loads(event.data)
+        if not isinstance(data, dict):
+            return
+        reader.on_event(event.event, data)
+        self.usage = reader.usage
+        self.response_model = reader.response_model or self.response_model
+        self.error_type = reader.error_type or self.error_type
+        self.complete = self.complete or reader.complete
+        if reader.has_output:
+            if self.first_output_at is None:
+                self.first_output_at = now
+            self.last_output_at = now
+
     # -- JSON ---------------------------------------------------------------
 
     def _on_json(self, data: bytes, end: bool) -> None:
@@ -205,6 +230,12 @@ class ResponseObserver:
             return
         if isinstance(body.get("model"), str):
             self.response_model = body["model"]
+        if self._anthropic is not None:
+            self.usage = anthropic.usage_from_message(body)
+            error = body.get("error")
+            if self.status >= 400 and isinstance(error, dict):
+                self.error_type = str(error.get("type") or "error")
+            return
         self.usage = openai.usage_from_openai(body.get("usage"))
         if self.status >= 400:
             self.error_type = openai.error_type_of(body)

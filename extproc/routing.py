@@ -16,7 +16,7 @@ from itertools import accumulate
 
 from pydantic import SecretStr
 
-from extproc.config import Backend, GatewayConfig, ModelMatch, Route
+from extproc.config import Backend, GatewayConfig, ModelMatch, Route, Schema
 
 _CACHE_LIMIT = 4096
 
@@ -34,15 +34,22 @@ class BackendTarget:
     api_key: SecretStr | None
     model_name_override: str | None
     extra_headers: tuple[tuple[str, bytes], ...]
+    # Not OpenAI's wire format (or not OpenAI's paths): the upstream stage rewrites each
+    # attempt for this backend, so the request stage leaves path, model and keys alone.
+    translated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class CompiledRoute:
-    """A route with its matcher and weighted backends ready for picking."""
+    """A route with its matcher and weighted backends ready for picking.
+
+    `targets` are the priority-0 backends (the processor picks one of them); with
+    `fallback`, Envoy itself picks per attempt among all priorities (see envoyconfig)."""
 
     name: str
     targets: tuple[BackendTarget, ...]
     cumulative_weights: tuple[int, ...]
+    fallback: bool = False
 
     def pick(self, rng: random.Random) -> BackendTarget:
         if len(self.targets) == 1:
@@ -73,6 +80,7 @@ class Router:
 
     def __init__(self, config: GatewayConfig, secrets: dict[str, SecretStr], rng: random.Random | None = None) -> None:
         targets = {b.name: _target(b, secrets.get(b.name)) for b in config.backends}
+        self.targets: dict[str, BackendTarget] = targets  # by backend name
         self._rng = rng or random.Random()
         self._routes: list[tuple[re.Pattern[str] | frozenset[str] | str, CompiledRoute]] = []
         self._default: CompiledRoute | None = None
@@ -107,9 +115,10 @@ class Router:
 
 
 def _compile(route: Route, targets: dict[str, BackendTarget]) -> CompiledRoute:
-    chosen = tuple(targets[ref.name] for ref in route.backends)
-    weights = tuple(accumulate(ref.weight for ref in route.backends))
-    return CompiledRoute(name=route.name, targets=chosen, cumulative_weights=weights)
+    primary = [ref for ref in route.backends if ref.priority == 0]
+    chosen = tuple(targets[ref.name] for ref in primary)
+    weights = tuple(accumulate(ref.weight for ref in primary))
+    return CompiledRoute(name=route.name, targets=chosen, cumulative_weights=weights, fallback=route.has_fallback)
 
 
 def _target(backend: Backend, api_key: SecretStr | None) -> BackendTarget:
@@ -124,4 +133,5 @@ def _target(backend: Backend, api_key: SecretStr | None) -> BackendTarget:
         api_key=api_key,
         model_name_override=backend.model_name_override,
         extra_headers=tuple((k.lower(), v.encode()) for k, v in backend.headers.items()),
+        translated=backend.schema_ is not Schema.openai,
     )

@@ -31,6 +31,7 @@ from extproc.budgets import descriptor_config
 from extproc.config import GatewayConfig, LoadedConfig
 from extproc.ratelimit import RateLimitServicer, load_rules, store_from_url
 from extproc.exchange import Exchange
+from extproc.upstream import UpstreamExchange, is_upstream_stream
 from extproc.runtime import Runtime
 from extproc.telemetry import Telemetry
 from extproc.telemetry.merge import merge_expositions
@@ -56,20 +57,34 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     async def Process(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        exchange = Exchange(self.runtime, self.telemetry)
-        self.in_flight += 1
         clock = time.perf_counter
+        exchange: Exchange | None = None
+        upstream: UpstreamExchange | None = None
+        self.in_flight += 1
         try:
             async for request in request_iterator:
                 began = clock()
-                answer = exchange.handle(request)
-                if not isinstance(answer, ep.ProcessingResponse):
-                    answer = await answer
-                exchange.processor_seconds += clock() - began
+                if exchange is not None:
+                    answer = exchange.handle(request)
+                    if not isinstance(answer, ep.ProcessingResponse):
+                        answer = await answer
+                    exchange.processor_seconds += clock() - began
+                elif upstream is not None:
+                    answer = upstream.handle(request)
+                elif is_upstream_stream(request):  # first message of an upstream-stage stream
+                    upstream = UpstreamExchange(self.runtime)
+                    answer = upstream.handle(request)
+                else:  # first message of a request-stage stream
+                    exchange = Exchange(self.runtime, self.telemetry)
+                    answer = exchange.handle(request)
+                    if not isinstance(answer, ep.ProcessingResponse):
+                        answer = await answer
+                    exchange.processor_seconds += clock() - began
                 yield answer
         finally:
             self.in_flight -= 1
-            exchange.close()
+            if exchange is not None:
+                exchange.close()
 
 
 @dataclass(slots=True)

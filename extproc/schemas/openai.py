@@ -29,14 +29,17 @@ class Endpoint:
     operation: Operation
     method: str
     suffix: str  # the path after the API version prefix, appended to a backend's base URL
+    client_api: str  # the API the client speaks, named in metadata for the upstream stage
 
 
-# Client paths as the openai SDK sends them (base URL ends in /v1).
+# Client paths as the openai and anthropic SDKs send them (the openai SDK's base URL ends
+# in /v1; the anthropic SDK's base URL is the gateway's /anthropic).
 ENDPOINTS: dict[str, Endpoint] = {
-    "/v1/chat/completions": Endpoint(Operation.chat, "POST", "/chat/completions"),
-    "/v1/completions": Endpoint(Operation.completion, "POST", "/completions"),
-    "/v1/embeddings": Endpoint(Operation.embeddings, "POST", "/embeddings"),
-    "/v1/models": Endpoint(Operation.models, "GET", "/models"),
+    "/v1/chat/completions": Endpoint(Operation.chat, "POST", "/chat/completions", "openai.chat"),
+    "/v1/completions": Endpoint(Operation.completion, "POST", "/completions", "openai.completions"),
+    "/v1/embeddings": Endpoint(Operation.embeddings, "POST", "/embeddings", "openai.embeddings"),
+    "/v1/models": Endpoint(Operation.models, "GET", "/models", "openai.models"),
+    "/anthropic/v1/messages": Endpoint(Operation.chat, "POST", "/v1/messages", "anthropic.messages"),
 }
 
 
@@ -203,10 +206,14 @@ def usage_from_openai(usage: Any) -> TokenUsage | None:
     total = _int(usage.get("total_tokens")) or prompt + completion
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
+    # `cache_creation_tokens` is the gateway's own extension: a translated Anthropic or
+    # Bedrock reply keeps its cache writes accountable in OpenAI's shape.
+    creation = prompt_details.get("cache_creation_tokens") if isinstance(prompt_details, dict) else None
     return TokenUsage(
         input_tokens=prompt,
         output_tokens=completion,
         total_tokens=total,
+        cache_creation_input_tokens=_int(creation) if creation is not None else None,
         cached_input_tokens=_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
         reasoning_tokens=(
             _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0

@@ -120,3 +120,27 @@ def test_budgets_and_request_limits_render_a_valid_envoy_config(tmp_path: Path, 
     path.write_text(envoyconfig.to_yaml(envoyconfig.render(config)))
     result = _validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_provider_schema_and_a_tls_fallback_route_validate(tmp_path: Path) -> None:
+    """Upstream-stage filters, a mixed plain/TLS priority cluster and its retry policy."""
+    config = parse_config({
+        "backends": [
+            {"name": "oa", "base_url": "https://api.openai.com/v1", "api_key": {"env": "X"}},
+            {"name": "claude", "schema": "anthropic", "base_url": "https://api.anthropic.com", "api_key": {"env": "X"}},
+            {"name": "br", "schema": "aws_bedrock", "aws": {"region": "us-west-2"}},
+            {"name": "az", "schema": "azure_openai", "base_url": "https://r.openai.azure.com", "api_key": {"env": "X"},
+             "api_version": "2024-10-21"},
+            {"name": "local", "base_url": "http://127.0.0.1:8080/v1"},
+        ],
+        "routes": [
+            {"name": "claude", "match": {"glob": "claude-*"}, "backends": [{"name": "claude"}]},
+            {"name": "rest", "default": True, "backends": [
+                {"name": "oa"}, {"name": "az", "priority": 1}, {"name": "br", "priority": 2},
+                {"name": "local", "priority": 2, "weight": 3}]},
+        ],
+    })
+    path = tmp_path / "envoy.yaml"
+    path.write_text(envoyconfig.to_yaml(envoyconfig.render(config)))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -20,6 +20,7 @@ from extproc.config import (
     is_demo,
     load_config,
     parse_config,
+    resolve_secrets,
 )
 
 SECRET = "sk-live-7f3a9c-DO-NOT-LEAK"
@@ -191,7 +192,7 @@ def test_missing_required_field() -> None:
     del data["backends"][0]["base_url"]
     message = error_of(data)
     assert "backends[0].base_url" in message
-    assert "missing" in message
+    assert "required" in message
 
 
 def test_missing_routes_section() -> None:
@@ -619,3 +620,82 @@ def test_credential_headers_are_never_published(section: dict) -> None:
     }
     with pytest.raises(ConfigError, match="carries credentials"):
         parse_config({**base, **section}, "gw.yaml")
+
+
+# -- more providers from the environment ----------------------------------------------
+
+
+def test_anthropic_key_serves_claude_models_with_sdk_base_url_convention() -> None:
+    loaded = config_from_environment({"ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_BASE_URL": "http://proxy:9000/anthropic/"})
+    backend = loaded.config.backend("anthropic")
+    assert backend.schema_.value == "anthropic"
+    # The anthropic SDK's base URL has no /v1 (the gateway appends /v1/messages); a prefix is kept.
+    assert backend.url.path_prefix == "/anthropic"
+    assert loaded.secrets["anthropic"].get_secret_value() == SECRET
+    route = next(r for r in loaded.config.routes if r.name == "anthropic")
+    assert route.match is not None and route.match.glob == "claude-*"
+    assert not any(r.default for r in loaded.config.routes)
+
+
+def test_azure_alone_is_the_default_and_openai_falls_back_to_it() -> None:
+    azure_env = {"AZURE_OPENAI_API_KEY": SECRET, "AZURE_OPENAI_ENDPOINT": "https://res.openai.azure.com",
+                 "OPENAI_API_VERSION": "2024-06-01"}
+    alone = config_from_environment(azure_env).config
+    assert alone.backend("azure").api_version == "2024-06-01"
+    assert [(b.name, b.priority) for b in alone.routes[-1].backends] == [("azure", 0)]
+    both = config_from_environment({**azure_env, "OPENAI_API_KEY": "sk-other"}).config
+    default = next(r for r in both.routes if r.default)
+    assert [(b.name, b.priority) for b in default.backends] == [("openai", 0), ("azure", 1)]
+    assert default.has_fallback
+
+
+def test_aws_credentials_and_region_give_bedrock_for_bedrock_model_ids() -> None:
+    loaded = config_from_environment({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": SECRET,
+                                      "AWS_REGION": "eu-west-1"})
+    backend = loaded.config.backend("bedrock")
+    assert backend.base_url == "https://bedrock-runtime.eu-west-1.amazonaws.com"
+    assert backend.aws is not None and backend.aws.region == "eu-west-1" and backend.aws.access_key_id is None
+    prefixes = [r.match.prefix for r in loaded.config.routes if r.match is not None]
+    assert "anthropic." in prefixes and "us." in prefixes
+    assert SECRET not in repr(loaded)
+    # A region alone (no credentials) is not a provider.
+    assert is_demo(config_from_environment({"AWS_REGION": "eu-west-1"}))
+
+
+@pytest.mark.parametrize(
+    ("backend", "needle"),
+    [
+        ({"name": "b", "schema": "aws_bedrock"}, "aws"),
+        ({"name": "b", "schema": "aws_bedrock", "aws": {"region": "us-east-1"}, "api_key": {"env": "K"}}, "api_key"),
+        ({"name": "b", "schema": "azure_openai", "base_url": "https://r.openai.azure.com"}, "api_version"),
+        ({"name": "b", "schema": "openai", "base_url": "https://x/v1", "deployment": "d"}, "azure_openai"),
+        ({"name": "b", "schema": "aws_bedrock", "aws": {"region": "us-east-1", "access_key_id": {"env": "A"}}},
+         "secret_access_key"),
+        ({"name": "b", "schema": "aws_bedrock", "aws": {"region": "mars"}}, "region"),
+    ],
+)
+def test_provider_fields_are_checked_per_schema(backend: dict, needle: str) -> None:
+    data = {"backends": [backend], "routes": [{"name": "r", "default": True, "backends": [{"name": "b"}]}]}
+    assert needle in error_of(data)
+
+
+def test_fallback_priorities_must_not_skip_a_level() -> None:
+    data = minimal()
+    data["backends"].append({"name": "second", "base_url": "http://127.0.0.1:2/v1"})
+    data["routes"][0]["backends"] = [{"name": data["backends"][0]["name"]}, {"name": "second", "priority": 2}]
+    assert "priorities" in error_of(data)
+
+
+def test_aws_keys_from_config_are_resolved_as_secrets() -> None:
+    data = {
+        "backends": [{"name": "br", "schema": "aws_bedrock", "aws": {
+            "region": "us-east-1", "access_key_id": {"env": "MY_AK"}, "secret_access_key": {"env": "MY_SK"}}}],
+        "routes": [{"name": "r", "default": True, "backends": [{"name": "br"}]}],
+    }
+    config = parse_config(data)
+    secrets = resolve_secrets(config, {"MY_AK": "AKIDX", "MY_SK": SECRET}, "<test>")
+    assert secrets["br/aws.access_key_id"].get_secret_value() == "AKIDX"
+    assert secrets["br/aws.secret_access_key"].get_secret_value() == SECRET
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(config, {"MY_AK": "AKIDX"}, "<test>")
+    assert "backends[0].aws.secret_access_key" in str(info.value)

@@ -368,3 +368,61 @@ def test_colliding_worker_ports_are_refused() -> None:
     settings = gateway(processor={"grpc_address": "127.0.0.1:5000", "admin_port": 5010}).processor
     with pytest.raises(ConfigError, match="collide"):
         worker_addresses(settings, 2)
+
+
+# -- providers and fallback ---------------------------------------------------------------
+
+
+def _providers() -> GatewayConfig:
+    return parse_config({
+        "backends": [
+            {"name": "oa", "base_url": "https://api.openai.com/v1"},
+            {"name": "claude", "schema": "anthropic", "base_url": "https://api.anthropic.com", "api_key": {"env": "X"}},
+            {"name": "local", "base_url": "http://127.0.0.1:8080/v1"},
+        ],
+        "routes": [
+            {"name": "claude", "match": {"glob": "claude-*"}, "backends": [{"name": "claude"}]},
+            {"name": "rest", "default": True, "backends": [
+                {"name": "oa", "weight": 2}, {"name": "local", "priority": 1}, {"name": "claude", "priority": 1}]},
+        ],
+    })
+
+
+def _by_name(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in items}
+
+
+def test_only_translated_backends_get_the_upstream_stage() -> None:
+    clusters = _by_name(render(_providers())["static_resources"]["clusters"])
+    options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    claude = clusters["backend-claude"]["typed_extension_protocol_options"][options]
+    assert [f["name"] for f in claude["http_filters"]] == ["envoy.filters.http.ext_proc", "envoy.filters.http.upstream_codec"]
+    ext_proc = claude["http_filters"][0]["typed_config"]
+    assert ext_proc["request_attributes"] == ["xds.upstream_host_metadata"]
+    assert ext_proc["metadata_options"]["forwarding_namespaces"]["untyped"] == [NAMESPACE]
+    assert ext_proc["mutation_rules"] == {"allow_all_routing": True}
+    # OpenAI backends on single-priority routes keep the one-stage fast path.
+    assert "http_filters" not in clusters["backend-oa"]["typed_extension_protocol_options"][options]
+
+
+def test_fallback_route_is_one_cluster_by_priority_with_a_retry_policy() -> None:
+    bootstrap = render(_providers())
+    cluster = _by_name(bootstrap["static_resources"]["clusters"])["route-rest"]
+    levels = cluster["load_assignment"]["endpoints"]
+    assert [lvl["priority"] for lvl in levels] == [0, 1]
+    assert [e["metadata"]["filter_metadata"][NAMESPACE]["backend"] for e in levels[0]["lb_endpoints"]] == ["oa"]
+    assert [e["load_balancing_weight"] for e in levels[0]["lb_endpoints"]] == [2]
+    assert sorted(e["metadata"]["filter_metadata"][NAMESPACE]["backend"] for e in levels[1]["lb_endpoints"]) == [
+        "claude", "local"]
+    sockets = _by_name(cluster["transport_socket_matches"])
+    assert sockets["oa"]["transport_socket"]["typed_config"]["sni"] == "api.openai.com"
+    assert sockets["local"]["transport_socket"]["name"] == "envoy.transport_sockets.raw_buffer"
+    routes = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "route_config"]["virtual_hosts"][0]["routes"]
+    route = _by_name(routes)["route-rest"]
+    assert route["match"]["headers"][0] == {"name": "x-ai-eg-route", "string_match": {"exact": "rest"}}
+    policy = route["route"]["retry_policy"]
+    assert "5xx" in policy["retry_on"] and "connect-failure" in policy["retry_on"]
+    assert policy["retriable_status_codes"] == [429] and policy["num_retries"] == 2
+    assert policy["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
+    assert "x-ai-eg-route" in route["request_headers_to_remove"]

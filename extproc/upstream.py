@@ -1,0 +1,338 @@
+"""The upstream stage: one ext_proc stream per attempt, from the backend cluster's filters.
+
+The request stage (extproc/exchange.py) runs once per client request, before Envoy's
+router. When a route has fallbacks, the router tries backends one after another, and
+each may speak another API: the request must be translated and signed for the backend
+of *that* attempt, which only a filter below the router sees. Envoy runs this stage as
+an upstream HTTP filter of the cluster: its first message names the backend Envoy
+picked (the endpoint's metadata) and carries the request stage's metadata
+(`client_api`), so every attempt is self-contained and any worker can serve it.
+
+Per attempt: request body -> the backend's wire format, path, host, credentials
+(SigV4 for Bedrock, computed over the final body); response headers -> the served
+backend's name for the request stage, and for translated APIs the response body
+(JSON, errors, event streams) back to the client's API, chunk by chunk.
+
+Envoy facts this relies on (checked with Envoy 1.40): header mutations made in one
+attempt are still there in the next (the router reuses the header map) while the body
+is the router's buffered original, so every attempt sets or removes every
+provider-specific header and always sets content-length.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import text_format
+
+from extproc import protocol
+from extproc.config import AWS_SECRET_SEPARATOR, Schema
+from extproc.routing import BackendTarget
+from extproc.runtime import Runtime
+from extproc.schemas import anthropic, bedrock, openai
+from extproc.schemas.openai import RequestError
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_HOST_ATTRIBUTE = "xds.upstream_host_metadata"
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+ENDPOINT_BACKEND_KEY = "backend"  # endpoint metadata (namespace io.envoy.ai_gateway) naming the backend
+SERVED_BACKEND_HEADER = "x-ai-eg-backend"  # response header: who served; the request stage removes it
+UPSTREAM_DETAILS_PREFIX = "extproc_upstream_"
+
+# Client APIs the request stage names in the `client_api` metadata.
+OPENAI_CHAT = "openai.chat"
+OPENAI_COMPLETIONS = "openai.completions"
+OPENAI_EMBEDDINGS = "openai.embeddings"
+ANTHROPIC_MESSAGES = "anthropic.messages"
+_OPENAI_SUFFIXES = {OPENAI_CHAT: "/chat/completions", OPENAI_COMPLETIONS: "/completions", OPENAI_EMBEDDINGS: "/embeddings"}
+
+# Headers one schema or another sets: an attempt removes those its backend does not use.
+_PROVIDER_HEADERS = (
+    "authorization", "x-api-key", "api-key", "anthropic-version", "x-amz-date", "x-amz-security-token",
+    "x-amz-content-sha256", "proxy-authorization",
+)
+_BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+_STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+
+
+def is_upstream_stream(request: ep.ProcessingRequest) -> bool:
+    """The upstream stage asks Envoy for the host's metadata; the request stage asks nothing."""
+    attributes = request.attributes.get(ATTRIBUTES_KEY)
+    return attributes is not None and UPSTREAM_HOST_ATTRIBUTE in attributes.fields
+
+
+def backend_of_host(metadata_text: str) -> str | None:
+    """The backend name in an endpoint's metadata, which Envoy sends as protobuf text."""
+    metadata = base_pb2.Metadata()
+    try:
+        text_format.Parse(metadata_text, metadata)
+    except text_format.ParseError:
+        return None
+    fields = metadata.filter_metadata[protocol.METADATA_NAMESPACE].fields
+    value = fields.get(ENDPOINT_BACKEND_KEY)
+    return value.string_value if value is not None and value.string_value else None
+
+
+class UpstreamExchange:
+    """One attempt of one request, against the backend Envoy picked for it."""
+
+    __slots__ = ("runtime", "target", "client_api", "stream", "include_usage", "model", "_translator", "_translate_response",
+                 "_status", "_error_type")
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.target: BackendTarget | None = None
+        self.client_api = OPENAI_CHAT
+        self.stream = False
+        self.include_usage = False
+        self.model = ""
+        self._translator: anthropic.StreamTranslator | bedrock.StreamTranslator | None = None
+        self._translate_response = False  # the reply (JSON, error or stream) goes back to the client's API
+        self._status = 0
+        self._error_type: str | None = None  # Bedrock's x-amzn-errortype
+
+    def handle(self, request: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        phase = request.WhichOneof("request")
+        try:
+            if phase == "request_headers":
+                return self.on_request_headers(request)
+            if phase == "request_body":
+                return self.on_request_body(request.request_body)
+            if phase == "response_headers":
+                return self.on_response_headers(request.response_headers)
+            if phase == "response_body":
+                return self.on_response_body(request.response_body)
+        except (RequestError, anthropic.AnthropicRequestError) as exc:
+            return self._reject(exc)
+        except Exception:
+            log.exception("upstream stage error in %s (backend %s)", phase, self.target.name if self.target else "?")
+            if phase in ("request_headers", "request_body"):
+                return self._reject(RequestError(500, "The gateway failed to prepare the request for its backend.",
+                                                 "server_error", "gateway_error"))
+        return _continue(phase)
+
+    # -- request ----------------------------------------------------------------
+
+    def on_request_headers(self, request: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        host = request.attributes[ATTRIBUTES_KEY].fields[UPSTREAM_HOST_ATTRIBUTE].string_value
+        name = backend_of_host(host)
+        self.target = self.runtime.router.targets.get(name or "")
+        if self.target is None:
+            raise RequestError(500, "The gateway's Envoy config names a backend this processor does not know.",
+                               "server_error", "gateway_config_error")
+        forwarded = request.metadata_context.filter_metadata.get(protocol.METADATA_NAMESPACE)
+        if forwarded is not None and "client_api" in forwarded.fields:
+            self.client_api = forwarded.fields["client_api"].string_value
+        return protocol.CONTINUE_REQUEST_HEADERS
+
+    def on_request_body(self, message: ep.HttpBody) -> ep.ProcessingResponse:
+        target = self.target
+        assert target is not None
+        raw = message.body  # one read: protobuf hands out a new bytes object per access
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise openai.bad_request("The request body is not valid JSON.") from None
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            raise openai.bad_request("The request body must be a JSON object with a 'model' field.")
+        self.model = target.model_name_override or body["model"]
+        self.stream = body.get("stream") is True
+        options = body.get("stream_options")
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        path, new_body, headers = self._translate(target, body, raw)
+        remove = [h for h in _PROVIDER_HEADERS if not any(k == h for k, _ in headers)]
+        headers += [
+            (":path", path.encode("latin-1")),
+            (":authority", target.authority.encode()),
+            ("content-length", str(len(new_body)).encode()),
+        ]
+        common = ep.CommonResponse(header_mutation=protocol.header_mutation(headers, remove))
+        if new_body is not raw:
+            common.body_mutation.body = new_body
+        response = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
+        response.dynamic_metadata.CopyFrom(
+            protocol.metadata_struct({"backend_name": target.name, "model_name_override": self.model})
+        )
+        return response
+
+    def _translate(
+        self, target: BackendTarget, body: dict[str, Any], raw: bytes
+    ) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+        """(path with query, body bytes, headers to set) for this backend."""
+        schema = target.backend.schema_
+        client = self.client_api
+        key = target.api_key.get_secret_value().encode() if target.api_key is not None else None
+        headers: list[tuple[str, bytes]] = [("content-type", b"application/json"), *target.extra_headers]
+        if client == ANTHROPIC_MESSAGES and schema is not Schema.anthropic:
+            raise anthropic.AnthropicRequestError(
+                400, f"The model `{body['model']}` is served by a backend that does not speak the Anthropic "
+                "Messages API; use /v1/chat/completions for it.", "invalid_request_error")
+        if schema in (Schema.openai, Schema.azure_openai):
+            suffix = _OPENAI_SUFFIXES.get(client)
+            if suffix is None:
+                raise openai.bad_request(f"The backend {target.name} cannot serve this API.")
+            out = self._with_model(body, raw)
+            if schema is Schema.openai:
+                if key is not None:
+                    headers.append(("authorization", b"Bearer " + key))
+                return target.path_prefix + suffix, out, headers
+            backend = target.backend
+            deployment = quote(backend.deployment or self.model, safe="")
+            if key is not None:
+                headers.append(("api-key", key))
+            path = f"{target.path_prefix}/openai/deployments/{deployment}{suffix}?api-version={backend.api_version}"
+            return path, out, headers
+        if schema is Schema.anthropic:
+            if key is not None:
+                headers.append(("x-api-key", key))
+            headers.append(("anthropic-version", target.backend.anthropic_version.encode()))
+            path = target.path_prefix + anthropic.MESSAGES_SUFFIX
+            if client == ANTHROPIC_MESSAGES:
+                return path, self._with_model(body, raw), headers
+            self._require_chat(target)
+            translated = anthropic.chat_to_messages(body, self.model)
+            self._expect_translation(anthropic.StreamTranslator(self.model, self.include_usage), headers)
+            return path, orjson.dumps(translated), headers
+        assert schema is Schema.aws_bedrock
+        self._require_chat(target)
+        translated_body = orjson.dumps(bedrock.chat_to_converse(body))
+        path = target.path_prefix + bedrock.converse_path(self.model, self.stream)
+        headers.append(("accept", b"application/vnd.amazon.eventstream" if self.stream else b"application/json"))
+        self._expect_translation(bedrock.StreamTranslator(self.model, self.include_usage), headers)
+        headers += self._sigv4(target, path, translated_body)
+        return path, translated_body, headers
+
+    def _with_model(self, body: dict[str, Any], raw: bytes) -> bytes:
+        if self.model == body["model"]:
+            return raw
+        return openai.with_updates(raw, body, {"model": self.model})
+
+    def _require_chat(self, target: BackendTarget) -> None:
+        if self.client_api != OPENAI_CHAT:
+            what = {OPENAI_EMBEDDINGS: "embeddings", OPENAI_COMPLETIONS: "legacy completions"}.get(self.client_api, "this API")
+            raise openai.bad_request(
+                f"The backend {target.name} ({target.backend.schema_.value}) does not offer {what}; "
+                "route this model to an OpenAI-compatible backend."
+            )
+
+    def _expect_translation(
+        self, translator: anthropic.StreamTranslator | bedrock.StreamTranslator, headers: list[tuple[str, bytes]]
+    ) -> None:
+        self._translator = translator if self.stream else None
+        self._translate_response = True
+        headers.append(("accept-encoding", b"identity"))  # translation reads plain bytes
+
+    def _sigv4(self, target: BackendTarget, path: str, body: bytes) -> list[tuple[str, bytes]]:
+        aws = target.backend.aws
+        assert aws is not None
+        secrets = self.runtime.loaded.secrets
+        prefix = target.name + AWS_SECRET_SEPARATOR
+        access = secrets.get(prefix + "access_key_id")
+        if access is not None:
+            secret = secrets[prefix + "secret_access_key"]
+            token = secrets.get(prefix + "session_token")
+            keys = (access.get_secret_value(), secret.get_secret_value(), token.get_secret_value() if token else None)
+        else:
+            found = bedrock.credentials_from_environment(aws.region)
+            if found is None:
+                raise RequestError(503, f"No AWS credentials are available to sign requests for {target.name}.",
+                                   "server_error", "backend_credentials_missing")
+            keys = (found[0], found[1], found[2])
+        url = f"{target.backend.url.scheme}://{target.authority}{path}"
+        signed = bedrock.sign(
+            "POST", url, {"content-type": "application/json"}, body, aws.region, keys[0], keys[1], keys[2]
+        )
+        return [(k.lower(), v.encode()) for k, v in signed.items()]
+
+    # -- response ---------------------------------------------------------------
+
+    def on_response_headers(self, message: ep.HttpHeaders) -> ep.ProcessingResponse:
+        target = self.target
+        assert target is not None
+        headers = protocol.header_map(message)
+        status_text = headers.get(":status", b"0")
+        self._status = int(status_text) if status_text.isdigit() else 0
+        errortype = headers.get("x-amzn-errortype")
+        self._error_type = errortype.decode("latin-1") if errortype else None
+        set_headers: list[tuple[str, bytes]] = [(SERVED_BACKEND_HEADER, target.name.encode())]
+        response = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+        if not self._translate_response or message.end_of_stream:
+            response.response_headers.response.header_mutation.CopyFrom(protocol.header_mutation(set_headers))
+            return response
+        remove = ["content-length"]
+        if self._status >= 300 or self._translator is None:
+            # Errors and JSON replies are translated whole.
+            self._translator = None
+            set_headers.append(("content-type", b"application/json"))
+            response.mode_override.response_body_mode = _BUFFERED
+        else:
+            set_headers.append(("content-type", b"text/event-stream"))
+            response.mode_override.response_body_mode = _STREAMED
+        response.response_headers.response.header_mutation.CopyFrom(protocol.header_mutation(set_headers, remove))
+        return response
+
+    def on_response_body(self, message: ep.HttpBody) -> ep.ProcessingResponse:
+        if not self._translate_response:
+            return protocol.CONTINUE_RESPONSE_BODY
+        if self._translator is not None:
+            out = self._translator.feed(message.body) if message.body else b""
+            if message.end_of_stream:
+                out += self._translator.finish()
+        else:
+            out = self._translate_whole(message.body)
+        response = ep.ProcessingResponse(response_body=ep.BodyResponse())
+        mutation = response.response_body.response.body_mutation
+        if out:
+            mutation.body = out
+        else:
+            mutation.clear_body = True
+        return response
+
+    def _translate_whole(self, body: bytes) -> bytes:
+        target = self.target
+        assert target is not None
+        schema = target.backend.schema_
+        if self._status >= 300:
+            if schema is Schema.anthropic:
+                return anthropic.error_to_openai(self._status, body)
+            return bedrock.error_to_openai(self._status, body, self._error_type)
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return openai.error_body(502, f"The backend {target.name} sent a reply that is not JSON.",
+                                     "server_error", "bad_backend_response")
+        if schema is Schema.anthropic:
+            return orjson.dumps(anthropic.messages_to_chat(parsed, self.model))
+        return orjson.dumps(bedrock.converse_to_chat(parsed, self.model))
+
+    def _reject(self, error: RequestError | anthropic.AnthropicRequestError) -> ep.ProcessingResponse:
+        if isinstance(error, anthropic.AnthropicRequestError) or self.client_api == ANTHROPIC_MESSAGES:
+            body = anthropic.error_body(error.message, _anthropic_type(error))
+        else:
+            body = openai.error_body(error.status, error.message, error.error_type, error.code, error.param)
+        code = getattr(error, "code", None) or error.error_type
+        return protocol.immediate(error.status, body, UPSTREAM_DETAILS_PREFIX + code)
+
+
+def _anthropic_type(error: RequestError | anthropic.AnthropicRequestError) -> str:
+    if error.status >= 500:
+        return "api_error"
+    return error.error_type if error.error_type.endswith("_error") else "invalid_request_error"
+
+
+def _continue(phase: str | None) -> ep.ProcessingResponse:
+    return {
+        "request_headers": protocol.CONTINUE_REQUEST_HEADERS,
+        "request_body": protocol.CONTINUE_REQUEST_BODY,
+        "response_headers": protocol.CONTINUE_RESPONSE_HEADERS,
+        "response_body": protocol.CONTINUE_RESPONSE_BODY,
+        "request_trailers": protocol.CONTINUE_REQUEST_TRAILERS,
+    }.get(phase or "", protocol.CONTINUE_RESPONSE_TRAILERS)
+
