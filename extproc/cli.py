@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,9 @@ from extproc.config import (
     load_config,
     parse_config,
 )
+from extproc.redact import install_secret_scrubber
+
+LOG_LEVEL_ENV = "EXTPROC_LOG_LEVEL"  # default for --log-level; inherited by the processor `extproc run` starts
 
 
 def _load(path: str | None, *, with_secrets: bool = True, demo_port: int = DEMO_PORT) -> LoadedConfig:
@@ -49,6 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.workers import WorkerPool, worker_addresses, worker_count
 
     loaded = _override_processor(_load(args.config), args)
+    install_secret_scrubber(loaded)
     settings = loaded.config.processor
     count = worker_count(settings)
     pool = None
@@ -69,6 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grace_period_seconds=settings.grace_period_seconds,
         worker_index=me.index,
         peer_admin_ports=[a.admin_port for a in addresses if a.index != me.index] if me.index == 0 else [],
+        config_path=args.config,
+        prepare_config=lambda reloaded: _override_processor(reloaded, args),
     )
     try:
         return run_event_loop(serve(loaded, options, pool))
@@ -109,6 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for v in (args.port, args.envoy_admin_port, args.processor_port, args.processor_admin_port, args.workers)
     )
     loaded = _override_ports(_load(args.config, demo_port=args.demo_port), args)
+    install_secret_scrubber(loaded)
     options = RunOptions(
         # With port flags the processor must see the overridden config, so it is written out.
         config_path=Path(args.config) if args.config and not overridden else None,
@@ -162,7 +170,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extproc", description="AI gateway data plane for Envoy")
     parser.add_argument("--version", action="version", version=f"extproc {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="processor log level (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get(LOG_LEVEL_ENV, "").strip() or "INFO",
+        help=f"processor log level (default ${LOG_LEVEL_ENV}, else INFO)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the ext_proc gRPC processor (attach to your own Envoy)")

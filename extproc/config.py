@@ -475,6 +475,12 @@ class ProcessorSettings(_Strict):
     workers: int = Field(
         default=0, ge=0, le=256, description="processor processes; 0 = one per core. Worker i uses ports + 10*i"
     )
+    failure_mode_allow: bool = Field(
+        default=False,
+        description="processor unreachable: false = clients get a 5xx in their API's shape; true = requests go "
+        "unprocessed to the default route's first backend (no credentials, no accounting), counted by Envoy",
+    )
+    watch_config: bool = Field(default=True, description="reload the config file when it changes (and on SIGHUP)")
 
 
 class GatewayConfig(_Strict):

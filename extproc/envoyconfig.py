@@ -172,6 +172,20 @@ def _local_reply_config(body_limit: int) -> dict[str, Any]:
             ),
         }
     )
+    mappers.append(
+        {
+            # The processor is unreachable (down, restarting, or too slow): Envoy's ext_proc
+            # filter fails the request with details starting "ext_proc". Retryable: 503.
+            "filter": {"extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {"@type": _CEL_FILTER, "expression": "response.code_details.startsWith('ext_proc')"},
+            }},
+            "status_code": 503,
+            "body_format_override": _openai_error_format(
+                "The gateway's request processor is unavailable; retry shortly.", "server_error",
+                "processor_unavailable"),
+        }
+    )
     too_large = f"Request body too large: the limit is {body_limit} bytes."
     for low, high, message, error_type, code in (
         (413, 413, too_large, "invalid_request_error", "request_too_large"),
@@ -194,7 +208,7 @@ def _ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
         "typed_config": {
             "@type": _EXT_PROC,
             "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
-            "failure_mode_allow": False,
+            "failure_mode_allow": config.processor.failure_mode_allow,
             "message_timeout": duration(timeout_ms / 1000),
             "max_message_timeout": duration(max(timeout_ms / 1000, 30)),
             "allow_mode_override": True,
@@ -218,7 +232,7 @@ def _upstream_stage_filters(config: GatewayConfig) -> list[dict[str, Any]]:
     ext_proc = {
         "@type": _EXT_PROC,
         "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
-        "failure_mode_allow": False,
+        "failure_mode_allow": config.processor.failure_mode_allow,
         "message_timeout": duration(timeout_ms / 1000),
         "max_message_timeout": duration(max(timeout_ms / 1000, 30)),
         "allow_mode_override": True,
@@ -300,8 +314,25 @@ def _fallback_route(config: GatewayConfig, route: Route) -> dict[str, Any]:
     }
 
 
-def _no_backend_route() -> dict[str, Any]:
-    """Reached only when the processor chose no backend (it answers such requests itself)."""
+def _no_backend_route(config: GatewayConfig) -> dict[str, Any]:
+    """Reached only when the processor chose no backend: it answers such requests itself,
+    so this is the processor-unreachable path. With `failure_mode_allow`, such requests
+    go unprocessed to the default route's first backend; otherwise there is nothing to do."""
+    if config.processor.failure_mode_allow:
+        default = next((r for r in config.routes if r.default), None)
+        if default is not None:
+            backend = config.backend(next(ref.name for ref in default.backends if ref.priority == 0))
+            url = backend.url
+            return {
+                "name": "unprocessed",
+                "match": {"prefix": "/v1/"},
+                "route": {
+                    "cluster": cluster_name(backend.name),
+                    "host_rewrite_literal": url.authority,
+                    "prefix_rewrite": url.path_prefix + "/",
+                    "timeout": duration(backend.request_timeout_seconds),
+                },
+            }
     return {
         "name": "no-backend",
         "match": {"prefix": "/"},
@@ -485,7 +516,7 @@ def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
 
 def routes(config: GatewayConfig) -> list[dict[str, Any]]:
     fallback = [_fallback_route(config, r) for r in config.routes if r.has_fallback]
-    return [*fallback, *(_backend_route(b) for b in config.backends), _no_backend_route()]
+    return [*fallback, *(_backend_route(b) for b in config.backends), _no_backend_route(config)]
 
 
 def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict[str, Any]]:

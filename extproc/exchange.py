@@ -23,6 +23,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from extproc import budgets, protocol
 from extproc.config import Schema, Tenancy, key_digest
 from extproc.estimate import estimate_usage
+from extproc.redact import redact_headers
 from extproc.response import BodyKind, ResponseObserver
 from extproc.routing import BackendTarget, CompiledRoute
 from extproc.runtime import Runtime
@@ -134,6 +135,8 @@ class Exchange:
 
     def on_request_headers(self, message: ep.HttpHeaders) -> ep.ProcessingResponse:
         headers = protocol.header_map(message)
+        if log.isEnabledFor(logging.DEBUG):  # credentials shown as "<redacted>" (Bearer scheme kept)
+            log.debug("request headers: %s", redact_headers(headers))
         self.method = headers.get(":method", b"").decode("latin-1")
         path, _, query = headers.get(":path", b"").decode("latin-1").partition("?")
         self.path, self.query = path, query

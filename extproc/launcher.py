@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,10 +101,19 @@ class Child:
     process: asyncio.subprocess.Process
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     _pump: asyncio.Task[None] | None = None
+    # Applied to every forwarded line: Envoy's debug log prints the headers the processor
+    # injects, provider keys included.
+    scrub: Callable[[str], str] | None = None
 
     @classmethod
     async def start(
-        cls, name: str, argv: Sequence[str], env: Mapping[str, str], *, quiet_stdout: bool = False
+        cls,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        quiet_stdout: bool = False,
+        scrub: Callable[[str], str] | None = None,
     ) -> Child:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -117,7 +126,7 @@ class Child:
             # stops the children in order (Envoy first, so the processor can drain).
             start_new_session=True,
         )
-        child = cls(name, process)
+        child = cls(name, process, scrub=scrub)
         child._pump = asyncio.create_task(child._read_stderr())
         return child
 
@@ -126,6 +135,8 @@ class Child:
         assert self.process.stderr is not None
         async for raw in self.process.stderr:
             line = raw.decode("utf-8", "replace").rstrip()
+            if self.scrub is not None:
+                line = self.scrub(line)
             self.stderr_tail.append(line)
             print(f"[{self.name}] {line}", file=sys.stderr, flush=True)
 

@@ -12,7 +12,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ from extproc.budgets import descriptor_config
 from extproc.config import GatewayConfig, LoadedConfig
 from extproc.ratelimit import RateLimitServicer, load_rules, store_from_url
 from extproc.exchange import Exchange
+from extproc.redact import install_secret_scrubber
+from extproc.reload import ConfigWatcher
 from extproc.upstream import UpstreamExchange, is_upstream_stream
 from extproc.runtime import Runtime
 from extproc.telemetry import Telemetry
@@ -95,6 +98,8 @@ class ServeOptions:
     grace_period_seconds: float
     worker_index: int = 0
     peer_admin_ports: list[int] = field(default_factory=list)  # worker 0 merges their /metrics
+    config_path: str | None = None  # watched and reloaded on change/SIGHUP; None: built from the environment
+    prepare_config: Callable[[LoadedConfig], LoadedConfig] | None = None  # command-line overrides, reapplied
 
 
 class ProcessorServer:
@@ -102,6 +107,7 @@ class ProcessorServer:
 
     def __init__(self, loaded: LoadedConfig, options: ServeOptions) -> None:
         self.options = options
+        self.loaded = loaded
         self.telemetry = Telemetry(loaded.config.telemetry)
         self.processor = ExternalProcessor(Runtime.build(loaded), self.telemetry)
         # One process owns the rate limit counters (a memory store must be one budget).
@@ -113,6 +119,10 @@ class ProcessorServer:
         self._admin: AdminServer | None = None
         self._stopping = asyncio.Event()
         self.draining = False
+        self.watcher: ConfigWatcher | None = None
+        if options.config_path is not None:
+            self.watcher = ConfigWatcher(Path(options.config_path), loaded, self.apply_config, options.prepare_config,
+                                         poll=loaded.config.processor.watch_config)
         self.grpc_port: int | None = None
         self.admin_port: int | None = None
 
@@ -143,6 +153,8 @@ class ProcessorServer:
         except ListenError:
             await server.stop(None)  # leave nothing running for the event loop to trip over
             raise
+        if self.watcher is not None:
+            self.watcher.start()
         log.info(
             "processor listening: grpc=%s admin=http://%s:%s",
             self.options.grpc_address,
@@ -194,6 +206,24 @@ class ProcessorServer:
             return None
         return body.decode() if status == 200 else None
 
+    def apply_config(self, loaded: LoadedConfig) -> None:
+        """Swap in a reloaded config: new requests use it, requests in flight keep theirs."""
+        self.processor.runtime = Runtime.build(loaded)
+        if self.ratelimit is not None:
+            # Budget amounts live in the service's rules (Envoy only knows the descriptors).
+            self.ratelimit.rules = load_rules(descriptor_config(loaded.config), "<budgets>")
+        if loaded.config.telemetry != self.loaded.config.telemetry:
+            log.warning("telemetry settings changed: they apply when the processor restarts")
+        install_secret_scrubber(loaded)  # new keys are scrubbed from logs too
+        self.loaded = loaded
+
+    def reload_config(self) -> None:
+        """SIGHUP: reload the config file now."""
+        if self.watcher is None:
+            log.warning("SIGHUP ignored: the config did not come from a file")
+            return
+        self.watcher.request()
+
     def request_stop(self) -> None:
         self._stopping.set()
 
@@ -207,6 +237,8 @@ class ProcessorServer:
     async def drain_and_stop(self) -> None:
         """Refuse new streams, let in-flight ones finish within the grace period, then close."""
         self.draining = True
+        if self.watcher is not None:
+            await self.watcher.stop()
         grace = self.options.grace_period_seconds
         log.info("draining: %d stream(s) in flight, grace %.1fs", self.processor.in_flight, grace)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -232,11 +264,19 @@ def builtin_rate_limit_service(config: GatewayConfig) -> RateLimitServicer | Non
     return RateLimitServicer(rules, store, store_timeout=store_timeout)
 
 
-def install_signal_handlers(server: ProcessorServer) -> None:
+def install_signal_handlers(server: ProcessorServer, pool: WorkerPool | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, server.request_stop)
+
+    def hangup() -> None:
+        server.reload_config()
+        if pool is not None:
+            pool.signal(signal.SIGHUP)  # every worker reloads its own copy
+
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, hangup)
 
 
 async def serve(loaded: LoadedConfig, options: ServeOptions, pool: WorkerPool | None = None) -> int:
@@ -251,7 +291,7 @@ async def serve(loaded: LoadedConfig, options: ServeOptions, pool: WorkerPool | 
         if pool is not None:
             await pool.stop(0)
         raise
-    install_signal_handlers(server)
+    install_signal_handlers(server, pool)
     failed = False
     if pool is not None:
         assert pool.died is not None

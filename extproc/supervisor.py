@@ -24,10 +24,15 @@ import yaml
 from extproc import envoyconfig
 from extproc.config import DEMO_PORT, LoadedConfig, is_demo
 from extproc.launcher import Child, envoy_command
+from extproc.redact import SecretScrubber, config_secrets
 from extproc.workers import worker_addresses, worker_count
 
 READY_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 10.0
+# A processor that crashes is started again, unless it keeps crashing: more than this many
+# restarts within the window means something is wrong that restarting will not fix.
+MAX_RESTARTS = 5
+RESTART_WINDOW_SECONDS = 60.0
 
 
 class StartupError(Exception):
@@ -105,6 +110,9 @@ class Gateway:
         self.options = options
         self.run_dir = run_dir
         self.children: list[Child] = []
+        self.processor_argv: list[str] = []
+        self.restarts: list[float] = []
+        self.scrubber = SecretScrubber(config_secrets(loaded))
 
     async def start(self) -> str:
         config = self.loaded.config
@@ -118,18 +126,8 @@ class Gateway:
         if config_path is None:  # built from the environment: secrets stay referenced, never written
             config_path = self.run_dir / "gateway.yaml"
             config_path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True, exclude_none=True)))
-        processor = await self._spawn("processor", [python, "-m", "extproc", "serve", "--config", str(config_path)])
-        admin = config.processor
-        # Every worker must answer, and be ours (itself the child, or a child of it),
-        # not a processor left over on the port.
-        ours = {processor.process.pid}
-
-        def is_ours(body: str) -> bool:
-            health = json.loads(body)
-            return health.get("pid") in ours or health.get("ppid") in ours
-
-        for worker in worker_addresses(admin, worker_count(admin)):
-            await _wait_http(f"http://{admin.admin_address}:{worker.admin_port}/healthz", processor, accept=is_ours)
+        self.processor_argv = [python, "-m", "extproc", "serve", "--config", str(config_path)]
+        await self.start_processor()
 
         envoy_path = self.run_dir / "envoy.yaml"
         envoy_path.write_text(envoyconfig.to_yaml(envoyconfig.render(config)))
@@ -147,11 +145,63 @@ class Gateway:
             raise StartupError(f"Envoy could not start: {exc}") from None
         return command.via
 
+    async def start_processor(self) -> Child:
+        """Start `extproc serve` and wait until every worker answers as ours (itself the
+        child, or a child of it), not a processor left over on the port."""
+        processor = await self._spawn("processor", self.processor_argv)
+        admin = self.loaded.config.processor
+        ours = {processor.process.pid}
+
+        def is_ours(body: str) -> bool:
+            health = json.loads(body)
+            return health.get("pid") in ours or health.get("ppid") in ours
+
+        for worker in worker_addresses(admin, worker_count(admin)):
+            await _wait_http(f"http://{admin.admin_address}:{worker.admin_port}/healthz", processor, accept=is_ours)
+        return processor
+
+    async def restart(self, crashed: Child) -> None:
+        """Start the processor again; Envoy keeps running and reconnects on its own."""
+        self.children.remove(crashed)
+        now = asyncio.get_running_loop().time()
+        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW_SECONDS] + [now]
+        if len(self.restarts) > MAX_RESTARTS:
+            raise StartupError(f"the processor crashed {len(self.restarts)} times within {RESTART_WINDOW_SECONDS:.0f}s")
+        await self.start_processor()
+
+    def signal_processor(self, sig: int) -> None:
+        for child in self.children:
+            if child.name == "processor" and child.running:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.send_signal(sig)
+
+    async def drain_envoy(self, grace_seconds: float) -> None:
+        """Stop taking new connections, then give open requests up to `grace_seconds`."""
+        admin_file = self.run_dir / "envoy-admin-address"
+        if not admin_file.exists():
+            return
+        base = f"http://{admin_file.read_text().strip()}"
+        stat = "http.ai_gateway.downstream_rq_active"
+        timeout = aiohttp.ClientTimeout(total=2)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.post(f"{base}/drain_listeners?inboundonly") as response:
+                    await response.read()
+                while loop.time() < deadline:
+                    async with session.get(f"{base}/stats?filter=^{stat}$") as response:
+                        text = await response.text()
+                    active = int(text.rpartition(":")[2].strip() or 0) if stat in text else 0
+                    if active == 0:
+                        return
+                    await asyncio.sleep(0.1)
+
     async def _spawn(
         self, name: str, argv: list[str], env: dict[str, str] | None = None, *, quiet_stdout: bool = False
     ) -> Child:
         environ = env if env is not None else dict(os.environ)
-        child = await Child.start(name, argv, environ, quiet_stdout=quiet_stdout)
+        child = await Child.start(name, argv, environ, quiet_stdout=quiet_stdout, scrub=self.scrubber.scrub)
         self.children.append(child)
         return child
 
@@ -164,9 +214,13 @@ class Gateway:
         return waits[next(iter(done))]
 
     async def stop(self) -> None:
-        # Envoy first so no new requests arrive, then the processor drains, then the backend.
-        for child in reversed(self.children):
-            await child.stop(STOP_TIMEOUT_SECONDS)
+        # Envoy first (after letting open requests finish) so no new requests arrive, then
+        # the processor drains what is left, then the demo backend.
+        grace = self.loaded.config.processor.grace_period_seconds
+        if any(c.name == "envoy" and c.running for c in self.children):
+            await self.drain_envoy(grace)
+        for child in sorted(self.children, key=lambda c: {"envoy": 0, "processor": 1}.get(c.name, 2)):
+            await child.stop(STOP_TIMEOUT_SECONDS + (grace if child.name == "processor" else 0))
 
 
 async def run_gateway(loaded: LoadedConfig, options: RunOptions) -> int:
@@ -189,21 +243,25 @@ async def run_gateway(loaded: LoadedConfig, options: RunOptions) -> int:
             stopping.cancel()
             via = starting.result()
             print(ready_banner(loaded, via), flush=True)
-            exited = asyncio.ensure_future(gateway.wait_for_exit())
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if exited.done():
+            # SIGHUP: the processor reloads its config file (it also notices changes itself).
+            loop.add_signal_handler(signal.SIGHUP, gateway.signal_processor, signal.SIGHUP)
+            while True:
+                exited = asyncio.ensure_future(gateway.wait_for_exit())
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not exited.done():
+                    exited.cancel()
+                    print("extproc: stopping", file=sys.stderr, flush=True)
+                    return 0
+                stopping.cancel()
                 child = exited.result()
-                print(
-                    f"extproc: {child.name} exited unexpectedly (code {child.process.returncode}):\n"
-                    f"{child.failure_reason()}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 1
-            exited.cancel()
-            print("extproc: stopping", file=sys.stderr, flush=True)
-            return 0
+                reason = f"{child.name} exited unexpectedly (code {child.process.returncode})"
+                if child.name != "processor":
+                    print(f"extproc: {reason}:\n{child.failure_reason()}", file=sys.stderr, flush=True)
+                    return 1
+                print(f"extproc: {reason}; restarting it (Envoy keeps running)", file=sys.stderr, flush=True)
+                await gateway.restart(child)
+                print("extproc: processor restarted", file=sys.stderr, flush=True)
         except StartupError as exc:
             print(f"extproc: {exc}", file=sys.stderr, flush=True)
             return 1

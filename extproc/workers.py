@@ -97,6 +97,12 @@ class WorkerPool:
         if self.died is not None and not self.died.done():
             self.died.set_result(child)
 
+    def signal(self, sig: int) -> None:
+        for child in self.children:
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(sig)
+
     async def stop(self, grace_seconds: float) -> int:
         """SIGTERM every worker, wait for them (killing stragglers), return the worst exit code."""
         if self.died is not None and not self.died.done():

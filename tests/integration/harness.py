@@ -200,6 +200,96 @@ class RunningGateway:
         return code
 
 
+class AttachedGateway:
+    """`extproc serve` plus a separately started Envoy: the "attach to your Envoy" set-up.
+
+    Unlike `extproc run`, nothing restarts the processor here: tests stop and start it
+    (`stop_processor` / `start_processor`) while Envoy keeps running."""
+
+    def __init__(self, tmp: Path, sim: Any, grace: float, **processor: Any) -> None:
+        # One worker: its admin port then shows the drain (a second, idle worker would just exit).
+        self.tmp = tmp
+        self.grpc_port, self.admin_port = free_port_block(1), free_port_block(1)
+        self.listen_port = free_port()
+        data = {
+            "backends": [{"name": "a", "base_url": sim.base_url}],
+            "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
+            "processor": {"grpc_address": f"127.0.0.1:{self.grpc_port}", "admin_port": self.admin_port,
+                          "grace_period_seconds": grace, "workers": 1, **processor},
+            "envoy": {"listen_port": self.listen_port, "admin_port": free_port()},
+        }
+        self.envoy_admin_port = data["envoy"]["admin_port"]
+        (tmp / "gateway.yaml").write_text(yaml.safe_dump(data))
+        from extproc import envoyconfig
+        from extproc.config import parse_config
+        from extproc.launcher import envoy_command
+
+        (tmp / "envoy.yaml").write_text(envoyconfig.to_yaml(envoyconfig.render(parse_config(data))))
+        self.processor = self.start_processor()
+        command = envoy_command(tmp / "envoy.yaml", ["--log-level", "error"])
+        self.envoy_lines: list[str] = []
+        self.envoy = subprocess.Popen(command.argv, env=command.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      text=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+        self._wait_ready()
+
+    def _pump(self) -> None:
+        assert self.envoy.stdout is not None
+        for line in self.envoy.stdout:
+            self.envoy_lines.append(line.rstrip("\n"))
+
+    def start_processor(self) -> subprocess.Popen[str]:
+        self.processor = subprocess.Popen(
+            [sys.executable, "-m", "extproc", "serve", "--config", str(self.tmp / "gateway.yaml")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        return self.processor
+
+    def wait_processor_healthy(self, timeout: float = 30) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.admin_port}/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("processor did not become healthy")
+
+    def _wait_ready(self) -> None:
+        import httpx
+
+        self.wait_processor_healthy()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{self.listen_port}/v1/models").raise_for_status()
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("serve + envoy did not become ready")
+
+    def access_log(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in list(self.envoy_lines) if line.startswith("{")]
+
+    def wait_access_log(self, predicate: Any, timeout: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.access_log():
+                if predicate(entry):
+                    return entry
+            time.sleep(0.05)
+        raise AssertionError(f"no access-log entry matched; have: {self.access_log()[-5:]}")
+
+    def close(self) -> None:
+        for process in (self.envoy, self.processor):
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)
+
+
 @contextmanager
 def running_gateway(config: dict[str, Any], tmp: Path, **kwargs: Any) -> Iterator[RunningGateway]:
     gateway = RunningGateway(config, tmp, **kwargs).start()

@@ -18,11 +18,16 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc import envoyconfig
-from extproc.config import parse_config
-from extproc.launcher import envoy_command
 from extproc.sim import SimServer
-from tests.integration.harness import READY_LINE, alive, descendants, free_port, free_port_block, running_gateway
+from tests.integration.harness import (
+    READY_LINE,
+    AttachedGateway,
+    alive,
+    descendants,
+    free_port,
+    free_port_block,
+    running_gateway,
+)
 
 USER = [{"role": "user", "content": "hello there"}]
 
@@ -109,48 +114,6 @@ def test_processor_on_a_unix_socket(tmp_path: Path, sim_a: SimServer) -> None:
         assert gateway.stop() == 0
 
 
-class _Serve:
-    """`extproc serve` plus a separately started Envoy: the "attach to your Envoy" set-up."""
-
-    def __init__(self, tmp: Path, sim: SimServer, grace: float) -> None:
-        # One worker: its admin port then shows the drain (a second, idle worker would just exit).
-        self.grpc_port, self.admin_port = free_port_block(1), free_port_block(1)
-        self.listen_port = free_port()
-        data = {
-            "backends": [{"name": "a", "base_url": sim.base_url}],
-            "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
-            "processor": {"grpc_address": f"127.0.0.1:{self.grpc_port}", "admin_port": self.admin_port,
-                          "grace_period_seconds": grace, "workers": 1},
-            "envoy": {"listen_port": self.listen_port, "admin_port": free_port()},
-        }
-        (tmp / "gateway.yaml").write_text(yaml.safe_dump(data))
-        (tmp / "envoy.yaml").write_text(envoyconfig.to_yaml(envoyconfig.render(parse_config(data))))
-        self.processor = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "serve", "--config", str(tmp / "gateway.yaml")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        command = envoy_command(tmp / "envoy.yaml", ["--log-level", "error"])
-        self.envoy = subprocess.Popen(command.argv, env=command.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.admin_port}/healthz").status_code == 200:
-                    httpx.get(f"http://127.0.0.1:{self.listen_port}/v1/models").raise_for_status()
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError("serve + envoy did not become ready")
-
-    def close(self) -> None:
-        for process in (self.envoy, self.processor):
-            if process.poll() is None:
-                process.kill()
-            process.wait(10)
-
-
 def _expected_reply(sim: SimServer, model: str) -> str:
     """The simulator's full reply to USER, asked of it directly."""
     direct = openai.OpenAI(base_url=sim.base_url, api_key="k", max_retries=0)
@@ -159,12 +122,12 @@ def _expected_reply(sim: SimServer, model: str) -> str:
 
 @pytest.fixture
 def attached(tmp_path: Path, sim_a: SimServer):  # type: ignore[no-untyped-def]
-    served = _Serve(tmp_path, sim_a, grace=20)
+    served = AttachedGateway(tmp_path, sim_a, grace=20)
     yield served
     served.close()
 
 
-def test_serve_answers_grpc_health(attached: _Serve) -> None:
+def test_serve_answers_grpc_health(attached: AttachedGateway) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{attached.grpc_port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
@@ -172,11 +135,12 @@ def test_serve_answers_grpc_health(attached: _Serve) -> None:
             assert status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_sigterm_drains_in_flight_streams_then_exits_zero(attached: _Serve, sim_a: SimServer) -> None:
+def test_sigterm_drains_in_flight_streams_then_exits_zero(attached: AttachedGateway, sim_a: SimServer) -> None:
     hold = f"drain-{uuid.uuid4().hex}"
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{attached.listen_port}/v1", api_key="k", max_retries=0, timeout=60)
     stream = client.chat.completions.create(
-        model="m", messages=USER, stream=True, extra_headers={"x-sim-hold": hold, "x-sim-chunks": "5"}
+        model="m", messages=USER, stream=True, stream_options={"include_usage": True},
+        extra_headers={"x-sim-hold": hold, "x-sim-chunks": "5", "x-request-id": hold},
     )
     iterator = iter(stream)
     first = next(iterator)
@@ -195,8 +159,13 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(attached: _Serve, sim_
     sim_a.release(hold)
     rest = list(iterator)
     content = "".join(c.choices[0].delta.content or "" for c in [first, *rest] if c.choices)
-    assert rest[-1].choices[0].finish_reason == "stop"
+    assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "stop"
     assert content == _expected_reply(sim_a, "m")
+    usage = rest[-1].usage
+    assert usage is not None
+    # The stream that outlived SIGTERM was accounted in full.
+    entry = attached.wait_access_log(lambda e: e.get("request_id") == hold)
+    assert (int(entry["input_tokens"]), int(entry["output_tokens"])) == (usage.prompt_tokens, usage.completion_tokens)
     assert attached.processor.wait(30) == 0
     output = attached.processor.stdout.read() if attached.processor.stdout else ""
     assert "draining: 1 stream(s) in flight" in output
