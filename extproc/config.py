@@ -290,6 +290,10 @@ class Route(_Strict):
     match: ModelMatch | None = None
     default: bool = False
     backends: list[WeightedBackend] = Field(min_length=1)
+    request_timeout_seconds: float | None = Field(
+        default=None, gt=0, le=86_400,
+        description="whole-request limit for this route, fallback attempts included (overrides the backends')",
+    )
 
     @model_validator(mode="after")
     def _match_or_default(self) -> Route:

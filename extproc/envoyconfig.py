@@ -221,6 +221,9 @@ def _ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
                 "response_trailer_mode": "SKIP",
             },
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+            # A route's own timeout travels as x-envoy-upstream-rq-timeout-ms; Envoy refuses
+            # x-envoy-* mutations without this.
+            "mutation_rules": {"allow_envoy": True},
         },
     }
 

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 MODEL_HEADER = "x-ai-eg-model"
 BACKEND_HEADER = "x-ai-eg-backend"  # request: the backend picked; response: the backend that served (upstream stage)
-ROUTE_HEADER = "x-ai-eg-route"  # a route with fallbacks: Envoy picks the backend per attempt
+ROUTE_HEADER = "x-ai-eg-route"
+TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"  # a route's own request timeout  # a route with fallbacks: Envoy picks the backend per attempt
 ANTHROPIC_MESSAGES = "anthropic.messages"
 # Credentials a client may send to the gateway; none of them may reach a provider.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
@@ -226,6 +227,9 @@ class Exchange:
         else:
             set_headers, remove = self._upstream_headers(target, parsed.model)
             override = target.model_name_override
+        if route.timeout_ms is not None:
+            # Added after Envoy stripped clients' x-envoy-* headers, so only the route sets it.
+            set_headers.append((TIMEOUT_HEADER, route.timeout_ms))
         updates: dict[str, Any] = {}
         if override is not None and override != parsed.model:
             updates["model"] = override

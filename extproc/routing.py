@@ -50,6 +50,7 @@ class CompiledRoute:
     targets: tuple[BackendTarget, ...]
     cumulative_weights: tuple[int, ...]
     fallback: bool = False
+    timeout_ms: bytes | None = None  # sent as x-envoy-upstream-rq-timeout-ms: Envoy's router honours it
 
     def pick(self, rng: random.Random) -> BackendTarget:
         if len(self.targets) == 1:
@@ -118,7 +119,11 @@ def _compile(route: Route, targets: dict[str, BackendTarget]) -> CompiledRoute:
     primary = [ref for ref in route.backends if ref.priority == 0]
     chosen = tuple(targets[ref.name] for ref in primary)
     weights = tuple(accumulate(ref.weight for ref in primary))
-    return CompiledRoute(name=route.name, targets=chosen, cumulative_weights=weights, fallback=route.has_fallback)
+    timeout = route.request_timeout_seconds
+    return CompiledRoute(
+        name=route.name, targets=chosen, cumulative_weights=weights, fallback=route.has_fallback,
+        timeout_ms=str(max(1, round(timeout * 1000))).encode() if timeout is not None else None,
+    )
 
 
 def _target(backend: Backend, api_key: SecretStr | None) -> BackendTarget:

@@ -193,3 +193,21 @@ def test_stop_lets_open_streams_finish_and_accounts_them(gateway: RunningGateway
     assert gateway.process.wait(60) == 0
     entry = gateway.wait_access_log(lambda e: e.get("request_id") == hold)
     assert int(entry["output_tokens"]) == rest[-1].usage.completion_tokens
+
+
+def test_a_route_timeout_cuts_a_stalled_backend_with_a_504(tmp_path: Path, sim_a: SimServer) -> None:
+    config = {
+        "backends": [{"name": "a", "base_url": sim_a.base_url}],
+        "routes": [
+            {"name": "impatient", "match": {"model": "quick"}, "backends": [{"name": "a"}],
+             "request_timeout_seconds": 0.5},
+            {"name": "rest", "default": True, "backends": [{"name": "a"}]},
+        ],
+    }
+    with running_gateway(config, tmp_path) as gateway:
+        stalled = _chat(gateway.listen_port, model="quick", **{"x-sim-first-byte-delay-ms": "3000"})
+        assert stalled.status_code == 504
+        assert stalled.json()["error"]["code"] == "backend_timeout"
+        # The same stall on a route without its own timeout is waited for.
+        patient = _chat(gateway.listen_port, model="other", **{"x-sim-first-byte-delay-ms": "700"})
+        assert patient.status_code == 200
