@@ -15,6 +15,7 @@ from extproc.config import Budget, GatewayConfig, RequestLimit
 from extproc.protocol import METADATA_NAMESPACE
 
 TENANT_KEY = "tenant"  # metadata key (namespace io.envoy.ai_gateway) and descriptor key
+MCP_TOOL_KEY = "mcp_tool_name"  # metadata set by the request stage for MCP tools/call
 RESERVE_KEY = "ratelimit_reserve"  # metadata: tokens charged up front in reserve mode
 UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 SETTLE_REFUND = ("settle", "refund")  # descriptor entry the bundled service reads as "give back"
@@ -54,6 +55,8 @@ def _budget_actions(budget: Budget) -> list[dict[str, Any]]:
     ]
     if budget.model is not None:
         actions.append(_metadata_action("model", "request_model"))
+    if budget.tool is not None:
+        actions.append(_metadata_action("tool", MCP_TOOL_KEY))
     return actions
 
 
@@ -87,12 +90,16 @@ def descriptor_config(config: GatewayConfig) -> dict[str, Any]:
         tenant: dict[str, Any] = {"key": TENANT_KEY}
         if budget.tenant != "*":
             tenant["value"] = budget.tenant
-        if budget.model is None:
-            tenant["rate_limit"] = _rate_limit(budget.unit, budget.limit)
-        else:
+        if budget.model is not None:
             tenant["descriptors"] = [
                 {"key": "model", "value": budget.model, "rate_limit": _rate_limit(budget.unit, budget.limit)}
             ]
+        elif budget.tool is not None:
+            tenant["descriptors"] = [
+                {"key": "tool", "value": budget.tool, "rate_limit": _rate_limit(budget.unit, budget.limit)}
+            ]
+        else:
+            tenant["rate_limit"] = _rate_limit(budget.unit, budget.limit)
         descriptors.append({"key": "budget", "value": budget.name, "descriptors": [tenant]})
     return {"domain": config.ratelimit.domain, "descriptors": descriptors}
 

@@ -58,6 +58,7 @@ REQUEST_METADATA_KEYS = frozenset(
 RESERVED_METADATA_KEYS = BUILTIN_KEYS | REQUEST_METADATA_KEYS
 
 DEMO_BACKEND = "demo"
+MCP_TOOL_CALL_KEY = "mcp_tool_call"  # metadata: 1 on every MCP tools/call, for call budgets
 AWS_SECRET_SEPARATOR = "/aws."  # LoadedConfig.secrets key for a backend's AWS keys: "<backend>/aws.<field>"
 DEMO_PORT = 1976
 
@@ -425,9 +426,23 @@ class Budget(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")]
     tenant: str = Field(default="*", description="a tenant name, or '*' for each tenant separately")
     model: str | None = Field(default=None, description="only requests for this model (the client's name)")
+    tool: str | None = Field(
+        default=None, description="only MCP tools/call of this tool (the name clients see, '<server>__<tool>')"
+    )
     unit: RateUnit
     limit: int = Field(ge=1, le=4_294_967_295, description="at most 2^32-1, the rate limit protocol's range")
-    cost: str = Field(default="llm_total_token", description="metadata key charged: a token key or a cost key")
+    cost: str = Field(
+        default="llm_total_token",
+        description="metadata key charged: a token key, a cost key, or mcp_tool_call (1 per MCP tool call)",
+    )
+
+    @model_validator(mode="after")
+    def _one_filter(self) -> Budget:
+        if self.model is not None and self.tool is not None:
+            raise ValueError("a budget filters on 'model' or on 'tool', not both")
+        if self.tool is not None and self.cost != MCP_TOOL_CALL_KEY:
+            raise ValueError(f"a tool budget counts calls: set cost: {MCP_TOOL_CALL_KEY}")
+        return self
 
 
 class RequestLimit(_Strict):
@@ -523,7 +538,7 @@ class GatewayConfig(_Strict):
             if cost.metadata_key in seen_keys:
                 raise _FieldError(("costs", i, "metadata_key"), f"duplicate cost key {cost.metadata_key!r}")
             seen_keys.add(cost.metadata_key)
-        chargeable = BUILTIN_KEYS | seen_keys
+        chargeable = BUILTIN_KEYS | seen_keys | {MCP_TOOL_CALL_KEY}
         _no_duplicates([b.name for b in self.budgets], "budgets", "budget")
         for i, budget in enumerate(self.budgets):
             if budget.cost not in chargeable:

@@ -10,6 +10,8 @@ estimate, which may encode megabytes) is returned as a coroutine and run in a th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import re
 import time
@@ -17,23 +19,25 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+import orjson
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import budgets, protocol
-from extproc.config import Schema, Tenancy, key_digest
+from extproc.config import MCP_TOOL_CALL_KEY, Schema, Tenancy, key_digest
 from extproc.estimate import estimate_usage
 from extproc.redact import redact_headers
 from extproc.response import BodyKind, ResponseObserver
 from extproc.routing import BackendTarget, CompiledRoute
 from extproc.runtime import Runtime
-from extproc.schemas import anthropic, openai
+from extproc.schemas import anthropic, openai, responses
 from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.schemas.openai import Endpoint, Operation, RequestError
 from extproc.telemetry.record import RequestRecord
 from extproc.usage import TokenUsage, cost_metadata
 
 if TYPE_CHECKING:
+    from extproc.affinity import AffinityStore
     from extproc.telemetry import Telemetry
     from extproc.telemetry.tracing import SpanHandle
 
@@ -44,6 +48,10 @@ BACKEND_HEADER = "x-ai-eg-backend"  # request: the backend picked; response: the
 ROUTE_HEADER = "x-ai-eg-route"
 TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"  # a route's own request timeout  # a route with fallbacks: Envoy picks the backend per attempt
 ANTHROPIC_MESSAGES = "anthropic.messages"
+RESPONSES_API = "openai.responses"
+MCP_SESSION_HEADER = "mcp-session-id"
+MCP_TOOL_SEPARATOR = "__"  # tools are exposed as <server>__<tool>
+_USAGE_OPTION_APIS = ("openai.chat", "openai.completions")  # APIs with stream_options.include_usage
 # Credentials a client may send to the gateway; none of them may reach a provider.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
 PROCESSOR_DETAILS_PREFIX = "extproc_"  # response code details of replies the processor makes
@@ -66,6 +74,7 @@ PROVIDER_NAMES = {
 }
 _TENANT_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+_BACKGROUND: set[asyncio.Future[Any]] = set()  # fire-and-forget writes, referenced until done
 Answer = ep.ProcessingResponse | Coroutine[Any, Any, ep.ProcessingResponse]
 
 
@@ -76,11 +85,15 @@ class Exchange:
         "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
         "route", "target", "stream", "session_id", "tenant", "observer", "finished", "processor_seconds",
         "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved", "staged",
+        "affinity", "_stored", "mcp",
     )
 
-    def __init__(self, runtime: Runtime, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, telemetry: Telemetry | None = None, affinity: AffinityStore | None = None
+    ) -> None:
         self.runtime = runtime
         self.telemetry = telemetry
+        self.affinity = affinity
         self.started_at = time.monotonic()
         self.start_time_ns = time.time_ns()
         self.method = ""
@@ -106,31 +119,47 @@ class Exchange:
         # The upstream stage prepares each attempt (translation, fallback): this stage
         # leaves path, model and credentials alone and learns the served backend late.
         self.staged = False
+        self._stored = False  # a Responses API call whose response the backend keeps (stateful)
+        self.mcp = False  # an MCP call: only metadata for Envoy; the MCP server does the rest
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message; a bug here becomes a clean error, never a dead stream."""
         phase = request.WhichOneof("request")
         try:
             if phase == "response_body":
-                return self.on_response_body(request.response_body)
-            if phase == "request_headers":
-                return self.on_request_headers(request.request_headers)
-            if phase == "request_body":
-                return self.on_request_body(request.request_body)
-            if phase == "response_headers":
-                return self.on_response_headers(request.response_headers)
-            if phase == "request_trailers":
+                answer = self.on_response_body(request.response_body)
+            elif phase == "request_headers":
+                answer = self.on_request_headers(request.request_headers)
+            elif phase == "request_body":
+                answer = self.on_request_body(request.request_body)
+            elif phase == "response_headers":
+                answer = self.on_response_headers(request.response_headers)
+            elif phase == "request_trailers":
                 return protocol.CONTINUE_REQUEST_TRAILERS
-            return protocol.CONTINUE_RESPONSE_TRAILERS
-        except (RequestError, AnthropicRequestError) as exc:
+            else:
+                return protocol.CONTINUE_RESPONSE_TRAILERS
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
+            return self._failed(exc, phase)
+        if isinstance(answer, ep.ProcessingResponse):
+            return answer
+        return self._guarded(answer, phase)
+
+    async def _guarded(self, answer: Coroutine[Any, Any, ep.ProcessingResponse], phase: str | None) -> ep.ProcessingResponse:
+        """The same guarantee for answers that had to wait (a lookup, the estimate)."""
+        try:
+            return await answer
+        except Exception as exc:  # noqa: BLE001
+            return self._failed(exc, phase)
+
+    def _failed(self, exc: Exception, phase: str | None) -> ep.ProcessingResponse:
+        if isinstance(exc, (RequestError, AnthropicRequestError)):
             return self._reject(exc)
-        except Exception:
-            log.exception("processor error in %s for %s %s", phase, self.method, self.path)
-            if phase in ("request_headers", "request_body"):
-                return self._reject(
-                    RequestError(500, "The gateway failed to process this request.", "server_error", "gateway_error")
-                )
-            return _continue(phase)
+        log.error("processor error in %s for %s %s", phase, self.method, self.path, exc_info=exc)
+        if phase in ("request_headers", "request_body"):
+            return self._reject(
+                RequestError(500, "The gateway failed to process this request.", "server_error", "gateway_error")
+            )
+        return _continue(phase)
 
     # -- request phases -------------------------------------------------------
 
@@ -141,6 +170,8 @@ class Exchange:
         self.method = headers.get(":method", b"").decode("latin-1")
         path, _, query = headers.get(":path", b"").decode("latin-1").partition("?")
         self.path, self.query = path, query
+        if path in self.runtime.mcp_paths:
+            return self._mcp_headers(headers, message.end_of_stream)
         endpoint = openai.ENDPOINTS.get(path)
         if endpoint is None and self.method == "GET" and path.startswith(openai.MODEL_PATH_PREFIX):
             return self._model_object(unquote(path.removeprefix(openai.MODEL_PATH_PREFIX)))
@@ -161,6 +192,52 @@ class Exchange:
         if self.telemetry is not None:
             self._read_telemetry_headers(headers)
         return protocol.CONTINUE_REQUEST_HEADERS
+
+    # -- MCP ---------------------------------------------------------------------
+
+    def _mcp_headers(self, headers: dict[str, bytes], end_of_stream: bool) -> ep.ProcessingResponse:
+        """MCP goes to the gateway's MCP server (Envoy's route); this stage only names the
+        call for Envoy's rate limits and access log, and skips the response (the MCP
+        server records its own telemetry and streams SSE)."""
+        self.mcp = True
+        self.session_id = _header_text(headers.get(self.runtime.session_id_header)) or _mcp_session(
+            headers.get(MCP_SESSION_HEADER))
+        if self.runtime.tenancy is not None:
+            self.tenant = self._tenant(headers, self.runtime.tenancy)
+        response = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+        response.mode_override.response_header_mode = processing_mode_pb2.ProcessingMode.SKIP
+        response.mode_override.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
+        if end_of_stream:  # GET (server stream) or DELETE (end of session): nothing to read
+            response.dynamic_metadata.CopyFrom(protocol.metadata_struct(
+                {"mcp_method": f"http.{self.method.lower()}", "session.id": self.session_id, "tenant": self.tenant}))
+        return response
+
+    def _mcp_body(self, body: bytes) -> ep.ProcessingResponse:
+        """Metadata for one JSON-RPC message; anything unreadable is left to the MCP server,
+        which answers it with the proper JSON-RPC error."""
+        values: dict[str, Any] = {"session.id": self.session_id, "tenant": self.tenant}
+        try:
+            message = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            message = None
+        if isinstance(message, dict):
+            method = message.get("method")
+            if isinstance(method, str) and method.isprintable():
+                values["mcp_method"] = method[:_MAX_HEADER_VALUE]
+            request_id = message.get("id")
+            if isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
+                values["mcp_request_id"] = str(request_id)[:_MAX_HEADER_VALUE]
+            params = message.get("params")
+            name = params.get("name") if isinstance(params, dict) else None
+            if method == "tools/call" and isinstance(name, str) and name.isprintable():
+                values["mcp_tool_name"] = name[:_MAX_HEADER_VALUE]
+                server, sep, _tool = name.partition(MCP_TOOL_SEPARATOR)
+                if sep:
+                    values["mcp_backend"] = server
+                values[MCP_TOOL_CALL_KEY] = 1
+        response = ep.ProcessingResponse(request_body=ep.BodyResponse())
+        response.dynamic_metadata.CopyFrom(protocol.metadata_struct(values))
+        return response
 
     def _tenant(self, headers: dict[str, bytes], tenancy: Tenancy) -> str:
         """Who pays: a known client API key first (it proves identity), then the tenant
@@ -198,7 +275,9 @@ class Exchange:
             raise openai.model_not_found(model)
         return protocol.immediate(200, openai.model_object(model), PROCESSOR_DETAILS_PREFIX + "model")
 
-    def on_request_body(self, message: ep.HttpBody) -> ep.ProcessingResponse:
+    def on_request_body(self, message: ep.HttpBody) -> Answer:
+        if self.mcp:
+            return self._mcp_body(message.body)
         runtime = self.runtime
         limit = runtime.max_request_body_bytes
         if len(message.body) > limit:
@@ -212,6 +291,32 @@ class Exchange:
             if anthropic_api:
                 raise AnthropicRequestError(404, f"model: {parsed.model} is not served by this gateway", "not_found_error")
             raise openai.model_not_found(parsed.model)
+        if self.endpoint.client_api == RESPONSES_API:
+            self._stored = parsed.body.get("store") is not False
+            previous = responses.previous_response_id(parsed.body)
+            if previous is not None and self.affinity is not None and len(selection[0].members) > 1:
+                return self._sticky(message, parsed, selection, previous)
+        return self._routed(message, parsed, selection)
+
+    async def _sticky(
+        self, message: ep.HttpBody, parsed: Any, selection: tuple[CompiledRoute, BackendTarget], previous: str
+    ) -> ep.ProcessingResponse:
+        """A stateful Responses API call goes to the backend that holds the previous response."""
+        assert self.affinity is not None
+        holder = await self.affinity.alookup(previous)
+        route, target = selection
+        if holder is not None and holder in route.members and (found := self.runtime.router.targets.get(holder)):
+            # Straight to that backend: no weighted pick, no fallback to one without the state.
+            route = dataclasses.replace(route, fallback=False)
+            target = found
+        return self._routed(message, parsed, (route, target))
+
+    def _routed(
+        self, message: ep.HttpBody, parsed: Any, selection: tuple[CompiledRoute, BackendTarget]
+    ) -> ep.ProcessingResponse:
+        runtime = self.runtime
+        assert self.endpoint is not None
+        anthropic_api = self.endpoint.client_api == ANTHROPIC_MESSAGES
         self.route, self.target = selection
         route, target = self.route, self.target
         self.stream = parsed.stream and self.endpoint.operation in _STREAMING_OPERATIONS
@@ -234,7 +339,8 @@ class Exchange:
         if override is not None and override != parsed.model:
             updates["model"] = override
         forced_usage = (
-            not anthropic_api and self.stream and runtime.force_stream_usage and not openai.asks_for_usage(parsed.body)
+            self.endpoint.client_api in _USAGE_OPTION_APIS and self.stream and runtime.force_stream_usage
+            and not openai.asks_for_usage(parsed.body)
         )
         if forced_usage:
             updates["stream_options"] = openai.with_include_usage(parsed.body)
@@ -249,6 +355,7 @@ class Exchange:
             max_json_bytes=runtime.max_response_bytes,
             collect_output_chars=content_chars,
             anthropic_api=anthropic_api,
+            responses_api=self.endpoint.client_api == RESPONSES_API,
         )
 
         common = ep.CommonResponse(clear_route_cache=True)
@@ -390,6 +497,7 @@ class Exchange:
         self.finished = True
         observer = self.observer
         assert observer is not None
+        self._remember_state(observer)
         if observer.usage is None and self._prompt is not None and 200 <= observer.status < 300:
             return self._finish_with_estimate(response)
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(self.final_metadata()))
@@ -401,6 +509,17 @@ class Exchange:
         self.observer.usage = await asyncio.to_thread(estimate_usage, prompt, messages, self.observer.output_text)
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(self.final_metadata()))
         return response
+
+    def _remember_state(self, observer: ResponseObserver) -> None:
+        """A stored Responses API response: note which backend holds it, for follow-ups.
+        Written off the event loop; a lost write only costs stickiness, never the request."""
+        if not self._stored or self.affinity is None or self.target is None or self.route is None:
+            return
+        if observer.response_id is None or not 200 <= observer.status < 300 or len(self.route.members) < 2:
+            return
+        task = asyncio.ensure_future(self.affinity.aremember(observer.response_id, self.target.name))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
 
     def final_metadata(self) -> dict[str, Any]:
         """Everything known at the end of the response, as metadata values."""
@@ -531,6 +650,13 @@ def _header_text(value: bytes | None) -> str | None:
         return None
     text = value[:_MAX_HEADER_VALUE].decode("utf-8", "replace")
     return text if text.isprintable() else None
+
+
+def _mcp_session(value: bytes | None) -> str | None:
+    """MCP session ids can be long signed tokens: metadata gets a short, stable digest."""
+    if not value:
+        return None
+    return "mcp-" + hashlib.sha256(value).hexdigest()[:16]
 
 
 def _removing_backend_header(answer: ep.ProcessingResponse) -> ep.ProcessingResponse:

@@ -15,7 +15,7 @@ from enum import Enum
 import orjson
 
 from extproc.decoding import ChunkDecoder, decoder_for
-from extproc.schemas import anthropic, openai
+from extproc.schemas import anthropic, openai, responses
 from extproc.sse import SSEDecoder, SSEEvent
 from extproc.telemetry.record import OutputMessage
 from extproc.usage import TokenUsage
@@ -39,6 +39,7 @@ class ResponseObserver:
         "status", "kind", "usage", "response_model", "error_type", "first_output_at", "last_output_at",
         "complete", "strip_usage", "_decoder", "_sse", "_json", "_json_limit", "_output_text", "_broken",
         "_expected_bytes", "_received_bytes", "_decoded_bytes", "_messages", "_max_chars", "_anthropic",
+        "_responses", "response_id",
     )
 
     def __init__(
@@ -49,6 +50,7 @@ class ResponseObserver:
         max_json_bytes: int,
         collect_output_chars: int | None = None,
         anthropic_api: bool = False,
+        responses_api: bool = False,
     ) -> None:
         self.status = 0
         self.kind = BodyKind.none
@@ -57,8 +59,9 @@ class ResponseObserver:
         self.error_type: str | None = None
         self.first_output_at: float | None = None
         self.last_output_at: float | None = None
-        # True once the body is logically complete ([DONE] seen, or all content-length
-        # bytes in): accounting happens then, before the client can hang up on us.
+        # True once the body is logically complete ([DONE] or the usage-only chunk seen,
+        # or all content-length bytes in): accounting happens then, before the client
+        # (or the upstream) can hang up on us.
         self.complete = False
         self.strip_usage = strip_usage
         self._decoder: ChunkDecoder | None = None
@@ -75,6 +78,9 @@ class ResponseObserver:
         self._max_chars = collect_output_chars or 0
         # A client of the Anthropic Messages API reads Anthropic's own stream, untouched.
         self._anthropic: anthropic.StreamUsage | None = anthropic.StreamUsage() if anthropic_api else None
+        # The Responses API streams named events and reports usage in response.completed.
+        self._responses: responses.StreamReader | None = responses.StreamReader() if responses_api else None
+        self.response_id: str | None = None  # the Responses API id (for state affinity)
 
     @property
     def output_text(self) -> str:
@@ -171,6 +177,9 @@ class ResponseObserver:
         if self._anthropic is not None:
             self._read_anthropic_event(self._anthropic, event, now)
             return True
+        if self._responses is not None:
+            self._read_responses_event(self._responses, event, now)
+            return True
         if event.data == _DONE:
             self.complete = True
             return True
@@ -185,6 +194,11 @@ class ResponseObserver:
         usage = openai.usage_from_openai(chunk.get("usage"))
         if usage is not None:
             self.usage = usage
+            if openai.is_usage_only_chunk(chunk):
+                # The usage-only chunk is the last data before [DONE]: everything there is
+                # to account has arrived, so account now. An upstream that dies between it
+                # and [DONE] (or Envoy cutting the stream there) can no longer lose the tokens.
+                self.complete = True
         if "error" in chunk:
             self.error_type = openai.error_type_of(chunk) or self.error_type
         if self._messages is not None:
@@ -203,6 +217,21 @@ class ResponseObserver:
             return
         reader.on_event(event.event, data)
         self.usage = reader.usage
+        self.response_model = reader.response_model or self.response_model
+        self.error_type = reader.error_type or self.error_type
+        self.complete = self.complete or reader.complete
+        if reader.has_output:
+            if self.first_output_at is None:
+                self.first_output_at = now
+            self.last_output_at = now
+
+    def _read_responses_event(self, reader: responses.StreamReader, event: SSEEvent, now: float) -> None:
+        data = orjson.loads(event.data)
+        if not isinstance(data, dict):
+            return
+        reader.on_event(event.event, data)
+        self.usage = reader.usage or self.usage
+        self.response_id = reader.response_id or self.response_id
         self.response_model = reader.response_model or self.response_model
         self.error_type = reader.error_type or self.error_type
         self.complete = self.complete or reader.complete
@@ -230,6 +259,12 @@ class ResponseObserver:
             return
         if isinstance(body.get("model"), str):
             self.response_model = body["model"]
+        if self._responses is not None:
+            self.response_id, model, self.usage = responses.response_fields(body)
+            self.response_model = model or self.response_model
+            if self.status >= 400:
+                self.error_type = openai.error_type_of(body)
+            return
         if self._anthropic is not None:
             self.usage = anthropic.usage_from_message(body)
             error = body.get("error")

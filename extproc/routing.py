@@ -50,6 +50,7 @@ class CompiledRoute:
     targets: tuple[BackendTarget, ...]
     cumulative_weights: tuple[int, ...]
     fallback: bool = False
+    members: frozenset[str] = frozenset()  # every backend of the route, fallbacks included
     timeout_ms: bytes | None = None  # sent as x-envoy-upstream-rq-timeout-ms: Envoy's router honours it
 
     def pick(self, rng: random.Random) -> BackendTarget:
@@ -122,6 +123,7 @@ def _compile(route: Route, targets: dict[str, BackendTarget]) -> CompiledRoute:
     timeout = route.request_timeout_seconds
     return CompiledRoute(
         name=route.name, targets=chosen, cumulative_weights=weights, fallback=route.has_fallback,
+        members=frozenset(ref.name for ref in route.backends),
         timeout_ms=str(max(1, round(timeout * 1000))).encode() if timeout is not None else None,
     )
 

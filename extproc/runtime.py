@@ -27,6 +27,7 @@ class Runtime:
     force_stream_usage: bool
     estimate_when_missing: bool
     max_response_bytes: int
+    mcp_paths: frozenset[str] = frozenset()  # client paths of MCP routes (served by the MCP gateway)
 
     @classmethod
     def build(cls, loaded: LoadedConfig) -> Runtime:

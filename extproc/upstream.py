@@ -51,7 +51,9 @@ OPENAI_CHAT = "openai.chat"
 OPENAI_COMPLETIONS = "openai.completions"
 OPENAI_EMBEDDINGS = "openai.embeddings"
 ANTHROPIC_MESSAGES = "anthropic.messages"
-_OPENAI_SUFFIXES = {OPENAI_CHAT: "/chat/completions", OPENAI_COMPLETIONS: "/completions", OPENAI_EMBEDDINGS: "/embeddings"}
+OPENAI_RESPONSES = "openai.responses"
+_OPENAI_SUFFIXES = {OPENAI_CHAT: "/chat/completions", OPENAI_COMPLETIONS: "/completions", OPENAI_EMBEDDINGS: "/embeddings",
+                    OPENAI_RESPONSES: "/responses"}
 
 # Headers one schema or another sets: an attempt removes those its backend does not use.
 _PROVIDER_HEADERS = (
@@ -176,7 +178,7 @@ class UpstreamExchange:
                 "Messages API; use /v1/chat/completions for it.", "invalid_request_error")
         if schema in (Schema.openai, Schema.azure_openai):
             suffix = _OPENAI_SUFFIXES.get(client)
-            if suffix is None:
+            if suffix is None or (schema is Schema.azure_openai and client == OPENAI_RESPONSES):
                 raise openai.bad_request(f"The backend {target.name} cannot serve this API.")
             out = self._with_model(body, raw)
             if schema is Schema.openai:
@@ -216,7 +218,8 @@ class UpstreamExchange:
 
     def _require_chat(self, target: BackendTarget) -> None:
         if self.client_api != OPENAI_CHAT:
-            what = {OPENAI_EMBEDDINGS: "embeddings", OPENAI_COMPLETIONS: "legacy completions"}.get(self.client_api, "this API")
+            what = {OPENAI_EMBEDDINGS: "embeddings", OPENAI_COMPLETIONS: "legacy completions",
+                    OPENAI_RESPONSES: "the Responses API"}.get(self.client_api, "this API")
             raise openai.bad_request(
                 f"The backend {target.name} ({target.backend.schema_.value}) does not offer {what}; "
                 "route this model to an OpenAI-compatible backend."

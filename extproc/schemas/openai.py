@@ -39,6 +39,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/v1/completions": Endpoint(Operation.completion, "POST", "/completions", "openai.completions"),
     "/v1/embeddings": Endpoint(Operation.embeddings, "POST", "/embeddings", "openai.embeddings"),
     "/v1/models": Endpoint(Operation.models, "GET", "/models", "openai.models"),
+    "/v1/responses": Endpoint(Operation.chat, "POST", "/responses", "openai.responses"),
     "/anthropic/v1/messages": Endpoint(Operation.chat, "POST", "/v1/messages", "anthropic.messages"),
 }
 

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.sim import anthropic_api, bedrock_api
+from extproc.sim import anthropic_api, bedrock_api, responses_api
 from extproc.sim.openai_api import SETTINGS, SimSettings, dispatch, error_response
 
 MAX_RECORDED = 1000
@@ -76,6 +76,8 @@ def create_app(settings: SimSettings, record: Recorder | None = None) -> web.App
             return await anthropic_api.dispatch(request, settings)
         if bedrock_api.matches(request.path):
             return await bedrock_api.dispatch(request, settings)
+        if responses_api.matches(request.path):
+            return await responses_api.dispatch(request, settings)
         return await dispatch(request, settings)
 
     app.router.add_route("*", "/{tail:.*}", handle)
