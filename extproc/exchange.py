@@ -346,6 +346,11 @@ class Exchange:
             updates["stream_options"] = openai.with_include_usage(parsed.body)
             # The extra usage event is removed on the way back; that needs plain bytes.
             set_headers.append(("accept-encoding", b"identity"))
+        common = ep.CommonResponse(clear_route_cache=True)
+        if updates:  # first: a body that cannot be rewritten is refused before anything starts
+            new_body = openai.with_updates(message.body, parsed.body, updates)
+            common.body_mutation.body = new_body
+            set_headers.append(("content-length", str(len(new_body)).encode()))
         if runtime.estimate_when_missing and not anthropic_api:
             self._prompt = (openai.prompt_text(parsed.body), len(parsed.body.get("messages") or ()) or 1)
         content_chars = self._start_span(set_headers, parsed.body)
@@ -358,11 +363,6 @@ class Exchange:
             responses_api=self.endpoint.client_api == RESPONSES_API,
         )
 
-        common = ep.CommonResponse(clear_route_cache=True)
-        if updates:
-            new_body = openai.with_updates(message.body, parsed.body, updates)
-            common.body_mutation.body = new_body
-            set_headers.append(("content-length", str(len(new_body)).encode()))
         common.header_mutation.CopyFrom(protocol.header_mutation(set_headers, remove))
 
         response = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
@@ -388,7 +388,10 @@ class Exchange:
     ) -> tuple[list[tuple[str, bytes]], list[str]]:
         """Only where Envoy goes: the upstream stage sets path, model and credentials per attempt."""
         where = (ROUTE_HEADER, route.name.encode()) if route.fallback else (BACKEND_HEADER, target.name.encode())
-        return [(MODEL_HEADER, model.encode()), where], list(CLIENT_CREDENTIAL_HEADERS)
+        # The routing header not set here is removed: a client must not pick it (Envoy
+        # matches fallback routes by x-ai-eg-route first).
+        other = BACKEND_HEADER if route.fallback else ROUTE_HEADER
+        return [(MODEL_HEADER, model.encode()), where], [*CLIENT_CREDENTIAL_HEADERS, other]
 
     def _upstream_headers(self, target: BackendTarget, model: str) -> tuple[list[tuple[str, bytes]], list[str]]:
         """Where Envoy sends the request and with whose credentials: (headers to set, to remove)."""
@@ -400,9 +403,9 @@ class Exchange:
         ]
         if target.api_key is not None:
             set_headers.append(("authorization", b"Bearer " + target.api_key.get_secret_value().encode()))
-            remove = [h for h in CLIENT_CREDENTIAL_HEADERS if h != "authorization"]
+            remove = [h for h in CLIENT_CREDENTIAL_HEADERS if h != "authorization"] + [ROUTE_HEADER]
         else:
-            remove = list(CLIENT_CREDENTIAL_HEADERS)
+            remove = [*CLIENT_CREDENTIAL_HEADERS, ROUTE_HEADER]  # a client must not pick a fallback route
         set_headers.extend(target.extra_headers)
         return set_headers, remove
 

@@ -2,7 +2,34 @@
 
 Routing matches on the path *suffix*, so the simulator answers behind any base
 path a gateway may add (``/v1``, ``/openai/v1``, ``/x/y``). Per-request knobs
-arrive as ``x-sim-*`` headers, so tests can drive the upstream through a gateway.
+arrive as ``x-sim-*`` headers, so tests can drive the upstream through a gateway:
+
+* ``x-sim-chunks`` / ``x-sim-chunk-delay-ms`` / ``x-sim-first-byte-delay-ms``: stream
+  shape and pacing (content pieces, pause between them, pause before anything);
+* ``x-sim-error: STATUS``: answer with an OpenAI error of that status (400-599);
+* ``x-sim-cached-tokens``, ``x-sim-reasoning-tokens``, ``x-sim-usage-in-last-choice: 1``,
+  ``x-sim-no-usage: 1``: how usage is reported;
+* ``x-sim-compress: gzip|deflate|br``: compress the body;
+* ``x-sim-hold: NAME``: pause a stream after its first content chunk until
+  ``SimServer.release(NAME)``.
+
+Fault knobs (OpenAI API only), for testing what a gateway does when a provider misbehaves:
+
+* ``x-sim-reset-after-chunks: N``: abort the TCP connection (RST, no clean end). ``0``:
+  right after reading the request, before any response byte. On a stream: after ``N``
+  SSE events (the usage chunk and ``[DONE]`` count as events). On a JSON reply (any
+  ``N`` > 0): after the headers and the first half of the body. Before aborting, the
+  simulator pauses ``RESET_PAUSE_S`` so the bytes it sent reach the peer first (they
+  are not lost to the RST), as a provider that dies after sending them would.
+* ``x-sim-garbage: KIND``: a body that is not what the content type promises.
+  ``json``: ``application/json`` that is not JSON; ``sse``: ``text/event-stream`` of
+  malformed events (not JSON, invalid UTF-8, NUL, bare CR, comments, fields without
+  colon) and no ``[DONE]``; ``html``: an HTML error page (``text/html``);
+  ``truncated-json``: the real JSON reply cut in half (its content-length matches the
+  cut body); ``truncated-sse``: the real stream without ``[DONE]``, ending in the middle
+  of an event. The status is 200, or the ``x-sim-error`` status when both are sent.
+* ``x-sim-content-type: VALUE``: send this ``Content-Type`` instead of the real one
+  (body unchanged), e.g. ``text/plain`` for a JSON reply.
 """
 
 from __future__ import annotations
@@ -28,6 +55,21 @@ MAX_DIMENSIONS = 4096
 MAX_CHUNKS = 10_000
 MAX_DELAY_MS = 600_000.0
 MAX_TOKENS_LIMIT = 1_000_000
+RESET_PAUSE_S = 0.5  # x-sim-reset-after-chunks: let sent bytes arrive before the RST
+GARBAGE_KINDS = ("json", "sse", "html", "truncated-json", "truncated-sse")
+_GARBAGE_JSON = b'{"id": "chatcmpl-garbage", "choices": [{"message": <<not json>> \x00 \xff\xfe'
+_GARBAGE_SSE = (
+    b"data: {not json}\n\n"
+    b"data: \xff\xfe\x00 invalid utf-8 and a NUL\n\n"
+    b": a comment\n\n"
+    b"event\ndata\n\n"
+    b"data: [1, 2\r\rdata: {\"usage\": \"many\"}\n\n"
+    b"data: {\"choices\": 7, \"usage\": {\"prompt_tokens\": \"x\"}}\n\n"
+)
+_GARBAGE_HTML = (
+    b"<!DOCTYPE html>\n<html><head><title>500 Internal Server Error</title></head>\n"
+    b"<body><h1>Internal Server Error</h1><p>nginx</p></body></html>\n"
+)
 _ERROR_MODEL_RE = re.compile(r"^sim-error-(\d{3})$")
 
 _ERROR_TYPES = {
@@ -71,6 +113,9 @@ class Knobs:
     error_status: int | None
     usage: UsageShape = field(default_factory=lambda: UsageShape())
     compress: str | None = None  # gzip, deflate or br
+    reset_after: int | None = None  # abort the connection after this many events (0: before the reply)
+    garbage: str | None = None  # one of GARBAGE_KINDS
+    content_type: str | None = None  # sent instead of the real Content-Type
 
 
 @dataclass(frozen=True)
@@ -148,7 +193,17 @@ def read_knobs(request: web.Request, settings: SimSettings) -> Knobs:
     compress = request.headers.get("x-sim-compress")
     if compress is not None and compress not in _COMPRESSORS:
         raise ApiError(400, f"x-sim-compress must be one of {', '.join(_COMPRESSORS)}, got {compress!r}")
-    return Knobs(int(chunks), delay / 1000.0, first / 1000.0, error_status, usage, compress)
+    reset = request.headers.get("x-sim-reset-after-chunks")
+    reset_after = None if reset is None else int(
+        _header_number(request, "x-sim-reset-after-chunks", 0, 0, MAX_CHUNKS)
+    )
+    garbage = request.headers.get("x-sim-garbage")
+    if garbage is not None and garbage not in GARBAGE_KINDS:
+        raise ApiError(400, f"x-sim-garbage must be one of {', '.join(GARBAGE_KINDS)}, got {garbage!r}")
+    return Knobs(
+        int(chunks), delay / 1000.0, first / 1000.0, error_status, usage, compress,
+        reset_after=reset_after, garbage=garbage, content_type=request.headers.get("x-sim-content-type"),
+    )
 
 
 class _GzipStream:
@@ -384,15 +439,21 @@ async def _stream(
     """Write each SSE event separately, so clients see chunks arrive over time."""
     knobs = knobs or Knobs(1, 0, 0, None)
     shape = knobs.usage
-    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    headers = {"Content-Type": knobs.content_type or "text/event-stream", "Cache-Control": "no-cache"}
     compressor = _COMPRESSORS[knobs.compress]() if knobs.compress else None
     if knobs.compress:
         headers["Content-Encoding"] = knobs.compress
     resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)
 
+    sent = 0
+
     async def send(data: bytes) -> None:
+        nonlocal sent
         await resp.write(compressor.write(data) if compressor else data)
+        sent += 1
+        if knobs.reset_after is not None and sent >= knobs.reset_after:
+            raise _Reset
 
     include_usage = include_usage and not shape.omit
     events_list = [e async for e in events]
@@ -417,12 +478,60 @@ async def _stream(
                 "system_fingerprint": "fp_extproc_sim", "choices": [], "usage": reply.usage,
             }
             await send(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
-        await send(b"data: [DONE]\n\n")
+        if knobs.garbage == "truncated-sse":  # no [DONE]: the body ends inside an event
+            await resp.write(b'data: {"id": "' + reply.id.encode() + b'", "object": "chat.compl')
+        else:
+            await send(b"data: [DONE]\n\n")
         if compressor:
             await resp.write(compressor.end())
         await resp.write_eof()
+    except _Reset:
+        await _abort(request)
     except ConnectionError:
         pass  # the client went away mid-stream; nothing left to tell it
+    return resp
+
+
+class _Reset(Exception):
+    """x-sim-reset-after-chunks reached: the connection is to be aborted."""
+
+
+async def _abort(request: web.Request, sent: bool = True) -> None:
+    """Die like a crashed provider: an RST, no clean end of the body."""
+    if sent:
+        await asyncio.sleep(RESET_PAUSE_S)  # what was sent reaches the peer before the RST
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _garbage_response(kind: str, status: int) -> web.StreamResponse:
+    body, content_type = {
+        "json": (_GARBAGE_JSON, "application/json"),
+        "sse": (_GARBAGE_SSE, "text/event-stream"),
+        "html": (_GARBAGE_HTML, "text/html"),
+    }[kind]
+    return web.Response(status=status, body=body, headers={"Content-Type": content_type})
+
+
+async def _apply_faults(request: web.Request, resp: web.StreamResponse, knobs: Knobs) -> web.StreamResponse:
+    """The fault knobs that change a finished, not yet sent, reply."""
+    if not isinstance(resp, web.Response) or resp.prepared:
+        return resp  # a stream applied its faults itself
+    if knobs.content_type is not None:
+        resp.headers["Content-Type"] = knobs.content_type
+    body = resp.body if isinstance(resp.body, bytes) else b""
+    if knobs.garbage == "truncated-json":
+        resp.body = body[: len(body) // 2]
+    if knobs.reset_after:  # headers and half the body, then the connection dies
+        partial = web.StreamResponse(status=resp.status, headers=resp.headers)
+        partial.content_length = len(body)
+        await partial.prepare(request)
+        try:
+            await partial.write(body[: len(body) // 2])
+        except ConnectionError:
+            return partial
+        await _abort(request)
+        return partial
     return resp
 
 
@@ -518,8 +627,21 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
     """Route by method and path suffix; turn every failure into an OpenAI error."""
     try:
         knobs = read_knobs(request, settings)
+    except ApiError as exc:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+    return await _apply_faults(request, await _answer(request, knobs), knobs)
+
+
+async def _answer(request: web.Request, knobs: Knobs) -> web.StreamResponse:
+    try:
         if knobs.first_byte_delay > 0:
             await asyncio.sleep(knobs.first_byte_delay)
+        if knobs.reset_after == 0:
+            await request.read()
+            await _abort(request, sent=False)
+            return web.Response(status=502)  # never sent: the connection is gone
+        if knobs.garbage in ("json", "sse", "html"):
+            return _garbage_response(knobs.garbage, knobs.error_status or 200)
         if knobs.error_status is not None:
             raise _simulated_error(knobs.error_status, "x-sim-error header")
         path = request.path.rstrip("/")

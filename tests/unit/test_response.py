@@ -331,19 +331,35 @@ def test_strip_mode_never_loses_bytes_when_an_event_is_unreadable() -> None:
 @pytest.mark.parametrize("strip", [False, True])
 def test_complete_at_done_before_end_of_stream(strip: bool) -> None:
     """[DONE] completes the stream at once, without waiting for end_of_stream."""
-    raw = fixture("openai_chat_include_usage.sse")
+    name = "openai_chat_usage_in_last_choice_chunk.sse"  # usage on a choice chunk: no usage-only chunk
+    raw = fixture(name)
     done = raw.index(b"data: [DONE]")
     obs = observer(strip=strip)
     feed(obs, [raw[:done]], end=False)
     assert not obs.complete
-    assert obs.usage == EXPECTED["openai_chat_include_usage.sse"][0]  # usage came before [DONE]
+    assert obs.usage == EXPECTED[name][0]  # usage came before [DONE]
     feed(obs, [raw[done:]], end=False)
     assert obs.complete
 
 
-def test_stream_without_done_completes_only_at_end() -> None:
-    """Without [DONE] (and without content-length) the stream is complete only at end_of_stream."""
+@pytest.mark.parametrize("strip", [False, True])
+def test_usage_only_chunk_completes_before_done(strip: bool) -> None:
+    """The usage-only chunk is the last data before [DONE]: the stream is complete (accountable)
+    as soon as it is in, so an upstream dying before [DONE] cannot lose the tokens."""
     raw = fixture("openai_chat_include_usage.sse")
+    usage_at = raw.rindex(b"data: {")
+    done = raw.index(b"data: [DONE]")
+    obs = observer(strip=strip)
+    feed(obs, [raw[:usage_at]], end=False)
+    assert not obs.complete and obs.usage is None
+    feed(obs, [raw[usage_at:done]], end=False)
+    assert obs.complete
+    assert obs.usage == EXPECTED["openai_chat_include_usage.sse"][0]
+
+
+def test_stream_without_done_completes_only_at_end() -> None:
+    """Without [DONE], a usage-only chunk (and content-length) the stream is complete only at end_of_stream."""
+    raw = fixture("openai_chat_usage_in_last_choice_chunk.sse")
     body = raw[: raw.index(b"data: [DONE]")]
     obs = observer()
     feed(obs, [body], end=False)
