@@ -48,6 +48,15 @@ def _override_processor(loaded: LoadedConfig, args: argparse.Namespace) -> Loade
     return loaded.model_copy(update={"config": config.model_copy(update={"processor": processor})})
 
 
+def affinity_path(grpc_address: str) -> Path:
+    """One file per processor (all its workers share it), named after its gRPC address."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(grpc_address.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"extproc-affinity-{os.getuid()}-{digest}.sqlite"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server import ListenError, ServeOptions, run_event_loop, serve
     from extproc.workers import WorkerPool, worker_addresses, worker_count
@@ -76,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         peer_admin_ports=[a.admin_port for a in addresses if a.index != me.index] if me.index == 0 else [],
         config_path=args.config,
         prepare_config=lambda reloaded: _override_processor(reloaded, args),
+        affinity_path=str(affinity_path(settings.grpc_address)),
     )
     try:
         return run_event_loop(serve(loaded, options, pool))

@@ -502,6 +502,10 @@ class ProcessorSettings(_Strict):
     watch_config: bool = Field(default=True, description="reload the config file when it changes (and on SIGHUP)")
 
 
+# Imported here, not at the top: extproc.mcp.config uses SecretRef and ConfigError above.
+from extproc.mcp.config import McpSettings  # noqa: E402
+
+
 class GatewayConfig(_Strict):
     """The whole gateway: backends, routes, limits and listening addresses."""
 
@@ -519,6 +523,7 @@ class GatewayConfig(_Strict):
     ratelimit: RateLimitService = Field(default_factory=RateLimitService)
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
+    mcp: McpSettings | None = Field(default=None, description="MCP servers served behind the gateway's MCP paths")
 
     @model_validator(mode="after")
     def _cross_references(self) -> GatewayConfig:

@@ -20,6 +20,7 @@ from extproc.protocol import METADATA_NAMESPACE
 from extproc.workers import worker_addresses, worker_count
 
 PROCESSOR_CLUSTER = "extproc"  # every processor worker
+MCP_CLUSTER = "extproc-mcp"  # the MCP gateway in processor worker 0
 BUILTIN_RATELIMIT_CLUSTER = "extproc-ratelimit"  # worker 0, which runs the built-in rate limit service
 RATELIMIT_CLUSTER = "ratelimit"  # an external rate limit service
 DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
@@ -115,6 +116,10 @@ def _access_log(config: GatewayConfig) -> list[dict[str, Any]]:
         "error_type": meta("response_error_type"),
         "ttft_ms": meta("token_latency_ttft"),
         "itl_ms": meta("token_latency_itl"),
+        "mcp_method": meta("mcp_method"),
+        "mcp_tool_name": meta("mcp_tool_name"),
+        "mcp_backend": meta("mcp_backend"),
+        "mcp_request_id": meta("mcp_request_id"),
         **{f"cost_{c.metadata_key}": meta(c.metadata_key) for c in config.costs},
     }
     return [
@@ -517,9 +522,25 @@ def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
     return filters
 
 
+def _mcp_routes(config: GatewayConfig) -> list[dict[str, Any]]:
+    """Each MCP path goes to the MCP gateway: no timeout (sessions stream), Envoy's rate
+    limits apply on the way (the request stage names the method and tool in metadata)."""
+    if config.mcp is None:
+        return []
+    return [
+        {
+            "name": f"mcp-{index}",
+            "match": {"path": route.path},
+            "route": {"cluster": MCP_CLUSTER, "timeout": "0s", "idle_timeout": duration(
+                max(config.mcp.request_timeout_seconds * 2, 300))},
+        }
+        for index, route in enumerate(config.mcp.routes)
+    ]
+
+
 def routes(config: GatewayConfig) -> list[dict[str, Any]]:
     fallback = [_fallback_route(config, r) for r in config.routes if r.has_fallback]
-    return [*fallback, *(_backend_route(b) for b in config.backends), _no_backend_route(config)]
+    return [*_mcp_routes(config), *fallback, *(_backend_route(b) for b in config.backends), _no_backend_route(config)]
 
 
 def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict[str, Any]]:
@@ -529,6 +550,12 @@ def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict
         *(_backend_cluster(config, b, ca_file) for b in config.backends),
         *(_fallback_cluster(config, r, ca_file) for r in config.routes if r.has_fallback),
     ]
+    if config.mcp is not None:
+        address = f"{config.processor.admin_address}:{config.mcp.port}"
+        mcp = _grpc_cluster(MCP_CLUSTER, [address])
+        mcp["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
+            "explicit_http_config"] = {"http_protocol_options": {}}  # the MCP gateway speaks HTTP/1.1
+        out.append(mcp)
     if config.budgets:
         if config.ratelimit.address == "builtin":
             out.append(_grpc_cluster(BUILTIN_RATELIMIT_CLUSTER, workers[:1]))  # worker 0 keeps the counters

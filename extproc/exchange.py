@@ -205,6 +205,8 @@ class Exchange:
         if self.runtime.tenancy is not None:
             self.tenant = self._tenant(headers, self.runtime.tenancy)
         response = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+        # An override replaces every field: keep the buffered request body (proto default: NONE).
+        response.mode_override.request_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
         response.mode_override.response_header_mode = processing_mode_pb2.ProcessingMode.SKIP
         response.mode_override.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
         if end_of_stream:  # GET (server stream) or DELETE (end of session): nothing to read

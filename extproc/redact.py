@@ -152,7 +152,15 @@ def config_secrets(loaded: LoadedConfig, environ: Mapping[str, str] | None = Non
                 found.add(entry.key.resolve(env).get_secret_value())
             except ValueError:  # load_config already refused unresolvable keys
                 continue
-    from extproc.config import Schema
+    from extproc.config import ConfigError, Schema
+
+    if loaded.config.mcp is not None:  # the MCP servers' keys and the session secret
+        from extproc.mcp.config import resolve_mcp_secrets
+
+        try:
+            found.update(resolve_mcp_secrets(loaded.config.mcp, env).values())
+        except ConfigError:  # reported where the gateway starts; nothing to scrub then
+            pass
 
     if any(b.schema_ is Schema.aws_bedrock and b.aws is not None and b.aws.secret_access_key is None
            for b in loaded.config.backends):

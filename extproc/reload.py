@@ -109,7 +109,11 @@ class ConfigWatcher:
         except Exception:
             log.exception("config reload failed, the running config keeps serving")
             return False
-        self.apply(new)
+        try:
+            self.apply(new)
+        except ConfigError as exc:
+            log.error("config reload rejected, the running config keeps serving: %s", exc)
+            return False
         self.current = new
         log.info("config reloaded from %s", self.path)
         return True

@@ -48,4 +48,5 @@ class Runtime:
             force_stream_usage=config.usage.force_stream_usage,
             estimate_when_missing=config.usage.estimate_when_missing,
             max_response_bytes=config.usage.max_response_bytes,
+            mcp_paths=frozenset(r.path for r in config.mcp.routes) if config.mcp is not None else frozenset(),
         )

@@ -31,6 +31,7 @@ from extproc.admin import AdminRequest, AdminResponse, AdminServer
 from extproc.budgets import descriptor_config
 from extproc.config import GatewayConfig, LoadedConfig
 from extproc.ratelimit import RateLimitServicer, load_rules, store_from_url
+from extproc.affinity import AffinityStore
 from extproc.exchange import Exchange
 from extproc.redact import install_secret_scrubber
 from extproc.reload import ConfigWatcher
@@ -52,9 +53,12 @@ class ListenError(OSError):
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     """One `Process` stream per HTTP request; each stream is self-contained."""
 
-    def __init__(self, runtime: Runtime, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, telemetry: Telemetry | None = None, affinity: AffinityStore | None = None
+    ) -> None:
         self.runtime = runtime
         self.telemetry = telemetry
+        self.affinity = affinity
         self.in_flight = 0
 
     async def Process(  # noqa: N802 (gRPC method name)
@@ -78,7 +82,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     upstream = UpstreamExchange(self.runtime)
                     answer = upstream.handle(request)
                 else:  # first message of a request-stage stream
-                    exchange = Exchange(self.runtime, self.telemetry)
+                    exchange = Exchange(self.runtime, self.telemetry, self.affinity)
                     answer = exchange.handle(request)
                     if not isinstance(answer, ep.ProcessingResponse):
                         answer = await answer
@@ -100,6 +104,7 @@ class ServeOptions:
     peer_admin_ports: list[int] = field(default_factory=list)  # worker 0 merges their /metrics
     config_path: str | None = None  # watched and reloaded on change/SIGHUP; None: built from the environment
     prepare_config: Callable[[LoadedConfig], LoadedConfig] | None = None  # command-line overrides, reapplied
+    affinity_path: str | None = None  # shared by every worker: which backend holds a stored response
 
 
 class ProcessorServer:
@@ -109,7 +114,8 @@ class ProcessorServer:
         self.options = options
         self.loaded = loaded
         self.telemetry = Telemetry(loaded.config.telemetry)
-        self.processor = ExternalProcessor(Runtime.build(loaded), self.telemetry)
+        self.affinity = AffinityStore(Path(options.affinity_path)) if options.affinity_path else None
+        self.processor = ExternalProcessor(Runtime.build(loaded), self.telemetry, self.affinity)
         # One process owns the rate limit counters (a memory store must be one budget).
         self.ratelimit = builtin_rate_limit_service(loaded.config) if options.worker_index == 0 else None
         if self.ratelimit is not None:
@@ -125,6 +131,8 @@ class ProcessorServer:
                                          poll=loaded.config.processor.watch_config)
         self.grpc_port: int | None = None
         self.admin_port: int | None = None
+        self._mcp: Any = None  # extproc.mcp.McpGateway in worker 0 when `mcp` is configured
+        self.mcp_port: int | None = None
 
     async def start(self) -> None:
         server = grpc.aio.server(
@@ -150,7 +158,10 @@ class ProcessorServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         try:
             await self._start_admin()
-        except ListenError:
+            await self._start_mcp()
+        except BaseException:  # ListenError, or the MCP credentials not resolvable
+            if self._admin is not None:
+                await self._admin.close()
             await server.stop(None)  # leave nothing running for the event loop to trip over
             raise
         if self.watcher is not None:
@@ -175,6 +186,24 @@ class ProcessorServer:
                 f"cannot listen on {self.options.admin_host}:{self.options.admin_port} (admin): {exc.strerror}"
             ) from None
         self._admin = server
+
+    async def _start_mcp(self) -> None:
+        """Worker 0 runs the MCP gateway (its own HTTP port) when the config has `mcp`."""
+        settings = getattr(self.loaded.config, "mcp", None)
+        if settings is None or self.options.worker_index != 0:
+            return
+        from extproc.mcp import McpGateway, resolve_mcp_secrets  # aiohttp only in this process
+
+        gateway = McpGateway(settings, resolve_mcp_secrets(settings, os.environ), self.telemetry)
+        try:
+            self.mcp_port = await gateway.start(
+                self.options.admin_host, settings.port, shutdown_timeout=self.options.grace_period_seconds
+            )
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {self.options.admin_host}:{settings.port} (MCP gateway): {exc.strerror}"
+            ) from None
+        self._mcp = gateway
 
     async def _healthz(self, _request: AdminRequest) -> AdminResponse:
         status = "draining" if self.draining else "ok"
@@ -207,7 +236,13 @@ class ProcessorServer:
         return body.decode() if status == 200 else None
 
     def apply_config(self, loaded: LoadedConfig) -> None:
-        """Swap in a reloaded config: new requests use it, requests in flight keep theirs."""
+        """Swap in a reloaded config: new requests use it, requests in flight keep theirs.
+        Raises ConfigError (nothing applied) when the MCP servers' keys cannot be read."""
+        mcp_secrets = None
+        if self._mcp is not None and loaded.config.mcp is not None:
+            from extproc.mcp import resolve_mcp_secrets
+
+            mcp_secrets = resolve_mcp_secrets(loaded.config.mcp, os.environ)  # first: may refuse the reload
         self.processor.runtime = Runtime.build(loaded)
         if self.ratelimit is not None:
             # Budget amounts live in the service's rules (Envoy only knows the descriptors).
@@ -215,6 +250,8 @@ class ProcessorServer:
         if loaded.config.telemetry != self.loaded.config.telemetry:
             log.warning("telemetry settings changed: they apply when the processor restarts")
         install_secret_scrubber(loaded)  # new keys are scrubbed from logs too
+        if mcp_secrets is not None and self._mcp is not None and loaded.config.mcp is not None:
+            self._mcp.update(loaded.config.mcp, mcp_secrets)
         self.loaded = loaded
 
     def reload_config(self) -> None:
@@ -242,12 +279,18 @@ class ProcessorServer:
         grace = self.options.grace_period_seconds
         log.info("draining: %d stream(s) in flight, grace %.1fs", self.processor.in_flight, grace)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # The MCP gateway drains its streams alongside the gRPC ones.
+        mcp_stopped = asyncio.ensure_future(self._mcp.stop()) if self._mcp is not None else None
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if mcp_stopped is not None:
+            await mcp_stopped
         if self._admin is not None:
             await self._admin.close()
         if self.ratelimit is not None:
             await self.ratelimit.store.close()
+        if self.affinity is not None:
+            self.affinity.close()
         # Flush what the exporters still hold, off the event loop (it may touch the network).
         await asyncio.to_thread(self.telemetry.shutdown)
         log.info("processor stopped")

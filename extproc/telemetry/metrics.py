@@ -18,6 +18,9 @@ metrics page, released v1.41 set; the boundaries are set with SDK views):
   (``s``): streams only, and, as the conventions define them, successful responses only.
 - ``extproc.processor.duration`` (``s``): the time the processor itself spent on a
   request (upstream excluded), with only ``gen_ai.operation.name`` and ``stream``.
+- ``mcp.request.duration`` (``s``) and ``mcp.requests`` (``{request}``): one per message the
+  MCP gateway (``extproc.mcp``) answered, with ``mcp.method.name``, ``mcp.tool.name``,
+  ``mcp.server`` and ``error.type`` when known (``record_mcp_request``).
 
 Attributes: ``gen_ai.operation.name``, ``gen_ai.provider.name``, ``gen_ai.request.model``
 (the model the backend was asked for), ``gen_ai.response.model`` (when known),
@@ -71,6 +74,8 @@ REQUEST_DURATION = "gen_ai.server.request.duration"
 TIME_TO_FIRST_TOKEN = "gen_ai.server.time_to_first_token"
 TIME_PER_OUTPUT_TOKEN = "gen_ai.server.time_per_output_token"
 PROCESSOR_DURATION = "extproc.processor.duration"
+MCP_REQUEST_DURATION = "mcp.request.duration"  # the MCP gateway (extproc.mcp), one per client message
+MCP_REQUESTS = "mcp.requests"
 
 # Explicit bucket boundaries: the conventions' for the gen_ai metrics, 10 µs..100 ms for ours.
 TOKEN_USAGE_BUCKETS = (
@@ -86,6 +91,8 @@ TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 
 PROCESSOR_DURATION_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 )
+# The MCP semantic conventions' boundaries for mcp.*.operation.duration.
+MCP_REQUEST_DURATION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
 # Attribute names.
 OPERATION_NAME = "gen_ai.operation.name"
@@ -267,6 +274,7 @@ class Metrics:
                 (TIME_TO_FIRST_TOKEN, TIME_TO_FIRST_TOKEN_BUCKETS),
                 (TIME_PER_OUTPUT_TOKEN, TIME_PER_OUTPUT_TOKEN_BUCKETS),
                 (PROCESSOR_DURATION, PROCESSOR_DURATION_BUCKETS),
+                (MCP_REQUEST_DURATION, MCP_REQUEST_DURATION_BUCKETS),
             )
         ]
         self._provider = MeterProvider(
@@ -298,6 +306,12 @@ class Metrics:
             unit="s",
             description="Time the processor spent on a request, upstream excluded.",
         )
+        self._mcp_duration = meter.create_histogram(
+            MCP_REQUEST_DURATION, unit="s", description="MCP gateway: time to answer one client message."
+        )
+        self._mcp_requests = meter.create_counter(
+            MCP_REQUESTS, unit="{request}", description="MCP gateway: client messages answered."
+        )
 
     def watch_rate_limit_service(self, service: Any) -> None:
         """Count the built-in rate limit service's store failures (`failures`: reason -> n)."""
@@ -313,6 +327,19 @@ class Metrics:
             unit="{error}",
             description="Rate limit store calls that failed; Envoy then applied its failure mode.",
         )
+
+    def record_mcp_request(self, duration: float, attributes: Mapping[str, str]) -> None:
+        """Count one message the MCP gateway answered (`mcp.requests`, `mcp.request.duration`).
+
+        `attributes`: `mcp.method.name`, `mcp.tool.name`, `mcp.server`, `error.type`, each only
+        when known; the caller keeps their values bounded. Cheap, and never raises."""
+        if self._provider is None or self._closed:
+            return
+        try:
+            self._mcp_duration.record(max(duration, 0.0), attributes)
+            self._mcp_requests.add(1, attributes)
+        except Exception:
+            log.debug("MCP metrics not recorded", exc_info=True)
 
     def record(self, record: RequestRecord) -> None:
         """Record one finished request. Cheap, and never raises."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from typing import Any, Final
@@ -35,7 +36,9 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, set_span_in_context
+from openinference.semconv.trace import OpenInferenceSpanKindValues
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.util.types import AttributeValue
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from extproc.config import TelemetrySettings
@@ -206,6 +209,59 @@ class Tracing:
         except Exception:
             log.debug("could not start a span", exc_info=True)
             return None
+
+    def start_span(
+        self,
+        name: str,
+        carrier: Mapping[str, str],
+        openinference_kind: OpenInferenceSpanKindValues,
+        attributes: Mapping[str, AttributeValue] | None = None,
+        start_time_ns: int | None = None,
+    ) -> SpanHandle | None:
+        """Start a span of any OpenInference kind (e.g. the MCP gateway's TOOL and CHAIN spans)
+        as a child of the W3C trace context in `carrier` (`traceparent`, `tracestate`; none:
+        a new trace). The caller adds attributes and ends it with `end_span`. Attributes pass
+        through the same `TraceConfig` masking as the LLM spans. None when tracing is off."""
+        if self._tracer is None:
+            return None
+        try:
+            started = time.time_ns() if start_time_ns is None else start_time_ns
+            present = {key: carrier[key] for key in _PROPAGATED if carrier.get(key)}
+            parent: Context = _PROPAGATOR.extract(present) if present else Context()
+            span = self._tracer.start_span(
+                name,
+                context=parent,
+                kind=SPAN_KIND,
+                attributes=dict(attributes) if attributes else None,
+                start_time=started,
+                openinference_span_kind=openinference_kind,
+            )
+            return SpanHandle(span, started, None)
+        except Exception:
+            log.debug("could not start a span", exc_info=True)
+            return None
+
+    def end_span(
+        self,
+        span: SpanHandle,
+        attributes: Mapping[str, AttributeValue] | None = None,
+        error: str | None = None,
+        end_time_ns: int | None = None,
+    ) -> None:
+        """Set the last attributes, ERROR status with `error` as its description when given,
+        and end a span from `start_span` (once). Never raises."""
+        try:
+            if span._ended:
+                return
+            span._ended = True
+            if span.span.is_recording():
+                if attributes:
+                    span.span.set_attributes(dict(attributes))
+                if error is not None:
+                    span.span.set_status(Status(StatusCode.ERROR, error))
+            span.span.end(end_time=end_time_ns)
+        except Exception:
+            log.debug("could not end span", exc_info=True)
 
     def inject(self, span: SpanHandle) -> list[tuple[str, bytes]]:
         """`traceparent` (and `tracestate`) naming the gateway span, for the upstream request."""
