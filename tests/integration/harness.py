@@ -231,7 +231,11 @@ class AttachedGateway:
         self.envoy = subprocess.Popen(command.argv, env=command.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                       text=True)
         threading.Thread(target=self._pump, daemon=True).start()
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()  # never leave a processor or Envoy behind
+            raise
 
     def _pump(self) -> None:
         assert self.envoy.stdout is not None
