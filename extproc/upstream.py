@@ -22,7 +22,8 @@ provider-specific header and always sets content-length.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import orjson
@@ -35,8 +36,18 @@ from extproc import protocol
 from extproc.config import AWS_SECRET_SEPARATOR, Schema
 from extproc.routing import BackendTarget
 from extproc.runtime import Runtime
-from extproc.schemas import anthropic, bedrock, openai
+from extproc.schemas import anthropic, openai
 from extproc.schemas.openai import RequestError
+
+if TYPE_CHECKING:
+    from extproc.schemas import bedrock
+
+
+def _bedrock() -> ModuleType:
+    """Bedrock's module pulls in botocore (~5 MiB per worker): loaded on first use only."""
+    from extproc.schemas import bedrock
+
+    return bedrock
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +215,10 @@ class UpstreamExchange:
             return path, orjson.dumps(translated), headers
         assert schema is Schema.aws_bedrock
         self._require_chat(target)
-        translated_body = orjson.dumps(bedrock.chat_to_converse(body))
-        path = target.path_prefix + bedrock.converse_path(self.model, self.stream)
+        translated_body = orjson.dumps(_bedrock().chat_to_converse(body))
+        path = target.path_prefix + _bedrock().converse_path(self.model, self.stream)
         headers.append(("accept", b"application/vnd.amazon.eventstream" if self.stream else b"application/json"))
-        self._expect_translation(bedrock.StreamTranslator(self.model, self.include_usage), headers)
+        self._expect_translation(_bedrock().StreamTranslator(self.model, self.include_usage), headers)
         headers += self._sigv4(target, path, translated_body)
         return path, translated_body, headers
 
@@ -243,13 +254,13 @@ class UpstreamExchange:
             token = secrets.get(prefix + "session_token")
             keys = (access.get_secret_value(), secret.get_secret_value(), token.get_secret_value() if token else None)
         else:
-            found = bedrock.credentials_from_environment(aws.region)
+            found = _bedrock().credentials_from_environment(aws.region)
             if found is None:
                 raise RequestError(503, f"No AWS credentials are available to sign requests for {target.name}.",
                                    "server_error", "backend_credentials_missing")
             keys = (found[0], found[1], found[2])
         url = f"{target.backend.url.scheme}://{target.authority}{path}"
-        signed = bedrock.sign(
+        signed = _bedrock().sign(
             "POST", url, {"content-type": "application/json"}, body, aws.region, keys[0], keys[1], keys[2]
         )
         return [(k.lower(), v.encode()) for k, v in signed.items()]
@@ -305,7 +316,7 @@ class UpstreamExchange:
         if self._status >= 300:
             if schema is Schema.anthropic:
                 return anthropic.error_to_openai(self._status, body)
-            return bedrock.error_to_openai(self._status, body, self._error_type)
+            return _bedrock().error_to_openai(self._status, body, self._error_type)
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -313,7 +324,7 @@ class UpstreamExchange:
                                      "server_error", "bad_backend_response")
         if schema is Schema.anthropic:
             return orjson.dumps(anthropic.messages_to_chat(parsed, self.model))
-        return orjson.dumps(bedrock.converse_to_chat(parsed, self.model))
+        return orjson.dumps(_bedrock().converse_to_chat(parsed, self.model))
 
     def _reject(self, error: RequestError | anthropic.AnthropicRequestError) -> ep.ProcessingResponse:
         if isinstance(error, anthropic.AnthropicRequestError) or self.client_api == ANTHROPIC_MESSAGES:
