@@ -562,16 +562,6 @@ def _reply(body: dict[str, Any], knobs: Knobs, extra: _Extra) -> _Reply:
 # -- streaming -----------------------------------------------------------------------------------
 
 
-def _split(value: str, n: int) -> list[str]:
-    """``value`` in at most ``n`` nearly equal pieces (tool JSON is cut anywhere, as the API does)."""
-    n = max(1, min(n, len(value)))
-    size, extra = divmod(len(value), n)
-    pieces, start = [], 0
-    for i in range(n):
-        end = start + size + (1 if i < extra else 0)
-        pieces.append(value[start:end])
-        start = end
-    return pieces
 
 
 def stream_events(reply: _Reply, chunks: int) -> Iterator[tuple[str, dict[str, Any]] | None]:
@@ -582,7 +572,7 @@ def stream_events(reply: _Reply, chunks: int) -> Iterator[tuple[str, dict[str, A
         if block.type == "tool_use":
             start: dict[str, Any] = {"type": "tool_use", "id": block.id, "name": block.name, "input": {}}
             deltas = [{"type": "input_json_delta", "partial_json": ""}] + [
-                {"type": "input_json_delta", "partial_json": p} for p in _split(block.json_input, chunks)
+                {"type": "input_json_delta", "partial_json": p} for p in text.split_evenly(block.json_input, chunks)
             ]
         elif block.type == "thinking":
             start = {"type": "thinking", "thinking": "", "signature": ""}

@@ -516,16 +516,6 @@ def _pad(payload: dict[str, Any], seed: int) -> dict[str, Any]:
     return {**payload, "p": _PADDING[: 1 + seed * 7 % len(_PADDING)]}
 
 
-def _split(value: str, n: int) -> list[str]:
-    """Cut a string anywhere (tool input JSON arrives in arbitrary fragments)."""
-    n = max(1, min(n, len(value)))
-    step, extra = divmod(len(value), n)
-    cuts = [0]
-    for i in range(n):
-        cuts.append(cuts[-1] + step + (1 if i < extra else 0))
-    return [value[a:b] for a, b in zip(cuts, cuts[1:])]
-
-
 def _stream_frames(reply: _Reply, chunks: int) -> list[tuple[str, bytes] | None]:
     """(event type, frame) of a reply's event stream; ``None`` marks a pause point between deltas."""
 
@@ -538,7 +528,7 @@ def _stream_frames(reply: _Reply, chunks: int) -> list[tuple[str, bytes] | None]
             use = block["toolUse"]
             start = {"toolUse": {"toolUseId": use["toolUseId"], "name": use["name"]}}
             frames.append(event("contentBlockStart", _pad({"contentBlockIndex": index, "start": start}, index)))
-            pieces = [{"toolUse": {"input": p}} for p in _split(orjson.dumps(use["input"]).decode(), chunks)]
+            pieces = [{"toolUse": {"input": p}} for p in text.split_evenly(orjson.dumps(use["input"]).decode(), chunks)]
         else:
             pieces = [{"text": p} for p in text.split_chunks(block["text"], chunks)]
         for n, delta in enumerate(pieces):

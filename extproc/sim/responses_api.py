@@ -587,16 +587,6 @@ def _reply(req: _Request, knobs: Knobs, extra: _Extra, previous: _Stored | None)
 # -- streaming ---------------------------------------------------------------------------------------
 
 
-def _split(value: str, n: int) -> list[str]:
-    """``value`` in at most ``n`` nearly equal pieces (arguments JSON is cut anywhere, as the API does)."""
-    n = max(1, min(n, len(value)))
-    size, extra = divmod(len(value), n)
-    pieces, start = [], 0
-    for i in range(n):
-        end = start + size + (1 if i < extra else 0)
-        pieces.append(value[start:end])
-        start = end
-    return pieces
 
 
 def _obfuscation(item_id: str, index: int, delta: str) -> str:
@@ -634,7 +624,7 @@ def stream_events(reply: _Reply, chunks: int, failure: str | None = None) -> Ite
         yield "response.output_item.added", {"type": "response.output_item.added", "output_index": index,
                                              "item": output.item(done=False)}
         if output.type == "function_call":
-            for n, piece in enumerate(_split(output.arguments, chunks)):
+            for n, piece in enumerate(text.split_evenly(output.arguments, chunks)):
                 yield from pause()
                 yield delta("response.function_call_arguments.delta", output, index, piece, n)
                 if failure:

@@ -176,3 +176,16 @@ def embedding_vector(seed_text: str, dimensions: int) -> list[float]:
 def encode_base64_f32(vector: Sequence[float]) -> str:
     """Base64 of little-endian float32, the wire form of ``encoding_format=base64``."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def split_evenly(value: str, n: int) -> list[str]:
+    """``value`` in at most ``n`` nearly equal pieces: how the simulators stream a tool call's
+    JSON arguments, cut anywhere as the real APIs do."""
+    n = max(1, min(n, len(value)))
+    size, extra = divmod(len(value), n)
+    pieces, start = [], 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        pieces.append(value[start:end])
+        start = end
+    return pieces
