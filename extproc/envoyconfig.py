@@ -206,38 +206,11 @@ def _local_reply_config(body_limit: int) -> dict[str, Any]:
     return {"mappers": mappers}
 
 
-def _ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
+def _ext_proc_config(config: GatewayConfig, response_body_mode: str) -> dict[str, Any]:
+    """What both processor stages share: the cluster, timeouts, failure mode, the modes
+    (headers sent, request body buffered, no trailers) and the metadata namespace."""
     timeout_ms = config.processor.message_timeout_ms
     return {
-        "name": "envoy.filters.http.ext_proc",
-        "typed_config": {
-            "@type": _EXT_PROC,
-            "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
-            "failure_mode_allow": config.processor.failure_mode_allow,
-            "message_timeout": duration(timeout_ms / 1000),
-            "max_message_timeout": duration(max(timeout_ms / 1000, 30)),
-            "allow_mode_override": True,
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "request_body_mode": "BUFFERED",
-                "request_trailer_mode": "SKIP",
-                "response_header_mode": "SEND",
-                "response_body_mode": "STREAMED",
-                "response_trailer_mode": "SKIP",
-            },
-            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
-            # A route's own timeout travels as x-envoy-upstream-rq-timeout-ms; Envoy refuses
-            # x-envoy-* mutations without this.
-            "mutation_rules": {"allow_envoy": True},
-        },
-    }
-
-
-def _upstream_stage_filters(config: GatewayConfig) -> list[dict[str, Any]]:
-    """The processor again, below the router: once per attempt, for the backend Envoy
-    picked (the endpoint's metadata names it), to translate, sign and read back."""
-    timeout_ms = config.processor.message_timeout_ms
-    ext_proc = {
         "@type": _EXT_PROC,
         "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
         "failure_mode_allow": config.processor.failure_mode_allow,
@@ -249,18 +222,31 @@ def _upstream_stage_filters(config: GatewayConfig) -> list[dict[str, Any]]:
             "request_body_mode": "BUFFERED",
             "request_trailer_mode": "SKIP",
             "response_header_mode": "SEND",
-            "response_body_mode": "NONE",  # the processor asks for the body when it translates it
+            "response_body_mode": response_body_mode,
             "response_trailer_mode": "SKIP",
         },
-        "request_attributes": [UPSTREAM_HOST_ATTRIBUTE],
-        # Each attempt sets its backend's host (a fallback cluster mixes hosts); Envoy
-        # refuses :authority mutations without this.
-        "mutation_rules": {"allow_all_routing": True},
-        "metadata_options": {
-            "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]},
-            "forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]},
-        },
+        "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
     }
+
+
+def _ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
+    """The request stage: once per client request, before the router."""
+    typed_config = _ext_proc_config(config, "STREAMED")
+    # A route's own timeout travels as x-envoy-upstream-rq-timeout-ms; Envoy refuses
+    # x-envoy-* mutations without this.
+    typed_config["mutation_rules"] = {"allow_envoy": True}
+    return {"name": "envoy.filters.http.ext_proc", "typed_config": typed_config}
+
+
+def _upstream_stage_filters(config: GatewayConfig) -> list[dict[str, Any]]:
+    """The processor again, below the router: once per attempt, for the backend Envoy
+    picked (the endpoint's metadata names it), to translate, sign and read back."""
+    ext_proc = _ext_proc_config(config, "NONE")  # the processor asks for the body when it translates it
+    ext_proc["request_attributes"] = [UPSTREAM_HOST_ATTRIBUTE]
+    # Each attempt sets its backend's host (a fallback cluster mixes hosts); Envoy
+    # refuses :authority mutations without this.
+    ext_proc["mutation_rules"] = {"allow_all_routing": True}
+    ext_proc["metadata_options"]["forwarding_namespaces"] = {"untyped": [METADATA_NAMESPACE]}
     return [
         {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
         {"name": "envoy.filters.http.upstream_codec", "typed_config": {"@type": _UPSTREAM_CODEC}},
