@@ -159,7 +159,7 @@ class Exchange:
             return self._reject(
                 RequestError(500, "The gateway failed to process this request.", "server_error", "gateway_error")
             )
-        return _continue(phase)
+        return protocol.continue_phase(phase)
 
     # -- request phases -------------------------------------------------------
 
@@ -669,13 +669,3 @@ def _removing_backend_header(answer: ep.ProcessingResponse) -> ep.ProcessingResp
     response.CopyFrom(answer)  # answers may be shared constants: never mutate them
     response.response_headers.response.header_mutation.remove_headers.append(BACKEND_HEADER)
     return response
-
-
-def _continue(phase: str | None) -> ep.ProcessingResponse:
-    return {
-        "request_headers": protocol.CONTINUE_REQUEST_HEADERS,
-        "request_body": protocol.CONTINUE_REQUEST_BODY,
-        "response_headers": protocol.CONTINUE_RESPONSE_HEADERS,
-        "response_body": protocol.CONTINUE_RESPONSE_BODY,
-        "request_trailers": protocol.CONTINUE_REQUEST_TRAILERS,
-    }.get(phase or "", protocol.CONTINUE_RESPONSE_TRAILERS)

@@ -30,6 +30,17 @@ CONTINUE_REQUEST_TRAILERS = ep.ProcessingResponse(request_trailers=ep.TrailersRe
 CONTINUE_RESPONSE_TRAILERS = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
 
 
+def continue_phase(phase: str | None) -> ep.ProcessingResponse:
+    """The change-nothing answer for a phase (its name as `ProcessingRequest.WhichOneof` gives it)."""
+    return {
+        "request_headers": CONTINUE_REQUEST_HEADERS,
+        "request_body": CONTINUE_REQUEST_BODY,
+        "response_headers": CONTINUE_RESPONSE_HEADERS,
+        "response_body": CONTINUE_RESPONSE_BODY,
+        "request_trailers": CONTINUE_REQUEST_TRAILERS,
+    }.get(phase or "", CONTINUE_RESPONSE_TRAILERS)
+
+
 def header_map(headers: ep.HttpHeaders) -> dict[str, bytes]:
     """Envoy's header list as a dict of lower-case name -> raw bytes (last value wins)."""
     return {h.key: h.raw_value for h in headers.headers.headers}

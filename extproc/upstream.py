@@ -129,7 +129,7 @@ class UpstreamExchange:
             if phase in ("request_headers", "request_body"):
                 return self._reject(RequestError(500, "The gateway failed to prepare the request for its backend.",
                                                  "server_error", "gateway_error"))
-        return _continue(phase)
+        return protocol.continue_phase(phase)
 
     # -- request ----------------------------------------------------------------
 
@@ -339,14 +339,3 @@ def _anthropic_type(error: RequestError | anthropic.AnthropicRequestError) -> st
     if error.status >= 500:
         return "api_error"
     return error.error_type if error.error_type.endswith("_error") else "invalid_request_error"
-
-
-def _continue(phase: str | None) -> ep.ProcessingResponse:
-    return {
-        "request_headers": protocol.CONTINUE_REQUEST_HEADERS,
-        "request_body": protocol.CONTINUE_REQUEST_BODY,
-        "response_headers": protocol.CONTINUE_RESPONSE_HEADERS,
-        "response_body": protocol.CONTINUE_RESPONSE_BODY,
-        "request_trailers": protocol.CONTINUE_REQUEST_TRAILERS,
-    }.get(phase or "", protocol.CONTINUE_RESPONSE_TRAILERS)
-
