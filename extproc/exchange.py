@@ -19,13 +19,13 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-import orjson
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import budgets, protocol
 from extproc.config import MCP_TOOL_CALL_KEY, Schema, Tenancy, key_digest
 from extproc.estimate import estimate_usage
+from extproc.mcp import jsonrpc
 from extproc.redact import redact_headers
 from extproc.response import BodyKind, ResponseObserver
 from extproc.routing import BackendTarget, CompiledRoute
@@ -45,12 +45,11 @@ log = logging.getLogger(__name__)
 
 MODEL_HEADER = "x-ai-eg-model"
 BACKEND_HEADER = "x-ai-eg-backend"  # request: the backend picked; response: the backend that served (upstream stage)
-ROUTE_HEADER = "x-ai-eg-route"
-TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"  # a route's own request timeout  # a route with fallbacks: Envoy picks the backend per attempt
+ROUTE_HEADER = "x-ai-eg-route"  # a route with fallbacks: Envoy picks the backend per attempt
+TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"  # a route's own request timeout
 ANTHROPIC_MESSAGES = "anthropic.messages"
 RESPONSES_API = "openai.responses"
 MCP_SESSION_HEADER = "mcp-session-id"
-MCP_TOOL_SEPARATOR = "__"  # tools are exposed as <server>__<tool>
 _USAGE_OPTION_APIS = ("openai.chat", "openai.completions")  # APIs with stream_options.include_usage
 # Credentials a client may send to the gateway; none of them may reach a provider.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
@@ -218,24 +217,18 @@ class Exchange:
         """Metadata for one JSON-RPC message; anything unreadable is left to the MCP server,
         which answers it with the proper JSON-RPC error."""
         values: dict[str, Any] = {"session.id": self.session_id, "tenant": self.tenant}
-        try:
-            message = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            message = None
-        if isinstance(message, dict):
-            method = message.get("method")
-            if isinstance(method, str) and method.isprintable():
+        message = jsonrpc.parse_message(body)  # the MCP gateway's own reading of the message
+        if isinstance(message, jsonrpc.Message):
+            method = message.method
+            if method is not None and method.isprintable():
                 values["mcp_method"] = method[:_MAX_HEADER_VALUE]
-            request_id = message.get("id")
-            if isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
-                values["mcp_request_id"] = str(request_id)[:_MAX_HEADER_VALUE]
-            params = message.get("params")
-            name = params.get("name") if isinstance(params, dict) else None
-            if method == "tools/call" and isinstance(name, str) and name.isprintable():
+            if message.id is not None:
+                values["mcp_request_id"] = str(message.id)[:_MAX_HEADER_VALUE]
+            name = jsonrpc.tool_name_of(message)
+            if name is not None and name.isprintable():
                 values["mcp_tool_name"] = name[:_MAX_HEADER_VALUE]
-                server, sep, _tool = name.partition(MCP_TOOL_SEPARATOR)
-                if sep:
-                    values["mcp_backend"] = server
+                if (parts := jsonrpc.split_tool_name(name)) is not None:
+                    values["mcp_backend"] = parts[0]
                 values[MCP_TOOL_CALL_KEY] = 1
         response = ep.ProcessingResponse(request_body=ep.BodyResponse())
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(values))
