@@ -157,7 +157,9 @@ class Backend(_Strict):
     model_name_override: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     request_timeout_seconds: float = Field(default=0, ge=0, description="whole-request limit; 0 = none (long streams)")
-    idle_timeout_seconds: float = Field(default=300, gt=0, description="limit on silence within a request")
+    # 600 s: what the OpenAI and Anthropic SDKs wait by default; reasoning models can think
+    # for minutes before the first byte of a non-streaming answer.
+    idle_timeout_seconds: float = Field(default=600, gt=0, description="limit on silence within a request")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

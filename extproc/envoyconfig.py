@@ -551,11 +551,15 @@ def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict
     return out
 
 
-# Envoy's default ends an ext_proc stream with a half-close *and* an immediate reset, so
-# every finished request reached the processor as a cancelled RPC, and grpc.aio leaks a
-# little native memory per cancelled call (grpc/grpc#43360). With the graceful close
-# Envoy half-closes and waits for the processor's status: no cancellation, flat memory.
-RUNTIME_FLAGS: dict[str, Any] = {"envoy.reloadable_features.ext_proc_graceful_grpc_close": True}
+# The processor ends every ext_proc stream itself, right after its last answer (see
+# server.answer_last): Envoy then never resets a finished stream, so grpc.aio never sees the
+# cancelled calls it leaks memory on (grpc/grpc#43360). Envoy's own remedy for that leak,
+# the graceful close below, must stay off: in Envoy 1.40 a stream left waiting for the
+# processor's close after its request ended is deleted by a freed gRPC client once the
+# request lasted longer than the client cache's idle time (bootstrap
+# `grpc_async_client_manager_config.max_cached_entry_idle_duration`, 50 s), and Envoy
+# crashes with SIGSEGV. Set explicitly, so an Envoy whose default changes stays safe.
+RUNTIME_FLAGS: dict[str, Any] = {"envoy.reloadable_features.ext_proc_graceful_grpc_close": False}
 
 
 def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, Any]:

@@ -84,7 +84,7 @@ class Exchange:
         "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
         "route", "target", "stream", "session_id", "tenant", "observer", "finished", "processor_seconds",
         "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved", "staged",
-        "affinity", "_stored", "mcp",
+        "affinity", "_stored", "mcp", "done",
     )
 
     def __init__(
@@ -120,6 +120,9 @@ class Exchange:
         self.staged = False
         self._stored = False  # a Responses API call whose response the backend keeps (stateful)
         self.mcp = False  # an MCP call: only metadata for Envoy; the MCP server does the rest
+        # Envoy will send nothing this stream still needs: the processor ends the stream
+        # with its next answer (see server.answer_last).
+        self.done = False
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message; a bug here becomes a clean error, never a dead stream."""
@@ -211,6 +214,7 @@ class Exchange:
         if end_of_stream:  # GET (server stream) or DELETE (end of session): nothing to read
             response.dynamic_metadata.CopyFrom(protocol.metadata_struct(
                 {"mcp_method": f"http.{self.method.lower()}", "session.id": self.session_id, "tenant": self.tenant}))
+            self.done = True
         return response
 
     def _mcp_body(self, body: bytes) -> ep.ProcessingResponse:
@@ -232,6 +236,7 @@ class Exchange:
                 values[MCP_TOOL_CALL_KEY] = 1
         response = ep.ProcessingResponse(request_body=ep.BodyResponse())
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(values))
+        self.done = True  # the response phases are skipped for MCP
         return response
 
     def _tenant(self, headers: dict[str, bytes], tenancy: Tenancy) -> str:
@@ -430,6 +435,7 @@ class Exchange:
     def on_response_headers(self, message: ep.HttpHeaders) -> Answer:
         observer = self.observer
         if observer is None:  # not a request we routed (e.g. an Envoy local reply)
+            self.done = True
             return protocol.CONTINUE_RESPONSE_HEADERS
         headers = protocol.header_map(message)
         if not self.staged:
@@ -469,11 +475,13 @@ class Exchange:
         response = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
         if not message.end_of_stream:
             response.mode_override.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
+        self.done = True
         return self._finish(response)
 
     def on_response_body(self, message: ep.HttpBody) -> Answer:
         observer = self.observer
         if observer is None or observer.kind is BodyKind.none:
+            self.done = True
             return protocol.CONTINUE_RESPONSE_BODY
         end = message.end_of_stream
         replacement = observer.on_chunk(message.body, end, time.monotonic())
@@ -481,6 +489,8 @@ class Exchange:
         # lets those bytes go to the client: a client that hangs up right after reading
         # them can no longer cost us the metadata.
         finish = not self.finished and (observer.complete or end)
+        # Accounted, and no bytes of the body held back: this answer is the stream's last.
+        self.done = (self.finished or finish) and (end or not observer.holds_back)
         if replacement is None and not finish:
             return protocol.CONTINUE_RESPONSE_BODY
         response = ep.ProcessingResponse(response_body=ep.BodyResponse())

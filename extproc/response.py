@@ -119,6 +119,12 @@ class ResponseObserver:
             self._json = bytearray()
         return self.kind
 
+    @property
+    def holds_back(self) -> bool:
+        """Bytes of an incomplete event are withheld from the client: a rewritten stream
+        passes each event on once it is whole, so its reader must see the rest too."""
+        return self.strip_usage and self._sse is not None and self._sse.pending > 0
+
     def on_chunk(self, chunk: bytes, end: bool, now: float) -> bytes | None:
         """Observe one body chunk; returns replacement bytes only when the stream is rewritten."""
         if self._broken:

@@ -97,7 +97,7 @@ class UpstreamExchange:
     """One attempt of one request, against the backend Envoy picked for it."""
 
     __slots__ = ("runtime", "target", "client_api", "stream", "include_usage", "model", "_translator", "_translate_response",
-                 "_status", "_error_type")
+                 "_status", "_error_type", "done")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -110,6 +110,7 @@ class UpstreamExchange:
         self._translate_response = False  # the reply (JSON, error or stream) goes back to the client's API
         self._status = 0
         self._error_type: str | None = None  # Bedrock's x-amzn-errortype
+        self.done = False  # Envoy will send nothing more this attempt needs (see server.answer_last)
 
     def handle(self, request: ep.ProcessingRequest) -> ep.ProcessingResponse:
         phase = request.WhichOneof("request")
@@ -279,6 +280,7 @@ class UpstreamExchange:
         response = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
         if not self._translate_response or message.end_of_stream:
             response.response_headers.response.header_mutation.CopyFrom(protocol.header_mutation(set_headers))
+            self.done = True  # the body is not read (this filter's body mode is NONE)
             return response
         remove = ["content-length"]
         if self._status >= 300 or self._translator is None:
@@ -301,6 +303,7 @@ class UpstreamExchange:
                 out += self._translator.finish()
         else:
             out = self._translate_whole(message.body)
+        self.done = message.end_of_stream
         response = ep.ProcessingResponse(response_body=ep.BodyResponse())
         mutation = response.response_body.response.body_mutation
         if out:

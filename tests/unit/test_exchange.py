@@ -568,3 +568,95 @@ def test_arbitrary_request_headers_get_a_clean_answer(method: str, path: str, le
             assert set(body["error"]) == {"message", "type", "param", "code"}
     else:
         assert method == "POST" and not end_of_stream
+
+
+# -- when the processor ends the stream ----------------------------------------------------------
+# The processor ends each stream itself right after its last answer (server.answer_last):
+# Envoy then treats the request as processed and passes any later bytes unread. So `done`
+# must never come before the accounting, nor while the processor withholds bytes.
+
+SSE_HEADERS = [(":status", b"200"), ("content-type", b"text/event-stream")]
+USAGE_EVENT = b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
+CONTENT_EVENT = b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}\n\n'
+FORCED_STREAM = CONTENT_EVENT + USAGE_EVENT + b"data: [DONE]\n\n"
+
+
+def response_headers(values: list[tuple[str, bytes]], end_of_stream: bool = False) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(response_headers=ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in values]),
+        end_of_stream=end_of_stream,
+    ))
+
+
+def body_chunk(data: bytes, end: bool = False) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(response_body=ep.HttpBody(body=data, end_of_stream=end))
+
+
+def routed(body: dict[str, Any]) -> Exchange:
+    exchange = Exchange(RUNTIME)
+    raw = json.dumps(body).encode()
+    exchange.handle(headers_request("POST", "/v1/chat/completions", [("content-length", str(len(raw)).encode())]))
+    exchange.handle(body_request(raw))
+    assert not exchange.done
+    return exchange
+
+
+def test_a_json_response_ends_the_stream_with_its_accounted_body() -> None:
+    exchange = routed(chat("gpt-4o"))
+    body = b'{"id":"x","object":"chat.completion","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+    exchange.handle(response_headers([(":status", b"200"), ("content-type", b"application/json")]))
+    assert not exchange.done
+    answer = exchange.handle(body_chunk(body, end=True))
+    assert exchange.done
+    assert metadata(answer)["llm_total_token"] == 5
+
+
+def test_a_stream_ends_at_done_not_before() -> None:
+    exchange = routed(chat("gpt-4o", stream=True, stream_options={"include_usage": True}))
+    exchange.handle(response_headers(SSE_HEADERS))
+    exchange.handle(body_chunk(CONTENT_EVENT))
+    assert not exchange.done
+    answer = exchange.handle(body_chunk(USAGE_EVENT + b"data: [DONE]\n\n"))
+    assert exchange.done
+    assert metadata(answer)["llm_total_token"] == 5
+
+
+def test_a_response_without_a_body_to_read_ends_at_its_headers() -> None:
+    exchange = routed(chat("gpt-4o"))
+    answer = exchange.handle(response_headers([(":status", b"204")], end_of_stream=True))
+    assert exchange.done and answer.WhichOneof("response") == "response_headers"
+
+
+def test_an_mcp_message_ends_the_stream_with_its_metadata() -> None:
+    runtime = Runtime.build(LoadedConfig(
+        config=parse_config({**config_data(), "mcp": {
+            "servers": [{"name": "alpha", "url": "http://127.0.0.1:9/mcp"}], "routes": [{"path": "/mcp", "servers": ["alpha"]}],
+        }}, "test.yaml"),
+        source="test.yaml", secrets={}))
+    exchange = Exchange(runtime)
+    exchange.handle(headers_request("POST", "/mcp"))
+    assert not exchange.done
+    answer = exchange.handle(body_request(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"alpha__x"}}'))
+    assert exchange.done and metadata(answer)["mcp_tool_name"] == "alpha__x"
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=len(FORCED_STREAM) - 1), max_size=6, unique=True))
+def test_a_rewritten_stream_never_ends_while_it_withholds_bytes(cuts: list[int]) -> None:
+    """The client gets the answers' bytes up to the last one, then the rest unread from Envoy:
+    together exactly the stream it asked for (the forced usage event removed), however the
+    upstream's bytes were cut into chunks."""
+    exchange = routed(chat("gpt-4o", stream=True))  # no include_usage: the gateway forces it
+    exchange.handle(response_headers(SSE_HEADERS))
+    bounds = [0, *sorted(cuts), len(FORCED_STREAM)]
+    chunks = [FORCED_STREAM[a:b] for a, b in zip(bounds, bounds[1:])]
+    client = b""
+    for index, chunk in enumerate(chunks):
+        if exchange.done:  # Envoy no longer asks the processor: the bytes pass as they are
+            client += chunk
+            continue
+        answer = exchange.handle(body_chunk(chunk, end=index == len(chunks) - 1))
+        mutation = answer.response_body.response.body_mutation
+        client += mutation.body if mutation.HasField("body") else (b"" if mutation.clear_body else chunk)
+    assert exchange.done and exchange.finished
+    assert client == CONTENT_EVENT.replace(b',"usage":null', b"") + b"data: [DONE]\n\n"

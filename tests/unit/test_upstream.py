@@ -163,6 +163,7 @@ def test_translated_json_reply_and_error_come_back_in_openai_shape() -> None:
         base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
         base_pb2.HeaderValue(key="content-length", raw_value=b"300")])))
     answer = exchange.handle(headers)
+    assert not exchange.done  # the body is translated: the attempt's stream goes on
     set_headers = {h.header.key: h.header.raw_value for h in answer.response_headers.response.header_mutation.set_headers}
     assert set_headers["x-ai-eg-backend"] == b"claude"
     assert "content-length" in answer.response_headers.response.header_mutation.remove_headers
@@ -171,6 +172,7 @@ def test_translated_json_reply_and_error_come_back_in_openai_shape() -> None:
                "content": [{"type": "text", "text": "Hello"}], "stop_reason": "end_turn",
                "usage": {"input_tokens": 5, "output_tokens": 2}}
     body = exchange.handle(ep.ProcessingRequest(response_body=ep.HttpBody(body=orjson.dumps(message), end_of_stream=True)))
+    assert exchange.done  # the translated body was the attempt's last answer
     chat = orjson.loads(body.response_body.response.body_mutation.body)
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] == "Hello"
     assert chat["usage"]["prompt_tokens"] == 5 and chat["usage"]["completion_tokens"] == 2
@@ -184,3 +186,4 @@ def test_openai_backend_reply_passes_untouched_with_the_served_header() -> None:
     mutation_ = answer.response_headers.response.header_mutation
     assert [h.header.key for h in mutation_.set_headers] == ["x-ai-eg-backend"]
     assert not answer.HasField("mode_override")  # no body round trip for a reply nobody rewrites
+    assert exchange.done  # nothing more to see in this attempt: the processor ends its stream
