@@ -3,8 +3,11 @@
     <base64url(JSON payload)>.<base64url(HMAC-SHA256(key, "extproc-mcp-session.v1." + payload part))>
 
 The payload names the route the session belongs to, the protocol version agreed with the
-client, and for each server of the session its `Mcp-Session-Id` (None for a stateless
-server) and the protocol version it agreed to. Nothing is stored in the gateway, so any
+client, for each server of the session its `Mcp-Session-Id` (None for a stateless server)
+and the protocol version it agreed to, and a random nonce drawn for each id. The nonce is
+what makes every `initialize` yield a new id: without it, all clients of a route whose
+servers are stateless would hold the same id (the MCP spec wants session ids globally
+unique and cryptographically secure). Nothing is stored in the gateway, so any
 process holding the key can serve the session, and a restart with a configured
 `session_secret` keeps sessions working. A tampered, truncated or foreign id fails the
 signature check (`InvalidSession`), which the gateway answers with 404 as the MCP spec says
@@ -31,6 +34,7 @@ __all__ = ["GatewaySession", "InvalidSession", "ServerSession", "SessionCodec", 
 
 _DOMAIN: Final = b"extproc-mcp-session.v1."
 _VERSION: Final = 1
+NONCE_BYTES: Final = 16  # 128 random bits per session id
 MAX_TOKEN_CHARS: Final = 16 * 1024  # longer ids are refused before any decoding
 
 
@@ -86,8 +90,10 @@ class SessionCodec:
         return hmac.new(self._key, _DOMAIN + payload_part, hashlib.sha256).digest()
 
     def encode(self, session: GatewaySession) -> str:
+        """A new signed id for `session`; two calls never return the same id (fresh nonce)."""
         payload: dict[str, Any] = {
             "v": _VERSION,
+            "n": _b64encode(os.urandom(NONCE_BYTES)),
             "r": session.route,
             "p": session.protocol_version,
             "s": {name: [s.session_id, s.protocol_version] for name, s in session.servers.items()},
@@ -106,6 +112,7 @@ class SessionCodec:
         if not hmac.compare_digest(signature, self._sign(payload_part.encode("ascii"))):
             raise InvalidSession("bad signature")
         # Signed by us: anything below failing means a bug or an old format, not an attack.
+        # The nonce "n" only makes the id unique; ids issued before it existed still decode.
         try:
             payload = orjson.loads(_b64decode(payload_part))
             if payload.get("v") != _VERSION:

@@ -94,8 +94,8 @@ class Recorder:
 
 
 class ServerThread:
-    def __init__(self, server: MCPServer, json_response: bool) -> None:
-        self.recorder = Recorder(server.streamable_http_app(json_response=json_response))
+    def __init__(self, server: MCPServer, json_response: bool, stateless: bool = False) -> None:
+        self.recorder = Recorder(server.streamable_http_app(json_response=json_response, stateless_http=stateless))
         config = uvicorn.Config(self.recorder, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
                                 timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
@@ -122,6 +122,7 @@ class Servers:
     a: ServerThread
     b: ServerThread
     down_url: str
+    stateless: ServerThread  # issues no Mcp-Session-Id
     secret_calls: list[int] = field(default_factory=list)
 
 
@@ -184,8 +185,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Servers]:
     secret_calls: list[int] = []
-    with ServerThread(build_a(), json_response=True) as a, ServerThread(build_b(secret_calls), False) as b:
-        yield Servers(a, b, f"http://127.0.0.1:{free_port()}/mcp", secret_calls)
+    with ServerThread(build_a(), json_response=True) as a, ServerThread(build_b(secret_calls), False) as b, \
+            ServerThread(build_a(), json_response=True, stateless=True) as stateless:
+        yield Servers(a, b, f"http://127.0.0.1:{free_port()}/mcp", stateless, secret_calls)
 
 
 # -- the gateway ---------------------------------------------------------------------------
@@ -223,11 +225,13 @@ def settings_for(servers: Servers) -> McpSettings:
             {"name": "a", "url": servers.a.url, "api_key": {"env": "MCP_TEST_KEY_A"}},
             {"name": "b", "url": servers.b.url, "headers": {"x-team": "platform"}},
             {"name": "down", "url": servers.down_url},
+            {"name": "s", "url": servers.stateless.url},
         ],
         "routes": [
             {"path": "/mcp", "servers": ["a", "b", "down"], "deny_tools": ["b__secret_*"]},
             {"path": "/only-add", "servers": ["a"], "allow_tools": ["a__add"]},
             {"path": "/down", "servers": ["down"]},
+            {"path": "/stateless", "servers": ["s"]},
         ],
     })
 
@@ -409,6 +413,35 @@ async def test_sessions_are_checked(gw: Gateway) -> None:
             assert response.status == 405
     status, _, body = await post(gw.url(), listing, token)
     assert status == 404, body
+
+
+async def test_every_client_gets_its_own_session_id(gw: Gateway, servers: Servers) -> None:
+    """Two clients of a route whose only server is stateless (it issues no session id of its
+    own) never share an Mcp-Session-Id; each id still works and still fails when tampered."""
+    first, second = await raw_session(gw.url("/stateless")), await raw_session(gw.url("/stateless"))
+    assert not any("mcp-session-id" in s.headers for s in servers.stateless.recorder.seen)  # truly stateless
+    assert first != second
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    for token in (first, second):
+        status, _, body = await post(gw.url("/stateless"), listing, token)
+        assert status == 200 and [t["name"] for t in orjson.loads(body)["result"]["tools"]] == ["s__add", "s__echo"]
+    payload, signature = second.split(".")
+    status, _, _ = await post(gw.url("/stateless"), listing, f"{first.split('.')[0]}.{signature}")
+    assert status == 404
+    # The official client sees the same: two sessions, two ids.
+    issued: list[str] = []
+
+    async def keep_session_id(response: httpx2.Response) -> None:
+        if "mcp-session-id" in response.headers and response.headers["mcp-session-id"] not in issued:
+            issued.append(response.headers["mcp-session-id"])
+
+    for _ in range(2):
+        async with httpx2.AsyncClient(event_hooks={"response": [keep_session_id]}, timeout=30) as http, \
+                streamable_http_client(gw.url("/stateless"), http_client=http) as (read, write), \
+                ClientSession(read, write) as client:
+            await client.initialize()
+            assert (await client.call_tool("s__add", {"a": 1, "b": 2})).structured_content == {"result": 3}
+    assert len(issued) == 2 and first not in issued and second not in issued
 
 
 async def test_server_down(gw: Gateway) -> None:

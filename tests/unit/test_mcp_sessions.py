@@ -24,6 +24,17 @@ def test_round_trip() -> None:
     assert all(0x21 <= ord(c) <= 0x7E for c in token) and "=" not in token
 
 
+def test_every_id_is_new() -> None:
+    """The same session contents (e.g. stateless servers: no server session ids) still give
+    every client its own id: a random nonce is signed into each."""
+    codec = SessionCodec("k")
+    stateless = GatewaySession("/mcp", "2025-11-25", {"a": ServerSession(None, "2025-11-25")})
+    tokens = {codec.encode(stateless) for _ in range(1000)}
+    assert len(tokens) == 1000
+    assert len({_payload(token)["n"] for token in tokens}) == 1000
+    assert all(codec.decode(token) == stateless for token in tokens)
+
+
 def test_any_process_with_the_key_can_serve_it() -> None:
     token = SessionCodec("shared-secret").encode(SESSION)
     assert SessionCodec("shared-secret").decode(token) == SESSION
@@ -60,7 +71,10 @@ def test_tampered_ids_are_refused() -> None:
     payload["r"] = "/admin-mcp"
     rerouted = f"{_encode_payload(payload)}.{signature}"
     flipped = f"{payload_part}.{signature[:-2]}{'A' if signature[-2] != 'A' else 'B'}{signature[-1]}"
-    for bad in (forged, rerouted, flipped, token[:-5], payload_part, f"{payload_part}.", f".{signature}",
+    payload = _payload(token)
+    payload["n"] = _payload(codec.encode(SESSION))["n"]  # another session's nonce
+    renonced = f"{_encode_payload(payload)}.{signature}"
+    for bad in (forged, rerouted, renonced, flipped, token[:-5], payload_part, f"{payload_part}.", f".{signature}",
                 "not-a-session", "", "é.é", "x" * 20000, token + "x"):
         with pytest.raises(InvalidSession):
             codec.decode(bad)
@@ -74,6 +88,16 @@ def test_signed_but_malformed_payload() -> None:
         token = f"{part.decode()}.{base64.urlsafe_b64encode(sign(part)).rstrip(b'=').decode()}"
         with pytest.raises(InvalidSession):
             codec.decode(token)
+
+
+def test_ids_issued_before_the_nonce_still_decode() -> None:
+    """A gateway upgraded with the same session_secret keeps its clients' sessions."""
+    codec = SessionCodec("k")
+    payload = _payload(codec.encode(SESSION))
+    del payload["n"]
+    part = _encode_payload(payload).encode()
+    token = f"{part.decode()}.{base64.urlsafe_b64encode(codec._sign(part)).rstrip(b'=').decode()}"  # noqa: SLF001
+    assert codec.decode(token) == SESSION
 
 
 def test_empty_secret_refused() -> None:
