@@ -7,7 +7,8 @@ by `resolve_mcp_secrets`.
 ```yaml
 mcp:
   port: 1065                        # the gateway's own HTTP port (processor worker 0)
-  request_timeout_seconds: 60       # connect, first byte, and each silence in a streamed answer
+  connect_timeout_seconds: 10       # opening a connection to a server
+  request_timeout_seconds: 600      # its answer: first byte, and each silence in a streamed answer
   session_secret: {env: MCP_SESSION_SECRET}   # HMAC key for session ids (default: random per start)
   servers:
     - {name: github, url: "https://mcp.example.com/mcp", api_key: {env: GITHUB_MCP_TOKEN}}
@@ -167,9 +168,14 @@ class McpSettings(_Strict):
     session_secret: SecretRef | None = Field(
         default=None, description="HMAC key for session ids; default: a random key per process start"
     )
+    connect_timeout_seconds: float = Field(
+        default=10, gt=0, le=600,
+        description="limit on opening a connection to a server (a server that is down fails fast)",
+    )
     request_timeout_seconds: float = Field(
-        default=60, gt=0, le=3600,
-        description="limit on waiting for a server: connecting, its first byte, each silence in a stream",
+        default=600, gt=0, le=3600,
+        description="limit on waiting for a server's answer: its first byte and each silence in a stream "
+                    "(agents keep tool calls open for minutes)",
     )
 
     @model_validator(mode="after")

@@ -44,9 +44,11 @@ invalid request, including a batch array); a request without `Mcp-Session-Id` 40
 session id that is not one this gateway signed (or one for another route) 404, as the
 spec says for an unknown session; a server no longer knowing our session (404) makes the
 client's session 404 as well, so it starts over. Failures of a server (unreachable,
-timeout, 5xx, garbage) are JSON-RPC errors naming it with code -32050 (-32051 for a
-timeout), never an HTTP 500. The client's own `Authorization` (or any header but the trace
-context) is never forwarded; each server gets its own credentials.
+timeout, 5xx, garbage) are JSON-RPC errors naming it with code -32050, or -32051 when it
+does not answer within `request_timeout_seconds` (not connecting within
+`connect_timeout_seconds` is -32050: unreachable), never an HTTP 500. The client's own
+`Authorization` (or any header but the trace context) is never forwarded; each server gets
+its own credentials.
 
 Observability: one span per request (OpenInference kind TOOL for `tools/call`, CHAIN for
 the others), a child of the client's W3C trace context: `params._meta.traceparent` (and
@@ -327,10 +329,11 @@ class McpGateway:
 
     def _build_clients(self) -> None:
         assert self._http is not None
-        timeout = self._settings.request_timeout_seconds
+        settings = self._settings
         self._clients = {
-            server.name: ServerClient(server, self._secrets.get(server.name), self._http, timeout)
-            for server in self._settings.servers
+            server.name: ServerClient(server, self._secrets.get(server.name), self._http,
+                                      settings.request_timeout_seconds, settings.connect_timeout_seconds)
+            for server in settings.servers
         }
 
     def _tool_value(self, tool: str) -> str:

@@ -80,13 +80,17 @@ def is_json(response: aiohttp.ClientResponse) -> bool:
 class ServerClient:
     """Talks to one configured MCP server."""
 
-    def __init__(self, server: McpServer, api_key: str | None, http: aiohttp.ClientSession, timeout: float) -> None:
+    def __init__(self, server: McpServer, api_key: str | None, http: aiohttp.ClientSession, timeout: float,
+                 connect_timeout: float) -> None:
+        """`timeout`: waiting for an answer (first byte, each silence; a whole `call`);
+        `connect_timeout`: opening a connection. Separate, so a long tool call is not cut by
+        the short bound that makes a dead server fail fast."""
         self.server = server
         self.name = server.name
         self.http = http
         self.timeout = timeout
-        # Connecting, the first byte, and each silence in a streamed answer.
-        self._client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        self.connect_timeout = connect_timeout
+        self._client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=timeout)
         headers: dict[str, str] = {"user-agent": USER_AGENT}
         headers.update({name.lower(): value for name, value in server.headers.items()})
         if api_key:
@@ -109,6 +113,9 @@ class ServerClient:
         return headers
 
     def failure(self, exc: BaseException) -> UpstreamError:
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):  # before its base class, a timeout
+            return UpstreamError(self.name, SERVER_UNAVAILABLE,
+                                 f"is unavailable (no connection within {self.connect_timeout:g}s)")
         if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
             return UpstreamError(self.name, SERVER_TIMEOUT, f"did not answer within {self.timeout:g}s")
         if isinstance(exc, aiohttp.ClientConnectorError):

@@ -644,3 +644,42 @@ async def test_misbehaving_server(servers: Servers) -> None:
     finally:
         await gateway.stop()
         await runner.cleanup()
+
+
+async def test_connecting_and_waiting_for_an_answer_have_separate_limits(servers: Servers) -> None:
+    """A tool silent for longer than the connect limit still answers (the answer has
+    request_timeout_seconds); a server that never accepts the connection fails on the connect
+    limit, -32050 saying so, not on the long answer limit."""
+    server = MCPServer("slow", log_level="WARNING")
+
+    @server.tool()
+    async def think(seconds: float) -> str:
+        """Silent for a while, like an agent's long tool call."""
+        await asyncio.sleep(seconds)
+        return "thought"
+
+    # A listener whose accept queue (backlog 0) is full: connecting to it hangs.
+    hanging = socket.socket()
+    hanging.bind(("127.0.0.1", 0))
+    hanging.listen(0)
+    filler = socket.create_connection(hanging.getsockname())
+    with ServerThread(server, json_response=False) as slow, hanging, filler:
+        settings = McpSettings.model_validate({
+            "port": 0, "connect_timeout_seconds": 0.3, "request_timeout_seconds": 30,
+            "servers": [{"name": "slow", "url": slow.url},
+                        {"name": "hang", "url": f"http://127.0.0.1:{hanging.getsockname()[1]}/mcp"}],
+            "routes": [{"path": "/mcp", "servers": ["slow"]}, {"path": "/hang", "servers": ["hang"]}],
+        })
+        gateway = McpGateway(settings)
+        port = await gateway.start("127.0.0.1", 0, shutdown_timeout=0.5)
+        try:
+            async with connect(f"http://127.0.0.1:{port}/mcp") as client:
+                result = await client.call_tool("slow__think", {"seconds": 1.5})  # 5x the connect limit
+                assert result.is_error is False and result.content[0].text == "thought"  # type: ignore[union-attr]
+            status, _, body = await post(f"http://127.0.0.1:{port}/hang", INIT)
+            assert status == 200
+            error = orjson.loads(body)["error"]
+            assert error["code"] == -32050 and "'hang'" in error["message"], error
+            assert "no connection within 0.3s" in error["message"], error
+        finally:
+            await gateway.stop()

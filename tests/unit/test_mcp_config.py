@@ -25,7 +25,10 @@ def settings(**overrides: Any) -> dict[str, Any]:
 
 def test_defaults_and_shape() -> None:
     parsed = McpSettings.model_validate(settings())
-    assert parsed.port == 1065 and parsed.request_timeout_seconds == 60 and parsed.session_secret is None
+    assert parsed.port == 1065 and parsed.session_secret is None
+    # Agents keep tool calls open for minutes: waiting for an answer may take 10 minutes by
+    # default; connecting to a server has its own short bound.
+    assert parsed.request_timeout_seconds == 600 and parsed.connect_timeout_seconds == 10
     assert parsed.routes[0].allow_tools is None
     assert parsed.server("search-1").headers == {"x-team": "platform"}
     with pytest.raises(ValidationError):
@@ -67,6 +70,7 @@ def test_route_offers() -> None:
         ({"routes": [{"path": "/m", "servers": ["github"]}, {"path": "/m", "servers": ["github"]}]}, "another route"),
         ({"port": 70000}, "less than or equal"),
         ({"request_timeout_seconds": 0}, "greater than 0"),
+        ({"connect_timeout_seconds": 0}, "greater than 0"),
         ({"extra": 1}, "Extra inputs"),
     ],
 )
