@@ -35,6 +35,7 @@ from extproc.config import ConfigError, SecretRef
 
 __all__ = [
     "McpRoute",
+    "glob_matches",
     "McpServer",
     "McpSettings",
     "SESSION_SECRET_KEY",
@@ -56,6 +57,17 @@ _RESERVED_HEADERS = frozenset(
      "proxy-connection"}
 )
 _PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+
+
+def glob_matches(name: str, pattern: str) -> bool:
+    """Does the prefixed tool name `name` match an `allow_tools`/`deny_tools` glob?
+
+    The whole name, case-sensitively on every platform (`fnmatchcase`; `fnmatch.fnmatch`
+    would fold case where the OS does, e.g. Windows): `*` matches any run of characters
+    (none, `_` and `/` included), `?` exactly one character, `[abc]` / `[!abc]` one character
+    in / not in the set; every other character matches only itself.
+    """
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 class _Strict(BaseModel):
@@ -153,10 +165,11 @@ class McpRoute(_Strict):
         return value
 
     def offers(self, tool: str) -> bool:
-        """Is the prefixed tool name `tool` visible on this route (allowed and not denied)?"""
-        if self.allow_tools is not None and not any(fnmatch.fnmatchcase(tool, p) for p in self.allow_tools):
+        """Is the prefixed tool name `tool` visible on this route (allowed and not denied)?
+        Matched with `glob_matches`, case-sensitively."""
+        if self.allow_tools is not None and not any(glob_matches(tool, p) for p in self.allow_tools):
             return False
-        return not any(fnmatch.fnmatchcase(tool, p) for p in self.deny_tools)
+        return not any(glob_matches(tool, p) for p in self.deny_tools)
 
 
 class McpSettings(_Strict):

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from extproc.config import ConfigError
-from extproc.mcp.config import McpSettings, resolve_mcp_secrets
+from extproc.mcp.config import McpSettings, glob_matches, resolve_mcp_secrets
 
 
 def settings(**overrides: Any) -> dict[str, Any]:
@@ -46,6 +46,29 @@ def test_route_offers() -> None:
     assert not route.offers("search-1__query")
     open_route = McpSettings.model_validate(settings()).routes[0]
     assert open_route.offers("search-1__query") and not open_route.offers("github__delete_repo")
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern", "matches"),
+    [
+        ("github__delete_repo", "github__delete_*", True),
+        ("github__DELETE_REPO", "github__delete_*", False),  # case-sensitive, on every platform
+        ("github__Delete_repo", "github__delete_*", False),
+        ("github__delete_repo", "GITHUB__*", False),
+        ("github__delete_repo", "github__delete_repo", True),
+        ("github__delete_repo", "github__delete", False),  # the whole name, not a prefix
+        ("github__x/y_z", "github__*", True),  # '*' takes '/' and '_'
+        ("github__ab", "github__a?", True),
+        ("github__a", "github__a?", False),
+        ("github__b1", "github__[ab]1", True),
+        ("github__c1", "github__[!ab]1", True),
+        ("github__a1", "github__[!ab]1", False),
+        ("github__a.b", "github__a.b", True),
+        ("github__aXb", "github__a.b", False),  # '.' is itself, not a regex
+    ],
+)
+def test_glob_matching(name: str, pattern: str, matches: bool) -> None:
+    assert glob_matches(name, pattern) is matches
 
 
 @pytest.mark.parametrize(
