@@ -20,8 +20,12 @@ gateway keeps one session per server behind the client's one session:
   out of the listing (logged) unless all fail.
 - `tools/call` (and `prompts/get`): the prefixed name picks the server; an unknown name, an
   unknown server or a tool the route hides is refused with -32602 ("Unknown tool: ...",
-  the same words for hidden and missing tools) without contacting any server. Otherwise
-  the message goes to that server with its own tool name, session id and credentials,
+  the same words for hidden and missing tools) and never forwarded. A `tools/call` name
+  must also be exactly `<server>__<tool>` for a tool that server listed, byte for byte
+  (`extproc.mcp.toolnames`), so a server's own loose name matching cannot let a variant
+  past a deny rule; when the gateway's listing of that server session does not know the
+  name, it lists the server again first. Otherwise the message goes to that server with
+  its own tool name, session id and credentials,
   and its answer comes back as it arrives: JSON as JSON, an event stream event by event
   (progress notifications, log messages, then the result). A client that does not accept
   `text/event-stream` gets the final JSON. Requests a server sends the client inside
@@ -64,10 +68,11 @@ message's `_meta` is passed on unchanged. Metrics `mcp.requests` and
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -93,6 +98,7 @@ from extproc.mcp.jsonrpc import (
     split_tool_name,
 )
 from extproc.mcp.sessions import GatewaySession, InvalidSession, ServerSession, SessionCodec, session_digest
+from extproc.mcp.toolnames import ListedTools, ToolsKey
 from extproc.mcp.upstream import (
     ServerClient,
     SessionGone,
@@ -119,6 +125,9 @@ MAX_PAGES: Final = 100  # pages read from one server for one listing
 MAX_RELAYED_JSON: Final = 64 * 1024 * 1024
 SERVER_REQUEST_PREFIX: Final = "mcpgw/"  # ids of server-to-client requests relayed to the client
 SESSION_HEADER: Final = "Mcp-Session-Id"
+LISTING_ID_PREFIX: Final = f"{GATEWAY_NAME}/tools/list/"  # ids of the gateway's own tools/list requests
+TOOLS_CHANGED: Final = "notifications/tools/list_changed"
+_TOOLS_CHANGED_BYTES: Final = TOOLS_CHANGED.encode()
 
 # Metric and span attributes.
 MCP_METHOD: Final = "mcp.method.name"
@@ -275,6 +284,8 @@ class McpGateway:
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._tool_values: set[str] = set()
+        self._listed = ListedTools()  # each server session's tool names, to check tools/call names
+        self._listing_ids = itertools.count(1)
         self._content_limit = telemetry.settings.max_content_chars if telemetry is not None else 32_768
         self.port: int | None = None
 
@@ -324,6 +335,7 @@ class McpGateway:
         self._settings = settings
         self._secrets = dict(secrets or {})  # the session key in it is ignored: the codec keeps its own
         self._routes = {route.path: route for route in settings.routes}
+        self._listed = ListedTools()  # a server name may now stand for another server
         if self._http is not None:
             self._build_clients()
 
@@ -608,6 +620,8 @@ class McpGateway:
                 log.warning("%s of MCP server %r left out: %s", method, name, outcome.message)
                 failures.append(outcome)
                 continue
+            if key == "tools":
+                self._listed.remember((name, session.servers[name].session_id), (item["name"] for item in outcome))
             for item in outcome:
                 renamed = {**item, "name": prefixed(name, item["name"])}
                 if key == "tools" and not route.offers(renamed["name"]):
@@ -675,19 +689,51 @@ class McpGateway:
                 log.info("tool %r refused on %s: not offered by the route's allow/deny rules", name, route.path)
             return self._error(observation, message.id, INVALID_PARAMS, f"Unknown {what}: {name}")
         server, original = split
-        observation.server = server
-        if kind == "tools":
-            observation.tool = name
-            observation.original_tool = original
         server_session = session.servers.get(server)
         if server_session is None:
+            observation.server = server
             return self._error(
                 observation, message.id, SERVER_UNAVAILABLE,
                 f"MCP server {server!r} is not part of this session (it could not be reached when the session "
                 "began); start a new session to use it",
             )
+        if kind == "tools":
+            refusal = await self._refuse_unlisted(route, server, server_session, name, original, message, observation)
+            if refusal is not None:
+                return refusal
+            observation.tool = name
+            observation.original_tool = original
+        observation.server = server
         body = orjson.dumps({**message.body, "params": {**params, "name": original}})
         return await self._relay(request, server, server_session, body, message, observation)
+
+    async def _refuse_unlisted(self, route: McpRoute, server: str, server_session: ServerSession, name: str,
+                               original: str, message: Message, observation: _Observation) -> web.Response | None:
+        """None when `server` listed a tool named exactly `original` (as remembered, else as
+        it lists now); otherwise the answer the client gets, so the call never reaches the
+        server. Exact names only: a server that matches loosely must not see variants."""
+        key: ToolsKey = (server, server_session.session_id)
+        listed = self._listed.names(key)
+        if listed is None or original not in listed:
+            try:
+                listed = await self._list_tool_names(key, server_session, observation)
+            except (UpstreamError, _ServerFailed) as exc:
+                observation.server = server
+                return self._error(observation, message.id, exc.code,
+                                   f"{exc.message} (listing its tools to check {name!r})")
+        if original in listed:
+            return None
+        log.info("tool %r refused on %s: MCP server %r lists no tool named exactly %r", name, route.path, server,
+                 original)
+        return self._error(observation, message.id, INVALID_PARAMS, f"Unknown tool: {name}")
+
+    async def _list_tool_names(self, key: ToolsKey, server_session: ServerSession,
+                               observation: _Observation) -> frozenset[str]:
+        """List one server's tools (all pages) through its session, and remember the names."""
+        request_id = f"{LISTING_ID_PREFIX}{next(self._listing_ids)}"
+        listing = Message("request", {"jsonrpc": "2.0", "id": request_id, "method": "tools/list"})
+        items = await self._list_server(key[0], server_session, listing, "tools", observation)
+        return self._listed.remember(key, (item["name"] for item in items))
 
     async def _relay(self, request: web.Request, server: str, server_session: ServerSession, body: bytes,
                      message: Message, observation: _Observation) -> web.StreamResponse:
@@ -720,9 +766,10 @@ class McpGateway:
                 observation.answered(answer)
                 return _json(data)
             if is_sse(response):
+                tools_key: ToolsKey = (server, server_session.session_id)
                 if _accepts_sse(request):
-                    return await self._relay_stream(request, response, server, message, observation)
-                return await self._collect_stream(response, server, message, observation)
+                    return await self._relay_stream(request, response, tools_key, message, observation)
+                return await self._collect_stream(response, tools_key, message, observation)
             kind = response.headers.get("content-type", "none")
             return self._error(observation, message.id, SERVER_UNAVAILABLE,
                                f"MCP server {server!r} answered with content-type {kind}")
@@ -732,27 +779,24 @@ class McpGateway:
         finally:
             response.close()  # not release(): an unfinished stream must not be drained
 
-    async def _collect_stream(self, response: aiohttp.ClientResponse, server: str, message: Message,
+    async def _collect_stream(self, response: aiohttp.ClientResponse, tools_key: ToolsKey, message: Message,
                               observation: _Observation) -> web.Response:
         """An event stream for a client that only takes JSON: the final answer, alone."""
-        decoder = SSEDecoder()
-        async for chunk in response.content.iter_any():
-            for event in decoder.feed(chunk):
-                answer = answer_in(event.data if event.has_data else b"", message.id)
-                if answer is not None:
-                    observation.answered(answer)
-                    return _json(event.data)
-        for event in decoder.flush():
-            answer = answer_in(event.data if event.has_data else b"", message.id)
+        async for event in _sse_events(response):
+            data = event.data if event.has_data else b""
+            if _TOOLS_CHANGED_BYTES in data:  # at worst a needless fresh listing
+                self._listed.forget(tools_key)
+            answer = answer_in(data, message.id)
             if answer is not None:
                 observation.answered(answer)
-                return _json(event.data)
+                return _json(data)
         return self._error(observation, message.id, SERVER_UNAVAILABLE,
-                           f"MCP server {server!r} ended its event stream without an answer")
+                           f"MCP server {tools_key[0]!r} ended its event stream without an answer")
 
-    async def _relay_stream(self, request: web.Request, response: aiohttp.ClientResponse, server: str,
+    async def _relay_stream(self, request: web.Request, response: aiohttp.ClientResponse, tools_key: ToolsKey,
                             message: Message, observation: _Observation) -> web.StreamResponse:
         """The server's event stream to the client as it arrives, event by event."""
+        server = tools_key[0]
         stream = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache, no-transform",
@@ -776,7 +820,7 @@ class McpGateway:
                     events = decoder.feed(chunk)
                     done = False
                 if events:
-                    await stream.write(b"".join(self._relay_event(e, server, message, observation) for e in events))
+                    await stream.write(b"".join(self._relay_event(e, tools_key, message, observation) for e in events))
                 if done:
                     break
             if not observation.got_answer:
@@ -797,7 +841,11 @@ class McpGateway:
                 observation.fail(INTERNAL_ERROR, "internal error while relaying the stream")
         return stream
 
-    def _relay_event(self, event: SSEEvent, server: str, message: Message, observation: _Observation) -> bytes:
+    def _relay_event(self, event: SSEEvent, tools_key: ToolsKey, message: Message,
+                     observation: _Observation) -> bytes:
+        """One event for the client: server requests get routable ids; the answer is noted;
+        a tools/list_changed drops the server session's remembered tool names."""
+        server = tools_key[0]
         if not event.has_data:
             return event.raw
         try:
@@ -806,6 +854,8 @@ class McpGateway:
             return event.raw
         if not isinstance(data, dict):
             return event.raw
+        if data.get("method") == TOOLS_CHANGED:
+            self._listed.forget(tools_key)
         if "method" in data and "id" in data:  # a request the server sends the client
             data["id"] = f"{SERVER_REQUEST_PREFIX}{server}/{orjson.dumps(data['id']).decode()}"
             return _with_data(event, orjson.dumps(data))
@@ -829,6 +879,16 @@ class McpGateway:
         await asyncio.gather(*(self._clients[name].delete(session.servers[name]) for name in names),
                              return_exceptions=True)
         return web.Response(status=200)
+
+
+async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+    """The events of a server's event stream, as they arrive."""
+    decoder = SSEDecoder()
+    async for chunk in response.content.iter_any():
+        for event in decoder.feed(chunk):
+            yield event
+    for event in decoder.flush():
+        yield event
 
 
 def _accepts_sse(request: web.Request) -> bool:

@@ -22,7 +22,7 @@ from mcp.shared.exceptions import MCPError  # noqa: E402
 
 from extproc.sim import SimServer  # noqa: E402
 from tests.integration.harness import RunningGateway, free_port, running_gateway  # noqa: E402
-from tests.integration.test_mcp_gateway import ServerThread, build_a, build_b  # noqa: E402
+from tests.integration.test_mcp_gateway import ServerThread, build_a, build_b, build_loose  # noqa: E402
 from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
@@ -41,6 +41,17 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="module")
+def loose_deleted() -> list[str]:
+    return []  # what the loose server's delete_repo was asked to delete
+
+
+@pytest.fixture(scope="module")
+def loose(loose_deleted: list[str]) -> Iterator[ServerThread]:
+    with ServerThread(build_loose(loose_deleted), json_response=True) as server:  # matches names loosely
+        yield server
+
+
+@pytest.fixture(scope="module")
 def servers() -> Iterator[tuple[ServerThread, ServerThread, list[int]]]:
     secret_calls: list[int] = []
     with ServerThread(build_a(), json_response=True) as a, ServerThread(build_b(secret_calls), False) as b:
@@ -48,7 +59,7 @@ def servers() -> Iterator[tuple[ServerThread, ServerThread, list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def gateway(servers: Any, sim_a: SimServer, receiver: OtlpReceiver,
+def gateway(servers: Any, loose: ServerThread, sim_a: SimServer, receiver: OtlpReceiver,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     a, b, _ = servers
     config = {
@@ -56,8 +67,10 @@ def gateway(servers: Any, sim_a: SimServer, receiver: OtlpReceiver,
         "routes": [{"name": "all", "default": True, "backends": [{"name": "llm"}]}],
         "mcp": {
             "port": free_port(),
-            "servers": [{"name": "a", "url": a.url, "api_key": {"env": "T_MCP_A_KEY"}}, {"name": "b", "url": b.url}],
-            "routes": [{"path": "/mcp", "servers": ["a", "b"], "deny_tools": ["b__secret_tool"]}],
+            "servers": [{"name": "a", "url": a.url, "api_key": {"env": "T_MCP_A_KEY"}}, {"name": "b", "url": b.url},
+                        {"name": "loose", "url": loose.url}],
+            "routes": [{"path": "/mcp", "servers": ["a", "b", "loose"],
+                        "deny_tools": ["b__secret_tool", "loose__delete_*"]}],
         },
         "tenancy": {"header": "x-tenant"},
         "budgets": [{"name": "weather-calls", "tenant": "*", "tool": "b__weather", "unit": "minute", "limit": 2,
@@ -70,7 +83,8 @@ def gateway(servers: Any, sim_a: SimServer, receiver: OtlpReceiver,
         yield gw
 
 
-async def test_aggregated_tools_routed_calls_and_a_hidden_tool(gateway: RunningGateway, servers: Any) -> None:
+async def test_aggregated_tools_routed_calls_and_a_hidden_tool(gateway: RunningGateway, servers: Any,
+                                                               loose: ServerThread, loose_deleted: list[str]) -> None:
     a, _b, secret_calls = servers
     headers = {"x-tenant": "team-a", "traceparent": TRACEPARENT}
     http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=60))
@@ -93,7 +107,15 @@ async def test_aggregated_tools_routed_calls_and_a_hidden_tool(gateway: RunningG
         with pytest.raises(MCPError) as refused:  # a JSON-RPC error: the gateway hides the tool
             await session.call_tool("b__secret_tool", {})
         assert "Unknown tool" in str(refused.value)
-    assert secret_calls == []  # refused at the gateway
+
+        # Names the loose server would take for its denied delete_repo: refused all the same.
+        for name in ("loose__DELETE_REPO", "loose___delete_repo", "loose__./delete_repo", "b__SECRET_TOOL"):
+            with pytest.raises(MCPError) as refused:
+                await session.call_tool(name, {"repo": "prod"})
+            assert refused.value.error.code == -32602 and refused.value.error.message == f"Unknown tool: {name}"
+        assert (await session.call_tool("loose__list_repos", {})).is_error is False  # the exact name works
+    assert secret_calls == [] and loose_deleted == []  # refused at the gateway
+    assert [s.json()["params"]["name"] for s in loose.recorder.calls("tools/call")] == ["list_repos"]
 
     entry = gateway.wait_access_log(lambda e: e.get("mcp_tool_name") == "a__add")
     assert entry["mcp_method"] == "tools/call" and entry["mcp_backend"] == "a" and entry["mcp_request_id"]

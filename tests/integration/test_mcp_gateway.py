@@ -32,7 +32,7 @@ from mcp import ClientSession  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError
-from mcp_types import ElicitResult
+from mcp_types import ElicitResult, ToolListChangedNotification
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -123,7 +123,9 @@ class Servers:
     b: ServerThread
     down_url: str
     stateless: ServerThread  # issues no Mcp-Session-Id
+    loose: ServerThread  # matches called tool names loosely (LooseServer)
     secret_calls: list[int] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)  # what loose's delete_repo was asked to delete
 
 
 class Confirm(BaseModel):
@@ -176,6 +178,31 @@ def build_b(secret_calls: list[int]) -> MCPServer:
     return server
 
 
+class LooseServer(MCPServer):
+    """Matches a called tool name loosely (ignoring case and a leading '_', '.' or '/'), as
+    some servers do. Through the gateway, no such variant may reach a tool the route denies."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        return await super().call_tool(name.lower().lstrip("_./"), arguments, context)
+
+
+def build_loose(deleted: list[str]) -> MCPServer:
+    server = LooseServer("loose", log_level="WARNING")
+
+    @server.tool()
+    def delete_repo(repo: str) -> str:
+        """Denied by the gateway route."""
+        deleted.append(repo)
+        return f"deleted {repo}"
+
+    @server.tool()
+    def list_repos() -> list[str]:
+        """Allowed."""
+        return ["gateway"]
+
+    return server
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -185,9 +212,11 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Servers]:
     secret_calls: list[int] = []
+    deleted: list[str] = []
     with ServerThread(build_a(), json_response=True) as a, ServerThread(build_b(secret_calls), False) as b, \
-            ServerThread(build_a(), json_response=True, stateless=True) as stateless:
-        yield Servers(a, b, f"http://127.0.0.1:{free_port()}/mcp", stateless, secret_calls)
+            ServerThread(build_a(), json_response=True, stateless=True) as stateless, \
+            ServerThread(build_loose(deleted), json_response=True) as loose:
+        yield Servers(a, b, f"http://127.0.0.1:{free_port()}/mcp", stateless, loose, secret_calls, deleted)
 
 
 # -- the gateway ---------------------------------------------------------------------------
@@ -226,12 +255,14 @@ def settings_for(servers: Servers) -> McpSettings:
             {"name": "b", "url": servers.b.url, "headers": {"x-team": "platform"}},
             {"name": "down", "url": servers.down_url},
             {"name": "s", "url": servers.stateless.url},
+            {"name": "loose", "url": servers.loose.url},
         ],
         "routes": [
             {"path": "/mcp", "servers": ["a", "b", "down"], "deny_tools": ["b__secret_*"]},
             {"path": "/only-add", "servers": ["a"], "allow_tools": ["a__add"]},
             {"path": "/down", "servers": ["down"]},
             {"path": "/stateless", "servers": ["s"]},
+            {"path": "/loose", "servers": ["loose", "a"], "deny_tools": ["loose__delete_*"]},
         ],
     })
 
@@ -386,6 +417,93 @@ async def test_hidden_and_unknown_tools_never_reach_a_server(gw: Gateway, server
     assert servers.secret_calls == []
     assert len(servers.b.recorder.calls("tools/call")) == before_b
     assert not [s for s in servers.a.recorder.calls("tools/call") if s.json()["params"]["name"] == "echo"]
+
+
+async def test_only_exact_listed_tool_names_are_forwarded(gw: Gateway, servers: Servers) -> None:
+    """A called name must be exactly <server>__<tool> for a tool that server listed: variants
+    a loose server would accept (case, extra '_', './') are "Unknown tool" at the gateway
+    and never reach the server, so they cannot get around a deny rule."""
+    variants = ["loose__DELETE_REPO", "loose___delete_repo", "loose__./delete_repo", "loose__/delete_repo",
+                "loose__Delete_Repo", "loose__delete_repo", "loose__LIST_REPOS", "loose___list_repos",
+                "loose__list_repos ", "a__ADD", "a___add", "a__add\u200b"]
+    async with connect(gw.url("/loose")) as client:
+        listed = sorted(tool.name for tool in (await client.list_tools()).tools)
+        assert listed == ["a__add", "a__echo", "loose__list_repos"]
+        for name in variants:
+            with pytest.raises(MCPError) as refused:
+                await client.call_tool(name, {"repo": "prod", "a": 1, "b": 2})
+            assert refused.value.error.code == -32602
+            assert refused.value.error.message == f"Unknown tool: {name}"
+        assert (await client.call_tool("loose__list_repos", {})).is_error is False  # the exact name works
+    assert servers.deleted == []
+    called = [s.json()["params"]["name"] for s in servers.loose.recorder.calls("tools/call")]
+    assert called == ["list_repos"]
+    assert not [s for s in servers.a.recorder.calls("tools/call") if s.json()["params"]["name"] != "add"]
+
+
+async def test_calls_without_listing_first(gw: Gateway, servers: Servers) -> None:
+    """A client that calls before (or without) tools/list still reaches real tools: the gateway
+    lists the server itself, once, through that server's own session."""
+    token = await raw_session(gw.url())
+    call = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "a__add", "arguments": {"a": 4, "b": 5}}}
+    for request_id in (1, 2):
+        status, _, body = await post(gw.url(), {**call, "id": request_id}, token, accept="application/json")
+        assert status == 200 and orjson.loads(body)["result"]["structuredContent"] == {"result": 9}, body
+    status, _, body = await post(gw.url(), {**call, "id": 3, "params": {"name": "a__Add"}}, token)
+    assert orjson.loads(body)["error"] == {"code": -32602, "message": "Unknown tool: a__Add"}
+    server_session = servers.a.recorder.calls("tools/call")[-1].headers["mcp-session-id"]
+    listings = [s for s in servers.a.recorder.calls("tools/list") if s.headers.get("mcp-session-id") == server_session]
+    # Once for the first call; the second used what it listed; the unknown name listed again.
+    assert len(listings) == 2
+    assert [s.json()["params"]["name"] for s in servers.a.recorder.calls("tools/call")
+            if s.headers["mcp-session-id"] == server_session] == ["add", "add"]
+
+
+async def test_the_gateway_follows_a_servers_changing_tools() -> None:
+    """A tool added after the client listed is callable at once (the gateway lists again for
+    a name it does not know); a tool the server withdrew and announced with
+    notifications/tools/list_changed is "Unknown tool" at the gateway, not forwarded."""
+    server = MCPServer("growing", log_level="WARNING")
+
+    @server.tool()
+    def first() -> str:
+        """There from the start."""
+        return "first"
+
+    @server.tool()
+    async def retire_first(ctx: Context) -> str:
+        """Withdraws `first` and says so in this call's stream."""
+        server.remove_tool("first")
+        await ctx.session.send_notification(ToolListChangedNotification(), ctx.request_id)
+        return "retired"
+
+    with ServerThread(server, json_response=False) as growing:
+        settings = McpSettings.model_validate({
+            "port": 0, "servers": [{"name": "g", "url": growing.url}],
+            "routes": [{"path": "/mcp", "servers": ["g"]}],
+        })
+        gateway = McpGateway(settings)
+        port = await gateway.start("127.0.0.1", 0, shutdown_timeout=0.5)
+        try:
+            async with connect(f"http://127.0.0.1:{port}/mcp") as client:
+                assert sorted(t.name for t in (await client.list_tools()).tools) == ["g__first", "g__retire_first"]
+
+                def second() -> str:
+                    """Added later."""
+                    return "second"
+
+                server.add_tool(second)
+                result = await client.call_tool("g__second", {})
+                assert result.is_error is False and result.content[0].text == "second"  # type: ignore[union-attr]
+                assert (await client.call_tool("g__first", {})).is_error is False
+                assert (await client.call_tool("g__retire_first", {})).is_error is False
+                with pytest.raises(MCPError) as refused:
+                    await client.call_tool("g__first", {})
+                assert refused.value.error.code == -32602 and refused.value.error.message == "Unknown tool: g__first"
+        finally:
+            await gateway.stop()
+    called = [s.json()["params"]["name"] for s in growing.recorder.calls("tools/call")]
+    assert called == ["second", "first", "retire_first"]
 
 
 async def test_sessions_are_checked(gw: Gateway) -> None:
@@ -576,6 +694,8 @@ async def test_trace_context_from_meta_wins(gw: Gateway) -> None:
 
 async def test_misbehaving_server(servers: Servers) -> None:
     """Timeouts, 5xx, garbage and a stream cut short: JSON-RPC errors naming the server."""
+    listing_fails = True
+    called: list[str] = []
 
     async def handler(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
         message = await request.json()
@@ -587,8 +707,12 @@ async def test_misbehaving_server(servers: Servers) -> None:
         if "id" not in message:
             return aiohttp.web.Response(status=202)
         if message["method"] == "tools/list":
-            return aiohttp.web.Response(status=503, text="overloaded")
+            if listing_fails:
+                return aiohttp.web.Response(status=503, text="overloaded")
+            tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("slow", "boom", "garbage", "cut")]
+            return aiohttp.web.json_response({"jsonrpc": "2.0", "id": message["id"], "result": {"tools": tools}})
         name = message["params"]["name"]
+        called.append(name)
         if name == "slow":
             await asyncio.sleep(3)
         if name == "boom":
@@ -627,6 +751,13 @@ async def test_misbehaving_server(servers: Servers) -> None:
         # bad's tools/list fails (503): a's tools are still listed.
         status, _, body = await post(url, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, token)
         assert [t["name"] for t in orjson.loads(body)["result"]["tools"]] == ["a__add", "a__echo"]
+        # While bad cannot list its tools, no name of it can be checked: nothing is forwarded.
+        call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "bad__boom"}}
+        status, _, body = await post(url, call, token)
+        error = orjson.loads(body)["error"]
+        assert error["code"] == -32050 and "'bad' answered HTTP 503" in error["message"], error
+        assert called == []
+        listing_fails = False
         expected = {"slow": (-32051, "did not answer within 0.5s"), "boom": (-32050, "answered HTTP 500"),
                     "garbage": (-32050, "content-type text/plain"), "cut": (-32050, "'bad'")}
         for tool, (code, words) in expected.items():
