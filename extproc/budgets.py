@@ -21,6 +21,19 @@ UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 SETTLE_REFUND = ("settle", "refund")  # descriptor entry the bundled service reads as "give back"
 
 
+def charge_key(cost: str) -> str:
+    """Metadata key Envoy charges a budget from after the response: the processor sets it on
+    every request it sees to the end (0 when nothing is owed: an error, a refusal, another
+    kind of request), because a charge whose metadata is missing makes Envoy log a warning
+    ("Invalid hits_addend") per request, while the reported usage keys stay absent on errors."""
+    return f"ratelimit_charge_{cost}"
+
+
+def charged_costs(config: GatewayConfig) -> tuple[str, ...]:
+    """The cost keys budgets charge after the response (reserve mode settles its own way)."""
+    return tuple(dict.fromkeys(b.cost for b in config.budgets if not reserves(config, b)))
+
+
 def settle_key(budget: Budget) -> str:
     return f"ratelimit_settle_{budget.name}"
 
@@ -75,7 +88,7 @@ def envoy_rate_limits(config: GatewayConfig) -> list[dict[str, Any]]:
             # Admit while the budget is not spent (addend 0 charges nothing) ...
             out.append({"actions": actions, "hits_addend": {"number": 0}})
             # ... and charge what the response actually cost once it is over.
-            out.append({"actions": actions, "hits_addend": _addend(budget.cost), "apply_on_stream_done": True})
+            out.append({"actions": actions, "hits_addend": _addend(charge_key(budget.cost)), "apply_on_stream_done": True})
     return out
 
 

@@ -17,6 +17,7 @@ from extproc import budgets
 from extproc.config import Backend, GatewayConfig, Route, Schema
 from extproc.exchange import BACKEND_HEADER, MODEL_HEADER, PROCESSOR_DETAILS_PREFIX, ROUTE_HEADER
 from extproc.protocol import METADATA_NAMESPACE
+from extproc.local_replies import CODE_DETAILS_ATTRIBUTE, RATE_LIMITER_ERROR
 from extproc.workers import worker_addresses, worker_count
 
 PROCESSOR_CLUSTER = "extproc"  # every processor worker
@@ -142,17 +143,26 @@ def _status_between(low: int, high: int) -> dict[str, Any]:
     return {"and_filter": {"filters": [compare("GE", low), compare("LE", high)]}}
 
 
-def _not_from_processor() -> dict[str, Any]:
-    """True for Envoy's own replies: the processor's carry details starting with its prefix."""
+def _cel_filter(expression: str) -> dict[str, Any]:
     return {
         "extension_filter": {
             "name": "envoy.access_loggers.extension_filters.cel",
-            "typed_config": {
-                "@type": _CEL_FILTER,
-                "expression": f"!response.code_details.startsWith('{PROCESSOR_DETAILS_PREFIX}')",
-            },
+            "typed_config": {"@type": _CEL_FILTER, "expression": expression},
         }
     }
+
+
+def _not_from_processor() -> dict[str, Any]:
+    """True for Envoy's own replies: the processor's carry details starting with its prefix."""
+    return _cel_filter(f"!response.code_details.startsWith('{PROCESSOR_DETAILS_PREFIX}')")
+
+
+_RATE_LIMITED_BODY = _openai_error_format(
+    "Rate limit reached for this tenant: the token budget or request limit is spent. "
+    "See the x-ratelimit-* and retry-after headers.",
+    "tokens",
+    "rate_limit_exceeded",
+)
 
 
 def _local_reply_config(body_limit: int) -> dict[str, Any]:
@@ -167,24 +177,30 @@ def _local_reply_config(body_limit: int) -> dict[str, Any]:
     mappers.append(
         {
             # Envoy's rate-limit filters (token budget or request limit) said no. Matched by
-            # status: the local filter sets its RL flag only after the reply is mapped.
+            # status: the local filter sets its RL flag only after the reply is mapped. (Its
+            # x-ratelimit-* headers are added after mapping too: the processor copies
+            # x-ratelimit-reset into retry-after.)
             "filter": {"and_filter": {"filters": [_status_between(429, 429), _not_from_processor()]}},
+            "body_format_override": _RATE_LIMITED_BODY,
+        }
+    )
+    mappers.append(
+        {
+            # ratelimit.failure_mode closed and the rate limit service (or its store) down:
+            # Envoy's filter refuses with an empty body; say what failed.
+            "filter": _cel_filter(f"response.code_details == '{RATE_LIMITER_ERROR}'"),
+            "status_code": 503,
             "body_format_override": _openai_error_format(
-                "Rate limit reached for this tenant: the token budget or request limit is spent. "
-                "See the x-ratelimit-* and retry-after headers.",
-                "tokens",
-                "rate_limit_exceeded",
-            ),
+                "The gateway could not check this tenant's budget: its rate limit service is unavailable, and "
+                "the gateway refuses requests then (ratelimit.failure_mode: closed). Retry shortly.",
+                "server_error", "ratelimit_unavailable"),
         }
     )
     mappers.append(
         {
             # The processor is unreachable (down, restarting, or too slow): Envoy's ext_proc
             # filter fails the request with details starting "ext_proc". Retryable: 503.
-            "filter": {"extension_filter": {
-                "name": "envoy.access_loggers.extension_filters.cel",
-                "typed_config": {"@type": _CEL_FILTER, "expression": "response.code_details.startsWith('ext_proc')"},
-            }},
+            "filter": _cel_filter("response.code_details.startsWith('ext_proc')"),
             "status_code": 503,
             "body_format_override": _openai_error_format(
                 "The gateway's request processor is unavailable; retry shortly.", "server_error",
@@ -235,6 +251,8 @@ def _ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
     # A route's own timeout travels as x-envoy-upstream-rq-timeout-ms; Envoy refuses
     # x-envoy-* mutations without this.
     typed_config["mutation_rules"] = {"allow_envoy": True}
+    # Tells Envoy's own replies (backend down, timeouts, rate limits) from a backend's answers.
+    typed_config["response_attributes"] = [CODE_DETAILS_ATTRIBUTE]
     return {"name": "envoy.filters.http.ext_proc", "typed_config": typed_config}
 
 
@@ -467,7 +485,6 @@ def _global_rate_limit_filter(config: GatewayConfig) -> dict[str, Any]:
 def _local_rate_limit_filter(config: GatewayConfig) -> dict[str, Any]:
     """Requests per tenant, counted by this Envoy alone: no service needed."""
     always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "tenant_requests.enabled"}
-    shortest = min(budgets.UNIT_SECONDS[limit.unit] for limit in config.request_limits)
     return {
         "name": "envoy.filters.http.local_ratelimit",
         "typed_config": {
@@ -480,10 +497,7 @@ def _local_rate_limit_filter(config: GatewayConfig) -> dict[str, Any]:
             "descriptors": budgets.local_rate_limit_descriptors(config.request_limits),
             "rate_limits": [{"actions": [_tenant_action()]}],
             "max_dynamic_descriptors": 10_000,
-            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
-            "response_headers_to_add": [
-                {"header": {"key": "retry-after", "value": str(shortest)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-            ],
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",  # the processor adds retry-after to its 429
         },
     }
 

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -25,6 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from extproc import budgets, protocol
 from extproc.config import MCP_TOOL_CALL_KEY, Schema, Tenancy, key_digest
 from extproc.estimate import estimate_usage
+from extproc.local_replies import CODE_DETAILS_ATTRIBUTE, LOCAL_RATE_LIMITED, local_reply_error_type
 from extproc.mcp import jsonrpc
 from extproc.redact import redact_headers
 from extproc.response import BodyKind, ResponseObserver
@@ -50,6 +51,8 @@ TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"  # a route's own request timeo
 ANTHROPIC_MESSAGES = "anthropic.messages"
 RESPONSES_API = "openai.responses"
 MCP_SESSION_HEADER = "mcp-session-id"
+RATELIMIT_RESET_HEADER = "x-ratelimit-reset"
+RETRY_AFTER = "retry-after"
 _USAGE_OPTION_APIS = ("openai.chat", "openai.completions")  # APIs with stream_options.include_usage
 # Credentials a client may send to the gateway; none of them may reach a provider.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
@@ -135,7 +138,8 @@ class Exchange:
             elif phase == "request_body":
                 answer = self.on_request_body(request.request_body)
             elif phase == "response_headers":
-                answer = self.on_response_headers(request.response_headers)
+                answer = self.on_response_headers(
+                    request.response_headers, protocol.attribute(request, CODE_DETAILS_ATTRIBUTE))
             elif phase == "request_trailers":
                 return protocol.CONTINUE_REQUEST_TRAILERS
             else:
@@ -200,7 +204,8 @@ class Exchange:
     def _mcp_headers(self, headers: dict[str, bytes], end_of_stream: bool) -> ep.ProcessingResponse:
         """MCP goes to the gateway's MCP server (Envoy's route); this stage only names the
         call for Envoy's rate limits and access log, and skips the response (the MCP
-        server records its own telemetry and streams SSE)."""
+        server records its own telemetry and streams SSE). With request limits it still
+        sees the response headers, to give a limit's 429 its retry-after."""
         self.mcp = True
         self.session_id = _header_text(headers.get(self.runtime.session_id_header)) or _mcp_session(
             headers.get(MCP_SESSION_HEADER))
@@ -209,12 +214,13 @@ class Exchange:
         response = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
         # An override replaces every field: keep the buffered request body (proto default: NONE).
         response.mode_override.request_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
-        response.mode_override.response_header_mode = processing_mode_pb2.ProcessingMode.SKIP
+        if not self.runtime.request_limited:
+            response.mode_override.response_header_mode = processing_mode_pb2.ProcessingMode.SKIP
         response.mode_override.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
         if end_of_stream:  # GET (server stream) or DELETE (end of session): nothing to read
             response.dynamic_metadata.CopyFrom(protocol.metadata_struct(
                 {"mcp_method": f"http.{self.method.lower()}", "session.id": self.session_id, "tenant": self.tenant}))
-            self.done = True
+            self.done = not self.runtime.request_limited
         return response
 
     def _mcp_body(self, body: bytes) -> ep.ProcessingResponse:
@@ -233,10 +239,12 @@ class Exchange:
                 values["mcp_tool_name"] = name[:_MAX_HEADER_VALUE]
                 if (parts := jsonrpc.split_tool_name(name)) is not None:
                     values["mcp_backend"] = parts[0]
-                values[MCP_TOOL_CALL_KEY] = 1
+                    values[MCP_TOOL_CALL_KEY] = 1
+        for cost in self.runtime.charged_costs:  # a tool call costs a call budget 1, anything else 0
+            values[budgets.charge_key(cost)] = values.get(cost, 0)
         response = ep.ProcessingResponse(request_body=ep.BodyResponse())
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(values))
-        self.done = True  # the response phases are skipped for MCP
+        self.done = not self.runtime.request_limited  # the response phases are skipped for MCP
         return response
 
     def _tenant(self, headers: dict[str, bytes], tenancy: Tenancy) -> str:
@@ -432,38 +440,47 @@ class Exchange:
 
     # -- response phases ------------------------------------------------------
 
-    def on_response_headers(self, message: ep.HttpHeaders) -> Answer:
+    def on_response_headers(self, message: ep.HttpHeaders, code_details: str = "") -> Answer:
+        """`code_details`: Envoy's response code details, which tell its own replies (a
+        backend down, a timeout, a rate limit) from the answers backends gave."""
+        headers = protocol.header_map(message)
+        if code_details == LOCAL_RATE_LIMITED and (reset := headers.get(RATELIMIT_RESET_HEADER)):
+            # A request limit's 429: Envoy's x-ratelimit-reset says when the tenant's bucket
+            # has a token again (whole seconds, never early); retry-after must say the same.
+            answer = self._answer_response_headers(message, headers, code_details)
+            return _with_headers(answer, [(RETRY_AFTER, reset)])
+        return self._answer_response_headers(message, headers, code_details)
+
+    def _answer_response_headers(self, message: ep.HttpHeaders, headers: dict[str, bytes], code_details: str) -> Answer:
         observer = self.observer
-        if observer is None:  # not a request we routed (e.g. an Envoy local reply)
+        if observer is None:  # not a request we routed: an MCP call, or an Envoy local reply
             self.done = True
             return protocol.CONTINUE_RESPONSE_HEADERS
-        headers = protocol.header_map(message)
         if not self.staged:
-            return self._on_response_headers(message, headers, observer)
+            return self._on_response_headers(message, headers, observer, code_details)
         # The upstream stage names the backend that served this attempt: account to it
         # (before any accounting below), and keep the internal header from the client.
         served = headers.get(BACKEND_HEADER)
         if served is None:
-            return self._on_response_headers(message, headers, observer)
+            return self._on_response_headers(message, headers, observer, code_details)
         self.target = self.runtime.router.targets.get(served.decode("latin-1"), self.target)
-        answer = self._on_response_headers(message, headers, observer)
-        if isinstance(answer, ep.ProcessingResponse):
-            return _removing_backend_header(answer)
+        answer = self._on_response_headers(message, headers, observer, code_details)
+        return _with_headers(answer, remove=[BACKEND_HEADER])
 
-        async def later() -> ep.ProcessingResponse:  # the opt-in estimate runs in a thread
-            return _removing_backend_header(await answer)
-
-        return later()
-
-    def _on_response_headers(self, message: ep.HttpHeaders, headers: dict[str, bytes], observer: ResponseObserver) -> Answer:
+    def _on_response_headers(
+        self, message: ep.HttpHeaders, headers: dict[str, bytes], observer: ResponseObserver, code_details: str
+    ) -> Answer:
         status = headers.get(":status", b"0")
         length = headers.get("content-length", b"")
+        envoy_error = local_reply_error_type(code_details)
         kind = observer.on_headers(
             int(status) if status.isdigit() else 0,
-            headers.get("content-type", b"").decode("latin-1"),
+            # Envoy's own reply: its body says nothing about the backend, so it is not read.
+            "" if envoy_error else headers.get("content-type", b"").decode("latin-1"),
             headers.get("content-encoding", b"").decode("latin-1"),
             int(length) if length.isdigit() else None,
         )
+        observer.error_type = envoy_error
         if kind is BodyKind.json and not message.end_of_stream:
             # A JSON body is read at its end anyway: one buffered message instead of a
             # message per chunk (and one more for the end). PARTIAL: a body over Envoy's
@@ -542,6 +559,8 @@ class Exchange:
             values.update(
                 cost_metadata(self.runtime.costs, usage, self.model or "", self.target.name, self.route.name)
             )
+        for cost in self.runtime.charged_costs:
+            values[budgets.charge_key(cost)] = values.get(cost, 0)  # 0: nothing owed (an error, a refusal)
         for budget in self.runtime.reserve_budgets:
             # Settle the up-front charge: add what the estimate missed, or give back the rest.
             actual = int(values.get(budget.cost, 0))
@@ -667,8 +686,20 @@ def _mcp_session(value: bytes | None) -> str | None:
     return "mcp-" + hashlib.sha256(value).hexdigest()[:16]
 
 
-def _removing_backend_header(answer: ep.ProcessingResponse) -> ep.ProcessingResponse:
+def _with_headers(answer: Answer, set_headers: Iterable[tuple[str, bytes]] = (), remove: Iterable[str] = ()) -> Answer:
+    """A response-headers answer that also sets and removes these headers."""
+    if not isinstance(answer, ep.ProcessingResponse):
+        pending = answer
+
+        async def later() -> ep.ProcessingResponse:  # the opt-in estimate runs in a thread
+            done = _with_headers(await pending, set_headers, remove)
+            assert isinstance(done, ep.ProcessingResponse)
+            return done
+
+        return later()
     response = ep.ProcessingResponse()
     response.CopyFrom(answer)  # answers may be shared constants: never mutate them
-    response.response_headers.response.header_mutation.remove_headers.append(BACKEND_HEADER)
+    mutation = response.response_headers.response.header_mutation
+    mutation.set_headers.extend(protocol.set_header(k, v) for k, v in set_headers)
+    mutation.remove_headers.extend(remove)
     return response

@@ -16,6 +16,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 METADATA_NAMESPACE = "io.envoy.ai_gateway"
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # where Envoy puts the attributes a filter asked for
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = (("content-type", b"application/json"),)
@@ -39,6 +40,16 @@ def continue_phase(phase: str | None) -> ep.ProcessingResponse:
         "response_body": CONTINUE_RESPONSE_BODY,
         "request_trailers": CONTINUE_REQUEST_TRAILERS,
     }.get(phase or "", CONTINUE_RESPONSE_TRAILERS)
+
+
+def attribute(request: ep.ProcessingRequest, name: str) -> str:
+    """A string attribute Envoy sent with this message ("" when absent): attributes come
+    with the first message of each direction, if the filter's config asks for them."""
+    attributes = request.attributes.get(ATTRIBUTES_KEY)
+    if attributes is None:
+        return ""
+    value = attributes.fields.get(name)
+    return value.string_value if value is not None else ""
 
 
 def header_map(headers: ep.HttpHeaders) -> dict[str, bytes]:

@@ -52,7 +52,6 @@ def _bedrock() -> ModuleType:
 log = logging.getLogger(__name__)
 
 UPSTREAM_HOST_ATTRIBUTE = "xds.upstream_host_metadata"
-ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 ENDPOINT_BACKEND_KEY = "backend"  # endpoint metadata (namespace io.envoy.ai_gateway) naming the backend
 SERVED_BACKEND_HEADER = "x-ai-eg-backend"  # response header: who served; the request stage removes it
 UPSTREAM_DETAILS_PREFIX = "extproc_upstream_"
@@ -77,7 +76,7 @@ _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 
 def is_upstream_stream(request: ep.ProcessingRequest) -> bool:
     """The upstream stage asks Envoy for the host's metadata; the request stage asks nothing."""
-    attributes = request.attributes.get(ATTRIBUTES_KEY)
+    attributes = request.attributes.get(protocol.ATTRIBUTES_KEY)
     return attributes is not None and UPSTREAM_HOST_ATTRIBUTE in attributes.fields
 
 
@@ -135,8 +134,7 @@ class UpstreamExchange:
     # -- request ----------------------------------------------------------------
 
     def on_request_headers(self, request: ep.ProcessingRequest) -> ep.ProcessingResponse:
-        host = request.attributes[ATTRIBUTES_KEY].fields[UPSTREAM_HOST_ATTRIBUTE].string_value
-        name = backend_of_host(host)
+        name = backend_of_host(protocol.attribute(request, UPSTREAM_HOST_ATTRIBUTE))
         self.target = self.runtime.router.targets.get(name or "")
         if self.target is None:
             raise RequestError(500, "The gateway's Envoy config names a backend this processor does not know.",

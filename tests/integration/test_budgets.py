@@ -96,6 +96,27 @@ def test_refusal_is_an_openai_429_with_rate_limit_headers(budget_gateway: Runnin
     assert response.headers["x-ratelimit-remaining"] == "0"
 
 
+def test_refused_and_failed_requests_log_nothing_unusual(budget_gateway: RunningGateway) -> None:
+    """A refusal is routine: Envoy must not warn about it (it used to log "Invalid hits_addend"
+    for every 429 and every backend error, whose usage keys are absent)."""
+    logged_before = len(budget_gateway.stderr_lines)
+    tenant = _tenant()
+    client = _client(budget_gateway, tenant)
+    client.chat.completions.create(model="m", messages=USER, max_tokens=BUDGET)
+    assert _eventually(lambda: _rejected(client))
+    for _ in range(4):
+        assert _rejected(client)
+    with pytest.raises(openai.InternalServerError):  # a provider's own error: charged nothing
+        _client(budget_gateway, _tenant()).chat.completions.create(
+            model="m", messages=USER, extra_headers={"x-sim-error": "500"})
+    entry = budget_gateway.wait_access_log(lambda e: e["tenant"] == tenant and e["status"] == 429)
+    assert entry["error_type"] == "gateway_rate_limited" and entry["total_tokens"] is None
+    time.sleep(1)  # Envoy charges (and would warn) just after each response ends
+    unusual = [line for line in budget_gateway.stderr_lines[logged_before:] if "[warning]" in line or "[error]" in line
+               or "hits_addend" in line]
+    assert unusual == []
+
+
 def test_streams_are_charged_their_actual_tokens(budget_gateway: RunningGateway) -> None:
     """A stream the client asked no usage for: the gateway gets it and Envoy charges it."""
     tenant = _tenant()
@@ -158,7 +179,10 @@ def test_store_down_follows_the_failure_mode(sim_a: SimServer, tmp_path: Path, m
             assert response.status_code == 200
         else:
             assert response.status_code == 503
-            assert set(orjson.loads(response.content)["error"]) == {"message", "type", "param", "code"}
+            error = orjson.loads(response.content)["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["code"] == "ratelimit_unavailable" and error["type"] == "server_error"
+            assert "rate limit service is unavailable" in error["message"] and "failure_mode: closed" in error["message"]
         gateway.wait_stderr(lambda line: "rate limit store" in line.lower())
         metrics = httpx.get(f"http://127.0.0.1:{gateway.processor_admin_port}/metrics", timeout=10).text
         errors = [line for line in metrics.splitlines() if line.startswith("extproc_ratelimit_store_errors")]
@@ -176,23 +200,47 @@ def test_external_service_down_follows_the_failure_mode(sim_a: SimServer, tmp_pa
         assert response.status_code == (200 if mode == "open" else 503), response.text
 
 
-def test_request_limits_need_no_service(sim_a: SimServer, tmp_path: Path) -> None:
-    config = {
-        "backends": [{"name": "sim", "base_url": sim_a.base_url}],
+def _limited_config(sim: SimServer, unit: str, requests: int) -> dict[str, Any]:
+    return {
+        "backends": [{"name": "sim", "base_url": sim.base_url}],
         "routes": [{"name": "all", "default": True, "backends": [{"name": "sim"}]}],
         "tenancy": {"header": "x-tenant-id"},
-        "request_limits": [{"unit": "hour", "requests": 3}],
+        "request_limits": [{"unit": unit, "requests": requests}],
     }
-    with running_gateway(config, tmp_path) as gateway:
-        tenant = _tenant()
-        client = _client(gateway, tenant)
+
+
+def _refusal(client: openai.OpenAI) -> httpx.Response:
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="m", messages=USER, max_tokens=1)
+    assert caught.value.code == "rate_limit_exceeded"
+    return caught.value.response
+
+
+def test_request_limits_need_no_service(sim_a: SimServer, tmp_path: Path) -> None:
+    """A burst of N, then one request per unit/N: the 429's headers agree with each other."""
+    with running_gateway(_limited_config(sim_a, "hour", 3), tmp_path) as gateway:
+        client = _client(gateway, _tenant())
         for _ in range(3):
             client.chat.completions.create(model="m", messages=USER, max_tokens=1)
-        with pytest.raises(openai.RateLimitError) as caught:
-            client.chat.completions.create(model="m", messages=USER, max_tokens=1)
-        assert caught.value.code == "rate_limit_exceeded"
-        assert caught.value.response.headers["retry-after"] == "3600"
+        headers = _refusal(client).headers
+        assert headers["retry-after"] == headers["x-ratelimit-reset"]
+        assert 0 < int(headers["retry-after"]) <= 3600 // 3  # the next token, not the end of an hour
+        assert (headers["x-ratelimit-limit"], headers["x-ratelimit-remaining"]) == ("3", "0")
         assert _client(gateway, _tenant()).chat.completions.create(model="m", messages=USER, max_tokens=1).choices
+
+
+def test_request_limit_admits_again_when_its_retry_after_says(sim_a: SimServer, tmp_path: Path) -> None:
+    """What retry-after promises holds: admitted once it has passed (Envoy rounds the time to
+    the next token up to whole seconds, so it is never early)."""
+    with running_gateway(_limited_config(sim_a, "minute", 20), tmp_path) as gateway:  # a token every 3 s
+        client = _client(gateway, _tenant())
+        for _ in range(20):
+            client.chat.completions.create(model="m", messages=USER, max_tokens=1)
+        headers = _refusal(client).headers
+        wait = int(headers["retry-after"])
+        assert wait == int(headers["x-ratelimit-reset"]) and 1 <= wait <= 3
+        time.sleep(wait)
+        assert client.chat.completions.create(model="m", messages=USER, max_tokens=1).choices
 
 
 def test_reserve_refuses_what_cannot_fit_and_refunds_the_unused(sim_a: SimServer, tmp_path: Path) -> None:

@@ -94,6 +94,14 @@ def sdk(gw: RunningGateway) -> openai.OpenAI:
 # -- helpers ---------------------------------------------------------------------------
 
 
+def _label(series: str, name: str) -> str | None:
+    """A label's value in one Prometheus series line."""
+    marker = f'{name}="'
+    if marker not in series:
+        return None
+    return series.split(marker, 1)[1].split('"', 1)[0]
+
+
 def _raised(gw: RunningGateway) -> list[str]:
     return [line for line in list(gw.stderr_lines) if any(marker in line for marker in RAISED_MARKERS)]
 
@@ -200,6 +208,7 @@ def test_connection_refused_is_503_backend_unavailable(gw: RunningGateway, sdk: 
     entry = _log(gw, request_id)
     assert entry["status"] == 503 and "UF" in _flags(entry)
     assert entry["backend_name"] == "refused" and entry["request_model"] == "down-model"
+    assert entry["error_type"] == "backend_unavailable"  # nobody answered: not the provider's error
     _assert_no_tokens(entry)
 
 
@@ -212,7 +221,7 @@ def test_upstream_reset_before_the_response_is_502_backend_error(gw: RunningGate
 
     entry = _log(gw, request_id)
     assert entry["status"] == 502 and _flags(entry) & UPSTREAM_CUT_FLAGS
-    assert entry["backend_name"] == "sim"
+    assert entry["backend_name"] == "sim" and entry["error_type"] == "backend_error"
     _assert_no_tokens(entry)
 
 
@@ -295,7 +304,31 @@ def test_stall_before_the_first_byte_is_504_backend_timeout(
 
     entry = _log(gw, request_id)
     assert entry["status"] == 504 and flag in _flags(entry)
+    assert entry["error_type"] == "backend_timeout", entry["response_code_details"]
     _assert_no_tokens(entry)
+
+
+def test_errors_nobody_answered_are_labelled_apart_from_a_providers_own(gw: RunningGateway, sdk: openai.OpenAI) -> None:
+    """Operators tell "backend down" from "provider error": in the access log (above) and in
+    gen_ai.server.request.duration's error.type, where a provider's 500 keeps its own type."""
+    cases = [("down-model", {}), ("stall-idle", {"x-sim-first-byte-delay-ms": "4000"}),
+             ("labels-reset", {"x-sim-reset-after-chunks": "0"}), ("labels-provider-500", {"x-sim-error": "500"})]
+    for model, knobs in cases:
+        with pytest.raises(openai.APIStatusError):
+            sdk.chat.completions.create(model=model, messages=USER, extra_headers=knobs)
+    expected = {("down-model", "backend_unavailable"), ("stall-idle", "backend_timeout"),
+                ("labels-reset", "backend_error"), ("labels-provider-500", "server_error")}
+    deadline = time.monotonic() + 15
+    while True:
+        metrics = httpx.get(f"http://127.0.0.1:{gw.processor_admin_port}/metrics", timeout=10).text
+        seen = {(_label(line, "gen_ai_request_model"), _label(line, "error_type")) for line in metrics.splitlines()
+                if line.startswith("gen_ai_server_request_duration_seconds_count{")}
+        if expected <= seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert expected <= seen
+    # ... and none of Envoy's own replies passes for the provider's error
+    assert not {("down-model", "server_error"), ("stall-idle", "server_error"), ("labels-reset", "server_error")} & seen
 
 
 @pytest.mark.parametrize(("model", "flag", "delay_ms"), [("stall-total", "UT", "400"), ("stall-idle", "SI", "4000")],

@@ -39,7 +39,7 @@ def test_each_tenant_budget_checks_then_charges_the_actual_cost() -> None:
     check, charge = budgets.envoy_rate_limits(cfg)
     assert check["hits_addend"] == {"number": 0} and "apply_on_stream_done" not in check
     assert charge["apply_on_stream_done"] is True
-    assert charge["hits_addend"] == {"format": "%DYNAMIC_METADATA(io.envoy.ai_gateway:llm_total_token)%"}
+    assert charge["hits_addend"] == {"format": "%DYNAMIC_METADATA(io.envoy.ai_gateway:ratelimit_charge_llm_total_token)%"}
     rules = load_rules(budgets.descriptor_config(cfg))
     for tenant in ("team-a", "team-b"):
         rule = rules.match(_descriptor(check, tenant, "gpt-4o"))
@@ -53,7 +53,7 @@ def test_tenant_and_model_specific_budget_charging_a_cost_key() -> None:
     cfg = config(budgets=[{"name": "gold", "tenant": "gold", "model": "gpt-4o", "unit": "day", "limit": 5,
                            "cost": "micro_usd"}])
     check, charge = budgets.envoy_rate_limits(cfg)
-    assert charge["hits_addend"]["format"].endswith(":micro_usd)%")
+    assert charge["hits_addend"]["format"].endswith(":ratelimit_charge_micro_usd)%")
     rules = load_rules(budgets.descriptor_config(cfg))
     assert rules.match(_descriptor(check, "gold", "gpt-4o")) is not None
     assert rules.match(_descriptor(check, "gold", "other-model")) is None  # not this budget's model
