@@ -101,8 +101,8 @@ class Child:
     process: asyncio.subprocess.Process
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     _pump: asyncio.Task[None] | None = None
-    # Applied to every forwarded line: Envoy's debug log prints the headers the processor
-    # injects, provider keys included.
+    # Applied to every forwarded line: Envoy's debug log prints the client's headers and
+    # those the processor injects, credentials included.
     scrub: Callable[[str], str] | None = None
 
     @classmethod

@@ -1,14 +1,18 @@
 """Keep credentials out of logs.
 
-Two tools, for two ways a credential could reach a log line:
+Three tools, for the ways a credential could reach a log line:
 
 * `redact_headers` for code that logs request or response headers on purpose
   (e.g. a DEBUG dump): credential headers keep their name (and, for
   ``authorization``, their scheme) but lose their value.
 * `SecretScrubber`, a `logging.Filter` installed at start-up on the processor's log
-  handlers (`install_secret_scrubber`): any resolved provider secret that still finds
-  its way into a message, its arguments or an exception's text is replaced with
-  ``<redacted>`` before the line is written.
+  handlers (`install_secret_scrubber`), and the function `extproc run` applies to every
+  line it forwards: any resolved provider secret that still finds its way into a text
+  is replaced with ``<redacted>``, and so is the value of every credential header
+  printed in one of the forms logs print headers in (`redact_header_fields`), known
+  secret or not: a client's own key, or temporary AWS credentials botocore found.
+* `LineScrubber`, the same for a stream of lines (a child's stderr), which also
+  catches the form Envoy's ext_proc debug dump spreads over two lines.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ __all__ = [
     "MAX_HEADER_VALUE_CHARS",
     "MIN_SECRET_CHARS",
     "REDACTED",
+    "LineScrubber",
     "SecretScrubber",
     "config_secrets",
     "install_secret_scrubber",
     "is_credential_header",
+    "redact_header_fields",
     "redact_headers",
 ]
 
@@ -51,6 +57,40 @@ _SCHEMED_HEADERS = frozenset({"authorization", "proxy-authorization"})
 _CREDENTIAL_WORDS = ("secret", "token", "key")
 _GATEWAY_PREFIX = "x-ai-eg-"  # the gateway's own internal headers carry no credentials
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9._~+/-]{0,63}")  # "Bearer", "Basic", "AWS4-HMAC-SHA256", ...
+# Header fields as logs print them. A name matching _NAME may be a credential header;
+# `is_credential_header` decides (every credential header name holds one of these words).
+# Only the words ignore case: a case-insensitive pattern is several times slower to scan.
+_WORDS = ("key", "token", "cookie", "secret", "authorization")
+_NAME = rf"[A-Za-z0-9_-]*(?i:{'|'.join(_WORDS)})[A-Za-z0-9_-]*"
+# The test after the substring tests, on the lower-cased text: a credential word ending a
+# name that a quote or a colon follows. Most lines hold no such word and are left alone.
+_CANDIDATE = re.compile(rf"(?:{'|'.join(_WORDS)})[a-z0-9_-]*(?:['\"]|[ \t]*:)")
+_FIELD_FORMS = (
+    # Envoy's header-map dump, one header a line: 'authorization', 'Bearer sk-...'
+    # (the value runs to the line's last quote: Envoy does not escape quotes in it).
+    re.compile(rf"^(?P<head>[ \t]*'(?P<name>{_NAME})', ')(?P<value>.*)(?P<tail>'[ \t]*)$", re.M),
+    # Python and JSON mappings: {'x-api-key': '...'}, {b'cookie': b'...'}, "api-key": "...",
+    # <CIMultiDict('Authorization': '...')>
+    # (a quoted name right after a colon is a value, not a name).
+    re.compile(
+        rf"""(?<![:\w])(?<!: )(?P<head>b?(?P<q>['"])(?P<name>{_NAME})(?P=q)[ \t]*:[ \t]*b?(?P<vq>['"]))"""
+        rf"""(?P<value>.*?)(?P<tail>(?P=vq))(?=[ \t]*(?:[,)}}]|$))""",
+        re.M,
+    ),
+    # Python pairs: ('authorization', 'Bearer ...'), (b'cookie', b'...')
+    re.compile(
+        rf"""(?P<head>\([ \t]*b?(?P<q>['"])(?P<name>{_NAME})(?P=q),[ \t]*b?(?P<vq>['"]))"""
+        rf"""(?P<value>.*?)(?P<tail>(?P=vq)[ \t]*\))"""
+    ),
+    # Protobuf text (an ext_proc header mutation): key: "authorization" raw_value: "..."
+    re.compile(rf'(?P<head>key:\s*"(?P<name>{_NAME})"\s*(?:raw_)?value:\s*")(?P<value>(?:[^"\\]|\\.)*)(?P<tail>")'),
+    # HTTP / SigV4 canonical form at the start of a line: x-amz-security-token:FwoG...
+    re.compile(rf"^(?P<head>[ \t]*(?P<name>{_NAME})[ \t]*:[ \t]*)(?P<value>\S.*?)(?P<tail>[ \t]*)$", re.M),
+)
+_PROTO_FIELDS = frozenset({"key", "value", "raw_value"})  # `key: "..."` is protobuf text, not a header
+# Envoy prints a protobuf header on two lines: `key: "authorization"`, then `raw_value: "..."`.
+_PROTO_KEY_LINE = re.compile(rf'^\s*key:\s*"(?P<name>{_NAME})"\s*$')
+_PROTO_VALUE_LINE = re.compile(r'^(?P<head>\s*(?:raw_)?value:\s*")(?P<value>(?:[^"\\]|\\.)*)(?P<tail>"\s*)$')
 # Environment variables botocore's chain reads when a Bedrock backend names no keys.
 _AWS_ENV_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
@@ -77,6 +117,34 @@ def _redacted_value(name: str, value: str) -> str:
     return REDACTED
 
 
+def _redact_field(match: re.Match[str]) -> str:
+    name = match["name"]
+    if name.lower() in _PROTO_FIELDS or not is_credential_header(name):
+        return match[0]
+    return match["head"] + _redacted_value(name.lower(), match["value"]) + match["tail"]
+
+
+def _may_print_a_credential(text: str) -> bool:
+    lowered = text.lower()
+    for word in _WORDS:  # substring tests first: far cheaper than a regular expression
+        if word in lowered:
+            return _CANDIDATE.search(lowered) is not None
+    return False
+
+
+def redact_header_fields(text: str) -> str:
+    """`text` with the value of every credential header it prints redacted, whatever the
+    value (the same object when there is none). Recognised forms: Envoy's header dump
+    (``'name', 'value'``), Python and JSON mappings and pairs (``'name': 'value'``,
+    ``('name', b'value')``), protobuf text
+    (``key: "name" raw_value: "value"``) and ``name: value`` at the start of a line."""
+    if not _may_print_a_credential(text):
+        return text  # the common case: nothing copied
+    for form in _FIELD_FORMS:
+        text = form.sub(_redact_field, text)
+    return text
+
+
 def redact_headers(headers: Mapping[str, bytes | str]) -> dict[str, str]:
     """Headers safe to log: credential values replaced by ``<redacted>`` (``authorization``
     keeps its scheme: ``Bearer <redacted>``); other values decoded as latin-1 and cut to
@@ -92,13 +160,14 @@ def redact_headers(headers: Mapping[str, bytes | str]) -> dict[str, str]:
 
 
 class SecretScrubber(logging.Filter):
-    """Replaces every known secret in a log record with ``<redacted>``.
+    """Replaces every known secret and every credential header's value in a log record
+    with ``<redacted>``.
 
     The record's message is formatted here, once (``msg`` becomes the final text and
     ``args`` is emptied, so the handler does not format it again); exception and stack
     text is formatted into ``exc_text`` / scrubbed in place. Secrets shorter than
-    `MIN_SECRET_CHARS` are ignored. With no secret in a record the cost is one regular
-    expression search over its text."""
+    `MIN_SECRET_CHARS` are ignored. A text with no secret and no credential word costs
+    one regular expression search and five substring tests."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
@@ -108,14 +177,13 @@ class SecretScrubber(logging.Filter):
         self._pattern = re.compile("|".join(re.escape(s) for s in self.secrets)) if self.secrets else None
 
     def scrub(self, text: str) -> str:
-        """`text` with every secret replaced (the same object when there is none)."""
-        if self._pattern is None or not self._pattern.search(text):
-            return text
-        return self._pattern.sub(REDACTED, text)
+        """`text` with every known secret and credential header value replaced (the same
+        object when there is none)."""
+        if self._pattern is not None and self._pattern.search(text):
+            text = self._pattern.sub(REDACTED, text)
+        return redact_header_fields(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._pattern is None:
-            return True
         try:
             message = record.getMessage()
         except Exception:  # a broken format string: let the handler report it as usual
@@ -129,6 +197,28 @@ class SecretScrubber(logging.Filter):
         if record.stack_info:
             record.stack_info = self.scrub(record.stack_info)
         return True
+
+
+class LineScrubber:
+    """`SecretScrubber.scrub` for one stream of lines (a child process's stderr), which
+    also redacts the value line that follows a protobuf ``key: "<credential header>"``
+    line: Envoy's debug log prints each header of an ext_proc mutation that way. One per
+    stream: it remembers the previous line."""
+
+    __slots__ = ("_scrub", "_credential_key")
+
+    def __init__(self, scrubber: SecretScrubber) -> None:
+        self._scrub = scrubber.scrub
+        self._credential_key: str | None = None  # the header the previous line named
+
+    def __call__(self, line: str) -> str:
+        header, self._credential_key = self._credential_key, None
+        line = self._scrub(line)
+        if header is not None and (value := _PROTO_VALUE_LINE.match(line)):
+            return value["head"] + _redacted_value(header, value["value"]) + value["tail"]
+        if (key := _PROTO_KEY_LINE.match(line)) and is_credential_header(key["name"]):
+            self._credential_key = key["name"].lower()
+        return line
 
 
 def _format_exception(exc_info: object) -> str:

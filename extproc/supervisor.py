@@ -24,7 +24,7 @@ import yaml
 from extproc import envoyconfig
 from extproc.config import DEMO_PORT, LoadedConfig, is_demo
 from extproc.launcher import Child, envoy_command
-from extproc.redact import SecretScrubber, config_secrets
+from extproc.redact import LineScrubber, SecretScrubber, config_secrets
 from extproc.workers import worker_addresses, worker_count
 
 READY_TIMEOUT_SECONDS = 30.0
@@ -201,7 +201,9 @@ class Gateway:
         self, name: str, argv: list[str], env: dict[str, str] | None = None, *, quiet_stdout: bool = False
     ) -> Child:
         environ = env if env is not None else dict(os.environ)
-        child = await Child.start(name, argv, environ, quiet_stdout=quiet_stdout, scrub=self.scrubber.scrub)
+        # One LineScrubber per child: it follows that child's lines (a header Envoy prints
+        # over two of them).
+        child = await Child.start(name, argv, environ, quiet_stdout=quiet_stdout, scrub=LineScrubber(self.scrubber))
         self.children.append(child)
         return child
 

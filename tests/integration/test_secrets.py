@@ -4,9 +4,11 @@ One gateway (real Envoy + processor, both logging at DEBUG) with an OpenAI, an
 Anthropic, an Azure OpenAI and a Bedrock backend, tracing with content recording to an
 OTLP receiver and a tenancy API key, is driven through every path: JSON and streamed
 chat per provider, provider errors, a prompt that contains key-like text, the gateway's
-own errors, and clients that send their own credentials. Then everything the gateway
-emitted (stdout, stderr, spans, OTLP metrics, /metrics, responses) is searched for each
-provider secret. The simulator's recordings prove each secret was in play.
+own errors, and clients that send their own credentials in every credential header.
+Then everything the gateway emitted (stdout, stderr, spans, OTLP metrics, /metrics,
+responses) is searched for each provider secret and each client credential. The
+simulator's recordings prove each provider secret was in play; the redacted header
+lines in both debug logs prove the client credentials were.
 """
 
 from __future__ import annotations
@@ -52,6 +54,26 @@ PROVIDER_SECRETS = {**HEADER_SECRETS, **SIGNING_SECRETS}
 TENANT_KEY = "sk-tenant-key-team-blue-5e6f7a8b"  # a client key the gateway knows (tenancy)
 CLIENT_KEY = "sk-client-own-key-0a1b2c3d4e"  # a client key the gateway does not know
 CLIENT_X_API_KEY = "client-x-api-key-9z8y7x6w"
+# Every request carries a client credential in each header redact.py treats as one; the
+# gateway knows none of these values, so only the header name can get them redacted.
+CLIENT_HEADER_SECRETS = {
+    "x-api-key": CLIENT_X_API_KEY,
+    "api-key": "client-api-key-header-7q6r5s4t",
+    "proxy-authorization": "client-proxy-credential-3u2v1w0x",
+    "cookie": "client-cookie-session-5k4l3m2n",
+    "set-cookie": "client-set-cookie-8h7i6j5k",
+    "x-amz-security-token": "client-amz-security-token-1f2e3d4c",
+    "x-client-secret": "client-secret-header-6b5a4z3y",
+}
+CLIENT_HEADER_VALUES = {
+    **CLIENT_HEADER_SECRETS,
+    "proxy-authorization": f"Basic {CLIENT_HEADER_SECRETS['proxy-authorization']}",
+    "cookie": f"session={CLIENT_HEADER_SECRETS['cookie']}; theme=dark",
+    "set-cookie": f"id={CLIENT_HEADER_SECRETS['set-cookie']}; Path=/; HttpOnly",
+}
+CLIENT_SECRETS = {"client": CLIENT_KEY, "tenant": TENANT_KEY, **CLIENT_HEADER_SECRETS}
+# How a redacted credential header reads: the authorization scheme is kept.
+REDACTED_VALUES = {"authorization": "Bearer <redacted>", "proxy-authorization": "Basic <redacted>"}
 LOOKALIKE = "sk-proj-LOOKSLIKEAKEY0123456789abcdefABCDEF"  # key-like text in a prompt
 BODY_LIMIT = 32 * 1024
 
@@ -153,7 +175,7 @@ def _env(receiver: OtlpReceiver) -> dict[str, str]:
 def _client_headers(trace_id: str, *, tenant: bool = False, **extra: str) -> dict[str, str]:
     headers = {
         "authorization": f"Bearer {TENANT_KEY if tenant else CLIENT_KEY}",
-        "x-api-key": CLIENT_X_API_KEY,
+        **CLIENT_HEADER_VALUES,
         "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
         "x-user-id": "user-7",
     }
@@ -238,6 +260,8 @@ def _drive(http: httpx.Client, observed: Observed) -> None:
     for provider, headers in received.items():
         sent = orjson.dumps(headers).decode()
         assert CLIENT_KEY not in sent and CLIENT_X_API_KEY not in sent and TENANT_KEY not in sent, provider
+        assert CLIENT_HEADER_SECRETS["api-key"] not in sent, provider
+        assert CLIENT_HEADER_SECRETS["proxy-authorization"] not in sent, provider
         own = {"bedrock-session": "aws-session-token"}.get(provider, provider)
         others = {k: v for k, v in PROVIDER_SECRETS.items() if k != own}
         assert _leaks(sent, others) == [], provider  # no provider gets another's key
@@ -311,7 +335,7 @@ def test_debug_request_headers_are_logged_with_credentials_redacted(observed: Ob
     lines = [line for line in _processor_lines(observed.gateway) if "request headers:" in line]
     assert lines, "the processor ran at DEBUG and logs request headers"
     assert any("'authorization': 'Bearer <redacted>'" in line for line in lines)
-    assert _leaks("\n".join(lines), {"client": CLIENT_KEY, "x-api-key": CLIENT_X_API_KEY, "tenant": TENANT_KEY}) == []
+    assert _leaks("\n".join(lines), CLIENT_SECRETS) == []
 
 
 def test_envoy_debug_log_holds_no_signing_secret(observed: Observed) -> None:
@@ -356,17 +380,35 @@ def test_responses_hold_no_secret(observed: Observed) -> None:
         assert _leaks(text, PROVIDER_SECRETS) == [], exchange.label
 
 
-def test_client_keys_stay_out_of_logs_spans_and_metrics(observed: Observed) -> None:
-    """The clients' own credentials are not logged either (they appear only in the prompt
-    text the lookalike request sent, which spans record as content)."""
-    client_keys = {"tenant": TENANT_KEY, "x-api-key": CLIENT_X_API_KEY}
+def test_client_credentials_appear_in_no_output(observed: Observed) -> None:
+    """The clients' own credentials, in every credential header, known to the gateway
+    (tenant key) or not: in no log line (Envoy's debug log included), access-log line,
+    response, span attribute or metric."""
     gateway = observed.gateway
-    logs = "\n".join(gateway.stdout_lines + _processor_lines(gateway))
-    assert _leaks(logs, client_keys) == []
-    assert _leaks(logs, {"client": CLIENT_KEY}) == []
+    assert _leaks("\n".join(gateway.stdout_lines), CLIENT_SECRETS) == []
+    assert _leaks("\n".join(_envoy_lines(gateway)), CLIENT_SECRETS) == []
+    assert _leaks("\n".join(_processor_lines(gateway)), CLIENT_SECRETS) == []
+    for exchange in observed.exchanges:
+        text = exchange.body + "\n" + "\n".join(f"{k}: {v}" for k, v in exchange.headers)
+        assert _leaks(text, CLIENT_SECRETS) == [], exchange.label
     attributes = orjson.dumps([s.attributes for s in observed.receiver.spans()], default=str).decode()
-    assert _leaks(attributes, client_keys) == []
-    assert _leaks(observed.metrics_text, {**client_keys, "client": CLIENT_KEY}) == []
+    assert _leaks(attributes, CLIENT_SECRETS) == []
+    assert _leaks(observed.metrics_text, CLIENT_SECRETS) == []
+
+
+@pytest.mark.parametrize("header", ["authorization", *CLIENT_HEADER_SECRETS])
+def test_envoy_debug_log_shows_client_credential_headers_redacted(observed: Observed, header: str) -> None:
+    """Envoy's debug log dumps the client's request headers one per line; the credential
+    ones are forwarded with their value redacted (so the check above is not vacuous)."""
+    expected = f"[envoy] '{header}', '{REDACTED_VALUES.get(header, '<redacted>')}'"
+    assert expected in _envoy_lines(observed.gateway)
+
+
+@pytest.mark.parametrize("header", ["authorization", *CLIENT_HEADER_SECRETS])
+def test_processor_debug_log_shows_client_credential_headers_redacted(observed: Observed, header: str) -> None:
+    lines = [line for line in _processor_lines(observed.gateway) if "request headers:" in line]
+    expected = f"'{header}': '{REDACTED_VALUES.get(header, '<redacted>')}'"
+    assert any(expected in line for line in lines)
 
 
 def test_envoy_config_dump_holds_no_secret(observed: Observed) -> None:

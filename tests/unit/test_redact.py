@@ -14,10 +14,12 @@ from extproc.config import load_config, parse_config
 from extproc.redact import (
     MAX_HEADER_VALUE_CHARS,
     REDACTED,
+    LineScrubber,
     SecretScrubber,
     config_secrets,
     install_secret_scrubber,
     is_credential_header,
+    redact_header_fields,
     redact_headers,
 )
 
@@ -197,7 +199,7 @@ def test_no_secret_present_is_a_no_op() -> None:
     assert record.getMessage() == "n=3 ok" and record.exc_text is None
     empty = SecretScrubber([])
     untouched = logging.LogRecord("x", logging.INFO, __file__, 1, "n=%d", (3,), None)
-    assert empty.filter(untouched) and untouched.args == (3,)  # no secrets: not even formatted
+    assert empty.filter(untouched) and untouched.getMessage() == "n=3"
 
 
 def test_broken_format_is_left_for_the_handler() -> None:
@@ -205,6 +207,84 @@ def test_broken_format_is_left_for_the_handler() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "%d", ("not a number",), None)
     assert scrubber.filter(record)
     assert record.args == ("not a number",)
+
+
+# -- credential header values, known or not ---------------------------------------------------
+
+CLIENT = "sk-client-unknown-0a1b2c3d"  # a credential no config names
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Envoy 1.40's debug dump of a header map, one header a line.
+        (f"'authorization', 'Bearer {CLIENT}'", f"'authorization', 'Bearer {REDACTED}'"),
+        (f"'x-api-key', '{CLIENT}'", f"'x-api-key', '{REDACTED}'"),
+        (f"'proxy-authorization', 'Basic {CLIENT}'", f"'proxy-authorization', 'Basic {REDACTED}'"),
+        # Envoy does not escape quotes: the value runs to the line's last quote.
+        (f"'cookie', 'a={CLIENT}', 'b'", f"'cookie', '{REDACTED}'"),
+        (f"'x-amz-security-token', '{CLIENT}'", f"'x-amz-security-token', '{REDACTED}'"),
+        # Python reprs (a dict of headers, a list of byte pairs) and JSON.
+        (f"headers: {{':path': '/v1', 'api-key': '{CLIENT}', 'cookie': \"it's {CLIENT}\"}}",
+         f"headers: {{':path': '/v1', 'api-key': '{REDACTED}', 'cookie': \"{REDACTED}\"}}"),
+        (f"[(b'x-client-secret', b'{CLIENT}'), (b'set-cookie', b'id={CLIENT}; Path=/')]",
+         f"[(b'x-client-secret', b'{REDACTED}'), (b'set-cookie', b'{REDACTED}')]"),
+        (f'{{"Authorization": "Bearer {CLIENT}\\"x", "n": 1}}', f'{{"Authorization": "Bearer {REDACTED}", "n": 1}}'),
+        (f"<CIMultiDict('Host': 'h', 'Authorization': 'Bearer {CLIENT}')>",
+         f"<CIMultiDict('Host': 'h', 'Authorization': 'Bearer {REDACTED}')>"),
+        # Protobuf text in one text (Envoy's ext_proc mutation dump, as one record).
+        (f'key: "x-api-key"\n  raw_value: "{CLIENT}"', f'key: "x-api-key"\n  raw_value: "{REDACTED}"'),
+        # HTTP lines and a SigV4 canonical request as botocore logs it at DEBUG.
+        (f"Authorization: AWS4-HMAC-SHA256 Credential=AKID/x, Signature={CLIENT}",
+         f"Authorization: AWS4-HMAC-SHA256 {REDACTED}"),
+        (f"POST\n/model/m/converse\n\nhost:bedrock\nx-amz-security-token:{CLIENT}\n\nhost;x-amz-security-token\nabc",
+         f"POST\n/model/m/converse\n\nhost:bedrock\nx-amz-security-token:{REDACTED}\n\nhost;x-amz-security-token\nabc"),
+    ],
+)
+def test_credential_header_values_are_redacted_in_every_printed_form(text: str, expected: str) -> None:
+    assert redact_header_fields(text) == expected
+    assert redact_header_fields(expected) == expected  # already redacted: stays so
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "':authority', 'api.example.com'",
+        "'x-ai-eg-backend-key', 'openai'",  # the gateway's own headers hold no credential
+        '          key: "llm_input_token"',  # protobuf text, not a header
+        "[debug][ext_proc] Sending headers message",
+        "[2026-01-01][info] token: not at the start of the line",
+        '      body: "data: {\\"usage\\":{\\"prompt_tokens\\":5}}"',
+        '{"type": "tokens", "headers_to_remove": ["x-api-key", "authorization"]}',  # names, no values
+    ],
+)
+def test_other_text_is_left_alone(text: str) -> None:
+    assert redact_header_fields(text) is text
+
+
+def test_line_scrubber_redacts_a_header_envoy_prints_over_two_lines() -> None:
+    """Envoy's ext_proc debug dump: `key: "<name>"` on one line, its value on the next."""
+    scrub = LineScrubber(SecretScrubber([SECRET]))
+    lines = [
+        '          key: "x-amz-security-token"', f'          raw_value: "{CLIENT}"',
+        '          key: ":path"', '          raw_value: "/v1/chat/completions"',
+        '          key: "authorization"', f'          raw_value: "AWS4-HMAC-SHA256 Credential={CLIENT}"',
+        '          key: "x-api-key"', "        }", f'          raw_value: "{CLIENT}"',  # not the next line: untouched
+        f"'api-key', '{SECRET}'",
+    ]
+    assert [scrub(line) for line in lines] == [
+        '          key: "x-amz-security-token"', f'          raw_value: "{REDACTED}"',
+        '          key: ":path"', '          raw_value: "/v1/chat/completions"',
+        '          key: "authorization"', f'          raw_value: "AWS4-HMAC-SHA256 {REDACTED}"',
+        '          key: "x-api-key"', "        }", f'          raw_value: "{CLIENT}"',
+        f"'api-key', '{REDACTED}'",
+    ]
+
+
+def test_scrubber_redacts_header_values_it_does_not_know(captured: Any) -> None:
+    logger, stream, _ = captured
+    logger.debug("client sent %s", {"authorization": f"Bearer {CLIENT}", "cookie": CLIENT})
+    assert stream.getvalue() == f"DEBUG client sent {{'authorization': 'Bearer {REDACTED}', 'cookie': '{REDACTED}'}}\n"
 
 
 # -- secrets of a config, install_secret_scrubber, the CLI ---------------------------------
