@@ -179,6 +179,17 @@ class RunningGateway:
             time.sleep(0.05)
         raise AssertionError(f"no stderr line matched; last lines: {self.stderr_lines[-10:]}")
 
+    def wait_quiet(self, quiet: float = 0.3, timeout: float = 5) -> None:
+        """After `stop`: let the reader threads take in the last lines of the pipes."""
+        deadline = time.monotonic() + timeout
+        seen = -1
+        while time.monotonic() < deadline:
+            now = len(self.stdout_lines) + len(self.stderr_lines)
+            if now == seen:
+                return
+            seen = now
+            time.sleep(quiet)
+
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM `extproc run`; assert it exits and leaves no process behind."""
         assert self.process is not None

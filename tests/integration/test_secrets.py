@@ -287,20 +287,8 @@ def observed(sim: SimServer, receiver: OtlpReceiver, tmp_path_factory: pytest.Te
             time.sleep(0.1)
         assert len(gateway.access_log()) >= len(observed.exchanges)
         gateway.stop()  # shutdown logs are output too
-    _wait_quiet(gateway)
+    gateway.wait_quiet()
     yield observed
-
-
-def _wait_quiet(gateway: RunningGateway, quiet: float = 0.3, timeout: float = 5) -> None:
-    """Let the harness finish reading the pipes of a stopped gateway."""
-    deadline = time.monotonic() + timeout
-    seen = -1
-    while time.monotonic() < deadline:
-        now = len(gateway.stdout_lines) + len(gateway.stderr_lines)
-        if now == seen:
-            return
-        seen = now
-        time.sleep(quiet)
 
 
 # -- the checks ----------------------------------------------------------------------------
