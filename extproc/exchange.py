@@ -27,6 +27,7 @@ from extproc.config import MCP_TOOL_CALL_KEY, Schema, Tenancy, key_digest
 from extproc.estimate import estimate_usage
 from extproc.local_replies import CODE_DETAILS_ATTRIBUTE, LOCAL_RATE_LIMITED, local_reply_error_type
 from extproc.mcp import jsonrpc
+from extproc.protocol import Answer
 from extproc.redact import redact_headers
 from extproc.response import BodyKind, ResponseObserver
 from extproc.routing import BackendTarget, CompiledRoute
@@ -77,7 +78,6 @@ PROVIDER_NAMES = {
 _TENANT_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 _BACKGROUND: set[asyncio.Future[Any]] = set()  # fire-and-forget writes, referenced until done
-Answer = ep.ProcessingResponse | Coroutine[Any, Any, ep.ProcessingResponse]
 
 
 class Exchange:

@@ -7,7 +7,7 @@ when nothing changes; dynamic metadata lands only in a namespace Envoy listens t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -17,6 +17,10 @@ from google.protobuf import struct_pb2
 
 METADATA_NAMESPACE = "io.envoy.ai_gateway"
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # where Envoy puts the attributes a filter asked for
+
+# What a stage's `handle` returns: the response, or a coroutine the server awaits when
+# the answer must wait (a lookup, an estimate, credentials) without blocking the loop.
+Answer = ep.ProcessingResponse | Coroutine[Any, Any, ep.ProcessingResponse]
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = (("content-type", b"application/json"),)
