@@ -11,7 +11,10 @@ picked (the endpoint's metadata) and carries the request stage's metadata
 Per attempt: request body -> the backend's wire format, path, host, credentials
 (SigV4 for Bedrock, computed over the final body); response headers -> the served
 backend's name for the request stage, and for translated APIs the response body
-(JSON, errors, event streams) back to the client's API, chunk by chunk.
+(JSON, errors, event streams) back to the client's API, chunk by chunk. Answers are
+immediate, except a Bedrock attempt whose credentials botocore's chain must still find
+or refresh: that answer is a coroutine the server awaits, so the event loop keeps
+serving other streams meanwhile (extproc/aws_credentials.py).
 
 Envoy facts this relies on (checked with Envoy 1.40): header mutations made in one
 attempt are still there in the next (the router reuses the header map) while the body
@@ -22,6 +25,7 @@ provider-specific header and always sets content-length.
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -32,8 +36,10 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import text_format
 
-from extproc import protocol
+from extproc import aws_credentials, protocol
+from extproc.aws_credentials import AwsKeys
 from extproc.config import AWS_SECRET_SEPARATOR, Schema
+from extproc.protocol import Answer
 from extproc.routing import BackendTarget
 from extproc.runtime import Runtime
 from extproc.schemas import anthropic, openai
@@ -111,24 +117,39 @@ class UpstreamExchange:
         self._error_type: str | None = None  # Bedrock's x-amzn-errortype
         self.done = False  # Envoy will send nothing more this attempt needs (see server.answer_last)
 
-    def handle(self, request: ep.ProcessingRequest) -> ep.ProcessingResponse:
+    def handle(self, request: ep.ProcessingRequest) -> Answer:
+        """Answer one message: a response, or a coroutine when the answer must wait (the
+        server awaits it); a failure either way becomes a clean error, never a dead stream."""
         phase = request.WhichOneof("request")
         try:
             if phase == "request_headers":
                 return self.on_request_headers(request)
             if phase == "request_body":
-                return self.on_request_body(request.request_body)
+                answer = self.on_request_body(request.request_body)
+                return answer if isinstance(answer, ep.ProcessingResponse) else self._guarded(answer, phase)
             if phase == "response_headers":
                 return self.on_response_headers(request.response_headers)
             if phase == "response_body":
                 return self.on_response_body(request.response_body)
-        except (RequestError, anthropic.AnthropicRequestError) as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
+            return self._failed(exc, phase)
+        return protocol.continue_phase(phase)
+
+    async def _guarded(self, answer: Coroutine[Any, Any, ep.ProcessingResponse], phase: str) -> ep.ProcessingResponse:
+        """The same guarantee for an answer that had to wait (credentials)."""
+        try:
+            return await answer
+        except Exception as exc:  # noqa: BLE001
+            return self._failed(exc, phase)
+
+    def _failed(self, exc: Exception, phase: str | None) -> ep.ProcessingResponse:
+        if isinstance(exc, (RequestError, anthropic.AnthropicRequestError)):
             return self._reject(exc)
-        except Exception:
-            log.exception("upstream stage error in %s (backend %s)", phase, self.target.name if self.target else "?")
-            if phase in ("request_headers", "request_body"):
-                return self._reject(RequestError(500, "The gateway failed to prepare the request for its backend.",
-                                                 "server_error", "gateway_error"))
+        log.error("upstream stage error in %s (backend %s)", phase, self.target.name if self.target else "?",
+                  exc_info=exc)
+        if phase in ("request_headers", "request_body"):
+            return self._reject(RequestError(500, "The gateway failed to prepare the request for its backend.",
+                                             "server_error", "gateway_error"))
         return protocol.continue_phase(phase)
 
     # -- request ----------------------------------------------------------------
@@ -144,7 +165,7 @@ class UpstreamExchange:
             self.client_api = forwarded.fields["client_api"].string_value
         return protocol.CONTINUE_REQUEST_HEADERS
 
-    def on_request_body(self, message: ep.HttpBody) -> ep.ProcessingResponse:
+    def on_request_body(self, message: ep.HttpBody) -> Answer:
         target = self.target
         assert target is not None
         raw = message.body  # one read: protobuf hands out a new bytes object per access
@@ -159,6 +180,26 @@ class UpstreamExchange:
         options = body.get("stream_options")
         self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
         path, new_body, headers = self._translate(target, body, raw)
+        if target.backend.schema_ is Schema.aws_bedrock:
+            keys = self._aws_keys(target)
+            if keys is None:  # botocore's chain must find or refresh them first
+                return self._signed_when_ready(target, path, new_body, headers, raw)
+            headers += self._sigv4(target, keys, path, new_body)
+        return self._request_body_response(target, path, new_body, headers, raw)
+
+    async def _signed_when_ready(
+        self, target: BackendTarget, path: str, body: bytes, headers: list[tuple[str, bytes]], raw: bytes
+    ) -> ep.ProcessingResponse:
+        keys = await aws_credentials.shared().get()
+        if keys is None:
+            raise RequestError(503, f"No AWS credentials are available to sign requests for {target.name}.",
+                               "server_error", "backend_credentials_missing")
+        headers += self._sigv4(target, keys, path, body)
+        return self._request_body_response(target, path, body, headers, raw)
+
+    def _request_body_response(
+        self, target: BackendTarget, path: str, new_body: bytes, headers: list[tuple[str, bytes]], raw: bytes
+    ) -> ep.ProcessingResponse:
         remove = [h for h in _PROVIDER_HEADERS if not any(k == h for k, _ in headers)]
         headers += [
             (":path", path.encode("latin-1")),
@@ -177,7 +218,8 @@ class UpstreamExchange:
     def _translate(
         self, target: BackendTarget, body: dict[str, Any], raw: bytes
     ) -> tuple[str, bytes, list[tuple[str, bytes]]]:
-        """(path with query, body bytes, headers to set) for this backend."""
+        """(path with query, body bytes, headers to set) for this backend; a Bedrock
+        request is signed afterwards, over exactly these bytes."""
         schema = target.backend.schema_
         client = self.client_api
         key = target.api_key.get_secret_value().encode() if target.api_key is not None else None
@@ -218,7 +260,6 @@ class UpstreamExchange:
         path = target.path_prefix + _bedrock().converse_path(self.model, self.stream)
         headers.append(("accept", b"application/vnd.amazon.eventstream" if self.stream else b"application/json"))
         self._expect_translation(_bedrock().StreamTranslator(self.model, self.include_usage), headers)
-        headers += self._sigv4(target, path, translated_body)
         return path, translated_body, headers
 
     def _with_model(self, body: dict[str, Any], raw: bytes) -> bytes:
@@ -242,25 +283,24 @@ class UpstreamExchange:
         self._translate_response = True
         headers.append(("accept-encoding", b"identity"))  # translation reads plain bytes
 
-    def _sigv4(self, target: BackendTarget, path: str, body: bytes) -> list[tuple[str, bytes]]:
-        aws = target.backend.aws
-        assert aws is not None
+    def _aws_keys(self, target: BackendTarget) -> AwsKeys | None:
+        """The backend's configured keys, else the chain's if ready now (None: wait for them)."""
         secrets = self.runtime.loaded.secrets
         prefix = target.name + AWS_SECRET_SEPARATOR
         access = secrets.get(prefix + "access_key_id")
-        if access is not None:
-            secret = secrets[prefix + "secret_access_key"]
-            token = secrets.get(prefix + "session_token")
-            keys = (access.get_secret_value(), secret.get_secret_value(), token.get_secret_value() if token else None)
-        else:
-            found = _bedrock().credentials_from_environment(aws.region)
-            if found is None:
-                raise RequestError(503, f"No AWS credentials are available to sign requests for {target.name}.",
-                                   "server_error", "backend_credentials_missing")
-            keys = (found[0], found[1], found[2])
+        if access is None:
+            return aws_credentials.shared().current()
+        token = secrets.get(prefix + "session_token")
+        return AwsKeys(access.get_secret_value(), secrets[prefix + "secret_access_key"].get_secret_value(),
+                       token.get_secret_value() if token else None)
+
+    def _sigv4(self, target: BackendTarget, keys: AwsKeys, path: str, body: bytes) -> list[tuple[str, bytes]]:
+        aws = target.backend.aws
+        assert aws is not None
         url = f"{target.backend.url.scheme}://{target.authority}{path}"
         signed = _bedrock().sign(
-            "POST", url, {"content-type": "application/json"}, body, aws.region, keys[0], keys[1], keys[2]
+            "POST", url, {"content-type": "application/json"}, body, aws.region, keys.access_key, keys.secret_key,
+            keys.token,
         )
         return [(k.lower(), v.encode()) for k, v in signed.items()]
 

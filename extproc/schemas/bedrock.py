@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
-import os
-import threading
 import time
 import uuid
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 from botocore.auth import SigV4Auth
@@ -27,8 +24,6 @@ from botocore.utils import percent_encode
 
 from extproc.schemas.openai import bad_request, error_body
 from extproc.usage import TokenUsage
-
-log = logging.getLogger(__name__)
 
 EVENT_STREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"
 
@@ -701,80 +696,3 @@ def sign(
         if given.get(name.lower()) != value:
             added[name.lower()] = value
     return added
-
-
-class AwsCredentials(NamedTuple):
-    access_key: str
-    secret_key: str
-    token: str | None
-    region: str
-
-
-_NEGATIVE_CACHE_S = 60.0
-
-
-class _CredentialCache:
-    """One botocore session and its resolved credentials object, kept for the process.
-
-    The provider chain (env vars, shared files, SSO, container/instance metadata, ...)
-    runs once; temporary credentials refresh themselves inside botocore. "Nothing
-    found" is remembered for a minute so a misconfigured gateway does not rerun the
-    chain (and its metadata-service timeouts) on every request.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._session: Any = None
-        self._credentials: Any = None
-        self._missing_until = 0.0
-
-    def get(self) -> tuple[Any, Any]:
-        with self._lock:
-            if self._credentials is None and time.monotonic() >= self._missing_until:
-                import botocore.session  # loads botocore's data only when AWS is configured
-
-                self._session = self._session or botocore.session.Session()
-                try:
-                    self._credentials = self._session.get_credentials()
-                except Exception as exc:  # e.g. a broken profile: same as none found
-                    log.warning("AWS credentials could not be resolved: %s", exc)
-                if self._credentials is None:
-                    self._missing_until = time.monotonic() + _NEGATIVE_CACHE_S
-            return self._session, self._credentials
-
-    def clear(self) -> None:
-        with self._lock:
-            self._session = self._credentials = None
-            self._missing_until = 0.0
-
-
-_CREDENTIALS = _CredentialCache()
-
-
-def clear_credentials_cache() -> None:
-    """Forget resolved credentials (tests, or after the environment changed)."""
-    _CREDENTIALS.clear()
-
-
-def credentials_from_environment(region: str | None) -> AwsCredentials | None:
-    """AWS credentials from botocore's default provider chain, and the region to sign for
-    (`region`, else the session's: AWS_DEFAULT_REGION / the profile; else AWS_REGION).
-    None when no credentials or no region are found.
-
-    Cheap per call; near expiry, temporary credentials are refreshed synchronously
-    by botocore (possibly a network call to STS or the metadata service).
-    """
-    session, credentials = _CREDENTIALS.get()
-    if credentials is None:
-        return None
-    try:
-        frozen = credentials.get_frozen_credentials()
-    except Exception as exc:
-        log.warning("AWS credentials could not be refreshed: %s", exc)
-        return None
-    if not frozen.access_key or not frozen.secret_key:
-        return None
-    region = region or session.get_config_variable("region") or os.environ.get("AWS_REGION")
-    if not region:
-        return None
-    return AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token, region)

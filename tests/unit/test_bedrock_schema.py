@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -20,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from extproc.schemas import bedrock
 from extproc.schemas.bedrock import (
     StreamTranslator,
     chat_to_converse,
@@ -777,57 +775,6 @@ def test_clock_skew(skew: int, ok: bool) -> None:
     with pytest.raises(BedrockError) as info:
         verify_sigv4("POST", URL, received(headers), BODY)
     assert info.value.status == 403 and "Signature" in info.value.message
-
-
-# -- credentials -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No ambient AWS configuration: env vars cleared, files absent, no metadata service."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-                 "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION",
-                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                 "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    bedrock.clear_credentials_cache()
-    yield tmp_path
-    bedrock.clear_credentials_cache()
-
-
-def test_credentials_from_env_vars(aws_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDENV")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret")
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "envtoken")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
-    assert bedrock.credentials_from_environment(None) == ("AKIDENV", "envsecret", "envtoken", "eu-central-1")
-    assert bedrock.credentials_from_environment("us-west-2") == ("AKIDENV", "envsecret", "envtoken", "us-west-2")
-    # Resolved once: a later change of the environment is not looked at per request.
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDOTHER")
-    assert bedrock.credentials_from_environment(None).access_key == "AKIDENV"
-    bedrock.clear_credentials_cache()
-    assert bedrock.credentials_from_environment(None).access_key == "AKIDOTHER"
-
-
-def test_credentials_from_shared_files(aws_env: Path) -> None:
-    (aws_env / "credentials").write_text("[default]\naws_access_key_id = AKIDFILE\naws_secret_access_key = filesecret\n")
-    (aws_env / "config").write_text("[default]\nregion = ap-south-1\n")
-    assert bedrock.credentials_from_environment(None) == ("AKIDFILE", "filesecret", None, "ap-south-1")
-
-
-def test_no_credentials_or_no_region(aws_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert bedrock.credentials_from_environment("us-east-1") is None
-    # "Nothing found" is cached for a while too, so the provider chain is not rerun per request.
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDENV")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret")
-    assert bedrock.credentials_from_environment("us-east-1") is None
-    bedrock.clear_credentials_cache()
-    assert bedrock.credentials_from_environment(None) is None  # no region anywhere
-    monkeypatch.setenv("AWS_REGION", "us-east-2")
-    assert bedrock.credentials_from_environment(None) == ("AKIDENV", "envsecret", None, "us-east-2")
 
 
 _JSON = st.recursive(

@@ -7,14 +7,25 @@ from typing import Any
 
 import orjson
 import pytest
+from botocore.credentials import Credentials
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
+from extproc import aws_credentials
+from extproc.aws_credentials import ChainCredentials
 from extproc.config import LoadedConfig, parse_config, resolve_secrets
 from extproc.runtime import Runtime
-from extproc.sim.bedrock_api import SIM_AWS_ACCESS_KEY_ID, SIM_AWS_SECRET_ACCESS_KEY, verify_sigv4
+from extproc.sim.bedrock_api import (
+    SIM_AWS_ACCESS_KEY_ID,
+    SIM_AWS_SECRET_ACCESS_KEY,
+    SIM_AWS_SESSION_ACCESS_KEY_ID,
+    SIM_AWS_SESSION_SECRET_ACCESS_KEY,
+    SIM_AWS_SESSION_TOKEN,
+    verify_sigv4,
+)
+from extproc.protocol import Answer
 from extproc.upstream import UpstreamExchange, backend_of_host, is_upstream_stream
 
 NS = "io.envoy.ai_gateway"
@@ -33,6 +44,7 @@ def _runtime() -> Runtime:
              "api_version": "2024-10-21", "deployment": "gpt4o-prod"},
             {"name": "br", "schema": "aws_bedrock", "base_url": "http://127.0.0.1:4566",
              "aws": {"region": "us-east-1", "access_key_id": {"env": "AWS_AK"}, "secret_access_key": {"env": "AWS_SK"}}},
+            {"name": "chain", "schema": "aws_bedrock", "base_url": "http://127.0.0.1:4566", "aws": {"region": "us-east-1"}},
         ],
         "routes": [{"name": "r", "default": True, "backends": [
             {"name": "oa"}, {"name": "claude", "priority": 1}, {"name": "az", "priority": 2}, {"name": "br", "priority": 3}]}],
@@ -63,7 +75,7 @@ def headers_message(backend: str, client_api: str = "openai.chat", extra: dict[s
     return request
 
 
-def attempt(backend: str, body: dict[str, Any], client_api: str = "openai.chat") -> tuple[UpstreamExchange, ep.ProcessingResponse]:
+def attempt(backend: str, body: dict[str, Any], client_api: str = "openai.chat") -> tuple[UpstreamExchange, Answer]:
     exchange = UpstreamExchange(RUNTIME)
     first = headers_message(backend, client_api)
     assert is_upstream_stream(first)
@@ -138,6 +150,45 @@ def test_bedrock_attempt_is_signed_over_the_translated_body() -> None:
     received = [(k, v.decode()) for k, v in headers.items() if not k.startswith(":")] + [("host", "127.0.0.1:4566")]
     assert verify_sigv4("POST", f"http://127.0.0.1:4566{path}", received, body) == SIM_AWS_ACCESS_KEY_ID
     assert json.loads(body)["inferenceConfig"]["maxTokens"] == 7
+
+
+def _signed_by(response: ep.ProcessingResponse) -> str:
+    """The access key the simulator's SigV4 check accepts for this request body mutation."""
+    headers, _, body = mutation(response)
+    assert body is not None
+    path = headers[":path"].decode()
+    received = [(k, v.decode()) for k, v in headers.items() if not k.startswith(":")] + [("host", "127.0.0.1:4566")]
+    return verify_sigv4("POST", f"http://127.0.0.1:4566{path}", received, body)
+
+
+async def test_bedrock_attempt_waits_for_the_chains_credentials_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without configured keys the first attempt's answer is a coroutine the server awaits
+    (the chain runs in a thread); later attempts sign at once from memory."""
+    found: list[int] = []
+
+    def find() -> Credentials:
+        found.append(1)
+        return Credentials(SIM_AWS_SESSION_ACCESS_KEY_ID, SIM_AWS_SESSION_SECRET_ACCESS_KEY, SIM_AWS_SESSION_TOKEN)
+
+    monkeypatch.setattr(aws_credentials, "_SHARED", ChainCredentials(find))
+    _, answer = attempt("chain", CHAT)
+    assert not isinstance(answer, ep.ProcessingResponse)
+    assert _signed_by(await answer) == SIM_AWS_SESSION_ACCESS_KEY_ID
+    _, again = attempt("chain", CHAT)
+    assert isinstance(again, ep.ProcessingResponse)
+    assert _signed_by(again) == SIM_AWS_SESSION_ACCESS_KEY_ID
+    assert found == [1]
+
+
+async def test_bedrock_attempt_without_any_credentials_is_a_503_in_openai_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aws_credentials, "_SHARED", ChainCredentials(lambda: None))
+    _, answer = attempt("chain", CHAT)
+    assert not isinstance(answer, ep.ProcessingResponse)
+    reply = (await answer).immediate_response
+    assert reply.status.code == 503
+    error = json.loads(reply.body)["error"]
+    assert error["code"] == "backend_credentials_missing" and error["type"] == "server_error"
+    assert "chain" in error["message"]
 
 
 @pytest.mark.parametrize(("backend", "client_api", "shape"), [
