@@ -16,7 +16,7 @@ import yaml
 from extproc import budgets
 from extproc.config import Backend, GatewayConfig, Route, Schema
 from extproc.exchange import BACKEND_HEADER, MODEL_HEADER, PROCESSOR_DETAILS_PREFIX, ROUTE_HEADER
-from extproc.protocol import METADATA_NAMESPACE
+from extproc.protocol import METADATA_NAMESPACE, PROCESSOR_SERVICE
 from extproc.local_replies import CODE_DETAILS_ATTRIBUTE, RATE_LIMITER_ERROR
 from extproc.workers import worker_addresses, worker_count
 
@@ -454,6 +454,34 @@ def _grpc_cluster(name: str, addresses: list[str], discovery: str = "STATIC") ->
     }
 
 
+def _processor_cluster(addresses: list[str]) -> dict[str, Any]:
+    """Every worker, health-checked: a worker that stops answering (hung, stopped) gets
+    no new streams after two missed checks (about four seconds: each waits one second
+    and they are one second apart), and gets them again at its first answer.
+
+    The check is the processor's own gRPC health service, one call a second per worker
+    from Envoy's main thread (not per request). A draining worker answers NOT_SERVING
+    and is taken out the same way. The panic threshold is 1% (Envoy rounds it to a whole
+    percent and panics below it): Envoy's default, 50%, spreads streams over every
+    worker, hung ones included, once fewer than half answer (1 of 3); at 1% that happens
+    only when none answers (up to 100 workers), when trying them all is all that is left."""
+    cluster = _grpc_cluster(PROCESSOR_CLUSTER, addresses)
+    cluster["health_checks"] = [
+        {
+            "timeout": "1s",
+            "interval": "1s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            # Envoy's default checks a cluster that has carried no traffic yet once a
+            # minute: the first requests could go to a worker that hung meanwhile.
+            "no_traffic_interval": "1s",
+            "grpc_health_check": {"service_name": PROCESSOR_SERVICE},
+        }
+    ]
+    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 1}}
+    return cluster
+
+
 def _worker_grpc_addresses(config: GatewayConfig) -> list[str]:
     settings = config.processor
     return [w.grpc_address for w in worker_addresses(settings, worker_count(settings))]
@@ -546,7 +574,7 @@ def routes(config: GatewayConfig) -> list[dict[str, Any]]:
 def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict[str, Any]]:
     workers = _worker_grpc_addresses(config)
     out = [
-        _grpc_cluster(PROCESSOR_CLUSTER, workers),
+        _processor_cluster(workers),
         *(_backend_cluster(config, b, ca_file) for b in config.backends),
         *(_fallback_cluster(config, r, ca_file) for r in config.routes if r.has_fallback),
     ]

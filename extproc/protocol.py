@@ -21,6 +21,8 @@ ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # where Envoy puts the attribute
 # What a stage's `handle` returns: the response, or a coroutine the server awaits when
 # the answer must wait (a lookup, an estimate, credentials) without blocking the loop.
 Answer = ep.ProcessingResponse | Coroutine[Any, Any, ep.ProcessingResponse]
+# The gRPC service Envoy calls; also the name the processor's health service answers for.
+PROCESSOR_SERVICE = ep.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = (("content-type", b"application/json"),)

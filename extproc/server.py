@@ -33,6 +33,7 @@ from extproc.config import GatewayConfig, LoadedConfig
 from extproc.ratelimit import RateLimitServicer, load_rules, store_from_url
 from extproc.affinity import AffinityStore
 from extproc.exchange import Exchange
+from extproc.protocol import PROCESSOR_SERVICE
 from extproc.redact import install_secret_scrubber
 from extproc.reload import ConfigWatcher
 from extproc.upstream import UpstreamExchange, is_upstream_stream
@@ -43,7 +44,7 @@ from extproc.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+SERVICE_NAME = PROCESSOR_SERVICE
 
 
 class ListenError(OSError):

@@ -351,6 +351,32 @@ def test_streams_are_spread_over_every_worker_and_rate_limits_go_to_worker_zero(
     assert only_endpoint(by_name["extproc-ratelimit"]) == {"socket_address": {"address": "127.0.0.1", "port_value": 7000}}
 
 
+def test_a_worker_that_stops_answering_leaves_the_rotation() -> None:
+    """Envoy health-checks every worker over gRPC, quickly, on the service the processor
+    serves; with 1 of 3 workers answering that one takes every stream (Envoy's default
+    panic threshold, 50%, would spread them over the hung ones too), and with none
+    answering Envoy still tries them all."""
+    from extproc.server import SERVICE_NAME
+
+    bootstrap = render(gateway(processor={"workers": 3}))
+    cluster = clusters_by_name(bootstrap)["extproc"]
+    (check,) = cluster["health_checks"]
+    assert check["grpc_health_check"] == {"service_name": SERVICE_NAME}
+    assert seconds(check["timeout"]) <= 1 and seconds(check["interval"]) <= 1
+    assert seconds(check["no_traffic_interval"]) <= 1  # Envoy's default is 60 s
+    assert check["unhealthy_threshold"] * (seconds(check["interval"]) + seconds(check["timeout"])) <= 5
+    assert check["healthy_threshold"] == 1
+    # Envoy rounds the threshold to a whole percent and panics below it.
+    panic = round(cluster["common_lb_config"]["healthy_panic_threshold"]["value"])
+    assert 0 < panic <= 100 / 3
+    (parsed,) = [c for c in as_bootstrap(bootstrap).static_resources.clusters if c.name == "extproc"]
+    assert parsed.health_checks[0].grpc_health_check.service_name == SERVICE_NAME  # Envoy's schema takes it
+    others = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] != "extproc"]
+    assert not [c["name"] for c in others if "health_checks" in c]  # backends are not the processor's to check
+    attach = fragment(gateway(processor={"workers": 3}))["clusters"]
+    assert [c for c in attach if c["name"] == "extproc"] == [cluster]  # users attaching their Envoy get it too
+
+
 def test_default_ports_give_every_worker_its_own_grpc_and_admin_port() -> None:
     from extproc.workers import worker_addresses
 
