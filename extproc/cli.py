@@ -65,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     install_secret_scrubber(loaded)
     settings = loaded.config.processor
     count = worker_count(settings)
+    addresses = worker_addresses(settings, count)
     pool = None
     if count > 1 and args.worker_index is None:
         # This process is worker 0 and starts the others with the same flags.
@@ -73,8 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             ("--grace", args.grace)):
             if value is not None:
                 forwarded += [flag, str(value)]
-        pool = WorkerPool(forwarded, count)
-    addresses = worker_addresses(settings, count)
+        pool = WorkerPool(forwarded, [a.grpc_address for a in addresses])
     me = addresses[args.worker_index or 0]
     options = ServeOptions(
         grpc_address=me.grpc_address,

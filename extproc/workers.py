@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -19,6 +20,10 @@ from dataclasses import dataclass
 
 from extproc.config import ConfigError, ProcessorSettings
 from extproc.launcher import die_with_parent
+from extproc.liveness import MISSED_PROBES_BEFORE_RESTART, wait_until_hung
+
+log = logging.getLogger(__name__)
+
 
 def worker_count(settings: ProcessorSettings) -> int:
     """`workers: 0` means one per core this process may use."""
@@ -70,53 +75,88 @@ class WorkerPool:
     supervisor would cost a whole interpreter's memory and do nothing else).
 
     A worker that exits on its own is reported through `died`, so worker 0 stops the
-    rest and whoever supervises the processor sees the failure; on shutdown SIGTERM
-    goes to every worker (each drains its own streams)."""
+    rest and whoever supervises the processor sees the failure. A worker that stops
+    answering its health check (hung, stopped) is killed and replaced on the same ports
+    (see `extproc.liveness`); Envoy has already stopped sending it streams by then. On
+    shutdown SIGTERM goes to every worker (each drains its own streams)."""
 
-    def __init__(self, argv: Sequence[str], count: int) -> None:
+    def __init__(self, argv: Sequence[str], grpc_addresses: Sequence[str]) -> None:
         self.argv = list(argv)
-        self.count = count
-        self.children: list[asyncio.subprocess.Process] = []
+        self.grpc_addresses = list(grpc_addresses)  # worker i listens on grpc_addresses[i]
+        self.children: dict[int, asyncio.subprocess.Process] = {}  # by worker index
         self.died: asyncio.Future[asyncio.subprocess.Process] | None = None
+        self._killed: set[int] = set()  # pids of hung workers we killed: their exit is no failure
+        self._watchdogs: list[asyncio.Task[None]] = []  # one per worker: replaces it when hung
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.died = loop.create_future()
-        for index in range(1, self.count):
-            child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "extproc", *self.argv,
-                "--worker-index", str(index), "--workers", str(self.count),
-                stdin=asyncio.subprocess.DEVNULL,
-                preexec_fn=die_with_parent,  # a killed worker 0 leaves no worker behind
-            )
-            self.children.append(child)
-            asyncio.ensure_future(self._watch(child))
+        self.died = asyncio.get_running_loop().create_future()
+        for index in range(1, len(self.grpc_addresses)):
+            await self._spawn(index)
+        self._watchdogs = [asyncio.ensure_future(self._keep_answering(i)) for i in range(1, len(self.grpc_addresses))]
+
+    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "extproc", *self.argv,
+            "--worker-index", str(index), "--workers", str(len(self.grpc_addresses)),
+            stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # a killed worker 0 leaves no worker behind
+        )
+        self.children[index] = child
+        asyncio.ensure_future(self._watch(child))
+        return child
 
     async def _watch(self, child: asyncio.subprocess.Process) -> None:
         await child.wait()
+        if child.pid in self._killed:
+            return
         if self.died is not None and not self.died.done():
             self.died.set_result(child)
 
+    async def _keep_answering(self, index: int) -> None:
+        """Replace worker `index` whenever it stops answering its health check."""
+        while True:
+            await wait_until_hung(self.grpc_addresses[index])
+            if self.children[index].returncode is not None:
+                return  # it exited on its own: `died` reports that
+            await self._replace(index)
+
+    async def _replace(self, index: int) -> None:
+        """SIGKILL (a stopped process takes no other signal) and start a new worker on its ports."""
+        hung = self.children[index]
+        self._killed.add(hung.pid)
+        with contextlib.suppress(ProcessLookupError):
+            hung.kill()
+        await hung.wait()  # its ports are free once it is gone
+        child = await self._spawn(index)
+        log.error(
+            "processor worker %d (pid %d) did not answer %d health checks in a row: killed it; "
+            "pid %d replaces it on the same ports", index, hung.pid, MISSED_PROBES_BEFORE_RESTART, child.pid,
+        )
+
     def signal(self, sig: int) -> None:
-        for child in self.children:
+        for child in self.children.values():
             if child.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.send_signal(sig)
 
     async def stop(self, grace_seconds: float) -> int:
         """SIGTERM every worker, wait for them (killing stragglers), return the worst exit code."""
+        for watchdog in self._watchdogs:
+            watchdog.cancel()  # a draining worker stops answering: never replace it for that
+        await asyncio.gather(*self._watchdogs, return_exceptions=True)
         if self.died is not None and not self.died.done():
             self.died.cancel()  # exits from now on are the ones we asked for
-        for child in self.children:
+        children = list(self.children.values())
+        for child in children:
             if child.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.gather(*(child.wait() for child in self.children)), grace_seconds + 10)
+            await asyncio.wait_for(asyncio.gather(*(child.wait() for child in children)), grace_seconds + 10)
         except TimeoutError:
-            for child in self.children:
+            for child in children:
                 if child.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         child.kill()
-            await asyncio.gather(*(child.wait() for child in self.children))
-        return max((abs(child.returncode or 0) for child in self.children), default=0)
+            await asyncio.gather(*(child.wait() for child in children))
+        return max((abs(child.returncode or 0) for child in children), default=0)
