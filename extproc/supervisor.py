@@ -24,6 +24,7 @@ import yaml
 from extproc import envoyconfig
 from extproc.config import DEMO_PORT, LoadedConfig, is_demo
 from extproc.launcher import Child, envoy_command
+from extproc.liveness import MISSED_PROBES_BEFORE_RESTART, wait_until_hung
 from extproc.redact import LineScrubber, SecretScrubber, config_secrets
 from extproc.workers import worker_addresses, worker_count
 
@@ -113,6 +114,7 @@ class Gateway:
         self.processor_argv: list[str] = []
         self.restarts: list[float] = []
         self.scrubber = SecretScrubber(config_secrets(loaded))
+        self._liveness: asyncio.Task[None] | None = None  # watches the running processor's worker 0
 
     async def start(self) -> str:
         config = self.loaded.config
@@ -158,10 +160,30 @@ class Gateway:
 
         for worker in worker_addresses(admin, worker_count(admin)):
             await _wait_http(f"http://{admin.admin_address}:{worker.admin_port}/healthz", processor, accept=is_ours)
+        self._liveness = asyncio.ensure_future(self._watch_liveness(processor))
         return processor
+
+    async def _watch_liveness(self, processor: Child) -> None:
+        """Kill the processor when worker 0 stops answering its health check; the crash
+        path (`restart`) then starts a new one. Worker 0 watches workers 1..N-1 itself."""
+        await wait_until_hung(self.loaded.config.processor.grpc_address)
+        if not processor.running:
+            return  # it exited: the crash path has it
+        print(f"extproc: processor worker 0 (pid {processor.process.pid}) did not answer "
+              f"{MISSED_PROBES_BEFORE_RESTART} health checks in a row; killing the processor to restart it",
+              file=sys.stderr, flush=True)
+        kill_process_group(processor)
+
+    async def stop_watching(self) -> None:
+        if self._liveness is not None:
+            self._liveness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._liveness
+            self._liveness = None
 
     async def restart(self, crashed: Child) -> None:
         """Start the processor again; Envoy keeps running and reconnects on its own."""
+        await self.stop_watching()
         self.children.remove(crashed)
         now = asyncio.get_running_loop().time()
         self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW_SECONDS] + [now]
@@ -219,10 +241,19 @@ class Gateway:
         # Envoy first (after letting open requests finish) so no new requests arrive, then
         # the processor drains what is left, then the demo backend.
         grace = self.loaded.config.processor.grace_period_seconds
+        await self.stop_watching()  # a draining processor stops answering: never kill it for that
         if any(c.name == "envoy" and c.running for c in self.children):
             await self.drain_envoy(grace)
         for child in sorted(self.children, key=lambda c: {"envoy": 0, "processor": 1}.get(c.name, 2)):
             await child.stop(STOP_TIMEOUT_SECONDS + (grace if child.name == "processor" else 0))
+
+
+def kill_process_group(processor: Child) -> None:
+    """SIGKILL the processor and its workers (its own process group: it runs in its own
+    session). Workers left behind would drain while holding the ports the new processor
+    must bind."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(processor.process.pid, signal.SIGKILL)
 
 
 async def run_gateway(loaded: LoadedConfig, options: RunOptions) -> int:
