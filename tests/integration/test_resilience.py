@@ -8,6 +8,7 @@ request, and a stop that lets open streams finish and accounts them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -19,8 +20,10 @@ import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.sim import SimServer
+from extproc.workers import PORT_STRIDE
 from tests.integration.harness import AttachedGateway, RunningGateway, alive, descendants, running_gateway
 
 USER = [{"role": "user", "content": "hello there"}]
@@ -120,6 +123,106 @@ def test_run_restarts_a_crashed_processor(gateway: RunningGateway, sim_a: SimSer
     gateway.wait_stderr(lambda line: "processor restarted" in line, timeout=60)
     assert _model_seen_by_backend(gateway, sim_a) == "first-model"
     assert all(alive(p) for p in envoys)  # Envoy was never restarted
+
+
+def _worker_pid(gateway: RunningGateway, index: int) -> int | None:
+    """The pid worker `index` reports on its own admin port (None while nothing answers)."""
+    try:
+        health = httpx.get(f"http://127.0.0.1:{gateway.processor_admin_port + PORT_STRIDE * index}/healthz", timeout=2)
+    except httpx.HTTPError:
+        return None
+    return int(health.json()["pid"]) if health.status_code == 200 else None
+
+
+def _requests_served(gateway: RunningGateway, index: int) -> float:
+    """Requests worker `index` has finished, from its own (not the merged) /metrics."""
+    port = gateway.processor_admin_port + PORT_STRIDE * index
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics?local=1", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text) if family.name.startswith("gen_ai_server_request_duration")
+        for sample in family.samples if sample.name.endswith("_count")
+    )
+
+
+def _envoy_pid(gateway: RunningGateway) -> int:
+    assert gateway.process is not None
+    (envoy,) = [p for p in descendants(gateway.process.pid) if _argv(p) and _argv(p)[0].endswith(b"envoy")]
+    return envoy
+
+
+def _until_in_a_row(client: openai.OpenAI, wanted: int, timeout: float = 90) -> None:
+    """Send requests until `wanted` succeed in a row. On the way only the processor's own
+    retryable 503 is allowed (a stream that went to the hung worker before it was taken out)."""
+    deadline = time.monotonic() + timeout
+    in_a_row = 0
+    while in_a_row < wanted:
+        assert time.monotonic() < deadline, f"no {wanted} successful requests in a row within {timeout:.0f}s"
+        try:
+            assert client.chat.completions.create(model="m", messages=USER).choices
+            in_a_row += 1
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503 and exc.code == "processor_unavailable", exc.body
+            in_a_row = 0
+
+
+def _wait_for_new_worker(gateway: RunningGateway, index: int, old_pid: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while (pid := _worker_pid(gateway, index)) in (None, old_pid):
+        assert time.monotonic() < deadline, f"worker {index} (pid {old_pid}) was not replaced"
+        time.sleep(0.2)
+    assert pid is not None
+    return pid
+
+
+def _resume(pid: int) -> None:
+    """Undo a SIGSTOP the gateway did not clean up itself (it then stops the process normally)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_hung_worker_is_taken_out_of_rotation_and_replaced(gateway: RunningGateway) -> None:
+    envoy = _envoy_pid(gateway)
+    worker_0, hung = _worker_pid(gateway, 0), _worker_pid(gateway, 1)
+    assert worker_0 is not None and hung is not None
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0, timeout=30)
+    os.kill(hung, signal.SIGSTOP)  # alive, holding its port, answering nothing
+    try:
+        _until_in_a_row(client, 20)  # Envoy's health check took it out of rotation
+        assert _envoy_stat(gateway.envoy_admin_port, r"^cluster\.extproc\.health_check\.failure$") >= 1
+
+        replacement = _wait_for_new_worker(gateway, 1, hung)
+        assert not alive(hung) and alive(replacement)
+        assert replacement in descendants(worker_0)  # worker 0 started it
+        gateway.wait_stderr(lambda line: f"processor worker 1 (pid {hung}) did not answer" in line)
+
+        # Envoy puts the new worker back in rotation: it serves its share, and nothing fails.
+        deadline = time.monotonic() + 30
+        while _requests_served(gateway, 1) == 0:
+            assert time.monotonic() < deadline, "the new worker got no traffic"
+            assert client.chat.completions.create(model="m", messages=USER).choices
+        assert _requests_served(gateway, 0) > 0 and _worker_pid(gateway, 0) == worker_0
+        assert _envoy_pid(gateway) == envoy
+    finally:
+        _resume(hung)
+
+
+def test_a_hung_worker_0_makes_run_restart_the_processor(gateway: RunningGateway) -> None:
+    envoy = _envoy_pid(gateway)
+    hung = _worker_pid(gateway, 0)
+    assert hung is not None
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0, timeout=30)
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        gateway.wait_stderr(lambda line: f"processor worker 0 (pid {hung}) did not answer" in line, timeout=60)
+        gateway.wait_stderr(lambda line: "processor restarted" in line, timeout=60)
+        assert not alive(hung)
+        _until_in_a_row(client, 20)
+        assert _worker_pid(gateway, 0) not in (None, hung)
+        assert _requests_served(gateway, 0) > 0 and _requests_served(gateway, 1) > 0  # both new workers serve
+        assert _envoy_pid(gateway) == envoy
+    finally:
+        _resume(hung)
 
 
 def test_config_reload_applies_new_routes_and_keeps_in_flight_streams(
