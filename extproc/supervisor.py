@@ -177,8 +177,7 @@ class Gateway:
     async def stop_watching(self) -> None:
         if self._liveness is not None:
             self._liveness.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._liveness
+            await asyncio.gather(self._liveness, return_exceptions=True)
             self._liveness = None
 
     async def restart(self, crashed: Child) -> None:
