@@ -4,8 +4,8 @@ Envoy takes a worker that stops answering out of its rotation (the `extproc` clu
 health check, see envoyconfig); this is the other half. Whoever started a worker probes
 it once a second and, after a few probes in a row go unanswered, kills it and starts a
 new one: worker 0 does it for workers 1..N-1, `extproc run` for worker 0. A probe is one
-health call on a kept-open HTTP/2 connection (about half a millisecond of CPU on both
-ends), never on a request's path.
+health call on a kept-open HTTP/2 connection (about half a millisecond of CPU, both
+ends together, measured), never on a request's path.
 """
 
 from __future__ import annotations
