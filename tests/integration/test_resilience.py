@@ -175,6 +175,15 @@ def _wait_for_new_worker(gateway: RunningGateway, index: int, old_pid: int, time
     return pid
 
 
+def _until_every_worker_served(gateway: RunningGateway, client: openai.OpenAI, timeout: float = 30) -> None:
+    """Send requests, every one of which must succeed, until each worker has served one:
+    Envoy has every (new) worker back in rotation."""
+    deadline = time.monotonic() + timeout
+    while not all(_requests_served(gateway, index) for index in (0, 1)):
+        assert time.monotonic() < deadline, "a worker got no traffic"
+        assert client.chat.completions.create(model="m", messages=USER).choices
+
+
 def _resume(pid: int) -> None:
     """Undo a SIGSTOP the gateway did not clean up itself (it then stops the process normally)."""
     with contextlib.suppress(ProcessLookupError):
@@ -197,11 +206,8 @@ def test_a_hung_worker_is_taken_out_of_rotation_and_replaced(gateway: RunningGat
         gateway.wait_stderr(lambda line: f"processor worker 1 (pid {hung}) did not answer" in line)
 
         # Envoy puts the new worker back in rotation: it serves its share, and nothing fails.
-        deadline = time.monotonic() + 30
-        while _requests_served(gateway, 1) == 0:
-            assert time.monotonic() < deadline, "the new worker got no traffic"
-            assert client.chat.completions.create(model="m", messages=USER).choices
-        assert _requests_served(gateway, 0) > 0 and _worker_pid(gateway, 0) == worker_0
+        _until_every_worker_served(gateway, client)
+        assert _worker_pid(gateway, 0) == worker_0
         assert _envoy_pid(gateway) == envoy
     finally:
         _resume(hung)
@@ -219,7 +225,7 @@ def test_a_hung_worker_0_makes_run_restart_the_processor(gateway: RunningGateway
         assert not alive(hung)
         _until_in_a_row(client, 20)
         assert _worker_pid(gateway, 0) not in (None, hung)
-        assert _requests_served(gateway, 0) > 0 and _requests_served(gateway, 1) > 0  # both new workers serve
+        _until_every_worker_served(gateway, client)  # both new workers, once Envoy's checks see them
         assert _envoy_pid(gateway) == envoy
     finally:
         _resume(hung)
