@@ -56,7 +56,7 @@ RATELIMIT_RESET_HEADER = "x-ratelimit-reset"
 RETRY_AFTER = "retry-after"
 _USAGE_OPTION_APIS = ("openai.chat", "openai.completions")  # APIs with stream_options.include_usage
 # Credentials a client may send to the gateway; none of them may reach a provider.
-CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
+CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization", "cookie")
 PROCESSOR_DETAILS_PREFIX = "extproc_"  # response code details of replies the processor makes
 _MAX_HEADER_VALUE = 256  # session id / tenant values longer than this are cut
 _STREAMING_OPERATIONS = (Operation.chat, Operation.completion)

@@ -37,16 +37,17 @@ def test_chat_non_streaming_reaches_the_backend_for_its_model(client: openai.Ope
 
 
 def test_credentials_are_injected_and_client_credentials_stripped(client: openai.OpenAI, sim_a: SimServer) -> None:
-    client.chat.completions.create(
-        model="model-a", messages=USER, extra_headers={"x-api-key": CLIENT_KEY, "api-key": CLIENT_KEY}
-    )
+    client.chat.completions.create(model="model-a", messages=USER, extra_headers={
+        "x-api-key": CLIENT_KEY, "api-key": CLIENT_KEY, "proxy-authorization": f"Basic {CLIENT_KEY}",
+        "cookie": f"gateway_session={CLIENT_KEY}",
+    })
 
     headers = _only(sim_a, "/chat/completions").headers
     assert headers["authorization"] == f"Bearer {BACKEND_A_KEY}"
     assert headers["openai-organization"] == "org-gateway"
     assert CLIENT_KEY not in str(headers)
     assert not [name for name in headers if name.startswith("x-ai-eg-")]
-    assert "x-api-key" not in headers and "api-key" not in headers
+    assert not {"x-api-key", "api-key", "proxy-authorization", "cookie"} & set(headers)
 
 
 def test_backend_without_credential_gets_no_client_credential(client: openai.OpenAI, sim_b: SimServer) -> None:
