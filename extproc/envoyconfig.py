@@ -593,15 +593,20 @@ def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict
     return out
 
 
-# The processor ends every ext_proc stream itself, right after its last answer (see
-# server.answer_last): Envoy then never resets a finished stream, so grpc.aio never sees the
-# cancelled calls it leaks memory on (grpc/grpc#43360). Envoy's own remedy for that leak,
-# the graceful close below, must stay off: in Envoy 1.40 a stream left waiting for the
-# processor's close after its request ended is deleted by a freed gRPC client once the
-# request lasted longer than the client cache's idle time (bootstrap
-# `grpc_async_client_manager_config.max_cached_entry_idle_duration`, 50 s), and Envoy
-# crashes with SIGSEGV. Set explicitly, so an Envoy whose default changes stays safe.
-RUNTIME_FLAGS: dict[str, Any] = {"envoy.reloadable_features.ext_proc_graceful_grpc_close": False}
+# Envoy's default ends an ext_proc stream that is still open when its request ends with a
+# reset, and grpc.aio leaks native memory for every call it sees cancelled (grpc/grpc#43360):
+# ~100 bytes per request. With the graceful close Envoy half-closes and waits for the
+# processor's status instead: nothing is cancelled, memory stays flat. (The processor also
+# ends each stream itself after its last answer, so Envoy seldom has anything to wait for.)
+RUNTIME_FLAGS: dict[str, Any] = {"envoy.reloadable_features.ext_proc_graceful_grpc_close": True}
+
+# The graceful close in Envoy 1.40 keeps the stream waiting after its filter is gone, and
+# nothing then keeps the stream's gRPC client alive but the thread's client cache, which
+# evicts a client not fetched for this long (default 50 s): a request longer than that on a
+# thread with no newer ext_proc stream ended with a freed client and a SIGSEGV (README,
+# "Long requests"). A year keeps every client cached for any request that can happen (the
+# cache holds one client per gRPC service and worker thread: nothing grows).
+GRPC_CLIENT_CACHE: dict[str, Any] = {"max_cached_entry_idle_duration": "31536000s"}
 
 
 def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, Any]:
@@ -631,6 +636,7 @@ def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, A
     return {
         "admin": {"address": _socket_address("127.0.0.1", envoy.admin_port)},
         "layered_runtime": {"layers": [{"name": "static", "static_layer": RUNTIME_FLAGS}]},
+        "grpc_async_client_manager_config": GRPC_CLIENT_CACHE,
         "overload_manager": {
             "resource_monitors": [
                 {
@@ -664,6 +670,8 @@ def fragment(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str,
         "clusters": clusters(config, ca_file),
         "local_reply_config": _local_reply_config(config.limits.max_request_body_bytes),
         "runtime": dict(RUNTIME_FLAGS),  # belongs in the bootstrap's layered_runtime static layer
+        # belongs in the bootstrap, with the runtime flag: one is not safe without the other
+        "grpc_async_client_manager_config": dict(GRPC_CLIENT_CACHE),
     }
 
 

@@ -124,7 +124,7 @@ class Exchange:
         self._stored = False  # a Responses API call whose response the backend keeps (stateful)
         self.mcp = False  # an MCP call: only metadata for Envoy; the MCP server does the rest
         # Envoy will send nothing this stream still needs: the processor ends the stream
-        # with its next answer (see server.answer_last).
+        # after its next answer (see server.ExternalProcessor.Process).
         self.done = False
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:

@@ -69,7 +69,6 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         clock = time.perf_counter
         stage: Exchange | UpstreamExchange | None = None
         exchange: Exchange | None = None  # the request stage, which also keeps the request's record
-        answered = False
         self.in_flight += 1
         try:
             async for request in request_iterator:
@@ -84,48 +83,15 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     answer = await answer
                 if exchange is not None:
                     exchange.processor_seconds += clock() - began
-                if stage.done or answer.WhichOneof("response") == "immediate_response":
-                    if not answered:
-                        # gRPC sends a stream's headers with its first write; they must be out
-                        # before answer_last, whose status would otherwise carry them again.
-                        await context.send_initial_metadata(())
-                    await answer_last(context, answer)
-                    return
                 await context.write(answer)
-                answered = True
+                if stage.done or answer.WhichOneof("response") == "immediate_response":
+                    # Envoy needs nothing more: returning sends the stream's OK status, and
+                    # Envoy takes the request as processed (see envoyconfig.RUNTIME_FLAGS).
+                    return
         finally:
             self.in_flight -= 1
             if exchange is not None:
                 exchange.close()
-
-
-_LAST_WRITES: set[asyncio.Future[None]] = set()  # referenced until gRPC has sent them
-
-
-async def answer_last(context: grpc.aio.ServicerContext, answer: ep.ProcessingResponse) -> None:
-    """Send a stream's last answer with its OK status right behind it, in the same write.
-
-    Why the processor ends each stream itself: Envoy resets an ext_proc stream that is
-    still open when its HTTP stream ends (right after applying this answer), and grpc.aio
-    leaks native memory for every call it sees cancelled (grpc/grpc#43360). Envoy's
-    alternative, the `ext_proc_graceful_grpc_close` runtime flag, crashes Envoy 1.40 after
-    requests of ~50 s (see README, "Long requests"). A stream closed by the processor is
-    "processing complete" to Envoy: no reset, no crash, nothing leaked.
-
-    Why not `await context.write(answer)` and return: the write's completion reaches us
-    through the event loop, and in that window Envoy's reset often beats our status.
-    Here the write is started (its batch queued in gRPC core) and the handler returns at
-    once, so gRPC core sends the status right after the answer."""
-    write = asyncio.ensure_future(context.write(answer))
-    _LAST_WRITES.add(write)
-    write.add_done_callback(_last_write_done)
-    await asyncio.sleep(0)  # one loop step: the write task runs up to gRPC core's batch
-
-
-def _last_write_done(write: asyncio.Future[None]) -> None:
-    _LAST_WRITES.discard(write)
-    if not write.cancelled() and (error := write.exception()) is not None:
-        log.debug("last answer of a stream not delivered (Envoy ended the stream first): %r", error)
 
 
 @dataclass(slots=True)

@@ -115,7 +115,7 @@ class UpstreamExchange:
         self._translate_response = False  # the reply (JSON, error or stream) goes back to the client's API
         self._status = 0
         self._error_type: str | None = None  # Bedrock's x-amzn-errortype
-        self.done = False  # Envoy will send nothing more this attempt needs (see server.answer_last)
+        self.done = False  # Envoy will send nothing more this attempt needs (the processor then ends the stream)
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message: a response, or a coroutine when the answer must wait (the

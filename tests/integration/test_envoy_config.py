@@ -62,6 +62,7 @@ def test_fragment_pieces_fit_into_a_users_envoy(tmp_path: Path) -> None:
     pieces = envoyconfig.fragment(config)
     users_envoy = {
         "layered_runtime": {"layers": [{"name": "static", "static_layer": pieces["runtime"]}]},
+        "grpc_async_client_manager_config": pieces["grpc_async_client_manager_config"],
         "static_resources": {
             "listeners": [{
                 "name": "users_listener",

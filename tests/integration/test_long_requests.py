@@ -13,6 +13,7 @@ The 70-second cases run in `make test` (all at once, ~75 s); the 5-minute ones a
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -120,6 +121,20 @@ def stream_paced(gateway: RunningGateway, pieces: int, pause_ms: int) -> Callabl
     return call
 
 
+def stream_abandoned(gateway: RunningGateway, pause_ms: int, hang_up_after_s: float) -> Callable[[dict[str, str]], Any]:
+    """A client that reads the first event of a stream that pauses, then hangs up during the
+    pause: Envoy ends the request while the processor's stream is still open."""
+    def call(headers: dict[str, str]) -> Any:
+        stream = sdk(gateway).chat.completions.create(
+            model="reasoner", messages=USER, stream=True,
+            extra_headers={**headers, "x-sim-chunks": "2", "x-sim-chunk-delay-ms": str(pause_ms)})
+        first = next(iter(stream))
+        time.sleep(hang_up_after_s)
+        stream.close()
+        return first
+    return call
+
+
 def mcp_call(gateway: RunningGateway, seconds: float) -> Callable[[dict[str, str]], Any]:
     async def session_call(headers: dict[str, str]) -> Any:
         http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=seconds + 60))
@@ -154,6 +169,7 @@ def seventy_seconds(gateway: RunningGateway) -> Iterator[LongRequests]:
     requests.start("json", json_answer_after(gateway, SEVENTY_S))
     requests.start("paused-stream", stream_paced(gateway, pieces=2, pause_ms=SEVENTY_S))
     requests.start("mcp", mcp_call(gateway, SEVENTY_S / 1000))
+    requests.start("abandoned", stream_abandoned(gateway, pause_ms=SEVENTY_S, hang_up_after_s=60))
     yield requests
     requests.close()
 
@@ -192,6 +208,18 @@ def test_mcp_tool_call_of_70_seconds(gateway: RunningGateway, seventy_seconds: L
     entry = gateway.wait_access_log(lambda e: e.get("request_id") == seventy_seconds.request_ids["mcp"]
                                     and e.get("mcp_method") == "tools/call")
     assert entry["status"] == 200 and entry["mcp_tool_name"] == "slow__ponder" and entry["mcp_backend"] == "slow"
+    assert_gateway_unharmed(gateway, seventy_seconds.envoy_before)
+
+
+@pytest.mark.timeout(240)
+def test_client_hanging_up_after_60_seconds(gateway: RunningGateway, seventy_seconds: LongRequests) -> None:
+    """The request ends while the processor's stream is open: Envoy closes it (gracefully)
+    and the processor records the cut-off response."""
+    first = seventy_seconds.result("abandoned")
+    assert first.choices[0].delta.role == "assistant"
+    entry = gateway.wait_access_log(lambda e: e.get("request_id") == seventy_seconds.request_ids["abandoned"])
+    assert entry["status"] == 200 and "DC" in entry["response_flags"]
+    gateway.wait_stderr(lambda line: "response cut off before completion" in line and "output_seen=True" in line)
     assert_gateway_unharmed(gateway, seventy_seconds.envoy_before)
 
 
