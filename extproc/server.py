@@ -65,7 +65,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
 
     async def Process(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> None:
+    ) -> AsyncIterator[ep.ProcessingResponse]:
         clock = time.perf_counter
         stage: Exchange | UpstreamExchange | None = None
         exchange: Exchange | None = None  # the request stage, which also keeps the request's record
@@ -83,7 +83,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     answer = await answer
                 if exchange is not None:
                     exchange.processor_seconds += clock() - began
-                await context.write(answer)
+                yield answer
                 if stage.done or answer.WhichOneof("response") == "immediate_response":
                     # Envoy needs nothing more: returning sends the stream's OK status, and
                     # Envoy takes the request as processed (see envoyconfig.RUNTIME_FLAGS).
