@@ -62,6 +62,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.telemetry = telemetry
         self.affinity = affinity
         self.in_flight = 0
+        self.messages: dict[tuple[str, str], int] = {}  # (stage, phase) -> messages answered
+        if telemetry is not None:
+            telemetry.metrics.watch_processor_messages(self.messages)
 
     async def Process(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -69,15 +72,19 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         clock = time.perf_counter
         stage: Exchange | UpstreamExchange | None = None
         exchange: Exchange | None = None  # the request stage, which also keeps the request's record
+        messages = self.messages
+        stage_name = "request"
         self.in_flight += 1
         try:
             async for request in request_iterator:
                 began = clock()
                 if stage is None:  # the first message says which stage this stream serves
                     if is_upstream_stream(request):
-                        stage = UpstreamExchange(self.runtime)
+                        stage, stage_name = UpstreamExchange(self.runtime), "upstream"
                     else:
                         stage = exchange = Exchange(self.runtime, self.telemetry, self.affinity)
+                key = (stage_name, request.WhichOneof("request") or "none")
+                messages[key] = messages.get(key, 0) + 1
                 answer = stage.handle(request)
                 if not isinstance(answer, ep.ProcessingResponse):
                     answer = await answer

@@ -64,6 +64,7 @@ from extproc.telemetry.record import RequestRecord
 log = logging.getLogger(__name__)
 
 RATELIMIT_STORE_ERRORS = "extproc.ratelimit.store_errors"
+PROCESSOR_MESSAGES = "extproc.processor.messages"  # Prometheus: extproc_processor_messages_total
 
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.41.0"
 METER_NAME = "extproc"
@@ -326,6 +327,24 @@ class Metrics:
             callbacks=[observe],
             unit="{error}",
             description="Rate limit store calls that failed; Envoy then applied its failure mode.",
+        )
+
+    def watch_processor_messages(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Export the ext_proc messages the processor answered, by stage and phase, from a
+        plain dict it counts into (`(stage, phase) -> n`): adding to an OpenTelemetry
+        counter per message would cost more than the count is worth. Divided by requests,
+        it is the gateway's main cost driver (each message costs the same transport work)."""
+        if self._provider is None:
+            return
+
+        def observe(_options: CallbackOptions) -> list[Observation]:
+            return [Observation(n, {"stage": stage, "phase": phase}) for (stage, phase), n in list(counts.items())]
+
+        self._meter.create_observable_counter(
+            PROCESSOR_MESSAGES,
+            callbacks=[observe],
+            unit="{message}",
+            description="ext_proc messages the processor answered, by stage (request, upstream) and phase.",
         )
 
     def record_mcp_request(self, duration: float, attributes: Mapping[str, str]) -> None:

@@ -103,6 +103,32 @@ def test_token_metrics_equal_upstream_usage(observed: RunningGateway) -> None:
     assert _sample_sum(overhead, "_count") >= 4
 
 
+def _messages(gateway: RunningGateway) -> dict[tuple[str, str], float]:
+    samples = _family(_metrics(gateway), "extproc_processor_messages")
+    return {(s.labels["stage"], s.labels["phase"]): s.value for s in samples if s.name.endswith("_total")}
+
+
+def test_messages_per_request_are_counted_by_phase(observed: RunningGateway) -> None:
+    """extproc_processor_messages_total tells any deployment what each request costs in
+    ext_proc messages (the processor's main cost): here 4 for JSON, 3 plus one per chunk
+    up to [DONE] for a stream."""
+    client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
+    before = _messages(observed)
+    for _ in range(5):
+        client.chat.completions.create(model="m", messages=USER)
+    json_requests = _messages(observed)
+    delta = {key: json_requests.get(key, 0) - before.get(key, 0) for key in json_requests}
+    assert {k: v for k, v in delta.items() if v} == {
+        ("request", "request_headers"): 5, ("request", "request_body"): 5,
+        ("request", "response_headers"): 5, ("request", "response_body"): 5,
+    }
+    list(client.chat.completions.create(model="m", messages=USER, stream=True, extra_headers={"x-sim-chunks": "4"}))
+    after = _messages(observed)
+    body_messages = after[("request", "response_body")] - json_requests[("request", "response_body")]
+    assert sum(after.values()) - sum(json_requests.values()) == 3 + body_messages
+    assert 1 <= body_messages <= 8  # role, 4 pieces, finish, usage, [DONE]: however Envoy groups them
+
+
 def test_overridden_model_keeps_the_original_as_an_attribute(observed: RunningGateway) -> None:
     client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
     client.chat.completions.create(model="client-name", messages=USER)
