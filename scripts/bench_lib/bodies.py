@@ -3,7 +3,10 @@
 The upstream bodies are what OpenAI's chat API returns (checked against the official
 openai SDK's types in tests/unit/test_bench.py): a `chat.completion` with usage, and a
 stream of 24 content chunks, a finish chunk, a usage-only chunk (`"choices": []`, as
-with `stream_options.include_usage`) and `data: [DONE]`.
+with `stream_options.include_usage`) and `data: [DONE]`. A second stream has 240
+content chunks (the same finish and usage chunks and `[DONE]`): the per-event cost of a
+proxy shows in how much slower it is than the 24-event one. The request's
+`x-bench-mode` header picks the stream (`SSE_MODES`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ CREATED = 1_735_689_600
 SYSTEM_FINGERPRINT = "fp_bench0001"
 PROMPT_CHARS = 900
 CONTENT_EVENTS = 24
+LONG_CONTENT_EVENTS = 240
 PROMPT_TOKENS = 214
 SSE_MODE_HEADER = "x-bench-mode"
+# x-bench-mode value -> content events of the stream the fake upstream answers with.
+SSE_MODES = {"sse": CONTENT_EVENTS, "sse240": LONG_CONTENT_EVENTS}
 
 _PROMPT_SENTENCES = (
     "Our team is preparing the quarterly report for the operations review next week.",
@@ -39,6 +45,16 @@ _ANSWER_TOKENS = (
     "3", ".", " Slow", " TTFT", ".",
 )
 assert len(_ANSWER_TOKENS) == CONTENT_EVENTS
+
+
+def sse_mode(events: int = CONTENT_EVENTS) -> str:
+    """The x-bench-mode value that asks the fake upstream for a stream of `events` content chunks."""
+    return next(mode for mode, count in SSE_MODES.items() if count == events)
+
+
+def answer_tokens(events: int = CONTENT_EVENTS) -> list[str]:
+    """The answer's pieces, one per content event: the 24 tokens over and over."""
+    return [_ANSWER_TOKENS[i % CONTENT_EVENTS] for i in range(events)]
 
 
 def _compact(data: Any) -> str:
@@ -73,12 +89,13 @@ def request_body(stream: bool, include_usage: bool = False, model: str = REQUEST
     return _compact(body).encode()
 
 
-def answer_text() -> str:
-    return "".join(_ANSWER_TOKENS)
+def answer_text(events: int = CONTENT_EVENTS) -> str:
+    return "".join(answer_tokens(events))
 
 
-def usage() -> dict[str, Any]:
-    completion = CONTENT_EVENTS
+def usage(events: int = CONTENT_EVENTS) -> dict[str, Any]:
+    """One completion token per content event."""
+    completion = events
     return {
         "prompt_tokens": PROMPT_TOKENS,
         "completion_tokens": completion,
@@ -131,22 +148,22 @@ def _chunk(choices: list[dict[str, Any]], usage_value: dict[str, Any] | None) ->
     }
 
 
-def chat_chunks() -> list[dict[str, Any]]:
-    """24 content chunks (the first also carries the role), a finish chunk, a usage-only chunk."""
+def chat_chunks(events: int = CONTENT_EVENTS) -> list[dict[str, Any]]:
+    """`events` content chunks (the first also carries the role), a finish chunk, a usage-only chunk."""
     chunks = []
-    for i, token in enumerate(_ANSWER_TOKENS):
+    for i, token in enumerate(answer_tokens(events)):
         delta: dict[str, Any] = {"content": token}
         if i == 0:
             delta = {"role": "assistant", "content": token, "refusal": None}
         chunks.append(_chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}], None))
     chunks.append(_chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], None))
-    chunks.append(_chunk([], usage()))
+    chunks.append(_chunk([], usage(events)))
     return chunks
 
 
-def chat_stream_body() -> str:
-    events = [f"data: {_compact(chunk)}\n\n" for chunk in chat_chunks()]
-    return "".join(events) + "data: [DONE]\n\n"
+def chat_stream_body(events: int = CONTENT_EVENTS) -> str:
+    lines = [f"data: {_compact(chunk)}\n\n" for chunk in chat_chunks(events)]
+    return "".join(lines) + "data: [DONE]\n\n"
 
 
 def parse_sse_data(body: str) -> list[str]:

@@ -2,7 +2,7 @@
 
 - the fake upstream: answers every request with a `direct_response` (no cluster, no
   upstream), so it is never the bottleneck: SSE when the request says
-  `x-bench-mode: sse`, else a JSON chat completion;
+  `x-bench-mode: sse` (or another SSE mode, such as `sse240`), else a JSON chat completion;
 - "Envoy alone": a plain proxy (HTTP connection manager + router, no ext_proc) to the
   fake upstream, with the same HTTP/1.1 upstream cluster the gateway renders for an
   `http://` backend.
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from bench_lib.bodies import SSE_MODE_HEADER
@@ -69,20 +70,28 @@ def _bootstrap(admin_port: int, static_resources: dict[str, Any]) -> dict[str, A
     }
 
 
-def fake_upstream(listen_port: int, admin_port: int, json_body: str, sse_body: str) -> dict[str, Any]:
-    """POST + `x-bench-mode: sse` -> the SSE body; anything else -> the JSON body."""
-    sse_route = {
-        "name": "sse",
+def _sse_route(mode: str, body: str) -> dict[str, Any]:
+    return {
+        "name": mode,
         "match": {
             "prefix": "/",
             "headers": [
                 {"name": ":method", "string_match": {"exact": "POST"}},
-                {"name": SSE_MODE_HEADER, "string_match": {"exact": "sse"}},
+                {"name": SSE_MODE_HEADER, "string_match": {"exact": mode}},
             ],
         },
-        "direct_response": {"status": 200, "body": {"inline_string": sse_body}},
+        "direct_response": {"status": 200, "body": {"inline_string": body}},
         "response_headers_to_add": _content_type("text/event-stream"),
     }
+
+
+def fake_upstream(
+    listen_port: int, admin_port: int, json_body: str, sse_body: str, extra_sse: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """POST + `x-bench-mode: sse` -> the SSE body; POST + `x-bench-mode: <mode>` -> `extra_sse[mode]`;
+    anything else -> the JSON body."""
+    sse_bodies = {"sse": sse_body, **(extra_sse or {})}
+    sse_routes = [_sse_route(mode, body) for mode, body in sse_bodies.items()]
     json_route = {
         "name": "json",
         "match": {"prefix": "/"},
@@ -99,8 +108,8 @@ def fake_upstream(listen_port: int, admin_port: int, json_body: str, sse_body: s
     route_config = {
         "name": "fake_upstream",
         # Envoy refuses direct_response bodies over 4 KiB unless told otherwise.
-        "max_direct_response_body_size_bytes": max(len(json_body), len(sse_body)) + 4096,
-        "virtual_hosts": [{"name": "fake_upstream", "domains": ["*"], "routes": [sse_route, json_route]}],
+        "max_direct_response_body_size_bytes": max(len(body) for body in [json_body, *sse_bodies.values()]) + 4096,
+        "virtual_hosts": [{"name": "fake_upstream", "domains": ["*"], "routes": [*sse_routes, json_route]}],
     }
     return _bootstrap(
         admin_port, {"listeners": [_listener("fake_upstream", listen_port, route_config, [read_whole_request])]}

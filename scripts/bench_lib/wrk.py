@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bench_lib.bodies import REQUEST_MODEL, SSE_MODE_HEADER, request_body
+from bench_lib.bodies import CONTENT_EVENTS, LONG_CONTENT_EVENTS, REQUEST_MODEL, SSE_MODE_HEADER, request_body, sse_mode
 
 RESULT_MARKER = "BENCH_JSON "
 ERROR_KINDS = ("connect", "read", "write", "timeout", "status")
@@ -31,6 +31,7 @@ class Load:
     connections: int
     threads: int
     description: str
+    events: int = CONTENT_EVENTS  # content events of the stream the upstream answers (streaming loads)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -39,6 +40,7 @@ class Load:
             "connections": self.connections,
             "threads": self.threads,
             "description": self.description,
+            **({"sse_events": self.events} if self.stream else {}),
         }
 
 
@@ -47,14 +49,16 @@ LOADS = (
     Load("sse_c1", True, 1, 1, "streaming, 1 connection: time for a whole short stream"),
     Load("rps_c32", False, 32, 2, "non-streaming, 32 connections: throughput"),
     Load("sse_c8", True, 8, 2, "streaming, 8 connections: stream throughput"),
+    Load("sse240_c8", True, 8, 2, "streaming 240 events, 8 connections: long-stream throughput", LONG_CONTENT_EVENTS),
 )
 LOADS_BY_NAME = {load.name: load for load in LOADS}
 
 
-def request_headers(stream: bool) -> dict[str, str]:
+def request_headers(stream: bool, events: int = CONTENT_EVENTS) -> dict[str, str]:
+    """`events` picks the fake upstream's stream (bodies.SSE_MODES) for a streaming request."""
     headers = {"content-type": "application/json"}
     if stream:
-        headers[SSE_MODE_HEADER] = "sse"
+        headers[SSE_MODE_HEADER] = sse_mode(events)
     return headers
 
 
@@ -109,7 +113,7 @@ def lua_script(body: bytes, headers: Mapping[str, str]) -> str:
 
 
 def load_script(load: Load, include_usage: bool = False, model: str = REQUEST_MODEL) -> str:
-    return lua_script(request_body(load.stream, include_usage, model), request_headers(load.stream))
+    return lua_script(request_body(load.stream, include_usage, model), request_headers(load.stream, load.events))
 
 
 def command(

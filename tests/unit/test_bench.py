@@ -64,6 +64,47 @@ def test_the_openai_sdk_streams_the_fake_upstream_body() -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == bodies.usage()["total_tokens"]
 
 
+def test_long_stream_body_is_240_content_chunks_with_the_same_finish_usage_and_done() -> None:
+    body = bodies.chat_stream_body(bodies.LONG_CONTENT_EVENTS)
+    assert body.endswith("data: [DONE]\n\n")
+    payloads = bodies.parse_sse_data(body)
+    chunks = [ChatCompletionChunk.model_validate(json.loads(p)) for p in payloads[:-1]]
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) == bodies.LONG_CONTENT_EVENTS == 240
+    assert content[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in content[1:])
+    finish, usage_only = chunks[-2], chunks[-1]
+    assert finish.choices[0].finish_reason == "stop" and finish.usage is None
+    assert usage_only.choices == [] and usage_only.usage is not None
+    assert usage_only.usage.completion_tokens == 240
+    assert usage_only.usage.prompt_tokens == bodies.PROMPT_TOKENS
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == bodies.answer_text(240)
+    # The same finish and usage chunks as the 24-event stream, but for the token count.
+    short = bodies.chat_chunks()
+    assert bodies.chat_chunks(240)[-2] == short[-2]
+    assert bodies.chat_chunks(240)[-1]["usage"] == bodies.usage(240) != short[-1]["usage"]
+
+
+def test_the_openai_sdk_streams_the_long_body() -> None:
+    client = openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1")
+    response = httpx.Response(
+        200,
+        headers={"content-type": "text/event-stream"},
+        content=bodies.chat_stream_body(240).encode(),
+        request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions"),
+    )
+    chunks = list(openai.Stream(cast_to=ChatCompletionChunk, response=response, client=client))
+    assert len(chunks) == 242
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == bodies.PROMPT_TOKENS + 240
+
+
+def test_sse_modes_name_each_stream() -> None:
+    assert bodies.SSE_MODES == {"sse": 24, "sse240": 240}
+    assert bodies.sse_mode() == "sse" and bodies.sse_mode(240) == "sse240"
+    assert bodies.answer_text(24) == bodies.answer_text()
+    assert bodies.answer_text(240) == bodies.answer_text() * 10
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_request_body_is_about_one_kilobyte_of_chat_request(stream: bool) -> None:
     raw = bodies.request_body(stream)
@@ -103,6 +144,23 @@ def test_fake_upstream_serves_sse_only_for_post_with_the_mode_header() -> None:
     assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.buffer", "envoy.filters.http.router"]
 
 
+def test_fake_upstream_serves_another_sse_mode_for_its_header_value() -> None:
+    long_body = bodies.chat_stream_body(240)
+    config = envoy.fake_upstream(8000, 8001, "{}", "data: short\n\n", {"sse240": long_body})
+    route_config = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "route_config"
+    ]
+    routes = route_config["virtual_hosts"][0]["routes"]
+    by_mode = {
+        h["string_match"]["exact"]: r["direct_response"]["body"]["inline_string"]
+        for r in routes if "headers" in r["match"]
+        for h in r["match"]["headers"] if h["name"] == bodies.SSE_MODE_HEADER
+    }
+    assert by_mode == {"sse": "data: short\n\n", "sse240": long_body}
+    assert routes[-1]["name"] == "json"
+    assert route_config["max_direct_response_body_size_bytes"] >= len(long_body)
+
+
 def test_plain_proxy_routes_everything_to_the_upstream_without_ext_proc() -> None:
     config = envoy.plain_proxy(8000, 8001, 9000)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -127,18 +185,29 @@ def test_lua_script_posts_the_body_with_the_headers() -> None:
     assert "x-bench-mode" not in wrklib.load_script(wrklib.LOADS_BY_NAME["rps_c32"])
 
 
+def test_the_240_event_load_asks_for_the_long_stream() -> None:
+    load = wrklib.LOADS_BY_NAME["sse240_c8"]
+    script = wrklib.load_script(load)
+    assert f'wrk.headers["{bodies.SSE_MODE_HEADER}"] = "sse240"' in script
+    assert bodies.request_body(True).decode() in script  # the same request as the 24-event load
+    assert load.as_dict()["sse_events"] == 240
+    assert "sse_events" not in wrklib.LOADS_BY_NAME["rps_c32"].as_dict()
+
+
 def test_lua_long_string_level_avoids_the_body_content() -> None:
     script = wrklib.lua_script(b'{"a":"]]","b":"]=]"}', {})
     assert 'wrk.body = [==[\n{"a":"]]","b":"]=]"}]==]' in script
 
 
-def test_loads_are_the_four_documented_ones() -> None:
+def test_loads_are_the_documented_ones() -> None:
     assert [(x.name, x.stream, x.connections, x.threads) for x in wrklib.LOADS] == [
         ("latency_c1", False, 1, 1),
         ("sse_c1", True, 1, 1),
         ("rps_c32", False, 32, 2),
         ("sse_c8", True, 8, 2),
+        ("sse240_c8", True, 8, 2),
     ]
+    assert [x.events for x in wrklib.LOADS if x.stream] == [24, 24, 240]
     argv = wrklib.command("/usr/bin/wrk", "http://127.0.0.1:1/v1/chat/completions", "s.lua", wrklib.LOADS[2], 3)
     assert argv == [
         "/usr/bin/wrk", "-t", "2", "-c", "32", "-d", "3s", "--timeout", "5s", "-s", "s.lua",
