@@ -3,22 +3,26 @@ types), the wrk script and result line, and the report table."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.machinery
 import importlib.util
 import json
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from bench_lib import bodies, envoy, litellm, procs, report  # noqa: E402
+from bench_lib import bodies, envoy, litellm, messages, noop_processor, procs, report  # noqa: E402
 from bench_lib import wrk as wrklib  # noqa: E402
 
 # --- fake upstream bodies ---------------------------------------------------------------
@@ -610,3 +614,111 @@ def test_ratio_format() -> None:
     assert report.fmt_ratio(None) == "-"
     assert report.fmt_ratio(2.345) == "2.35x"
     assert report.fmt_ratio(12.34) == "12.3x"
+
+# --- the floor's no-op processor ------------------------------------------------------
+
+
+def _headers(end_of_stream: bool = False, **pairs: str) -> ep.HttpHeaders:
+    values = [base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in pairs.items()]
+    return ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=values), end_of_stream=end_of_stream)
+
+
+def _exchange(stream: bool) -> list[ep.ProcessingRequest]:
+    """What Envoy sends for one request in the gateway's request-stage modes."""
+    response_body = [
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: {}\n\n", end_of_stream=False)),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: [DONE]\n\n", end_of_stream=True)),
+    ] if stream else [ep.ProcessingRequest(response_body=ep.HttpBody(body=b"{}", end_of_stream=True))]
+    return [
+        ep.ProcessingRequest(request_headers=_headers(**{":method": "POST", ":path": "/v1/chat/completions"})),
+        ep.ProcessingRequest(request_body=ep.HttpBody(body=bodies.request_body(stream), end_of_stream=True)),
+        ep.ProcessingRequest(response_headers=_headers(**{":status": "200"})),
+        *response_body,
+    ]
+
+
+def _drive(processor: noop_processor.NoopProcessor, requests: list[ep.ProcessingRequest]) -> tuple[list[Any], int]:
+    """Run the handler over `requests` as grpc.aio would; returns its answers and how many
+    messages it read before it ended the stream."""
+    read = 0
+
+    async def incoming() -> AsyncIterator[ep.ProcessingRequest]:
+        nonlocal read
+        for request in requests:
+            read += 1
+            yield request
+
+    async def collect() -> list[Any]:
+        return [answer async for answer in processor.Process(incoming(), None)]  # type: ignore[arg-type]
+
+    return asyncio.run(collect()), read
+
+
+@pytest.mark.parametrize("phase", noop_processor.PHASES)
+def test_noop_processor_answers_each_phase_with_an_empty_continue_of_its_type(phase: str) -> None:
+    request = ep.ProcessingRequest()
+    getattr(request, phase).SetInParent()
+    (answer,), _ = _drive(noop_processor.NoopProcessor(), [request])
+    assert answer.WhichOneof("response") == phase
+    assert answer == noop_processor.ANSWERS[phase]
+    empty = ep.ProcessingResponse()
+    getattr(empty, phase).SetInParent()
+    assert answer == empty  # changes nothing: no mutation, no metadata, no mode override
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_noop_processor_ends_the_stream_after_the_last_response_body_chunk(stream: bool) -> None:
+    processor = noop_processor.NoopProcessor()
+    requests = _exchange(stream)
+    extra = ep.ProcessingRequest(response_trailers=ep.HttpTrailers())  # never read: the stream is over
+    answers, read = _drive(processor, [*requests, extra])
+    assert [a.WhichOneof("response") for a in answers] == [r.WhichOneof("request") for r in requests]
+    assert read == len(requests)
+    assert processor.messages == {
+        "request_headers": 1, "request_body": 1, "response_headers": 1, "response_body": 2 if stream else 1,
+    }
+
+
+def test_noop_processor_ends_the_stream_after_response_headers_that_end_the_response() -> None:
+    processor = noop_processor.NoopProcessor()
+    requests = [*_exchange(False)[:2], ep.ProcessingRequest(response_headers=_headers(True, **{":status": "204"}))]
+    answers, read = _drive(processor, [*requests, *_exchange(False)[3:]])
+    assert [a.WhichOneof("response") for a in answers] == ["request_headers", "request_body", "response_headers"]
+    assert read == 3
+
+
+def test_noop_processor_counts_are_read_like_the_gateways() -> None:
+    processor = noop_processor.NoopProcessor()
+    _drive(processor, _exchange(True))
+    _drive(processor, _exchange(False))
+    counts = messages.parse_counts(processor.metrics_text())
+    assert counts == {
+        ("request", "request_headers"): 2, ("request", "request_body"): 2,
+        ("request", "response_headers"): 2, ("request", "response_body"): 3,
+    }
+
+
+GATEWAY_METRICS = """# HELP extproc_processor_messages_total ext_proc messages the processor answered
+# TYPE extproc_processor_messages_total counter
+extproc_processor_messages_total{phase="request_headers",stage="request"} 10.0
+extproc_processor_messages_total{phase="response_body",stage="request"} 25.0
+extproc_processor_messages_total{phase="request_headers",stage="upstream"} 4.0
+# HELP extproc_processor_duration_seconds time
+# TYPE extproc_processor_duration_seconds histogram
+extproc_processor_duration_seconds_count 3.0
+"""
+
+
+def test_message_counts_per_request_between_two_readings() -> None:
+    before = messages.parse_counts(GATEWAY_METRICS)
+    assert before == {
+        ("request", "request_headers"): 10, ("request", "response_body"): 25, ("upstream", "request_headers"): 4,
+    }
+    after = messages.add([before, {("request", "request_headers"): 10, ("request", "response_body"): 20}])
+    result = messages.per_request(before, after, 10)
+    assert result["messages"] == 30 and result["requests"] == 10
+    assert result["per_request"] == pytest.approx(3.0)
+    assert result["per_request_by_phase"] == {"request": {"request_headers": 1.0, "response_body": 2.0}}
+    # No counter on /metrics (metrics turned off): nothing to say, rather than 0 per request.
+    assert messages.per_request({}, messages.parse_counts("# nothing\n"), 10)["per_request"] is None
+
