@@ -5,13 +5,18 @@
   `x-bench-mode: sse` (or another SSE mode, such as `sse240`), else a JSON chat completion;
 - "Envoy alone": a plain proxy (HTTP connection manager + router, no ext_proc) to the
   fake upstream, with the same HTTP/1.1 upstream cluster the gateway renders for an
-  `http://` backend.
+  `http://` backend;
+- the floor: Envoy alone plus the gateway's request-stage ext_proc filter, processor
+  cluster and bootstrap settings, as `extproc.envoyconfig` renders them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from extproc import envoyconfig
+from extproc.config import GatewayConfig
 
 from bench_lib.bodies import SSE_MODE_HEADER
 
@@ -116,21 +121,23 @@ def fake_upstream(
     )
 
 
-def plain_proxy(listen_port: int, admin_port: int, upstream_port: int) -> dict[str, Any]:
-    """Envoy alone: every request goes to the fake upstream through the router."""
-    cluster = "fake_upstream"
-    route_config = {
-        "name": "envoy_alone",
+_UPSTREAM_CLUSTER = "fake_upstream"
+
+
+def _route_to_upstream(name: str, upstream_port: int) -> dict[str, Any]:
+    """Every request to the fake upstream's cluster."""
+    return {
+        "name": name,
         "virtual_hosts": [
             {
-                "name": "envoy_alone",
+                "name": name,
                 "domains": ["*"],
                 "routes": [
                     {
                         "name": "upstream",
                         "match": {"prefix": "/"},
                         "route": {
-                            "cluster": cluster,
+                            "cluster": _UPSTREAM_CLUSTER,
                             "host_rewrite_literal": f"127.0.0.1:{upstream_port}",
                             "timeout": "0s",
                             "idle_timeout": "300s",
@@ -140,28 +147,55 @@ def plain_proxy(listen_port: int, admin_port: int, upstream_port: int) -> dict[s
             }
         ],
     }
+
+
+def _upstream_cluster(upstream_port: int) -> dict[str, Any]:
+    """The same cluster shape the gateway renders for an http:// backend."""
+    return {
+        "name": _UPSTREAM_CLUSTER,
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "10s",
+        "load_assignment": {
+            "cluster_name": _UPSTREAM_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(upstream_port)}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http_protocol_options": {}},
+            }
+        },
+    }
+
+
+def plain_proxy(listen_port: int, admin_port: int, upstream_port: int) -> dict[str, Any]:
+    """Envoy alone: every request goes to the fake upstream through the router."""
     return _bootstrap(
         admin_port,
         {
-            "listeners": [_listener("envoy_alone", listen_port, route_config)],
-            "clusters": [
-                {
-                    # The same cluster shape the gateway renders for an http:// backend.
-                    "name": cluster,
-                    "type": "STRICT_DNS",
-                    "dns_lookup_family": "V4_PREFERRED",
-                    "connect_timeout": "10s",
-                    "load_assignment": {
-                        "cluster_name": cluster,
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(upstream_port)}}]}],
-                    },
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": _HTTP_OPTIONS,
-                            "explicit_http_config": {"http_protocol_options": {}},
-                        }
-                    },
-                }
-            ],
+            "listeners": [_listener("envoy_alone", listen_port, _route_to_upstream("envoy_alone", upstream_port))],
+            "clusters": [_upstream_cluster(upstream_port)],
         },
     )
+
+
+def floor_proxy(listen_port: int, admin_port: int, upstream_port: int, gateway: GatewayConfig) -> dict[str, Any]:
+    """Envoy alone plus the transport of the gateway's request stage: the ext_proc filter
+    and processor cluster that `gateway` renders (same modes, timeouts, health checks) and
+    the gateway's bootstrap settings, routing straight to the fake upstream. With a
+    processor that changes nothing, it costs what ext_proc itself costs."""
+    filters = [f for f in envoyconfig.http_filters(gateway) if f["name"] == "envoy.filters.http.ext_proc"]
+    if len(filters) != 1:
+        raise ValueError(f"expected one ext_proc filter in the gateway's render, got {len(filters)}")
+    processor = next(c for c in envoyconfig.clusters(gateway) if c["name"] == envoyconfig.PROCESSOR_CLUSTER)
+    bootstrap = _bootstrap(
+        admin_port,
+        {
+            "listeners": [_listener("floor", listen_port, _route_to_upstream("floor", upstream_port), filters)],
+            "clusters": [_upstream_cluster(upstream_port), processor],
+        },
+    )
+    bootstrap["layered_runtime"] = {"layers": [{"name": "static", "static_layer": dict(envoyconfig.RUNTIME_FLAGS)}]}
+    bootstrap["grpc_async_client_manager_config"] = dict(envoyconfig.GRPC_CLIENT_CACHE)
+    return bootstrap

@@ -1,13 +1,18 @@
-"""The results table: rows are loads, column groups are scenarios, plus the gateway's
-overhead against Envoy alone and the processor's CPU and memory (and, with the optional
-`litellm` scenario, the gateway's throughput against LiteLLM's and LiteLLM's CPU and memory)."""
+"""The results table: rows are loads, column groups are scenarios, plus the gateway's and
+the floor's overhead against Envoy alone, and each processor's CPU, memory and ext_proc
+messages per request (and, with the optional `litellm` scenario, the gateway's throughput
+against LiteLLM's and LiteLLM's CPU and memory)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-SCENARIO_TITLES = {"direct": "direct (no proxy)", "envoy": "Envoy alone", "gateway": "gateway", "litellm": "LiteLLM"}
+SCENARIO_TITLES = {
+    "direct": "direct (no proxy)", "envoy": "Envoy alone", "gateway": "gateway", "floor": "floor (no-op processor)",
+    "litellm": "LiteLLM",
+}
+SHORT_SSE, LONG_SSE = "sse_c8", "sse240_c8"  # the same load but for the stream's length: 24 and 240 events
 MIB = 1024 * 1024
 BUSY_SHARE = 0.10  # other processes using more than this share of all CPUs during a run get a note
 
@@ -102,6 +107,27 @@ def _resource_cells(run: Mapping[str, Any] | None, key: str) -> list[str]:
     return [fmt_fixed(usage.get("cpu_ms_per_request"), 3), fmt_fixed(rss / MIB if rss is not None else None, 1)]
 
 
+def _processor_cells(run: Mapping[str, Any] | None) -> list[str]:
+    """CPU and RSS of a scenario's processor, and the ext_proc messages it answered per request."""
+    messages = (run or {}).get("messages") or {}
+    return [*_resource_cells(run, "processor"), fmt_fixed(messages.get("per_request"), 2)]
+
+
+def long_stream_share(loads: Mapping[str, Any]) -> float | None:
+    """Throughput with 240 events per stream as % of that with 24 (the issue's target: >= 80%)."""
+    short, long = _ok(loads.get(SHORT_SSE)), _ok(loads.get(LONG_SSE))
+    if short is None or long is None or not short["rps"]:
+        return None
+    return 100 * long["rps"] / short["rps"]
+
+
+def _compare_cells(run: Mapping[str, Any] | None, envoy_run: Mapping[str, Any] | None) -> list[str]:
+    cmp = compare(run, envoy_run)
+    return [
+        fmt_delta_ms(cmp["added_p50_ms"]), fmt_delta_ms(cmp["added_p99_ms"]), fmt_percent(cmp["rps_percent_of_envoy"]),
+    ]
+
+
 def _error_summary(errors: Mapping[str, int]) -> str:
     parts = [f"{kind} {count}" for kind, count in errors.items() if count]
     return ", ".join(parts)
@@ -152,6 +178,7 @@ def format_table(
     load_order: Sequence[str],
     processor_label: str = "processor",
     litellm_label: str = "LiteLLM proxy",
+    floor_label: str = "no-op processor",
 ) -> str:
     """The report as text: the table, then notes for failures and wrk errors.
 
@@ -162,15 +189,21 @@ def format_table(
     for name in scenario_order:
         groups.append((SCENARIO_TITLES.get(name, name), ["RPS", "p50", "p90", "p99"]))
     with_compare = "gateway" in scenario_order and "envoy" in scenario_order
+    with_floor_compare = "floor" in scenario_order and "envoy" in scenario_order
     with_processor = "gateway" in scenario_order
+    with_floor = "floor" in scenario_order
     with_litellm = "litellm" in scenario_order
     with_litellm_compare = with_litellm and "gateway" in scenario_order
     if with_compare:
         groups.append(("gateway vs Envoy alone", ["+p50", "+p99", "RPS %"]))
+    if with_floor_compare:
+        groups.append(("floor vs Envoy alone", ["+p50", "+p99", "RPS %"]))
     if with_litellm_compare:
         groups.append(("gateway vs LiteLLM", ["RPS x"]))
     if with_processor:
-        groups.append((processor_label, ["CPU ms/req", "RSS MiB"]))
+        groups.append((processor_label, ["CPU ms/req", "RSS MiB", "msg/req"]))
+    if with_floor:
+        groups.append((floor_label, ["CPU ms/req", "RSS MiB", "msg/req"]))
     if with_litellm:
         groups.append((litellm_label, ["CPU ms/req", "RSS MiB"]))
 
@@ -216,14 +249,11 @@ def format_table(
                     "during this run; its numbers are disturbed"
                 )
             row += [rps, fmt_ms(lat["p50"]), fmt_ms(lat["p90"]), fmt_ms(lat["p99"])]
+        envoy_run = scenarios.get("envoy", {}).get("loads", {}).get(load)
         if with_compare:
-            loads = {n: scenarios.get(n, {}).get("loads", {}) for n in ("gateway", "envoy")}
-            cmp = compare(loads["gateway"].get(load), loads["envoy"].get(load))
-            row += [
-                fmt_delta_ms(cmp["added_p50_ms"]),
-                fmt_delta_ms(cmp["added_p99_ms"]),
-                fmt_percent(cmp["rps_percent_of_envoy"]),
-            ]
+            row += _compare_cells(scenarios.get("gateway", {}).get("loads", {}).get(load), envoy_run)
+        if with_floor_compare:
+            row += _compare_cells(scenarios.get("floor", {}).get("loads", {}).get(load), envoy_run)
         if with_litellm_compare:
             cmp_l = compare_litellm(
                 scenarios.get("gateway", {}).get("loads", {}).get(load),
@@ -231,7 +261,9 @@ def format_table(
             )
             row.append(fmt_ratio(cmp_l["rps_ratio"]))
         if with_processor:
-            row += _resource_cells(scenarios.get("gateway", {}).get("loads", {}).get(load), "processor")
+            row += _processor_cells(scenarios.get("gateway", {}).get("loads", {}).get(load))
+        if with_floor:
+            row += _processor_cells(scenarios.get("floor", {}).get("loads", {}).get(load))
         if with_litellm:
             row += _resource_cells(scenarios.get("litellm", {}).get("loads", {}).get(load), "litellm")
         rows.append(row)
@@ -243,10 +275,24 @@ def format_table(
         lines.append("! = wrk saw errors, ~ = the machine was busy with other work during the run (see notes).")
     if with_compare:
         lines.append("gateway vs Envoy alone: added p50/p99 ms, gateway RPS as % of Envoy alone's.")
+    if with_floor_compare:
+        lines.append(
+            "floor: Envoy with the gateway's request-stage ext_proc filter and a processor that changes nothing: "
+            "the cost of the transport alone; floor vs Envoy alone as for the gateway."
+        )
     if with_litellm_compare:
         lines.append("gateway vs LiteLLM: gateway RPS / LiteLLM RPS on the same load (2.00x = twice LiteLLM's).")
-    if with_processor:
-        lines.append("processor: CPU time of all processor processes per request; RSS summed at the end of the run.")
+    if with_processor or with_floor:
+        lines.append(
+            "processor: CPU time of all processor processes per request; RSS summed at the end of the run; "
+            "msg/req = ext_proc messages answered per request."
+        )
+    shares = {name: long_stream_share(scenarios.get(name, {}).get("loads", {})) for name in scenario_order}
+    if any(share is not None for share in shares.values()):
+        lines.append(
+            f"240 vs 24 events ({LONG_SSE} RPS as % of {SHORT_SSE}'s; target >= 80%): "
+            + ", ".join(f"{name} {fmt_percent(share)}" for name, share in shares.items() if share is not None)
+        )
     if with_litellm:
         lines.append(
             "LiteLLM proxy: CPU time of all its processes (uvicorn supervisor and workers) per request; RSS summed "

@@ -1,5 +1,6 @@
 """scripts/bench's pure helpers: fake upstream bodies (checked with the openai SDK's own
-types), the wrk script and result line, and the report table."""
+types), the Envoy configs, the wrk script and result line, the report table, and the
+floor's no-op processor (its handler driven with real ext_proc messages, no network)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from extproc import envoyconfig
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -319,7 +322,8 @@ def _results() -> dict[str, Any]:
             "error": None,
             "loads": {
                 "latency_c1": _run(
-                    1000, 0.92, 1.1, 2.3, processor={"cpu_ms_per_request": 0.8123, "rss_bytes": 200 * report.MIB}
+                    1000, 0.92, 1.1, 2.3, processor={"cpu_ms_per_request": 0.8123, "rss_bytes": 200 * report.MIB},
+                    messages={"per_request": 4.0},
                 ),
                 "rps_c32": _run(
                     5000, 6.5, 8, 12.25, {"status": 3}, processor={"cpu_ms_per_request": 0.5, "rss_bytes": 210 * report.MIB},
@@ -349,7 +353,7 @@ def test_table_has_a_row_per_load_and_column_groups_per_scenario() -> None:
     for title in ("direct (no proxy)", "Envoy alone", "gateway", "gateway vs Envoy alone", "processor (2 workers)"):
         assert title in titles
     assert headers.split("|")[1].split() == ["RPS", "p50", "p90", "p99"]
-    assert "CPU ms/req" in headers and "RSS MiB" in headers
+    assert "CPU ms/req" in headers and "RSS MiB" in headers and "msg/req" in headers
     latency = next(line for line in lines if line.startswith("latency_c1"))
     cells = [c.split() for c in latency.split("|")]
     assert cells[1] == ["20000", "0.05", "0.07", "0.10"]
@@ -357,7 +361,7 @@ def test_table_has_a_row_per_load_and_column_groups_per_scenario() -> None:
     assert cells[3] == ["1000", "0.92", "1.10", "2.30"]
     assert cells[4] == ["+0.80", "+2.00", "12.5%"]
     assert headers.split("|")[4].split() == ["+p50", "+p99", "RPS", "%"]
-    assert cells[5] == ["0.812", "200.0"]
+    assert cells[5] == ["0.812", "200.0", "4.00"]
     rps = next(line for line in lines if line.startswith("rps_c32"))
     assert rps.split("|")[3].split()[0] == "5000!~"  # wrk errors and a busy machine are flagged
     assert "gateway rps_c32: 3 errors in 50000 requests (status 3)" in text
@@ -540,13 +544,14 @@ def _bench_module() -> Any:
 
 def test_litellm_scenario_runs_only_when_asked_for() -> None:
     bench = _bench_module()
-    assert bench.parse_args([]).scenarios == ["direct", "envoy", "gateway"]
+    assert bench.parse_args([]).scenarios == ["direct", "envoy", "gateway", "floor"]
     assert bench.parse_args([]).litellm is False
     args = bench.parse_args(["--litellm"])
-    assert args.scenarios == ["direct", "envoy", "gateway", "litellm"] and args.litellm is True
+    assert args.scenarios == ["direct", "envoy", "gateway", "floor", "litellm"] and args.litellm is True
     assert args.litellm_venv == bench.REPO / ".bench" / "litellm-venv"
     assert bench.parse_args(["--scenarios", "litellm,direct"]).scenarios == ["direct", "litellm"]
     assert bench.parse_args(["--scenarios", "gateway", "--litellm"]).scenarios == ["gateway", "litellm"]
+    assert bench.parse_args(["--scenarios", "floor,gateway"]).scenarios == ["gateway", "floor"]  # floor after gateway
 
 
 def _with_litellm() -> dict[str, Any]:
@@ -589,7 +594,7 @@ def test_table_with_litellm_has_its_group_the_rps_ratio_and_its_resources() -> N
     latency = [c.split() for c in next(line for line in lines if line.startswith("latency_c1")).split("|")]
     assert latency[4] == ["400", "2.50", "3.00", "9.50"]
     assert latency[6] == ["2.50x"]
-    assert latency[7] == ["0.812", "200.0"]
+    assert latency[7] == ["0.812", "200.0", "4.00"]
     assert latency[8] == ["4.000", "900.0"]
     rps = [c.split() for c in next(line for line in lines if line.startswith("rps_c32")).split("|")]
     assert rps[6] == ["10.0x"]
@@ -615,7 +620,8 @@ def test_ratio_format() -> None:
     assert report.fmt_ratio(2.345) == "2.35x"
     assert report.fmt_ratio(12.34) == "12.3x"
 
-# --- the floor's no-op processor ------------------------------------------------------
+
+# --- the floor: a no-op processor behind the gateway's request-stage ext_proc filter -----
 
 
 def _headers(end_of_stream: bool = False, **pairs: str) -> ep.HttpHeaders:
@@ -722,3 +728,96 @@ def test_message_counts_per_request_between_two_readings() -> None:
     # No counter on /metrics (metrics turned off): nothing to say, rather than 0 per request.
     assert messages.per_request({}, messages.parse_counts("# nothing\n"), 10)["per_request"] is None
 
+
+def test_floor_envoy_has_the_gateways_request_stage_and_bootstrap_settings() -> None:
+    bench = _bench_module()
+    processor = {"grpc_address": "127.0.0.1:50000", "admin_address": "127.0.0.1", "admin_port": 51000, "workers": 2}
+    gateway = bench.checked_config(bench.gateway_config(40000, processor, 40001, 40002), "floor")
+    config = envoy.floor_proxy(40001, 40002, 40000, gateway)
+    (listener,) = config["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"]["port_value"] == 40001
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc, router = hcm["http_filters"]
+    assert router["name"] == "envoy.filters.http.router"
+    assert ext_proc == envoyconfig.http_filters(gateway)[0]  # the gateway's own rendering, not a copy
+    assert ext_proc["typed_config"]["processing_mode"] == {
+        "request_header_mode": "SEND", "request_body_mode": "BUFFERED", "request_trailer_mode": "SKIP",
+        "response_header_mode": "SEND", "response_body_mode": "STREAMED", "response_trailer_mode": "SKIP",
+    }
+    # Every request goes straight to the fake upstream (the gateway routes by a header its processor sets).
+    (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["match"] == {"prefix": "/"} and "headers" not in route["match"]
+    upstream, processors = config["static_resources"]["clusters"]
+    assert upstream["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+        "port_value"] == 40000
+    assert processors["name"] == envoyconfig.PROCESSOR_CLUSTER == _cluster_of(ext_proc)
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in processors["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert ports == [50000, 50000 + bench.PORT_STRIDE]  # one no-op worker per gateway worker
+    assert processors["health_checks"][0]["grpc_health_check"]["service_name"] == noop_processor.SERVICE_NAME
+    assert config["layered_runtime"]["layers"][0]["static_layer"] == envoyconfig.RUNTIME_FLAGS
+    assert config["grpc_async_client_manager_config"] == envoyconfig.GRPC_CLIENT_CACHE
+
+
+def _cluster_of(ext_proc: dict[str, Any]) -> str:
+    return str(ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"])
+
+
+def _with_floor() -> dict[str, Any]:
+    results = _results()
+    results["envoy"]["loads"].update(sse_c8=_run(10000, 0.8, 1, 2), sse240_c8=_run(8000, 1, 1.2, 2.5))
+    results["gateway"]["loads"].update(sse_c8=_run(1000, 8, 10, 20), sse240_c8=_run(500, 16, 20, 40))
+    results["floor"] = {
+        "error": None,
+        "info": {"workers": 2},
+        "loads": {
+            "latency_c1": _run(
+                2000, 0.62, 0.8, 1.3, processor={"cpu_ms_per_request": 0.5, "rss_bytes": 80 * report.MIB, "workers": 2},
+                messages={"per_request": 4.0},
+            ),
+            "sse_c8": _run(1500, 5, 6, 9, messages={"per_request": 4.5}),
+            "sse240_c8": {"error": "wrk exited with code 1: boom"},
+        },
+    }
+    return results
+
+
+def test_table_with_the_floor_has_its_group_its_comparison_and_its_processor() -> None:
+    order = ["direct", "envoy", "gateway", "floor"]
+    loads = ["latency_c1", "sse_c8", "sse240_c8"]
+    text = report.format_table(
+        _with_floor(), order, loads, "processor (2 workers)", floor_label="no-op processor (2 workers)"
+    )
+    lines = text.splitlines()
+    assert [t.strip() for t in lines[0].split("|")] == [
+        "", "direct (no proxy)", "Envoy alone", "gateway", "floor (no-op processor)", "gateway vs Envoy alone",
+        "floor vs Envoy alone", "processor (2 workers)", "no-op processor (2 workers)",
+    ]
+    assert lines[1].split("|")[8].split() == ["CPU", "ms/req", "RSS", "MiB", "msg/req"]
+    latency = [c.split() for c in next(line for line in lines if line.startswith("latency_c1")).split("|")]
+    assert latency[4] == ["2000", "0.62", "0.80", "1.30"]
+    assert latency[5] == ["+0.80", "+2.00", "12.5%"]
+    assert latency[6] == ["+0.50", "+1.00", "25.0%"]
+    assert latency[7] == ["0.812", "200.0", "4.00"]
+    assert latency[8] == ["0.500", "80.0", "4.00"]
+    sse = [c.split() for c in next(line for line in lines if line.startswith("sse_c8")).split("|")]
+    assert sse[8] == ["-", "-", "4.50"]
+    long = [c.split() for c in next(line for line in lines if line.startswith("sse240_c8")).split("|")]
+    assert long[4] == ["error"] * 4 and long[6] == ["-", "-", "-"]
+    # The issue's target: 240-event streams at >= 80% of the 24-event throughput.
+    assert "240 vs 24 events (sse240_c8 RPS as % of sse_c8's; target >= 80%): envoy 80.0%, gateway 50.0%" in text
+    assert "floor sse240_c8: wrk exited with code 1: boom" in text
+    columns = {tuple(i for i, ch in enumerate(line) if ch == "|") for line in lines[:2] + lines[3:6]}
+    assert len(columns) == 1 and columns == {tuple(i for i, ch in enumerate(lines[2]) if ch == "+")}
+
+
+def test_floor_results_in_the_json() -> None:
+    bench = _bench_module()
+    doc = {"scenarios": _with_floor(), "options": {"loads": ["latency_c1", "sse_c8", "sse240_c8"]}}
+    floor = bench.comparisons(doc, "floor")
+    assert floor["latency_c1"]["rps_percent_of_envoy"] == pytest.approx(25.0)
+    assert floor["sse240_c8"]["rps_percent_of_envoy"] is None
+    shares = bench.long_stream_shares(doc)
+    assert shares["envoy"] == pytest.approx(80.0) and shares["gateway"] == pytest.approx(50.0)
+    assert shares["floor"] is None and shares["direct"] is None
+    assert bench.processor_label(doc, "floor", "no-op processor") == "no-op processor (2 workers)"
