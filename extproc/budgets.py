@@ -29,9 +29,17 @@ def charge_key(cost: str) -> str:
     return f"ratelimit_charge_{cost}"
 
 
-def charged_costs(config: GatewayConfig) -> tuple[str, ...]:
-    """The cost keys budgets charge after the response (reserve mode settles its own way)."""
-    return tuple(dict.fromkeys(b.cost for b in config.budgets if not reserves(config, b)))
+def charges(config: GatewayConfig) -> tuple[tuple[str, str], ...]:
+    """(cost key, its charge key) for each cost budgets charge after the response (reserve
+    mode settles its own way); built once per config, not per request."""
+    costs = dict.fromkeys(b.cost for b in config.budgets if not reserves(config, b))
+    return tuple((cost, charge_key(cost)) for cost in costs)
+
+
+def add_charges(values: dict[str, Any], charged: tuple[tuple[str, str], ...]) -> None:
+    """Set every charge key in `values` to its cost there, 0 when the cost is absent."""
+    for cost, key in charged:
+        values[key] = values.get(cost, 0)
 
 
 def settle_key(budget: Budget) -> str:

@@ -240,8 +240,7 @@ class Exchange:
                 if (parts := jsonrpc.split_tool_name(name)) is not None:
                     values["mcp_backend"] = parts[0]
                     values[MCP_TOOL_CALL_KEY] = 1
-        for cost in self.runtime.charged_costs:  # a tool call costs a call budget 1, anything else 0
-            values[budgets.charge_key(cost)] = values.get(cost, 0)
+        budgets.add_charges(values, self.runtime.charges)  # a tool call costs a call budget 1, anything else 0
         response = ep.ProcessingResponse(request_body=ep.BodyResponse())
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(values))
         self.done = not self.runtime.request_limited  # the response phases are skipped for MCP
@@ -559,8 +558,7 @@ class Exchange:
             values.update(
                 cost_metadata(self.runtime.costs, usage, self.model or "", self.target.name, self.route.name)
             )
-        for cost in self.runtime.charged_costs:
-            values[budgets.charge_key(cost)] = values.get(cost, 0)  # 0: nothing owed (an error, a refusal)
+        budgets.add_charges(values, self.runtime.charges)  # 0: nothing owed (an error, a refusal)
         for budget in self.runtime.reserve_budgets:
             # Settle the up-front charge: add what the estimate missed, or give back the rest.
             actual = int(values.get(budget.cost, 0))

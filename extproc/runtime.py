@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from extproc.budgets import charged_costs, reserves
+from extproc.budgets import charges, reserves
 from extproc.config import Budget, LoadedConfig, Tenancy
 from extproc.routing import Router
 from extproc.schemas import openai
@@ -24,7 +24,7 @@ class Runtime:
     tenancy: Tenancy | None
     tenant_keys: dict[str, str]
     reserve_budgets: tuple[Budget, ...]
-    charged_costs: tuple[str, ...]  # cost keys budgets charge after the response (budgets.charge_key)
+    charges: tuple[tuple[str, str], ...]  # (cost key, charge key) budgets charge after the response
     request_limited: bool  # request_limits exist: Envoy's local filter may answer 429 itself
     force_stream_usage: bool
     estimate_when_missing: bool
@@ -47,7 +47,7 @@ class Runtime:
             tenancy=config.tenancy,
             tenant_keys=loaded.tenant_keys,
             reserve_budgets=tuple(b for b in config.budgets if reserves(config, b)),
-            charged_costs=charged_costs(config),
+            charges=charges(config),
             request_limited=bool(config.request_limits),
             force_stream_usage=config.usage.force_stream_usage,
             estimate_when_missing=config.usage.estimate_when_missing,
