@@ -155,9 +155,14 @@ def assert_gateway_unharmed(gateway: RunningGateway, envoy_before: int) -> None:
     assert reply.choices[0].message.content
 
 
-def assert_accounted(gateway: RunningGateway, request_id: str, usage: Any) -> None:
+def assert_accounted(gateway: RunningGateway, request_id: str, usage: Any, *, stream: bool = False) -> None:
+    """Counted exactly and not recorded as an error. The openai SDK closes a stream's
+    connection as soon as it reads `[DONE]`, without waiting for the end of the body, so
+    Envoy may log that as a downstream close (DC) racing the upstream's end of stream;
+    the answer was whole either way."""
     entry = gateway.wait_access_log(lambda e: e.get("request_id") == request_id)
-    assert entry["status"] == 200 and entry["response_flags"] == "-"
+    assert entry["status"] == 200 and entry["error_type"] in (None, "-", "")
+    assert entry["response_flags"] in (("-", "DC") if stream else ("-",))
     assert (entry["input_tokens"], entry["output_tokens"], entry["total_tokens"]) == (
         usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
 
@@ -197,7 +202,7 @@ def test_stream_with_a_70_second_pause(gateway: RunningGateway, seventy_seconds:
     chunks = seventy_seconds.result("paused-stream")
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text and chunks[-1].usage is not None
-    assert_accounted(gateway, seventy_seconds.request_ids["paused-stream"], chunks[-1].usage)
+    assert_accounted(gateway, seventy_seconds.request_ids["paused-stream"], chunks[-1].usage, stream=True)
     assert_gateway_unharmed(gateway, seventy_seconds.envoy_before)
 
 
@@ -238,5 +243,5 @@ def test_stream_lasting_5_minutes(gateway: RunningGateway, five_minutes: LongReq
     chunks = five_minutes.result("stream")
     pieces = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) == 31 and chunks[-1].usage is not None
-    assert_accounted(gateway, five_minutes.request_ids["stream"], chunks[-1].usage)
+    assert_accounted(gateway, five_minutes.request_ids["stream"], chunks[-1].usage, stream=True)
     assert_gateway_unharmed(gateway, five_minutes.envoy_before)
