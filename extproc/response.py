@@ -173,11 +173,24 @@ class ResponseObserver:
 
         Never raises: an event we cannot make sense of is passed on untouched, so a
         rewritten stream cannot lose bytes the client should get."""
+        if self.last_output_at == now and self._nothing_else_in(event.data):
+            return True
         try:
             return self._read_event(event, now)
         except Exception as exc:
             log.debug("unreadable stream event passed through: %s", exc)
             return True
+
+    def _nothing_else_in(self, data: bytes) -> bool:
+        """True for an OpenAI stream event that cannot change anything known, once the
+        output time is already `now` (events of one chunk share it): no usage, no error,
+        not [DONE], the model known, no content kept. A byte test, so the events of a
+        long stream that arrive together are not all parsed."""
+        return (
+            self._anthropic is None and self._responses is None and self.response_model is not None
+            and self._messages is None and self._output_text is None and data != _DONE
+            and b'"error"' not in data and (b'"usage":' not in data or b'"usage":null' in data)
+        )
 
     def _read_event(self, event: SSEEvent, now: float) -> bool:
         if self._anthropic is not None:

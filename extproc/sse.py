@@ -140,6 +140,9 @@ class SSEDecoder:
                 self._deferred = False
                 out.append(self._dispatch(pos))
 
+        if not self._nonempty and pos == self._line_start:
+            pos = self._single_line_blocks(pos, out)
+
         search = _LINE_END.search
         keep_raw = self._keep_raw
         while True:
@@ -193,6 +196,32 @@ class SSEDecoder:
         return out
 
     # -- internals ---------------------------------------------------------
+
+    def _single_line_blocks(self, pos: int, out: list[SSEEvent]) -> int:
+        """The shape nearly every provider sends, taken without the general line loop:
+        blocks of one `data:` line ended by LF LF. Stops (for the general loop to go on
+        from there) at anything else: another field, a CR, a block not yet complete.
+        Returns where it stopped, a block boundary."""
+        buf = self._buf
+        size = len(buf)
+        keep_raw = self._keep_raw
+        start = pos
+        while buf.startswith(b"data:", pos):
+            line_end = buf.find(b"\n", pos)
+            if line_end < 0 or line_end + 1 >= size or buf[line_end + 1] != _LF or buf.find(b"\r", pos, line_end) >= 0:
+                break
+            value = pos + 5
+            if value < line_end and buf[value] == _SPACE:
+                value += 1
+            end = line_end + 2
+            out.append(SSEEvent(
+                data=bytes(buf[value:line_end]), event=None, id=self._last_id, has_data=True,
+                raw=bytes(buf[pos:end]) if keep_raw else b"",
+            ))
+            pos = end
+        if pos != start:
+            self._line_start = self._block_start = pos
+        return pos
 
     def _line(self, end: int) -> None:
         """Apply the complete, non-blank line buf[line_start:end] to the block."""

@@ -179,6 +179,38 @@ def test_one_byte_chunks_with_empty_chunks_between(name: str) -> None:
     assert (obs.usage, obs.response_model, obs.complete) == (*EXPECTED[name], True)
 
 
+def _spaced_stream() -> bytes:
+    """Events as `json.dumps` writes them (spaces after colons): an error, then usage
+    riding on a choice chunk, both after output in the same chunk of bytes."""
+    events = [
+        {"model": "m-1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "usage": None},
+        *({"model": "m-1", "choices": [{"index": 0, "delta": {"content": f"w{i}"}}], "usage": None} for i in range(5)),
+        {"error": {"message": "overloaded", "type": "server_error"}},
+        {"model": "m-2", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}},
+    ]
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("raw", [*(fixture(n) for n in [*USAGE_FIXTURES, "openai_chat_tool_calls.sse"]), _spaced_stream()])
+@pytest.mark.parametrize("strip", [False, True])
+def test_events_arriving_together_read_as_if_each_was_parsed(raw: bytes, strip: bool) -> None:
+    """Events of one chunk share an arrival time, so the observer skips parsing those that
+    cannot change anything: usage, model, error, completion and output times must equal
+    those of an observer that parses every event (collecting text makes it do so)."""
+    fast = observer(strip=strip)
+    reference = observer(strip=strip, collect=True)
+    assert feed(fast, [raw]) == feed(reference, [raw])
+    assert facts(fast) == facts(reference)
+    assert (fast.first_output_at, fast.last_output_at) == (reference.first_output_at, reference.last_output_at)
+
+
+def test_spaced_usage_and_error_after_output_are_read() -> None:
+    obs = observer()
+    feed(obs, [_spaced_stream()])
+    assert (obs.usage, obs.error_type, obs.response_model) == (TokenUsage(3, 5, 8), "server_error", "m-1")
+
+
 def test_stream_without_usage() -> None:
     """A stream the provider sent no usage on leaves usage None but still completes."""
     obs = observer()
