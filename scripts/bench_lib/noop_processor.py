@@ -22,14 +22,15 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 READY_LINE = "noop processor ready"
+TRANSPORTS = ("grpc.aio", "grpclib")  # grpclib is not a dependency: the bench installs it on demand
 STAGE = "request"  # the floor has the gateway's request stage only
 METRIC = "extproc_processor_messages_total"
 SERVICE_NAME = ep.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
@@ -108,8 +109,35 @@ async def _admin(processor: NoopProcessor, reader: asyncio.StreamReader, writer:
         writer.close()
 
 
-async def serve(grpc_address: str, admin_port: int) -> int:
-    processor = NoopProcessor()
+class GrpclibNoopProcessor:
+    """The same answers served by grpclib (pure-Python HTTP/2 on h2) instead of grpc.aio:
+    measured as a cheaper transport, not adopted (README, "what was tried")."""
+
+    def __init__(self, counts: NoopProcessor) -> None:
+        self.counts = counts
+
+    def __mapping__(self) -> dict[str, Any]:  # noqa: PLW3201 (grpclib's service protocol)
+        from grpclib.const import Cardinality, Handler
+
+        method = f"/{SERVICE_NAME}/Process"
+        return {method: Handler(self.process, Cardinality.STREAM_STREAM, ep.ProcessingRequest, ep.ProcessingResponse)}
+
+    async def process(self, stream: Any) -> None:
+        messages = self.counts.messages
+        async for request in stream:
+            phase = request.WhichOneof("request")
+            if phase is None:
+                continue
+            messages[phase] = messages.get(phase, 0) + 1
+            await stream.send_message(ANSWERS[phase])
+            if is_last(request, phase):
+                return
+
+
+async def _start_grpc_aio(processor: NoopProcessor, grpc_address: str) -> Callable[[], Awaitable[None]]:
+    # Imported here: grpclib registers its own copy of the health protos.
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
     server = grpc.aio.server(options=SERVER_OPTIONS)
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
@@ -118,6 +146,31 @@ async def serve(grpc_address: str, admin_port: int) -> int:
     await server.start()
     for name in ("", SERVICE_NAME):  # Envoy's health check asks for the service by name
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return lambda: server.stop(1)
+
+
+async def _start_grpclib(processor: NoopProcessor, grpc_address: str) -> Callable[[], Awaitable[None]]:
+    from grpclib.health.service import Health
+    from grpclib.server import Server
+
+    server = Server([GrpclibNoopProcessor(processor), Health()])  # Health: SERVING for every service
+    host, _, port = grpc_address.rpartition(":")
+    if grpc_address.startswith("unix:"):
+        await server.start(path=grpc_address.removeprefix("unix:"))
+    else:
+        await server.start(host, int(port))
+
+    async def stop() -> None:
+        server.close()
+        await server.wait_closed()
+
+    return stop
+
+
+async def serve(grpc_address: str, admin_port: int, transport: str = "grpc.aio") -> int:
+    processor = NoopProcessor()
+    start = _start_grpclib if transport == "grpclib" else _start_grpc_aio
+    stop_server = await start(processor, grpc_address)
     admin = await asyncio.start_server(lambda r, w: _admin(processor, r, w), "127.0.0.1", admin_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -126,7 +179,7 @@ async def serve(grpc_address: str, admin_port: int) -> int:
     print(f"{READY_LINE} grpc={grpc_address} admin=127.0.0.1:{admin_port}", flush=True)
     await stop.wait()
     admin.close()
-    await server.stop(1)
+    await stop_server()
     return 0
 
 
@@ -134,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="An ext_proc processor that changes nothing (the bench's floor).")
     parser.add_argument("--grpc-address", required=True, help="host:port to serve ext_proc and gRPC health on")
     parser.add_argument("--admin-port", type=int, required=True, help="127.0.0.1 port serving the message counts")
+    parser.add_argument("--transport", choices=TRANSPORTS, default=TRANSPORTS[0], help="the gRPC server library")
     args = parser.parse_args(argv)
     import uvloop
 
-    return uvloop.run(serve(args.grpc_address, args.admin_port))
+    return uvloop.run(serve(args.grpc_address, args.admin_port, args.transport))
 
 
 if __name__ == "__main__":
