@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.config import Budget, GatewayConfig, RequestLimit
-from extproc.protocol import METADATA_NAMESPACE
+from extproc.contract import METADATA_NAMESPACE, Meta
 
-TENANT_KEY = "tenant"  # metadata key (namespace io.envoy.ai_gateway) and descriptor key
-MCP_TOOL_KEY = "mcp_tool_name"  # metadata set by the request stage for MCP tools/call
-RESERVE_KEY = "ratelimit_reserve"  # metadata: tokens charged up front in reserve mode
+TENANT_KEY = Meta.TENANT  # also the descriptor key
+MCP_TOOL_KEY = Meta.MCP_TOOL_NAME
+RESERVE_KEY = Meta.RESERVE
 UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 SETTLE_REFUND = ("settle", "refund")  # descriptor entry the bundled service reads as "give back"
 
@@ -75,7 +75,7 @@ def _budget_actions(budget: Budget) -> list[dict[str, Any]]:
         _metadata_action(TENANT_KEY, TENANT_KEY),
     ]
     if budget.model is not None:
-        actions.append(_metadata_action("model", "request_model"))
+        actions.append(_metadata_action("model", Meta.REQUEST_MODEL))
     if budget.tool is not None:
         actions.append(_metadata_action("tool", MCP_TOOL_KEY))
     return actions

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from extproc.contract import GATEWAY_HEADER_PREFIX, REQUEST_METADATA_KEYS, Meta
 from extproc.usage import BUILTIN_KEYS, CostType, compile_cel
 
 from pydantic import (
@@ -49,16 +50,10 @@ def _telemetry_header(value: str | None) -> str | None:
         raise ValueError(f"{value!r} carries credentials and is never copied into metadata, metrics or traces")
     return value.lower()
 
-# Metadata keys the gateway writes itself; cost keys may not reuse them.
-REQUEST_METADATA_KEYS = frozenset(
-    {"request_model", "model_name_override", "response_model", "backend_name", "route_name", "token_latency_ttft",
-     "token_latency_itl", "session.id", "tenant", "llm_usage_estimated", "response_error_type",
-     "ratelimit_reserve"}
-)
-RESERVED_METADATA_KEYS = BUILTIN_KEYS | REQUEST_METADATA_KEYS
+RESERVED_METADATA_KEYS = BUILTIN_KEYS | REQUEST_METADATA_KEYS  # cost keys may not reuse them
 
 DEMO_BACKEND = "demo"
-MCP_TOOL_CALL_KEY = "mcp_tool_call"  # metadata: 1 on every MCP tools/call, for call budgets
+MCP_TOOL_CALL_KEY = Meta.MCP_TOOL_CALL  # the cost a tool budget charges: 1 per call
 AWS_SECRET_SEPARATOR = "/aws."  # LoadedConfig.secrets key for a backend's AWS keys: "<backend>/aws.<field>"
 DEMO_PORT = 1976
 
@@ -218,7 +213,7 @@ class Backend(_Strict):
     def _valid_headers(cls, value: dict[str, str]) -> dict[str, str]:
         for name, header_value in value.items():
             lower = name.lower()
-            if not _HEADER_NAME.match(name) or lower in _RESERVED_HEADERS or lower.startswith(("x-ai-eg-", ":")):
+            if not _HEADER_NAME.match(name) or lower in _RESERVED_HEADERS or lower.startswith((GATEWAY_HEADER_PREFIX, ":")):
                 raise ValueError(f"header {name!r} cannot be set here (reserved or not a valid header name)")
             if any(c in header_value for c in "\r\n\0"):
                 raise ValueError(f"header {name!r} value must not contain CR, LF or NUL")

@@ -15,9 +15,19 @@ import yaml
 
 from extproc import budgets
 from extproc.config import Backend, GatewayConfig, Route, Schema
-from extproc.exchange import BACKEND_HEADER, MODEL_HEADER, PROCESSOR_DETAILS_PREFIX, ROUTE_HEADER
-from extproc.protocol import METADATA_NAMESPACE, PROCESSOR_SERVICE
-from extproc.local_replies import CODE_DETAILS_ATTRIBUTE, RATE_LIMITER_ERROR
+from extproc.contract import (
+    BACKEND_HEADER,
+    CODE_DETAILS_ATTRIBUTE,
+    ENDPOINT_BACKEND_KEY,
+    METADATA_NAMESPACE,
+    MODEL_HEADER,
+    PROCESSOR_DETAILS_PREFIX,
+    ROUTE_HEADER,
+    UPSTREAM_HOST_ATTRIBUTE,
+    Meta,
+)
+from extproc.local_replies import RATE_LIMITER_ERROR
+from extproc.protocol import PROCESSOR_SERVICE
 from extproc.workers import worker_addresses, worker_count
 
 PROCESSOR_CLUSTER = "extproc"  # every processor worker
@@ -43,7 +53,6 @@ _PREVIOUS_PRIORITIES = (
     "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
 )
 _RAW_BUFFER = "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
-UPSTREAM_HOST_ATTRIBUTE = "xds.upstream_host_metadata"  # how the upstream stage learns the backend
 # When a backend fails (cannot connect, resets, 5xx, 429), Envoy tries the next priority.
 FALLBACK_RETRY_ON = "connect-failure,refused-stream,reset,5xx,retriable-status-codes"
 
@@ -100,27 +109,27 @@ def _access_log(config: GatewayConfig) -> list[dict[str, Any]]:
         "upstream_cluster": "%UPSTREAM_CLUSTER%",
         "upstream_host": "%UPSTREAM_HOST%",
         "request_id": "%REQ(X-REQUEST-ID)%",
-        "request_model": meta("request_model"),
-        "model_name_override": meta("model_name_override"),
-        "response_model": meta("response_model"),
-        "backend_name": meta("backend_name"),
-        "route_name": meta("route_name"),
-        "session_id": meta("session.id"),
-        "tenant": meta("tenant"),
-        "input_tokens": meta("llm_input_token"),
-        "output_tokens": meta("llm_output_token"),
-        "total_tokens": meta("llm_total_token"),
-        "cached_input_tokens": meta("llm_cached_input_token"),
-        "cache_creation_input_tokens": meta("llm_cache_creation_input_token"),
-        "reasoning_tokens": meta("llm_reasoning_token"),
-        "usage_estimated": meta("llm_usage_estimated"),
-        "error_type": meta("response_error_type"),
-        "ttft_ms": meta("token_latency_ttft"),
-        "itl_ms": meta("token_latency_itl"),
-        "mcp_method": meta("mcp_method"),
-        "mcp_tool_name": meta("mcp_tool_name"),
-        "mcp_backend": meta("mcp_backend"),
-        "mcp_request_id": meta("mcp_request_id"),
+        "request_model": meta(Meta.REQUEST_MODEL),
+        "model_name_override": meta(Meta.MODEL_NAME_OVERRIDE),
+        "response_model": meta(Meta.RESPONSE_MODEL),
+        "backend_name": meta(Meta.BACKEND_NAME),
+        "route_name": meta(Meta.ROUTE_NAME),
+        "session_id": meta(Meta.SESSION_ID),
+        "tenant": meta(Meta.TENANT),
+        "input_tokens": meta(Meta.INPUT_TOKENS),
+        "output_tokens": meta(Meta.OUTPUT_TOKENS),
+        "total_tokens": meta(Meta.TOTAL_TOKENS),
+        "cached_input_tokens": meta(Meta.CACHED_INPUT_TOKENS),
+        "cache_creation_input_tokens": meta(Meta.CACHE_CREATION_INPUT_TOKENS),
+        "reasoning_tokens": meta(Meta.REASONING_TOKENS),
+        "usage_estimated": meta(Meta.USAGE_ESTIMATED),
+        "error_type": meta(Meta.RESPONSE_ERROR_TYPE),
+        "ttft_ms": meta(Meta.TTFT_MS),
+        "itl_ms": meta(Meta.ITL_MS),
+        "mcp_method": meta(Meta.MCP_METHOD),
+        "mcp_tool_name": meta(Meta.MCP_TOOL_NAME),
+        "mcp_backend": meta(Meta.MCP_BACKEND),
+        "mcp_request_id": meta(Meta.MCP_REQUEST_ID),
         **{f"cost_{c.metadata_key}": meta(c.metadata_key) for c in config.costs},
     }
     return [
@@ -274,7 +283,7 @@ def _upstream_stage_filters(config: GatewayConfig) -> list[dict[str, Any]]:
 def _endpoint_metadata(backend: Backend) -> dict[str, Any]:
     return {
         "filter_metadata": {
-            METADATA_NAMESPACE: {"backend": backend.name},
+            METADATA_NAMESPACE: {ENDPOINT_BACKEND_KEY: backend.name},
             "envoy.transport_socket_match": {"backend": backend.name},
         }
     }

@@ -23,9 +23,23 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import budgets, protocol
-from extproc.config import MCP_TOOL_CALL_KEY, Schema, Tenancy, key_digest
+from extproc.config import Schema, Tenancy, key_digest
 from extproc.estimate import estimate_usage
-from extproc.local_replies import CODE_DETAILS_ATTRIBUTE, LOCAL_RATE_LIMITED, local_reply_error_type
+from extproc.contract import (
+    BACKEND_HEADER,
+    CLIENT_CREDENTIAL_HEADERS,
+    CODE_DETAILS_ATTRIBUTE,
+    MCP_SESSION_HEADER,
+    MODEL_HEADER,
+    PROCESSOR_DETAILS_PREFIX,
+    RATELIMIT_RESET_HEADER,
+    RETRY_AFTER_HEADER,
+    ROUTE_HEADER,
+    TIMEOUT_HEADER,
+    ClientApi,
+    Meta,
+)
+from extproc.local_replies import LOCAL_RATE_LIMITED, local_reply_error_type
 from extproc.mcp import jsonrpc
 from extproc.protocol import Answer
 from extproc.redact import redact_headers
@@ -45,19 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL_HEADER = "x-ai-eg-model"
-BACKEND_HEADER = "x-ai-eg-backend"  # request: the backend picked; response: the backend that served (upstream stage)
-ROUTE_HEADER = "x-ai-eg-route"  # a route with fallbacks: Envoy picks the backend per attempt
-TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"  # a route's own request timeout
-ANTHROPIC_MESSAGES = "anthropic.messages"
-RESPONSES_API = "openai.responses"
-MCP_SESSION_HEADER = "mcp-session-id"
-RATELIMIT_RESET_HEADER = "x-ratelimit-reset"
-RETRY_AFTER = "retry-after"
-_USAGE_OPTION_APIS = ("openai.chat", "openai.completions")  # APIs with stream_options.include_usage
-# Credentials a client may send to the gateway; none of them may reach a provider.
-CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization", "cookie")
-PROCESSOR_DETAILS_PREFIX = "extproc_"  # response code details of replies the processor makes
+_USAGE_OPTION_APIS = (ClientApi.OPENAI_CHAT, ClientApi.OPENAI_COMPLETIONS)  # with stream_options.include_usage
 _MAX_HEADER_VALUE = 256  # session id / tenant values longer than this are cut
 _STREAMING_OPERATIONS = (Operation.chat, Operation.completion)
 _TRACE_HEADERS = ("traceparent", "tracestate")
@@ -219,27 +221,27 @@ class Exchange:
         response.mode_override.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
         if end_of_stream:  # GET (server stream) or DELETE (end of session): nothing to read
             response.dynamic_metadata.CopyFrom(protocol.metadata_struct(
-                {"mcp_method": f"http.{self.method.lower()}", "session.id": self.session_id, "tenant": self.tenant}))
+                {Meta.MCP_METHOD: f"http.{self.method.lower()}", Meta.SESSION_ID: self.session_id, Meta.TENANT: self.tenant}))
             self.done = not self.runtime.request_limited
         return response
 
     def _mcp_body(self, body: bytes) -> ep.ProcessingResponse:
         """Metadata for one JSON-RPC message; anything unreadable is left to the MCP server,
         which answers it with the proper JSON-RPC error."""
-        values: dict[str, Any] = {"session.id": self.session_id, "tenant": self.tenant}
+        values: dict[str, Any] = {Meta.SESSION_ID: self.session_id, Meta.TENANT: self.tenant}
         message = jsonrpc.parse_message(body)  # the MCP gateway's own reading of the message
         if isinstance(message, jsonrpc.Message):
             method = message.method
             if method is not None and method.isprintable():
-                values["mcp_method"] = method[:_MAX_HEADER_VALUE]
+                values[Meta.MCP_METHOD] = method[:_MAX_HEADER_VALUE]
             if message.id is not None:
-                values["mcp_request_id"] = str(message.id)[:_MAX_HEADER_VALUE]
+                values[Meta.MCP_REQUEST_ID] = str(message.id)[:_MAX_HEADER_VALUE]
             name = jsonrpc.tool_name_of(message)
             if name is not None and name.isprintable():
-                values["mcp_tool_name"] = name[:_MAX_HEADER_VALUE]
+                values[Meta.MCP_TOOL_NAME] = name[:_MAX_HEADER_VALUE]
                 if (parts := jsonrpc.split_tool_name(name)) is not None:
-                    values["mcp_backend"] = parts[0]
-                    values[MCP_TOOL_CALL_KEY] = 1
+                    values[Meta.MCP_BACKEND] = parts[0]
+                    values[Meta.MCP_TOOL_CALL] = 1
         budgets.add_charges(values, self.runtime.charges)  # a tool call costs a call budget 1, anything else 0
         response = ep.ProcessingResponse(request_body=ep.BodyResponse())
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(values))
@@ -290,7 +292,7 @@ class Exchange:
         if len(message.body) > limit:
             raise openai.too_large(limit)
         assert self.endpoint is not None
-        anthropic_api = self.endpoint.client_api == ANTHROPIC_MESSAGES
+        anthropic_api = self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES
         parsed = anthropic.parse_request(message.body) if anthropic_api else openai.parse_request(message.body)
         self.model = parsed.model
         selection = runtime.router.select(parsed.model)
@@ -298,7 +300,7 @@ class Exchange:
             if anthropic_api:
                 raise AnthropicRequestError(404, f"model: {parsed.model} is not served by this gateway", "not_found_error")
             raise openai.model_not_found(parsed.model)
-        if self.endpoint.client_api == RESPONSES_API:
+        if self.endpoint.client_api is ClientApi.OPENAI_RESPONSES:
             self._stored = parsed.body.get("store") is not False
             previous = responses.previous_response_id(parsed.body)
             if previous is not None and self.affinity is not None and len(selection[0].members) > 1:
@@ -323,7 +325,7 @@ class Exchange:
     ) -> ep.ProcessingResponse:
         runtime = self.runtime
         assert self.endpoint is not None
-        anthropic_api = self.endpoint.client_api == ANTHROPIC_MESSAGES
+        anthropic_api = self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES
         self.route, self.target = selection
         route, target = self.route, self.target
         self.stream = parsed.stream and self.endpoint.operation in _STREAMING_OPERATIONS
@@ -367,23 +369,23 @@ class Exchange:
             max_json_bytes=runtime.max_response_bytes,
             collect_output_chars=content_chars,
             anthropic_api=anthropic_api,
-            responses_api=self.endpoint.client_api == RESPONSES_API,
+            responses_api=self.endpoint.client_api is ClientApi.OPENAI_RESPONSES,
         )
 
         common.header_mutation.CopyFrom(protocol.header_mutation(set_headers, remove))
 
         response = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
         request_metadata: dict[str, Any] = {
-            "request_model": parsed.model,
-            "route_name": route.name,
-            "session.id": self.session_id,
-            "tenant": self.tenant,
+            Meta.REQUEST_MODEL: parsed.model,
+            Meta.ROUTE_NAME: route.name,
+            Meta.SESSION_ID: self.session_id,
+            Meta.TENANT: self.tenant,
         }
         if self.staged:
-            request_metadata["client_api"] = self.endpoint.client_api  # read by the upstream stage
+            request_metadata[Meta.CLIENT_API] = self.endpoint.client_api.value  # read by the upstream stage
         else:
-            request_metadata["model_name_override"] = override or parsed.model
-            request_metadata["backend_name"] = target.name
+            request_metadata[Meta.MODEL_NAME_OVERRIDE] = override or parsed.model
+            request_metadata[Meta.BACKEND_NAME] = target.name
         if runtime.reserve_budgets:
             self._reserved = openai.reserve_estimate(len(message.body), parsed.body)
             request_metadata[budgets.RESERVE_KEY] = self._reserved
@@ -447,7 +449,7 @@ class Exchange:
             # A request limit's 429: Envoy's x-ratelimit-reset says when the tenant's bucket
             # has a token again (whole seconds, never early); retry-after must say the same.
             answer = self._answer_response_headers(message, headers, code_details)
-            return _with_headers(answer, [(RETRY_AFTER, reset)])
+            return _with_headers(answer, [(RETRY_AFTER_HEADER, reset)])
         return self._answer_response_headers(message, headers, code_details)
 
     def _answer_response_headers(self, message: ep.HttpHeaders, headers: dict[str, bytes], code_details: str) -> Answer:
@@ -549,9 +551,9 @@ class Exchange:
         """Everything known at the end of the response, as metadata values."""
         observer = self.observer
         assert observer is not None and self.target is not None and self.route is not None
-        values: dict[str, Any] = {"response_model": observer.response_model}
+        values: dict[str, Any] = {Meta.RESPONSE_MODEL: observer.response_model}
         if observer.status >= 400:
-            values["response_error_type"] = observer.error_type or f"http_{observer.status}"
+            values[Meta.RESPONSE_ERROR_TYPE] = observer.error_type or f"http_{observer.status}"
         usage: TokenUsage | None = observer.usage if 200 <= observer.status < 300 else None
         if usage is not None:
             values.update(usage.metadata())
@@ -566,9 +568,9 @@ class Exchange:
             values[budgets.refund_key(budget)] = max(self._reserved - actual, 0)
         record = self.record()
         if record is not None and (ttft := record.time_to_first_token) is not None:
-            values["token_latency_ttft"] = ttft * 1000
+            values[Meta.TTFT_MS] = ttft * 1000
             if (per_token := record.time_per_output_token) is not None:
-                values["token_latency_itl"] = per_token * 1000
+                values[Meta.ITL_MS] = per_token * 1000
         return values
 
     def close(self) -> None:
@@ -647,7 +649,7 @@ class Exchange:
     def _reject(self, error: RequestError | AnthropicRequestError) -> ep.ProcessingResponse:
         """Answer the client in its own API's error shape."""
         code = getattr(error, "code", None) or error.error_type
-        if self.endpoint is not None and self.endpoint.client_api == ANTHROPIC_MESSAGES:
+        if self.endpoint is not None and self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES:
             kind = error.error_type if error.error_type.endswith("_error") else (
                 "api_error" if error.status >= 500 else "invalid_request_error")
             if error.status == 413:

@@ -10,7 +10,6 @@ gave) and names Envoy's own replies from them; their bodies are not read.
 
 from __future__ import annotations
 
-CODE_DETAILS_ATTRIBUTE = "response.code_details"  # requested in the request stage's response_attributes
 VIA_UPSTREAM = "via_upstream"
 
 # Error types of Envoy's replies (metrics' error.type, the access log's error_type). The

@@ -15,8 +15,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-METADATA_NAMESPACE = "io.envoy.ai_gateway"
-ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # where Envoy puts the attributes a filter asked for
+from extproc.contract import ATTRIBUTES_KEY, METADATA_NAMESPACE
+
 
 # What a stage's `handle` returns: the response, or a coroutine the server awaits when
 # the answer must wait (a lookup, an estimate, credentials) without blocking the loop.

@@ -24,6 +24,8 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from extproc.contract import GATEWAY_HEADER_PREFIX
+
 if TYPE_CHECKING:
     from extproc.config import LoadedConfig
 
@@ -55,7 +57,6 @@ _CREDENTIAL_HEADERS = frozenset({
 })
 _SCHEMED_HEADERS = frozenset({"authorization", "proxy-authorization"})
 _CREDENTIAL_WORDS = ("secret", "token", "key")
-_GATEWAY_PREFIX = "x-ai-eg-"  # the gateway's own internal headers carry no credentials
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9._~+/-]{0,63}")  # "Bearer", "Basic", "AWS4-HMAC-SHA256", ...
 # Header fields as logs print them. A name matching _NAME may be a credential header;
 # `is_credential_header` decides (every credential header name holds one of these words).
@@ -100,7 +101,7 @@ def is_credential_header(name: str) -> bool:
     lowered = name.lower()
     if lowered in _CREDENTIAL_HEADERS:
         return True
-    if lowered.startswith(_GATEWAY_PREFIX):
+    if lowered.startswith(GATEWAY_HEADER_PREFIX):
         return False
     return any(word in lowered for word in _CREDENTIAL_WORDS)
 

@@ -39,6 +39,16 @@ from google.protobuf import text_format
 from extproc import aws_credentials, protocol
 from extproc.aws_credentials import AwsKeys
 from extproc.config import AWS_SECRET_SEPARATOR, Schema
+from extproc.contract import (
+    ATTRIBUTES_KEY,
+    BACKEND_HEADER,
+    ENDPOINT_BACKEND_KEY,
+    METADATA_NAMESPACE,
+    UPSTREAM_DETAILS_PREFIX,
+    UPSTREAM_HOST_ATTRIBUTE,
+    ClientApi,
+    Meta,
+)
 from extproc.protocol import Answer
 from extproc.routing import BackendTarget
 from extproc.runtime import Runtime
@@ -57,19 +67,10 @@ def _bedrock() -> ModuleType:
 
 log = logging.getLogger(__name__)
 
-UPSTREAM_HOST_ATTRIBUTE = "xds.upstream_host_metadata"
-ENDPOINT_BACKEND_KEY = "backend"  # endpoint metadata (namespace io.envoy.ai_gateway) naming the backend
-SERVED_BACKEND_HEADER = "x-ai-eg-backend"  # response header: who served; the request stage removes it
-UPSTREAM_DETAILS_PREFIX = "extproc_upstream_"
-
-# Client APIs the request stage names in the `client_api` metadata.
-OPENAI_CHAT = "openai.chat"
-OPENAI_COMPLETIONS = "openai.completions"
-OPENAI_EMBEDDINGS = "openai.embeddings"
-ANTHROPIC_MESSAGES = "anthropic.messages"
-OPENAI_RESPONSES = "openai.responses"
-_OPENAI_SUFFIXES = {OPENAI_CHAT: "/chat/completions", OPENAI_COMPLETIONS: "/completions", OPENAI_EMBEDDINGS: "/embeddings",
-                    OPENAI_RESPONSES: "/responses"}
+_OPENAI_SUFFIXES = {
+    ClientApi.OPENAI_CHAT: "/chat/completions", ClientApi.OPENAI_COMPLETIONS: "/completions",
+    ClientApi.OPENAI_EMBEDDINGS: "/embeddings", ClientApi.OPENAI_RESPONSES: "/responses",
+}
 
 # Headers one schema or another sets: an attempt removes those its backend does not use.
 _PROVIDER_HEADERS = (
@@ -82,7 +83,7 @@ _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 
 def is_upstream_stream(request: ep.ProcessingRequest) -> bool:
     """The upstream stage asks Envoy for the host's metadata; the request stage asks nothing."""
-    attributes = request.attributes.get(protocol.ATTRIBUTES_KEY)
+    attributes = request.attributes.get(ATTRIBUTES_KEY)
     return attributes is not None and UPSTREAM_HOST_ATTRIBUTE in attributes.fields
 
 
@@ -93,7 +94,7 @@ def backend_of_host(metadata_text: str) -> str | None:
         text_format.Parse(metadata_text, metadata)
     except text_format.ParseError:
         return None
-    fields = metadata.filter_metadata[protocol.METADATA_NAMESPACE].fields
+    fields = metadata.filter_metadata[METADATA_NAMESPACE].fields
     value = fields.get(ENDPOINT_BACKEND_KEY)
     return value.string_value if value is not None and value.string_value else None
 
@@ -107,7 +108,7 @@ class UpstreamExchange:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.target: BackendTarget | None = None
-        self.client_api = OPENAI_CHAT
+        self.client_api = ClientApi.OPENAI_CHAT
         self.stream = False
         self.include_usage = False
         self.model = ""
@@ -160,9 +161,9 @@ class UpstreamExchange:
         if self.target is None:
             raise RequestError(500, "The gateway's Envoy config names a backend this processor does not know.",
                                "server_error", "gateway_config_error")
-        forwarded = request.metadata_context.filter_metadata.get(protocol.METADATA_NAMESPACE)
-        if forwarded is not None and "client_api" in forwarded.fields:
-            self.client_api = forwarded.fields["client_api"].string_value
+        forwarded = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+        if forwarded is not None and Meta.CLIENT_API in forwarded.fields:
+            self.client_api = ClientApi(forwarded.fields[Meta.CLIENT_API].string_value)
         return protocol.CONTINUE_REQUEST_HEADERS
 
     def on_request_body(self, message: ep.HttpBody) -> Answer:
@@ -211,7 +212,7 @@ class UpstreamExchange:
             common.body_mutation.body = new_body
         response = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
         response.dynamic_metadata.CopyFrom(
-            protocol.metadata_struct({"backend_name": target.name, "model_name_override": self.model})
+            protocol.metadata_struct({Meta.BACKEND_NAME: target.name, Meta.MODEL_NAME_OVERRIDE: self.model})
         )
         return response
 
@@ -224,13 +225,13 @@ class UpstreamExchange:
         client = self.client_api
         key = target.api_key.get_secret_value().encode() if target.api_key is not None else None
         headers: list[tuple[str, bytes]] = [("content-type", b"application/json"), *target.extra_headers]
-        if client == ANTHROPIC_MESSAGES and schema is not Schema.anthropic:
+        if client is ClientApi.ANTHROPIC_MESSAGES and schema is not Schema.anthropic:
             raise anthropic.AnthropicRequestError(
                 400, f"The model `{body['model']}` is served by a backend that does not speak the Anthropic "
                 "Messages API; use /v1/chat/completions for it.", "invalid_request_error")
         if schema in (Schema.openai, Schema.azure_openai):
             suffix = _OPENAI_SUFFIXES.get(client)
-            if suffix is None or (schema is Schema.azure_openai and client == OPENAI_RESPONSES):
+            if suffix is None or (schema is Schema.azure_openai and client is ClientApi.OPENAI_RESPONSES):
                 raise openai.bad_request(f"The backend {target.name} cannot serve this API.")
             out = self._with_model(body, raw)
             if schema is Schema.openai:
@@ -248,7 +249,7 @@ class UpstreamExchange:
                 headers.append(("x-api-key", key))
             headers.append(("anthropic-version", target.backend.anthropic_version.encode()))
             path = target.path_prefix + anthropic.MESSAGES_SUFFIX
-            if client == ANTHROPIC_MESSAGES:
+            if client is ClientApi.ANTHROPIC_MESSAGES:
                 return path, self._with_model(body, raw), headers
             self._require_chat(target)
             translated = anthropic.chat_to_messages(body, self.model)
@@ -268,9 +269,9 @@ class UpstreamExchange:
         return openai.with_updates(raw, body, {"model": self.model})
 
     def _require_chat(self, target: BackendTarget) -> None:
-        if self.client_api != OPENAI_CHAT:
-            what = {OPENAI_EMBEDDINGS: "embeddings", OPENAI_COMPLETIONS: "legacy completions",
-                    OPENAI_RESPONSES: "the Responses API"}.get(self.client_api, "this API")
+        if self.client_api is not ClientApi.OPENAI_CHAT:
+            what = {ClientApi.OPENAI_EMBEDDINGS: "embeddings", ClientApi.OPENAI_COMPLETIONS: "legacy completions",
+                    ClientApi.OPENAI_RESPONSES: "the Responses API"}.get(self.client_api, "this API")
             raise openai.bad_request(
                 f"The backend {target.name} ({target.backend.schema_.value}) does not offer {what}; "
                 "route this model to an OpenAI-compatible backend."
@@ -314,7 +315,7 @@ class UpstreamExchange:
         self._status = int(status_text) if status_text.isdigit() else 0
         errortype = headers.get("x-amzn-errortype")
         self._error_type = errortype.decode("latin-1") if errortype else None
-        set_headers: list[tuple[str, bytes]] = [(SERVED_BACKEND_HEADER, target.name.encode())]
+        set_headers: list[tuple[str, bytes]] = [(BACKEND_HEADER, target.name.encode())]
         response = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
         if not self._translate_response or message.end_of_stream:
             response.response_headers.response.header_mutation.CopyFrom(protocol.header_mutation(set_headers))
@@ -368,7 +369,7 @@ class UpstreamExchange:
         return orjson.dumps(_bedrock().converse_to_chat(parsed, self.model))
 
     def _reject(self, error: RequestError | anthropic.AnthropicRequestError) -> ep.ProcessingResponse:
-        if isinstance(error, anthropic.AnthropicRequestError) or self.client_api == ANTHROPIC_MESSAGES:
+        if isinstance(error, anthropic.AnthropicRequestError) or self.client_api is ClientApi.ANTHROPIC_MESSAGES:
             body = anthropic.error_body(error.message, _anthropic_type(error))
         else:
             body = openai.error_body(error.status, error.message, error.error_type, error.code, error.param)

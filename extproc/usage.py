@@ -13,6 +13,8 @@ from enum import Enum
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from extproc.contract import TOKEN_KEYS, Meta
+
 if TYPE_CHECKING:
     import cel
 
@@ -24,14 +26,7 @@ CEL_VARIABLES = frozenset(
      "reasoning_tokens"}
 )
 
-# Dynamic metadata keys (namespace io.envoy.ai_gateway), as in Envoy AI Gateway.
-INPUT_KEY = "llm_input_token"
-OUTPUT_KEY = "llm_output_token"
-TOTAL_KEY = "llm_total_token"
-CACHED_INPUT_KEY = "llm_cached_input_token"
-CACHE_CREATION_KEY = "llm_cache_creation_input_token"
-REASONING_KEY = "llm_reasoning_token"
-BUILTIN_KEYS = frozenset({INPUT_KEY, OUTPUT_KEY, TOTAL_KEY, CACHED_INPUT_KEY, CACHE_CREATION_KEY, REASONING_KEY})
+BUILTIN_KEYS = TOKEN_KEYS  # the token counts' metadata keys: costs and budgets may charge them
 
 
 @dataclass(slots=True)
@@ -48,16 +43,16 @@ class TokenUsage:
 
     def metadata(self) -> dict[str, Any]:
         values: dict[str, Any] = {
-            INPUT_KEY: self.input_tokens,
-            OUTPUT_KEY: self.output_tokens,
-            TOTAL_KEY: self.total_tokens,
-            CACHED_INPUT_KEY: self.cached_input_tokens,
-            REASONING_KEY: self.reasoning_tokens,
+            Meta.INPUT_TOKENS: self.input_tokens,
+            Meta.OUTPUT_TOKENS: self.output_tokens,
+            Meta.TOTAL_TOKENS: self.total_tokens,
+            Meta.CACHED_INPUT_TOKENS: self.cached_input_tokens,
+            Meta.REASONING_TOKENS: self.reasoning_tokens,
         }
         if self.cache_creation_input_tokens is not None:
-            values[CACHE_CREATION_KEY] = self.cache_creation_input_tokens
+            values[Meta.CACHE_CREATION_INPUT_TOKENS] = self.cache_creation_input_tokens
         if self.estimated:
-            values["llm_usage_estimated"] = True
+            values[Meta.USAGE_ESTIMATED] = True
         return values
 
 

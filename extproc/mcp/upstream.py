@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 
 from extproc import __version__
+from extproc.contract import MCP_SESSION_HEADER
 from extproc.mcp.config import McpServer
 from extproc.mcp.jsonrpc import SERVER_TIMEOUT, SERVER_UNAVAILABLE, RequestId
 from extproc.mcp.sessions import ServerSession
@@ -105,7 +106,7 @@ class ServerClient:
             headers["accept"] = "application/json, text/event-stream"
         if session is not None:
             if session.session_id:
-                headers["mcp-session-id"] = session.session_id
+                headers[MCP_SESSION_HEADER] = session.session_id
             protocol_version = session.protocol_version or protocol_version
         if protocol_version:
             headers["mcp-protocol-version"] = protocol_version
@@ -162,7 +163,7 @@ class ServerClient:
     async def _read(self, response: aiohttp.ClientResponse, request_id: RequestId | None,
                     session: ServerSession | None) -> Reply:
         status = response.status
-        session_id = response.headers.get("mcp-session-id")
+        session_id = response.headers.get(MCP_SESSION_HEADER)
         if status == 404 and session is not None and session.session_id:
             raise SessionGone(self.name)
         if status >= 300:

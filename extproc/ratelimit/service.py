@@ -35,6 +35,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy.type.v3 import ratelimit_unit_pb2
 from google.protobuf import duration_pb2
 
+from extproc.contract import RETRY_AFTER_HEADER
 from extproc.ratelimit.descriptors import UNIT_SECONDS, Rule, RuleSet
 from extproc.ratelimit.store import Store, StoreUnavailable, window_start
 
@@ -270,7 +271,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         if blocking:
             # Every over-limit window must have reset before a retry can pass: wait for the last.
             retry_after = max(o.reset for o in blocking)
-            response.response_headers_to_add.append(base_pb2.HeaderValue(key="retry-after", value=str(retry_after)))
+            response.response_headers_to_add.append(base_pb2.HeaderValue(key=RETRY_AFTER_HEADER, value=str(retry_after)))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "ShouldRateLimit domain=%s %s -> %s",

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from extproc.contract import ClientApi
 from extproc.telemetry.record import OutputMessage, ToolCall
 from extproc.usage import TokenUsage
 
@@ -29,18 +30,18 @@ class Endpoint:
     operation: Operation
     method: str
     suffix: str  # the path after the API version prefix, appended to a backend's base URL
-    client_api: str  # the API the client speaks, named in metadata for the upstream stage
+    client_api: ClientApi  # the API the client speaks, named in metadata for the upstream stage
 
 
 # Client paths as the openai and anthropic SDKs send them (the openai SDK's base URL ends
 # in /v1; the anthropic SDK's base URL is the gateway's /anthropic).
 ENDPOINTS: dict[str, Endpoint] = {
-    "/v1/chat/completions": Endpoint(Operation.chat, "POST", "/chat/completions", "openai.chat"),
-    "/v1/completions": Endpoint(Operation.completion, "POST", "/completions", "openai.completions"),
-    "/v1/embeddings": Endpoint(Operation.embeddings, "POST", "/embeddings", "openai.embeddings"),
-    "/v1/models": Endpoint(Operation.models, "GET", "/models", "openai.models"),
-    "/v1/responses": Endpoint(Operation.chat, "POST", "/responses", "openai.responses"),
-    "/anthropic/v1/messages": Endpoint(Operation.chat, "POST", "/v1/messages", "anthropic.messages"),
+    "/v1/chat/completions": Endpoint(Operation.chat, "POST", "/chat/completions", ClientApi.OPENAI_CHAT),
+    "/v1/completions": Endpoint(Operation.completion, "POST", "/completions", ClientApi.OPENAI_COMPLETIONS),
+    "/v1/embeddings": Endpoint(Operation.embeddings, "POST", "/embeddings", ClientApi.OPENAI_EMBEDDINGS),
+    "/v1/models": Endpoint(Operation.models, "GET", "/models", ClientApi.OPENAI_MODELS),
+    "/v1/responses": Endpoint(Operation.chat, "POST", "/responses", ClientApi.OPENAI_RESPONSES),
+    "/anthropic/v1/messages": Endpoint(Operation.chat, "POST", "/v1/messages", ClientApi.ANTHROPIC_MESSAGES),
 }
 
 
