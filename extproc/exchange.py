@@ -410,11 +410,10 @@ class Exchange:
             # :path was decoded as Latin-1, so encoding it back the same way keeps every byte.
             (":path", self._upstream_path(target).encode("latin-1")),
         ]
-        if target.api_key is not None:
-            set_headers.append(("authorization", b"Bearer " + target.api_key.get_secret_value().encode()))
-            remove = [h for h in CLIENT_CREDENTIAL_HEADERS if h != "authorization"] + [ROUTE_HEADER]
-        else:
-            remove = [*CLIENT_CREDENTIAL_HEADERS, ROUTE_HEADER]  # a client must not pick a fallback route
+        credentials = target.auth.headers()
+        set_headers.extend(credentials)
+        # The client's own credentials never reach a provider; a client must not pick a fallback route.
+        remove = [h for h in CLIENT_CREDENTIAL_HEADERS if all(h != k for k, _ in credentials)] + [ROUTE_HEADER]
         set_headers.extend(target.extra_headers)
         return set_headers, remove
 

@@ -16,6 +16,7 @@ from itertools import accumulate
 
 from pydantic import SecretStr
 
+from extproc.backend_auth import BackendAuth, auth_for
 from extproc.config import Backend, GatewayConfig, ModelMatch, Route, Schema
 
 _CACHE_LIMIT = 4096
@@ -31,7 +32,7 @@ class BackendTarget:
     authority: str
     host: str  # server.address / server.port in telemetry
     port: int
-    api_key: SecretStr | None
+    auth: BackendAuth  # the backend's credentials (extproc/backend_auth.py)
     model_name_override: str | None
     extra_headers: tuple[tuple[str, bytes], ...]
     # Not OpenAI's wire format (or not OpenAI's paths): the upstream stage rewrites each
@@ -81,7 +82,7 @@ class Router:
     """Picks the route and backend for a model name."""
 
     def __init__(self, config: GatewayConfig, secrets: dict[str, SecretStr], rng: random.Random | None = None) -> None:
-        targets = {b.name: _target(b, secrets.get(b.name)) for b in config.backends}
+        targets = {b.name: _target(b, auth_for(b, secrets)) for b in config.backends}
         self.targets: dict[str, BackendTarget] = targets  # by backend name
         self._rng = rng or random.Random()
         self._routes: list[tuple[re.Pattern[str] | frozenset[str] | str, CompiledRoute]] = []
@@ -128,7 +129,7 @@ def _compile(route: Route, targets: dict[str, BackendTarget]) -> CompiledRoute:
     )
 
 
-def _target(backend: Backend, api_key: SecretStr | None) -> BackendTarget:
+def _target(backend: Backend, auth: BackendAuth) -> BackendTarget:
     url = backend.url
     return BackendTarget(
         name=backend.name,
@@ -137,7 +138,7 @@ def _target(backend: Backend, api_key: SecretStr | None) -> BackendTarget:
         authority=url.authority,
         host=url.host,
         port=url.port,
-        api_key=api_key,
+        auth=auth,
         model_name_override=backend.model_name_override,
         extra_headers=tuple((k.lower(), v.encode()) for k, v in backend.headers.items()),
         translated=backend.schema_ is not Schema.openai,

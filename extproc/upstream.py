@@ -36,9 +36,9 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import text_format
 
-from extproc import aws_credentials, protocol
-from extproc.aws_credentials import AwsKeys
-from extproc.config import AWS_SECRET_SEPARATOR, Schema
+from extproc import protocol
+from extproc.backend_auth import CREDENTIAL_HEADERS, SigV4
+from extproc.config import Schema
 from extproc.contract import (
     ATTRIBUTES_KEY,
     BACKEND_HEADER,
@@ -72,11 +72,8 @@ _OPENAI_SUFFIXES = {
     ClientApi.OPENAI_EMBEDDINGS: "/embeddings", ClientApi.OPENAI_RESPONSES: "/responses",
 }
 
-# Headers one schema or another sets: an attempt removes those its backend does not use.
-_PROVIDER_HEADERS = (
-    "authorization", "x-api-key", "api-key", "anthropic-version", "x-amz-date", "x-amz-security-token",
-    "x-amz-content-sha256", "proxy-authorization",
-)
+# Headers a backend's credentials or API set: an attempt removes those its backend does not use.
+_PROVIDER_HEADERS = (*CREDENTIAL_HEADERS, "anthropic-version")
 _BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 
@@ -181,22 +178,29 @@ class UpstreamExchange:
         options = body.get("stream_options")
         self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
         path, new_body, headers = self._translate(target, body, raw)
-        if target.backend.schema_ is Schema.aws_bedrock:
-            keys = self._aws_keys(target)
+        auth = target.auth
+        if isinstance(auth, SigV4):
+            keys = auth.keys_now()
             if keys is None:  # botocore's chain must find or refresh them first
-                return self._signed_when_ready(target, path, new_body, headers, raw)
-            headers += self._sigv4(target, keys, path, new_body)
+                return self._signed_when_ready(auth, target, path, new_body, headers, raw)
+            headers += auth.sign(self._url(target, path), new_body, keys)
+        else:
+            headers.extend(auth.headers())
         return self._request_body_response(target, path, new_body, headers, raw)
 
     async def _signed_when_ready(
-        self, target: BackendTarget, path: str, body: bytes, headers: list[tuple[str, bytes]], raw: bytes
+        self, auth: SigV4, target: BackendTarget, path: str, body: bytes, headers: list[tuple[str, bytes]], raw: bytes
     ) -> ep.ProcessingResponse:
-        keys = await aws_credentials.shared().get()
+        keys = await auth.keys()
         if keys is None:
             raise RequestError(503, f"No AWS credentials are available to sign requests for {target.name}.",
                                "server_error", "backend_credentials_missing")
-        headers += self._sigv4(target, keys, path, body)
+        headers += auth.sign(self._url(target, path), body, keys)
         return self._request_body_response(target, path, body, headers, raw)
+
+    @staticmethod
+    def _url(target: BackendTarget, path: str) -> str:
+        return f"{target.backend.url.scheme}://{target.authority}{path}"
 
     def _request_body_response(
         self, target: BackendTarget, path: str, new_body: bytes, headers: list[tuple[str, bytes]], raw: bytes
@@ -219,11 +223,10 @@ class UpstreamExchange:
     def _translate(
         self, target: BackendTarget, body: dict[str, Any], raw: bytes
     ) -> tuple[str, bytes, list[tuple[str, bytes]]]:
-        """(path with query, body bytes, headers to set) for this backend; a Bedrock
-        request is signed afterwards, over exactly these bytes."""
+        """(path with query, body bytes, headers to set) for this backend; its
+        credentials are added afterwards (a signature covers exactly these bytes)."""
         schema = target.backend.schema_
         client = self.client_api
-        key = target.api_key.get_secret_value().encode() if target.api_key is not None else None
         headers: list[tuple[str, bytes]] = [("content-type", b"application/json"), *target.extra_headers]
         if client is ClientApi.ANTHROPIC_MESSAGES and schema is not Schema.anthropic:
             raise anthropic.AnthropicRequestError(
@@ -235,18 +238,12 @@ class UpstreamExchange:
                 raise openai.bad_request(f"The backend {target.name} cannot serve this API.")
             out = self._with_model(body, raw)
             if schema is Schema.openai:
-                if key is not None:
-                    headers.append(("authorization", b"Bearer " + key))
                 return target.path_prefix + suffix, out, headers
             backend = target.backend
             deployment = quote(backend.deployment or self.model, safe="")
-            if key is not None:
-                headers.append(("api-key", key))
             path = f"{target.path_prefix}/openai/deployments/{deployment}{suffix}?api-version={backend.api_version}"
             return path, out, headers
         if schema is Schema.anthropic:
-            if key is not None:
-                headers.append(("x-api-key", key))
             headers.append(("anthropic-version", target.backend.anthropic_version.encode()))
             path = target.path_prefix + anthropic.MESSAGES_SUFFIX
             if client is ClientApi.ANTHROPIC_MESSAGES:
@@ -283,27 +280,6 @@ class UpstreamExchange:
         self._translator = translator if self.stream else None
         self._translate_response = True
         headers.append(("accept-encoding", b"identity"))  # translation reads plain bytes
-
-    def _aws_keys(self, target: BackendTarget) -> AwsKeys | None:
-        """The backend's configured keys, else the chain's if ready now (None: wait for them)."""
-        secrets = self.runtime.loaded.secrets
-        prefix = target.name + AWS_SECRET_SEPARATOR
-        access = secrets.get(prefix + "access_key_id")
-        if access is None:
-            return aws_credentials.shared().current()
-        token = secrets.get(prefix + "session_token")
-        return AwsKeys(access.get_secret_value(), secrets[prefix + "secret_access_key"].get_secret_value(),
-                       token.get_secret_value() if token else None)
-
-    def _sigv4(self, target: BackendTarget, keys: AwsKeys, path: str, body: bytes) -> list[tuple[str, bytes]]:
-        aws = target.backend.aws
-        assert aws is not None
-        url = f"{target.backend.url.scheme}://{target.authority}{path}"
-        signed = _bedrock().sign(
-            "POST", url, {"content-type": "application/json"}, body, aws.region, keys.access_key, keys.secret_key,
-            keys.token,
-        )
-        return [(k.lower(), v.encode()) for k, v in signed.items()]
 
     # -- response ---------------------------------------------------------------
 

@@ -149,7 +149,8 @@ def test_select_returns_route_and_backend_target() -> None:
     assert target.path_prefix == "/api/v1"
     assert target.authority == "a.example.com:8443"
     assert (target.host, target.port) == ("a.example.com", 8443)
-    assert target.api_key is not None and target.api_key.get_secret_value() == "sk-a"
+    assert target.auth.headers() == (("authorization", b"Bearer sk-a"),)  # an OpenAI backend: a bearer token
+    assert "sk-a" not in repr(target)
     assert target.model_name_override == "m2"
 
 

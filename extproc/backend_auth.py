@@ -1,0 +1,127 @@
+"""How the gateway proves itself to each backend: one object per credential kind.
+
+Built once per config (with the backend's routing target) and used by both stages, so a
+credential is put on a request in one place whatever the path: a plain key in a header
+(OpenAI's bearer token, Azure's `api-key`, Anthropic's `x-api-key`) or an AWS SigV4
+signature over the final body. Keys live only inside these objects; their reprs say
+`<redacted>`. Finding or refreshing AWS credentials never runs on the event loop
+(`aws_credentials.ChainCredentials` does it in a thread).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from pydantic import SecretStr
+
+from extproc import aws_credentials
+from extproc.aws_credentials import AwsKeys
+from extproc.config import AWS_SECRET_SEPARATOR, Backend, Schema
+
+if TYPE_CHECKING:
+    from extproc.config import AwsSettings
+
+# Headers one credential kind or another sets: an attempt removes those its backend does
+# not use, since a header set for an earlier attempt (another backend) is still there.
+CREDENTIAL_HEADERS = (
+    "authorization", "x-api-key", "api-key", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256",
+    "proxy-authorization",
+)
+
+
+class BackendAuth:
+    """No credentials: the backend needs none (a local model server, the demo)."""
+
+    __slots__ = ()
+    signs_body = False  # True: the credential is a signature over the final request
+
+    def headers(self) -> tuple[tuple[str, bytes], ...]:
+        """The credential headers to set on every request to this backend."""
+        return ()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(<redacted>)"
+
+
+class HeaderKey(BackendAuth):
+    """A key sent as is in one header (optionally after a scheme such as `Bearer `)."""
+
+    __slots__ = ("_headers",)
+
+    def __init__(self, header: str, key: SecretStr, scheme: bytes = b"") -> None:
+        self._headers = ((header, scheme + key.get_secret_value().encode()),)
+
+    def headers(self) -> tuple[tuple[str, bytes], ...]:
+        return self._headers
+
+
+def bearer(key: SecretStr) -> HeaderKey:
+    """OpenAI and every OpenAI-compatible server: `Authorization: Bearer <key>`."""
+    return HeaderKey("authorization", key, b"Bearer ")
+
+
+def azure_key(key: SecretStr) -> HeaderKey:
+    """Azure OpenAI: `api-key: <key>`."""
+    return HeaderKey("api-key", key)
+
+
+def anthropic_key(key: SecretStr) -> HeaderKey:
+    """Anthropic: `x-api-key: <key>`."""
+    return HeaderKey("x-api-key", key)
+
+
+class SigV4(BackendAuth):
+    """AWS Signature Version 4 (Bedrock): configured keys, or botocore's default chain."""
+
+    __slots__ = ("region", "_keys")
+    signs_body = True
+
+    def __init__(self, region: str, keys: AwsKeys | None) -> None:
+        self.region = region
+        self._keys = keys  # None: the chain's, resolved off the event loop
+
+    def keys_now(self) -> AwsKeys | None:
+        """Keys to sign with right now, without waiting; None when the chain must first
+        find or refresh them (then await `keys`)."""
+        return self._keys if self._keys is not None else aws_credentials.shared().current()
+
+    async def keys(self) -> AwsKeys | None:
+        """Keys once the chain has them (None: none could be found)."""
+        return self._keys if self._keys is not None else await aws_credentials.shared().get()
+
+    def sign(self, url: str, body: bytes, keys: AwsKeys) -> list[tuple[str, bytes]]:
+        """The signature headers for a JSON POST of exactly `body` to `url`."""
+        from extproc.schemas import bedrock  # botocore: loaded only by workers that sign
+
+        signed = bedrock.sign(
+            "POST", url, {"content-type": "application/json"}, body, self.region, keys.access_key, keys.secret_key,
+            keys.token,
+        )
+        return [(k.lower(), v.encode()) for k, v in signed.items()]
+
+
+def auth_for(backend: Backend, secrets: Mapping[str, SecretStr]) -> BackendAuth:
+    """The credential object for `backend`, from the secrets the config resolved."""
+    if backend.schema_ is Schema.aws_bedrock:
+        aws = backend.aws
+        assert aws is not None  # the config requires it for Bedrock
+        return SigV4(aws.region, _aws_keys(backend.name, aws, secrets))
+    key = secrets.get(backend.name)
+    if key is None:
+        return BackendAuth()
+    if backend.schema_ is Schema.azure_openai:
+        return azure_key(key)
+    if backend.schema_ is Schema.anthropic:
+        return anthropic_key(key)
+    return bearer(key)
+
+
+def _aws_keys(name: str, aws: AwsSettings, secrets: Mapping[str, SecretStr]) -> AwsKeys | None:
+    prefix = name + AWS_SECRET_SEPARATOR
+    access = secrets.get(prefix + "access_key_id")
+    if access is None:
+        return None
+    token = secrets.get(prefix + "session_token")
+    return AwsKeys(access.get_secret_value(), secrets[prefix + "secret_access_key"].get_secret_value(),
+                   token.get_secret_value() if token else None)
