@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Coroutine
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from typing import Any
 
 import orjson
 from envoy.config.core.v3 import base_pb2
@@ -38,7 +36,6 @@ from google.protobuf import text_format
 
 from extproc import protocol
 from extproc.backend_auth import CREDENTIAL_HEADERS, SigV4
-from extproc.config import Schema
 from extproc.contract import (
     ATTRIBUTES_KEY,
     BACKEND_HEADER,
@@ -54,23 +51,10 @@ from extproc.routing import BackendTarget
 from extproc.runtime import Runtime
 from extproc.schemas import anthropic, openai
 from extproc.schemas.openai import RequestError
-
-if TYPE_CHECKING:
-    from extproc.schemas import bedrock
-
-
-def _bedrock() -> ModuleType:
-    """Bedrock's module pulls in botocore (~5 MiB per worker): loaded on first use only."""
-    from extproc.schemas import bedrock
-
-    return bedrock
+from extproc.translators import Attempt, StreamTranslator, Translator, translator_for
 
 log = logging.getLogger(__name__)
 
-_OPENAI_SUFFIXES = {
-    ClientApi.OPENAI_CHAT: "/chat/completions", ClientApi.OPENAI_COMPLETIONS: "/completions",
-    ClientApi.OPENAI_EMBEDDINGS: "/embeddings", ClientApi.OPENAI_RESPONSES: "/responses",
-}
 
 # Headers a backend's credentials or API set: an attempt removes those its backend does not use.
 _PROVIDER_HEADERS = (*CREDENTIAL_HEADERS, "anthropic-version")
@@ -99,7 +83,7 @@ def backend_of_host(metadata_text: str) -> str | None:
 class UpstreamExchange:
     """One attempt of one request, against the backend Envoy picked for it."""
 
-    __slots__ = ("runtime", "target", "client_api", "stream", "include_usage", "model", "_translator", "_translate_response",
+    __slots__ = ("runtime", "target", "client_api", "stream", "include_usage", "model", "_translator", "_stream",
                  "_status", "_error_type", "done")
 
     def __init__(self, runtime: Runtime) -> None:
@@ -109,8 +93,8 @@ class UpstreamExchange:
         self.stream = False
         self.include_usage = False
         self.model = ""
-        self._translator: anthropic.StreamTranslator | bedrock.StreamTranslator | None = None
-        self._translate_response = False  # the reply (JSON, error or stream) goes back to the client's API
+        self._translator: Translator | None = None  # this attempt's (client API, backend schema) pair
+        self._stream: StreamTranslator | None = None  # a successful stream being translated
         self._status = 0
         self._error_type: str | None = None  # Bedrock's x-amzn-errortype
         self.done = False  # Envoy will send nothing more this attempt needs (the processor then ends the stream)
@@ -177,7 +161,13 @@ class UpstreamExchange:
         self.stream = body.get("stream") is True
         options = body.get("stream_options")
         self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        path, new_body, headers = self._translate(target, body, raw)
+        attempt = Attempt(target, self.client_api, self.model, self.stream, self.include_usage)
+        self._translator = translator_for(attempt, body["model"])
+        upstream = self._translator.request(body, raw)
+        path, new_body, headers = upstream.path, upstream.body, upstream.headers
+        headers.extend(target.extra_headers)
+        if self._translator.translates_response:
+            headers.append(("accept-encoding", b"identity"))  # translation reads plain bytes
         auth = target.auth
         if isinstance(auth, SigV4):
             keys = auth.keys_now()
@@ -220,67 +210,6 @@ class UpstreamExchange:
         )
         return response
 
-    def _translate(
-        self, target: BackendTarget, body: dict[str, Any], raw: bytes
-    ) -> tuple[str, bytes, list[tuple[str, bytes]]]:
-        """(path with query, body bytes, headers to set) for this backend; its
-        credentials are added afterwards (a signature covers exactly these bytes)."""
-        schema = target.backend.schema_
-        client = self.client_api
-        headers: list[tuple[str, bytes]] = [("content-type", b"application/json"), *target.extra_headers]
-        if client is ClientApi.ANTHROPIC_MESSAGES and schema is not Schema.anthropic:
-            raise anthropic.AnthropicRequestError(
-                400, f"The model `{body['model']}` is served by a backend that does not speak the Anthropic "
-                "Messages API; use /v1/chat/completions for it.", "invalid_request_error")
-        if schema in (Schema.openai, Schema.azure_openai):
-            suffix = _OPENAI_SUFFIXES.get(client)
-            if suffix is None or (schema is Schema.azure_openai and client is ClientApi.OPENAI_RESPONSES):
-                raise openai.bad_request(f"The backend {target.name} cannot serve this API.")
-            out = self._with_model(body, raw)
-            if schema is Schema.openai:
-                return target.path_prefix + suffix, out, headers
-            backend = target.backend
-            deployment = quote(backend.deployment or self.model, safe="")
-            path = f"{target.path_prefix}/openai/deployments/{deployment}{suffix}?api-version={backend.api_version}"
-            return path, out, headers
-        if schema is Schema.anthropic:
-            headers.append(("anthropic-version", target.backend.anthropic_version.encode()))
-            path = target.path_prefix + anthropic.MESSAGES_SUFFIX
-            if client is ClientApi.ANTHROPIC_MESSAGES:
-                return path, self._with_model(body, raw), headers
-            self._require_chat(target)
-            translated = anthropic.chat_to_messages(body, self.model)
-            self._expect_translation(anthropic.StreamTranslator(self.model, self.include_usage), headers)
-            return path, orjson.dumps(translated), headers
-        assert schema is Schema.aws_bedrock
-        self._require_chat(target)
-        translated_body = orjson.dumps(_bedrock().chat_to_converse(body))
-        path = target.path_prefix + _bedrock().converse_path(self.model, self.stream)
-        headers.append(("accept", b"application/vnd.amazon.eventstream" if self.stream else b"application/json"))
-        self._expect_translation(_bedrock().StreamTranslator(self.model, self.include_usage), headers)
-        return path, translated_body, headers
-
-    def _with_model(self, body: dict[str, Any], raw: bytes) -> bytes:
-        if self.model == body["model"]:
-            return raw
-        return openai.with_updates(raw, body, {"model": self.model})
-
-    def _require_chat(self, target: BackendTarget) -> None:
-        if self.client_api is not ClientApi.OPENAI_CHAT:
-            what = {ClientApi.OPENAI_EMBEDDINGS: "embeddings", ClientApi.OPENAI_COMPLETIONS: "legacy completions",
-                    ClientApi.OPENAI_RESPONSES: "the Responses API"}.get(self.client_api, "this API")
-            raise openai.bad_request(
-                f"The backend {target.name} ({target.backend.schema_.value}) does not offer {what}; "
-                "route this model to an OpenAI-compatible backend."
-            )
-
-    def _expect_translation(
-        self, translator: anthropic.StreamTranslator | bedrock.StreamTranslator, headers: list[tuple[str, bytes]]
-    ) -> None:
-        self._translator = translator if self.stream else None
-        self._translate_response = True
-        headers.append(("accept-encoding", b"identity"))  # translation reads plain bytes
-
     # -- response ---------------------------------------------------------------
 
     def on_response_headers(self, message: ep.HttpHeaders) -> ep.ProcessingResponse:
@@ -293,14 +222,14 @@ class UpstreamExchange:
         self._error_type = errortype.decode("latin-1") if errortype else None
         set_headers: list[tuple[str, bytes]] = [(BACKEND_HEADER, target.name.encode())]
         response = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
-        if not self._translate_response or message.end_of_stream:
+        translator = self._translator
+        if translator is None or not translator.translates_response or message.end_of_stream:
             response.response_headers.response.header_mutation.CopyFrom(protocol.header_mutation(set_headers))
             self.done = True  # the body is not read (this filter's body mode is NONE)
             return response
         remove = ["content-length"]
-        if self._status >= 300 or self._translator is None:
-            # Errors and JSON replies are translated whole.
-            self._translator = None
+        self._stream = translator.stream_translator() if self.stream and self._status < 300 else None
+        if self._stream is None:  # errors and JSON replies are translated whole
             set_headers.append(("content-type", b"application/json"))
             response.mode_override.response_body_mode = _BUFFERED
         else:
@@ -310,14 +239,15 @@ class UpstreamExchange:
         return response
 
     def on_response_body(self, message: ep.HttpBody) -> ep.ProcessingResponse:
-        if not self._translate_response:
+        translator = self._translator
+        if translator is None or not translator.translates_response:
             return protocol.CONTINUE_RESPONSE_BODY
-        if self._translator is not None:
-            out = self._translator.feed(message.body) if message.body else b""
+        if self._stream is not None:
+            out = self._stream.feed(message.body) if message.body else b""
             if message.end_of_stream:
-                out += self._translator.finish()
+                out += self._stream.finish()
         else:
-            out = self._translate_whole(message.body)
+            out = self._translate_whole(translator, message.body)
         self.done = message.end_of_stream
         response = ep.ProcessingResponse(response_body=ep.BodyResponse())
         mutation = response.response_body.response.body_mutation
@@ -327,22 +257,13 @@ class UpstreamExchange:
             mutation.clear_body = True
         return response
 
-    def _translate_whole(self, body: bytes) -> bytes:
-        target = self.target
-        assert target is not None
-        schema = target.backend.schema_
-        if self._status >= 300:
-            if schema is Schema.anthropic:
-                return anthropic.error_to_openai(self._status, body)
-            return _bedrock().error_to_openai(self._status, body, self._error_type)
+    def _translate_whole(self, translator: Translator, body: bytes) -> bytes:
         try:
-            parsed = orjson.loads(body)
+            return translator.whole_response(self._status, body, self._error_type)
         except orjson.JSONDecodeError:
-            return openai.error_body(502, f"The backend {target.name} sent a reply that is not JSON.",
+            name = self.target.name if self.target is not None else "?"
+            return openai.error_body(502, f"The backend {name} sent a reply that is not JSON.",
                                      "server_error", "bad_backend_response")
-        if schema is Schema.anthropic:
-            return orjson.dumps(anthropic.messages_to_chat(parsed, self.model))
-        return orjson.dumps(_bedrock().converse_to_chat(parsed, self.model))
 
     def _reject(self, error: RequestError | anthropic.AnthropicRequestError) -> ep.ProcessingResponse:
         if isinstance(error, anthropic.AnthropicRequestError) or self.client_api is ClientApi.ANTHROPIC_MESSAGES:

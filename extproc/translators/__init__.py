@@ -1,0 +1,59 @@
+"""One translator per (client API, backend schema) pair, picked from one registry.
+
+To serve a new pair, add its module here and one line to REGISTRY; the upstream stage
+treats every pair the same way (extproc/upstream.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from extproc.config import Schema
+from extproc.contract import ClientApi
+from extproc.schemas import anthropic, openai
+from extproc.translators.anthropic_messages import AnthropicMessages
+from extproc.translators.azure_openai import AzureOpenAI
+from extproc.translators.base import Attempt, StreamTranslator, Translator, UpstreamRequest
+from extproc.translators.chat_to_anthropic import ChatToAnthropic
+from extproc.translators.chat_to_bedrock import ChatToBedrock
+from extproc.translators.openai_compatible import OpenAICompatible
+
+__all__ = ["REGISTRY", "Attempt", "StreamTranslator", "Translator", "UpstreamRequest", "translator_for"]
+
+REGISTRY: dict[tuple[ClientApi, Schema], Callable[[Attempt], Translator]] = {
+    (ClientApi.OPENAI_CHAT, Schema.openai): OpenAICompatible,
+    (ClientApi.OPENAI_COMPLETIONS, Schema.openai): OpenAICompatible,
+    (ClientApi.OPENAI_EMBEDDINGS, Schema.openai): OpenAICompatible,
+    (ClientApi.OPENAI_RESPONSES, Schema.openai): OpenAICompatible,
+    (ClientApi.OPENAI_CHAT, Schema.azure_openai): AzureOpenAI,
+    (ClientApi.OPENAI_COMPLETIONS, Schema.azure_openai): AzureOpenAI,
+    (ClientApi.OPENAI_EMBEDDINGS, Schema.azure_openai): AzureOpenAI,
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.anthropic): AnthropicMessages,
+    (ClientApi.OPENAI_CHAT, Schema.anthropic): ChatToAnthropic,
+    (ClientApi.OPENAI_CHAT, Schema.aws_bedrock): ChatToBedrock,
+}
+
+_OFFERED = {
+    ClientApi.OPENAI_EMBEDDINGS: "embeddings", ClientApi.OPENAI_COMPLETIONS: "legacy completions",
+    ClientApi.OPENAI_RESPONSES: "the Responses API",
+}
+
+
+def translator_for(attempt: Attempt, client_model: str) -> Translator:
+    """The attempt's translator; a pair nobody serves is the client's error, in its API's shape."""
+    target = attempt.target
+    schema = target.backend.schema_
+    factory = REGISTRY.get((attempt.client_api, schema))
+    if factory is not None:
+        return factory(attempt)
+    if attempt.client_api is ClientApi.ANTHROPIC_MESSAGES:
+        raise anthropic.AnthropicRequestError(
+            400, f"The model `{client_model}` is served by a backend that does not speak the Anthropic "
+            "Messages API; use /v1/chat/completions for it.", "invalid_request_error")
+    if schema in (Schema.anthropic, Schema.aws_bedrock):
+        what = _OFFERED.get(attempt.client_api, "this API")
+        raise openai.bad_request(
+            f"The backend {target.name} ({schema.value}) does not offer {what}; "
+            "route this model to an OpenAI-compatible backend."
+        )
+    raise openai.bad_request(f"The backend {target.name} cannot serve this API.")

@@ -1,0 +1,19 @@
+"""The Anthropic Messages API to Anthropic: the same API on both sides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.schemas import anthropic
+from extproc.translators.base import Translator, UpstreamRequest
+
+
+def anthropic_headers(attempt_version: str) -> list[tuple[str, bytes]]:
+    return [("content-type", b"application/json"), ("anthropic-version", attempt_version.encode())]
+
+
+class AnthropicMessages(Translator):
+    def request(self, body: dict[str, Any], raw: bytes) -> UpstreamRequest:
+        target = self.attempt.target
+        return UpstreamRequest(target.path_prefix + anthropic.MESSAGES_SUFFIX, self.body_with_model(body, raw),
+                               anthropic_headers(target.backend.anthropic_version))

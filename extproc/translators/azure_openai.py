@@ -1,0 +1,20 @@
+"""OpenAI's APIs to Azure OpenAI: the same bodies, under a deployment's path with the
+backend's api-version."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from extproc.translators.base import Translator, UpstreamRequest
+from extproc.translators.openai_compatible import SUFFIXES
+
+
+class AzureOpenAI(Translator):
+    def request(self, body: dict[str, Any], raw: bytes) -> UpstreamRequest:
+        attempt = self.attempt
+        backend = attempt.target.backend
+        deployment = quote(backend.deployment or attempt.model, safe="")
+        suffix = SUFFIXES[attempt.client_api]
+        path = f"{attempt.target.path_prefix}/openai/deployments/{deployment}{suffix}?api-version={backend.api_version}"
+        return UpstreamRequest(path, self.body_with_model(body, raw), [("content-type", b"application/json")])

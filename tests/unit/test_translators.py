@@ -1,0 +1,117 @@
+"""The translator registry: every (client API, backend schema) pair the gateway serves,
+and the client's error, in its own API's shape, for a pair nobody serves."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+
+from extproc.config import LoadedConfig, Schema, parse_config, resolve_secrets
+from extproc.contract import ClientApi
+from extproc.routing import BackendTarget
+from extproc.runtime import Runtime
+from extproc.schemas.anthropic import AnthropicRequestError
+from extproc.schemas.openai import RequestError
+from extproc.translators import REGISTRY, Attempt, translator_for
+
+
+def _targets() -> dict[Schema, BackendTarget]:
+    config = parse_config({
+        "backends": [
+            {"name": "oa", "schema": "openai", "base_url": "https://api.openai.com/v1"},
+            {"name": "az", "schema": "azure_openai", "base_url": "https://res.openai.azure.com",
+             "api_version": "2024-10-21", "deployment": "gpt4o-prod"},
+            {"name": "claude", "schema": "anthropic", "base_url": "https://api.anthropic.com/prefix"},
+            {"name": "br", "schema": "aws_bedrock", "base_url": "https://bedrock-runtime.us-east-1.amazonaws.com",
+             "aws": {"region": "us-east-1"}},
+        ],
+        "routes": [{"name": "r", "default": True, "backends": [{"name": "oa"}]}],
+    })
+    runtime = Runtime.build(LoadedConfig(config=config, source="t", secrets=resolve_secrets(config, {}, "t")))
+    return {target.backend.schema_: target for target in runtime.router.targets.values()}
+
+
+TARGETS = _targets()
+CHAT = {"model": "client-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+BODIES: dict[ClientApi, dict[str, Any]] = {
+    ClientApi.OPENAI_CHAT: CHAT,
+    ClientApi.OPENAI_COMPLETIONS: {"model": "client-model", "prompt": "hi"},
+    ClientApi.OPENAI_EMBEDDINGS: {"model": "client-model", "input": "hi"},
+    ClientApi.OPENAI_RESPONSES: {"model": "client-model", "input": "hi"},
+    ClientApi.ANTHROPIC_MESSAGES: CHAT,
+}
+# (pair) -> (path, what the body must hold for the backend)
+EXPECTED_PATHS = {
+    (ClientApi.OPENAI_CHAT, Schema.openai): "/v1/chat/completions",
+    (ClientApi.OPENAI_COMPLETIONS, Schema.openai): "/v1/completions",
+    (ClientApi.OPENAI_EMBEDDINGS, Schema.openai): "/v1/embeddings",
+    (ClientApi.OPENAI_RESPONSES, Schema.openai): "/v1/responses",
+    (ClientApi.OPENAI_CHAT, Schema.azure_openai): "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21",
+    (ClientApi.OPENAI_COMPLETIONS, Schema.azure_openai): "/openai/deployments/gpt4o-prod/completions?api-version=2024-10-21",
+    (ClientApi.OPENAI_EMBEDDINGS, Schema.azure_openai): "/openai/deployments/gpt4o-prod/embeddings?api-version=2024-10-21",
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.anthropic): "/prefix/v1/messages",
+    (ClientApi.OPENAI_CHAT, Schema.anthropic): "/prefix/v1/messages",
+    (ClientApi.OPENAI_CHAT, Schema.aws_bedrock): "/model/backend-model/converse",
+}
+
+
+def _attempt(client_api: ClientApi, schema: Schema, stream: bool = False) -> Attempt:
+    return Attempt(TARGETS[schema], client_api, "backend-model", stream, include_usage=False)
+
+
+def test_every_registered_pair_is_checked_here() -> None:
+    assert set(REGISTRY) == set(EXPECTED_PATHS)
+
+
+@pytest.mark.parametrize(("client_api", "schema"), sorted(EXPECTED_PATHS))
+def test_each_pair_builds_the_backends_request(client_api: ClientApi, schema: Schema) -> None:
+    body = BODIES[client_api]
+    raw = orjson.dumps(body)
+    translator = translator_for(_attempt(client_api, schema), body["model"])
+    request = translator.request(body, raw)
+    assert request.path == EXPECTED_PATHS[(client_api, schema)]
+    sent = json.loads(request.body)
+    if translator.translates_response:  # another API: a translated body, and the answer read back
+        assert sent != body and translator.stream_translator() is not None
+    else:  # the same API: the client's body, with the backend's model name
+        assert sent == {**body, "model": "backend-model"}
+    assert ("content-type", b"application/json") in request.headers
+    assert not any(name in ("authorization", "x-api-key", "api-key") for name, _ in request.headers)  # backend_auth's job
+
+
+def test_a_same_api_pair_sends_the_clients_bytes_when_the_model_is_unchanged() -> None:
+    raw = b'{"model": "backend-model",  "input": "spacing kept"}'
+    translator = translator_for(_attempt(ClientApi.OPENAI_EMBEDDINGS, Schema.openai), "backend-model")
+    assert translator.request(json.loads(raw), raw).body is raw
+
+
+def test_bedrock_streams_ask_for_the_event_stream() -> None:
+    request = translator_for(_attempt(ClientApi.OPENAI_CHAT, Schema.aws_bedrock, stream=True), "m").request(CHAT, b"{}")
+    assert request.path == "/model/backend-model/converse-stream"
+    assert ("accept", b"application/vnd.amazon.eventstream") in request.headers
+
+
+@pytest.mark.parametrize(("client_api", "schema", "error", "words"), [
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.openai, AnthropicRequestError, "does not speak the Anthropic Messages API"),
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.aws_bedrock, AnthropicRequestError, "use /v1/chat/completions"),
+    (ClientApi.OPENAI_EMBEDDINGS, Schema.anthropic, RequestError, "does not offer embeddings"),
+    (ClientApi.OPENAI_RESPONSES, Schema.aws_bedrock, RequestError, "does not offer the Responses API"),
+    (ClientApi.OPENAI_COMPLETIONS, Schema.aws_bedrock, RequestError, "does not offer legacy completions"),
+    (ClientApi.OPENAI_RESPONSES, Schema.azure_openai, RequestError, "cannot serve this API"),
+])
+def test_a_pair_nobody_serves_is_a_400_in_the_clients_api(
+    client_api: ClientApi, schema: Schema, error: type[Exception], words: str
+) -> None:
+    with pytest.raises(error) as raised:
+        translator_for(_attempt(client_api, schema), "client-model")
+    assert raised.value.status == 400 and words in raised.value.message  # type: ignore[attr-defined]
+
+
+def test_translated_errors_come_back_in_openais_shape() -> None:
+    translator = translator_for(_attempt(ClientApi.OPENAI_CHAT, Schema.anthropic), "m")
+    body = b'{"type":"error","error":{"type":"overloaded_error","message":"busy"}}'
+    error = json.loads(translator.whole_response(529, body, None))["error"]
+    assert error["message"] == "busy" and error["type"] and "code" in error
