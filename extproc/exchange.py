@@ -637,6 +637,7 @@ class Exchange:
             last_output_at=observer.last_output_at,
             complete=self.finished,
             processor_seconds=self.processor_seconds,
+            client_api=endpoint.client_api,
             session_id=self.session_id,
             user_id=self.user_id,
             attributes=self.attributes,
