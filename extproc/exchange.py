@@ -423,7 +423,8 @@ class Exchange:
         tracing = self.telemetry.tracing if self.telemetry is not None else None
         if tracing is None or not tracing.enabled or self.endpoint is None:
             return None
-        self.span = tracing.start(self.endpoint.operation.value, self._trace_headers, self.start_time_ns)
+        self.span = tracing.start(
+            self.endpoint.operation.value, self._trace_headers, self.start_time_ns, self.endpoint.client_api)
         if self.span is None:
             return None
         set_headers.extend(tracing.inject(self.span))
