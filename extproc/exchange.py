@@ -424,7 +424,8 @@ class Exchange:
         tracing = self.telemetry.tracing if self.telemetry is not None else None
         if tracing is None or not tracing.enabled or self.endpoint is None:
             return None
-        self.span = tracing.start(self.endpoint.operation.value, self._trace_headers, self.start_time_ns)
+        self.span = tracing.start(
+            self.endpoint.operation.value, self._trace_headers, self.start_time_ns, self.endpoint.client_api)
         if self.span is None:
             return None
         set_headers.extend(tracing.inject(self.span))
@@ -638,6 +639,7 @@ class Exchange:
             last_output_at=observer.last_output_at,
             complete=self.finished,
             processor_seconds=self.processor_seconds,
+            client_api=endpoint.client_api,
             session_id=self.session_id,
             user_id=self.user_id,
             attributes=self.attributes,

@@ -17,6 +17,7 @@ import orjson
 from extproc.decoding import ChunkDecoder, decoder_for
 from extproc.schemas import anthropic, openai, responses
 from extproc.sse import SSEDecoder, SSEEvent
+from extproc.telemetry.outputs import AnthropicOutput, OutputAssembler, ResponsesOutput
 from extproc.telemetry.record import OutputMessage
 from extproc.usage import TokenUsage
 
@@ -39,7 +40,7 @@ class ResponseObserver:
         "status", "kind", "usage", "response_model", "error_type", "first_output_at", "last_output_at",
         "complete", "strip_usage", "_decoder", "_sse", "_json", "_json_limit", "_output_text", "_broken",
         "_expected_bytes", "_received_bytes", "_decoded_bytes", "_messages", "_max_chars", "_anthropic",
-        "_responses", "response_id",
+        "_responses", "response_id", "_assembler",
     )
 
     def __init__(
@@ -81,6 +82,11 @@ class ResponseObserver:
         # The Responses API streams named events and reports usage in response.completed.
         self._responses: responses.StreamReader | None = responses.StreamReader() if responses_api else None
         self.response_id: str | None = None  # the Responses API id (for state affinity)
+        # Output messages of the Anthropic and Responses APIs (for traces): their own shapes.
+        self._assembler: OutputAssembler | None = None
+        if collect_output_chars and (anthropic_api or responses_api):
+            assembler = AnthropicOutput if anthropic_api else ResponsesOutput
+            self._assembler = assembler(collect_output_chars)
 
     @property
     def output_text(self) -> str:
@@ -90,6 +96,8 @@ class ResponseObserver:
     def output(self) -> list[OutputMessage] | None:
         if self._messages is None:
             return None
+        if self._assembler is not None:
+            return self._assembler.output
         return [self._messages[i] for i in sorted(self._messages)]
 
     def on_headers(
@@ -235,6 +243,8 @@ class ResponseObserver:
         if not isinstance(data, dict):
             return
         reader.on_event(event.event, data)
+        if self._assembler is not None:
+            self._assembler.on_event(event.event, data)
         self.usage = reader.usage
         self.response_model = reader.response_model or self.response_model
         self.error_type = reader.error_type or self.error_type
@@ -249,6 +259,8 @@ class ResponseObserver:
         if not isinstance(data, dict):
             return
         reader.on_event(event.event, data)
+        if self._assembler is not None:
+            self._assembler.on_event(event.event, data)
         self.usage = reader.usage or self.usage
         self.response_id = reader.response_id or self.response_id
         self.response_model = reader.response_model or self.response_model
@@ -283,12 +295,16 @@ class ResponseObserver:
             self.response_model = model or self.response_model
             if self.status >= 400:
                 self.error_type = openai.error_type_of(body)
+            elif self._assembler is not None:
+                self._assembler.on_body(body)
             return
         if self._anthropic is not None:
             self.usage = anthropic.usage_from_message(body)
             error = body.get("error")
             if self.status >= 400 and isinstance(error, dict):
                 self.error_type = str(error.get("type") or "error")
+            elif self.status < 400 and self._assembler is not None:
+                self._assembler.on_body(body)
             return
         self.usage = openai.usage_from_openai(body.get("usage"))
         if self.status >= 400:

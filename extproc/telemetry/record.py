@@ -52,6 +52,7 @@ class RequestRecord:
     last_output_at: float | None
     complete: bool  # the response body ended normally
     processor_seconds: float  # time the processor spent on this request, upstream excluded
+    client_api: str = "openai.chat"  # the API the client spoke: openai.chat, anthropic.messages, openai.responses, ...
     session_id: str | None = None
     user_id: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)  # configured request-header attributes

@@ -1,9 +1,15 @@
 """OpenInference span attributes for one request, from its `RequestRecord`.
 
 Kept apart from `tracing` (provider, export, propagation): this module only decides what a
-finished request's span says. Attributes are named by `openinference.semconv.trace`
-constants; hide/redact decisions are the `TraceConfig`'s (the span, an
-`openinference.instrumentation.OITracer` span, masks them again when they are set).
+finished request's span says. The span describes the exchange in the client's API
+(`RequestRecord.client_api`): `llm.system` is that API's family (an Anthropic-SDK call is
+`anthropic` whoever serves it), `llm.provider` the provider that served it, and the input
+messages are read from that API's request shape (`inputs`); output messages come
+assembled from its response shape (`outputs`, `schemas.openai`).
+
+Attributes are named by `openinference.semconv.trace` constants; hide/redact decisions
+are the `TraceConfig`'s (the span, an `openinference.instrumentation.OITracer` span,
+masks them again when they are set).
 
 Size bounds: every recorded text is cut to `TelemetrySettings.max_content_chars` (with a
 marker); lists are capped (messages, tool calls, content parts, tools, inputs); and the
@@ -46,6 +52,7 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
+from extproc.telemetry.inputs import ANTHROPIC_MESSAGES, INPUT_FIELDS, RESPONSES, input_messages
 from extproc.telemetry.record import OutputMessage, RequestRecord
 
 __all__ = ["apply_record"]
@@ -68,6 +75,12 @@ SPAN_CONTENT_BUDGET_FACTOR: Final = 4
 
 # Request fields with attributes of their own, or that describe the exchange rather than the model call.
 _NOT_INVOCATION_PARAMETERS: Final = frozenset({"messages", "prompt", "input", "model", "stream", "tools", "functions"})
+
+# client API -> OpenInference llm.system (the family of the API the client spoke); others: openai
+_SYSTEMS: Final[dict[str, str]] = {
+    ANTHROPIC_MESSAGES: OpenInferenceLLMSystemValues.ANTHROPIC.value,
+}
+_OPENAI_SYSTEM: Final = OpenInferenceLLMSystemValues.OPENAI.value
 
 # gen_ai.provider.name (and a few short forms) -> OpenInference llm.provider
 _PROVIDERS: Final[dict[str, str]] = {
@@ -139,8 +152,8 @@ def apply_record(
             fixed(SpanAttributes.LLM_REQUEST_MODEL_NAME, record.request_model)
         if record.response_model:
             fixed(SpanAttributes.LLM_RESPONSE_MODEL_NAME, record.response_model)
-        # Spans record the OpenAI-shaped request the client sent, whatever the backend.
-        fixed(SpanAttributes.LLM_SYSTEM, OpenInferenceLLMSystemValues.OPENAI.value)
+        # The API the client spoke, whatever the backend; the backend is the provider.
+        fixed(SpanAttributes.LLM_SYSTEM, _SYSTEMS.get(record.client_api, _OPENAI_SYSTEM))
         if record.provider:
             fixed(SpanAttributes.LLM_PROVIDER, _PROVIDERS.get(record.provider.lower(), record.provider))
     usage = record.usage
@@ -174,13 +187,15 @@ def apply_record(
         fixed(SpanAttributes.LLM_FINISH_REASON, finish)
     if body is not None:
         key = SpanAttributes.EMBEDDING_INVOCATION_PARAMETERS if embeddings else SpanAttributes.LLM_INVOCATION_PARAMETERS
-        fixed(key, builder.lazy_json(lambda: {k: v for k, v in body.items() if k not in _NOT_INVOCATION_PARAMETERS}))
+        not_parameters = _NOT_INVOCATION_PARAMETERS | INPUT_FIELDS.get(record.client_api, frozenset())
+        fixed(key, builder.lazy_json(lambda: {k: v for k, v in body.items() if k not in not_parameters}))
 
     # Content, most useful first, within the span's budget.
     if body is not None:
         builder.value(SpanAttributes.INPUT_VALUE, SpanAttributes.INPUT_MIME_TYPE, body)
     if output and not embeddings:
-        builder.value(SpanAttributes.OUTPUT_VALUE, SpanAttributes.OUTPUT_MIME_TYPE, _output_value(output, completions))
+        value = _output_value(output, completions, record.client_api)
+        builder.value(SpanAttributes.OUTPUT_VALUE, SpanAttributes.OUTPUT_MIME_TYPE, value)
         if completions:
             for i, message in enumerate(output[:MAX_CHOICES]):
                 key = f"{SpanAttributes.LLM_CHOICES}.{i}.{ChoiceAttributes.COMPLETION_TEXT}"
@@ -201,12 +216,13 @@ def apply_record(
             for i, tool in enumerate(_tools(body)):
                 key = f"{SpanAttributes.LLM_TOOLS}.{i}.{ToolAttributes.TOOL_JSON_SCHEMA}"
                 builder.group([(key, builder.lazy_json(lambda tool=tool: tool))])
-            messages = body.get("messages")
-            if isinstance(messages, list):
+            read = input_messages(record.client_api, body)
+            if read is not None:
+                messages, unread = read
                 # Newest first: when the budget runs out, the oldest turns are left out.
                 shown = messages[-MAX_MESSAGES:]
                 offset = len(messages) - len(shown)
-                builder.omitted_messages = offset
+                builder.omitted_messages = offset + unread
                 kept: list[list[tuple[str, AttributeValue]]] = []
                 for i in range(len(shown) - 1, -1, -1):
                     message = shown[i]
@@ -401,13 +417,18 @@ def _output_message(b: _Attributes, prefix: str, message: OutputMessage) -> list
 
 
 def _tool_call(b: _Attributes, prefix: str, call_id: Any, name: Any, arguments: Any) -> list[tuple[str, Value]]:
+    """`arguments`: JSON text, or (Anthropic's tool_use `input`) an object serialized if recorded."""
     out: list[tuple[str, Value]] = []
     if isinstance(call_id, str) and call_id:
         out.append((f"{prefix}.{ToolCallAttributes.TOOL_CALL_ID}", b.cut(call_id)))
     if isinstance(name, str) and name:
         out.append((f"{prefix}.{ToolCallAttributes.TOOL_CALL_FUNCTION_NAME}", b.cut(name)))
-    if isinstance(arguments, str) and arguments:
-        out.append((f"{prefix}.{ToolCallAttributes.TOOL_CALL_FUNCTION_ARGUMENTS_JSON}", b.cut(arguments)))
+    key = f"{prefix}.{ToolCallAttributes.TOOL_CALL_FUNCTION_ARGUMENTS_JSON}"
+    if isinstance(arguments, str):
+        if arguments:
+            out.append((key, b.cut(arguments)))
+    elif isinstance(arguments, dict | list):
+        out.append((key, b.lazy_json(lambda: arguments)))
     return out
 
 
@@ -429,10 +450,15 @@ def _texts(value: Any) -> list[str]:
     return []
 
 
-def _output_value(output: list[OutputMessage], completions: bool) -> Any:
-    """The text when there is one plain answer, else the assembled choices as JSON."""
+def _output_value(output: list[OutputMessage], completions: bool, client_api: str) -> Any:
+    """The text when there is one plain answer, else the assembled answer as JSON in the
+    client API's shape (chat choices, an Anthropic message's content, Responses output items)."""
     if len(output) == 1 and not output[0].tool_calls:
         return output[0].content
+    if client_api == ANTHROPIC_MESSAGES:
+        return _anthropic_output_value(output[0])
+    if client_api == RESPONSES:
+        return _responses_output_value(output[0])
     if completions:
         return [{"index": i, "text": m.content, "finish_reason": m.finish_reason} for i, m in enumerate(output[:MAX_CHOICES])]
     messages = []
@@ -449,6 +475,31 @@ def _output_value(output: list[OutputMessage], completions: bool) -> Any:
     return messages[0] if len(messages) == 1 else messages
 
 
+def _anthropic_output_value(message: OutputMessage) -> dict[str, Any]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": message.content}] if message.content else []
+    for call in message.tool_calls[:MAX_TOOL_CALLS]:
+        content.append({"type": "tool_use", "id": call.id, "name": call.name, "input": _arguments(call.arguments)})
+    return {"role": message.role or "assistant", "content": content, "stop_reason": message.finish_reason}
+
+
+def _responses_output_value(message: OutputMessage) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    if message.content:
+        items.append({"type": "message", "role": message.role or "assistant",
+                      "content": [{"type": "output_text", "text": message.content}]})
+    for call in message.tool_calls[:MAX_TOOL_CALLS]:
+        items.append({"type": "function_call", "call_id": call.id, "name": call.name, "arguments": call.arguments})
+    return items
+
+
+def _arguments(arguments: str) -> Any:
+    """A tool call's input as the object it was, or the text when it is not whole JSON (cut)."""
+    try:
+        return orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        return arguments
+
+
 def _metadata(record: RequestRecord, b: _Attributes) -> dict[str, Any]:
     data: dict[str, Any] = dict(record.attributes)  # configured request-header attributes (tenant, ...)
     data.update(
@@ -457,6 +508,7 @@ def _metadata(record: RequestRecord, b: _Attributes) -> dict[str, Any]:
         request_model=record.request_model,
         backend_model=record.backend_model,
         provider=record.provider,
+        client_api=record.client_api,
         stream=record.stream,
         complete=record.complete,
     )

@@ -47,13 +47,19 @@ from extproc.telemetry.span_attributes import apply_record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SpanHandle", "Tracing", "SPAN_NAMES"]
+__all__ = ["API_SPAN_NAMES", "SpanHandle", "Tracing", "SPAN_NAMES"]
 
 # operation (gen_ai.operation.name) -> span name, as openinference-instrumentation-openai names them
 SPAN_NAMES: Final[dict[str, str]] = {
     "chat": "ChatCompletion",
     "text_completion": "Completion",
     "embeddings": "CreateEmbeddings",
+}
+# client APIs whose calls the OpenInference instrumentations name otherwise (anthropic: Messages;
+# openai: the response type, Response)
+API_SPAN_NAMES: Final[dict[str, str]] = {
+    "anthropic.messages": "Messages",
+    "openai.responses": "Response",
 }
 SPAN_KIND: Final = SpanKind.INTERNAL
 
@@ -189,15 +195,19 @@ class Tracing:
 
     # -- request path -----------------------------------------------------------------------
 
-    def start(self, operation: str, headers: Mapping[str, bytes], start_time_ns: int) -> SpanHandle | None:
-        """Start the request's span as a child of the client's W3C trace context in `headers`."""
+    def start(
+        self, operation: str, headers: Mapping[str, bytes], start_time_ns: int, client_api: str | None = None
+    ) -> SpanHandle | None:
+        """Start the request's span as a child of the client's W3C trace context in `headers`,
+        named after the client API's call (`client_api`, e.g. anthropic.messages) or the operation."""
         if self._tracer is None:
             return None
         try:
             carrier = {name: _header(headers, name) for name in _PROPAGATED if name in headers}
             parent: Context | None = _PROPAGATOR.extract(carrier) if carrier else Context()
+            name = API_SPAN_NAMES.get(client_api or "") or SPAN_NAMES.get(operation, operation or "LLM")
             span = self._tracer.start_span(
-                SPAN_NAMES.get(operation, operation or "LLM"),
+                name,
                 context=parent,
                 kind=SPAN_KIND,
                 start_time=start_time_ns,

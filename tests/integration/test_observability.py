@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -18,6 +19,7 @@ from tests.integration.harness import RunningGateway, running_gateway
 from tests.otlp_receiver import OtlpReceiver
 
 USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Envoy?"}]
+ANTHROPIC_KEY = "sk-ant-observability-5e6f"  # the gateway's credential for the Anthropic backend
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +33,11 @@ def _config(sim: SimServer) -> dict[str, Any]:
         "backends": [
             {"name": "sim", "base_url": sim.base_url},
             {"name": "renamed", "base_url": sim.base_url, "model_name_override": "upstream-name"},
+            {"name": "claude", "schema": "anthropic", "base_url": sim.url, "api_key": {"env": "T_OBS_ANTHROPIC_KEY"}},
         ],
         "routes": [
             {"name": "renamed", "match": {"model": "client-name"}, "backends": [{"name": "renamed"}]},
+            {"name": "claude", "match": {"glob": "claude-*"}, "backends": [{"name": "claude"}]},
             {"name": "all", "default": True, "backends": [{"name": "sim"}]},
         ],
         "telemetry": {"metric_header_attributes": {"x-team": "team"}, "user_id_header": "x-user-id"},
@@ -47,6 +51,7 @@ def _otel_env(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_METRIC_EXPORT_INTERVAL": "60000",
         "OTEL_SERVICE_NAME": "gateway-under-test",
+        "T_OBS_ANTHROPIC_KEY": ANTHROPIC_KEY,
         **extra,
     }
 
@@ -202,6 +207,137 @@ def test_streamed_output_is_assembled_in_the_span(observed: RunningGateway, rece
     assert span.attributes["llm.token_count.completion"] > 0  # forced usage reached the span too
 
 
+def _traceparent() -> tuple[str, dict[str, str]]:
+    trace_id = secrets.token_hex(16)
+    return trace_id, {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+
+
+def _anthropic_client(gateway: RunningGateway) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=f"{gateway.url}/anthropic", api_key="client-key", max_retries=0, timeout=30)
+
+
+def _assert_anthropic_span(span: Any, text: str, usage: anthropic.types.Usage) -> None:
+    """What Phoenix shows for an Anthropic-SDK call served by Anthropic."""
+    attributes = span.attributes
+    assert span.name == "Messages"
+    assert attributes["llm.system"] == "anthropic"
+    assert attributes["llm.provider"] == "anthropic"
+    assert attributes["llm.model_name"].startswith("claude-haiku")
+    assert attributes["llm.input_messages.0.message.role"] == "system"
+    assert attributes["llm.input_messages.0.message.content"] == "Answer in one line."
+    assert attributes["llm.input_messages.1.message.role"] == "user"
+    assert attributes["llm.input_messages.1.message.content"] == "Describe the sea"  # one text block: the text
+    assert attributes["llm.output_messages.0.message.role"] == "assistant"
+    assert attributes["llm.output_messages.0.message.content"] == text
+    assert attributes["output.value"] == text
+    assert attributes["llm.finish_reason"] == "end_turn"
+    assert json.loads(attributes["llm.invocation_parameters"])["max_tokens"] == 24
+    prompt = usage.input_tokens + (usage.cache_read_input_tokens or 0) + (usage.cache_creation_input_tokens or 0)
+    assert attributes["llm.token_count.prompt"] == prompt
+    assert attributes["llm.token_count.prompt_details.cache_read"] == usage.cache_read_input_tokens == 3
+    assert attributes["llm.token_count.completion"] == usage.output_tokens
+    assert attributes["llm.token_count.total"] == prompt + usage.output_tokens
+
+
+ANTHROPIC_SYSTEM = "Answer in one line."
+ANTHROPIC_MESSAGES: Any = [{"role": "user", "content": [{"type": "text", "text": "Describe the sea"}]}]
+
+
+def test_anthropic_sdk_span_names_anthropic_and_carries_the_answer(
+    observed: RunningGateway, receiver: OtlpReceiver
+) -> None:
+    trace_id, headers = _traceparent()
+    message = _anthropic_client(observed).messages.create(
+        model="claude-haiku-obs", max_tokens=24, system=ANTHROPIC_SYSTEM, messages=ANTHROPIC_MESSAGES,
+        extra_headers={**headers, "x-sim-cached-tokens": "3"},
+    )
+    text = "".join(block.text for block in message.content if block.type == "text")
+    assert text
+    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
+    _assert_anthropic_span(span, text, message.usage)
+    assert json.loads(span.attributes["input.value"])["system"] == ANTHROPIC_SYSTEM
+
+
+def test_anthropic_sdk_stream_span_assembles_the_answer(observed: RunningGateway, receiver: OtlpReceiver) -> None:
+    trace_id, headers = _traceparent()
+    with _anthropic_client(observed).messages.stream(
+        model="claude-haiku-obs", max_tokens=24, system=ANTHROPIC_SYSTEM, messages=ANTHROPIC_MESSAGES,
+        extra_headers={**headers, "x-sim-cached-tokens": "3", "x-sim-chunks": "5"},
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text
+    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
+    _assert_anthropic_span(span, text, final.usage)
+    assert json.loads(span.attributes["metadata"])["stream"] is True
+
+
+def test_anthropic_sdk_streamed_tool_call_in_the_span(observed: RunningGateway, receiver: OtlpReceiver) -> None:
+    trace_id, headers = _traceparent()
+    tool = {"name": "get_weather", "description": "Weather for a city",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    with _anthropic_client(observed).messages.stream(
+        model="claude-haiku-obs", max_tokens=64, tools=[tool],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}], extra_headers=headers,
+    ) as stream:
+        final = stream.get_final_message()
+    (call,) = [block for block in final.content if block.type == "tool_use"]
+    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
+    attributes = span.attributes
+    assert attributes["llm.input_messages.0.message.content"] == "What is the weather in Paris?"
+    assert json.loads(attributes["llm.tools.0.tool.json_schema"]) == tool
+    prefix = "llm.output_messages.0.message.tool_calls.0.tool_call"
+    assert attributes[f"{prefix}.id"] == call.id
+    assert attributes[f"{prefix}.function.name"] == "get_weather"
+    assert json.loads(attributes[f"{prefix}.function.arguments"]) == call.input
+    assert attributes["llm.finish_reason"] == "tool_use"
+
+
+def _assert_responses_span(span: Any, text: str, usage: Any) -> None:
+    """What Phoenix shows for a Responses API call (openai SDK)."""
+    attributes = span.attributes
+    assert span.name == "Response"
+    assert attributes["llm.system"] == "openai"
+    assert attributes["llm.provider"] == "openai"
+    assert attributes["llm.input_messages.0.message.role"] == "system"
+    assert attributes["llm.input_messages.0.message.content"] == "Be brief."
+    assert attributes["llm.input_messages.1.message.role"] == "user"
+    assert attributes["llm.input_messages.1.message.content"] == "What is Envoy?"
+    assert attributes["llm.output_messages.0.message.role"] == "assistant"
+    assert attributes["llm.output_messages.0.message.content"] == text
+    assert attributes["output.value"] == text
+    assert json.loads(attributes["llm.invocation_parameters"]) == {"max_output_tokens": 40, "temperature": 0.2}
+    assert attributes["llm.token_count.prompt"] == usage.input_tokens
+    assert attributes["llm.token_count.completion"] == usage.output_tokens
+    assert attributes["llm.token_count.total"] == usage.total_tokens
+
+
+def test_responses_api_span_carries_input_and_output(observed: RunningGateway, receiver: OtlpReceiver) -> None:
+    trace_id, headers = _traceparent()
+    client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
+    response = client.responses.create(model="resp-obs", instructions="Be brief.", input="What is Envoy?",
+                                       max_output_tokens=40, temperature=0.2, extra_headers=headers)
+    assert response.output_text and response.usage is not None
+    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
+    _assert_responses_span(span, response.output_text, response.usage)
+    assert span.attributes["llm.model_name"] == response.model
+
+
+def test_responses_api_stream_span_assembles_the_output(observed: RunningGateway, receiver: OtlpReceiver) -> None:
+    trace_id, headers = _traceparent()
+    client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
+    events = list(client.responses.create(
+        model="resp-obs", instructions="Be brief.", input="What is Envoy?", max_output_tokens=40, temperature=0.2,
+        stream=True, extra_headers={**headers, "x-sim-chunks": "5"},
+    ))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    (completed,) = [e for e in events if e.type == "response.completed"]
+    assert text and text == completed.response.output_text
+    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
+    _assert_responses_span(span, text, completed.response.usage)
+    assert json.loads(span.attributes["metadata"])["client_api"] == "openai.responses"
+
+
 def test_embedding_span(observed: RunningGateway, receiver: OtlpReceiver) -> None:
     trace_id = secrets.token_hex(16)
     client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
@@ -229,11 +365,23 @@ def test_hidden_inputs_are_absent(sim_a: SimServer, receiver: OtlpReceiver, tmp_
         client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "my secret plan"}],
                                        extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
-        span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
-    attributes = span.attributes
-    assert not [k for k in attributes if k.startswith("llm.input_messages")]
-    assert "my secret plan" not in json.dumps(attributes)
-    assert attributes["input.value"] == "__REDACTED__"
-    assert attributes["output.value"] == "__REDACTED__"  # the simulator echoes the prompt in its reply
-    assert not [k for k in attributes if k.startswith("llm.output_messages")]
-    assert attributes["llm.token_count.total"] > 0  # counts are not content: still recorded
+        spans = [receiver.wait_for_span(lambda s: s.trace_id == trace_id)]
+        # The other client APIs' shapes are hidden the same way.
+        anthropic_trace, headers = _traceparent()
+        _anthropic_client(gateway).messages.create(
+            model="claude-hidden", max_tokens=16, system="my secret system",
+            messages=[{"role": "user", "content": "my secret plan"}], extra_headers=headers)
+        responses_trace, headers = _traceparent()
+        client.responses.create(model="m", instructions="my secret system", input="my secret plan",
+                                extra_headers=headers)
+        spans.append(receiver.wait_for_span(lambda s: s.trace_id == anthropic_trace))
+        spans.append(receiver.wait_for_span(lambda s: s.trace_id == responses_trace))
+    assert [s.name for s in spans] == ["ChatCompletion", "Messages", "Response"]
+    for span in spans:
+        attributes = span.attributes
+        assert not [k for k in attributes if k.startswith("llm.input_messages")]
+        assert "my secret" not in json.dumps(attributes)
+        assert attributes["input.value"] == "__REDACTED__"
+        assert attributes["output.value"] == "__REDACTED__"  # the simulator echoes the prompt in its reply
+        assert not [k for k in attributes if k.startswith("llm.output_messages")]
+        assert attributes["llm.token_count.total"] > 0  # counts are not content: still recorded
