@@ -23,12 +23,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
+from extproc.contract import ClientApi
+
 __all__ = ["INPUT_FIELDS", "input_messages"]
 
 MAX_ITEMS: Final = 2000  # request messages / input items read (the span keeps fewer)
 
-ANTHROPIC_MESSAGES: Final = "anthropic.messages"
-RESPONSES: Final = "openai.responses"
+ANTHROPIC_MESSAGES: Final = ClientApi.ANTHROPIC_MESSAGES
+RESPONSES: Final = ClientApi.OPENAI_RESPONSES
 
 # Request fields that are the input (recorded as messages), per client API.
 INPUT_FIELDS: Final[dict[str, frozenset[str]]] = {

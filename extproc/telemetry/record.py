@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from extproc.contract import ClientApi
 from extproc.usage import TokenUsage
 
 
@@ -52,7 +53,7 @@ class RequestRecord:
     last_output_at: float | None
     complete: bool  # the response body ended normally
     processor_seconds: float  # time the processor spent on this request, upstream excluded
-    client_api: str = "openai.chat"  # the API the client spoke: openai.chat, anthropic.messages, openai.responses, ...
+    client_api: str = ClientApi.OPENAI_CHAT  # the API the client spoke (a ClientApi value)
     session_id: str | None = None
     user_id: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)  # configured request-header attributes

@@ -42,6 +42,7 @@ from opentelemetry.util.types import AttributeValue
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from extproc.config import TelemetrySettings
+from extproc.contract import ClientApi
 from extproc.telemetry.record import RequestRecord
 from extproc.telemetry.span_attributes import apply_record
 
@@ -58,8 +59,8 @@ SPAN_NAMES: Final[dict[str, str]] = {
 # client APIs whose calls the OpenInference instrumentations name otherwise (anthropic: Messages;
 # openai: the response type, Response)
 API_SPAN_NAMES: Final[dict[str, str]] = {
-    "anthropic.messages": "Messages",
-    "openai.responses": "Response",
+    ClientApi.ANTHROPIC_MESSAGES: "Messages",
+    ClientApi.OPENAI_RESPONSES: "Response",
 }
 SPAN_KIND: Final = SpanKind.INTERNAL
 
