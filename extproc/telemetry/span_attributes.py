@@ -16,7 +16,7 @@ oldest input messages are left out first, and `metadata` says how many were.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 from openinference.instrumentation import TraceConfig
@@ -200,7 +200,7 @@ def apply_record(
         else:
             for i, tool in enumerate(_tools(body)):
                 key = f"{SpanAttributes.LLM_TOOLS}.{i}.{ToolAttributes.TOOL_JSON_SCHEMA}"
-                builder.group([(key, builder.lazy_json(lambda tool=tool: tool))])
+                builder.group([(key, builder.lazy_json(_returning(tool)))])
             messages = body.get("messages")
             if isinstance(messages, list):
                 # Newest first: when the budget runs out, the oldest turns are left out.
@@ -268,7 +268,8 @@ class _Attributes:
     def image_url(self, url: str) -> AttributeValue:
         if len(url) <= self.limit:
             return url
-        if is_base64_url(url) and len(url) > self.config.base64_image_max_length:
+        # TraceConfig's __post_init__ replaces a None with its default, so it is an int here.
+        if is_base64_url(url) and len(url) > cast(int, self.config.base64_image_max_length):
             return url  # the library redacts it (or hands it to the configured blob uploader)
         return REDACTED_VALUE  # a cut image is useless
 
@@ -386,7 +387,9 @@ def _input_message(b: _Attributes, prefix: str, message: Mapping[str, Any]) -> l
         for k, call in enumerate(tool_calls[:MAX_TOOL_CALLS]):
             if not isinstance(call, dict):
                 continue
-            function = call.get("function") if isinstance(call.get("function"), dict) else {}
+            function = call.get("function")
+            if not isinstance(function, dict):
+                function = {}
             out.extend(_tool_call(b, f"{prefix}.{_TOOL_CALLS}.{k}", call.get("id"), function.get("name"), function.get("arguments")))
     return out
 
@@ -409,6 +412,11 @@ def _tool_call(b: _Attributes, prefix: str, call_id: Any, name: Any, arguments: 
     if isinstance(arguments, str) and arguments:
         out.append((f"{prefix}.{ToolCallAttributes.TOOL_CALL_FUNCTION_ARGUMENTS_JSON}", b.cut(arguments)))
     return out
+
+
+def _returning(value: Any) -> Callable[[], Any]:
+    """A thunk bound to `value` now (a lambda in a loop would see the last one)."""
+    return lambda: value
 
 
 def _tools(body: Mapping[str, Any]) -> list[Any]:
