@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-long unit integration envoy-config system-deps wrk bench soak clean
+.PHONY: run test test-long unit integration mypy envoy-config system-deps wrk bench soak clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,10 +28,15 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; \
 	  else echo "the tests need redis-server: sudo apt-get install redis-server" >&2; exit 1; fi; }
 
-## test: unit and integration tests (real Envoy, real processor, official SDK clients, real Redis);
-## requests of 70 s included, the 5-minute ones left to test-long
+## test: mypy on extproc/, then unit and integration tests (real Envoy, real processor,
+## official SDK clients, real Redis); requests of 70 s included, the 5-minute ones left to test-long
 test: $(STAMP) system-deps
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not long" tests
+
+## mypy: type-check extproc/ ([tool.mypy] in pyproject.toml)
+mypy: $(STAMP)
+	$(BIN)/mypy
 
 ## test-long: the tests that last minutes each (5-minute requests and streams through real Envoy)
 test-long: $(STAMP) system-deps
@@ -63,4 +68,4 @@ envoy-config: $(STAMP)
 	$(BIN)/extproc envoy-config --demo --workers 2 -o envoy/envoy.yaml
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MIN_VALIDITY_S = 60.0  # credentials closer to expiry than this are not used to sign
+MIN_VALIDITY_S = 60  # credentials closer to expiry than this are not used to sign
 RETRY_AFTER_S = 30.0  # after a failed or empty resolution, the chain is not asked again for this long
 
 
@@ -97,7 +97,7 @@ class ChainCredentials:
         while self._flight is not None:
             await asyncio.shield(self._flight)
 
-    def _needs_refresh(self, within: float | None) -> bool:
+    def _needs_refresh(self, within: int | None) -> bool:
         """botocore's test: expiring within `within` seconds (None: its advisory window).
         It only reads the expiry time, so it is safe while a refresh runs in a thread
         (at worst it sees the new expiry a moment before `_keys` holds the new keys)."""

@@ -58,7 +58,8 @@ async def wait_until_hung(grpc_address: str) -> None:
 async def _answers(stub: health_pb2_grpc.HealthStub) -> bool:
     request = health_pb2.HealthCheckRequest(service=PROCESSOR_SERVICE)
     try:
-        await stub.Check(request, timeout=PROBE_TIMEOUT_SECONDS, wait_for_ready=True)
+        # types-grpcio-health-checking's HealthStub omits the methods its generated __init__ sets.
+        await stub.Check(request, timeout=PROBE_TIMEOUT_SECONDS, wait_for_ready=True)  # type: ignore[attr-defined]
     except grpc.aio.AioRpcError as exc:
         return exc.code() not in _NO_ANSWER
     return True

@@ -93,7 +93,7 @@ def immediate(
     """Answer the client directly (Envoy sends it; the upstream never sees the request)."""
     response = ep.ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),
             headers=header_mutation(headers),
             body=body,
             details=details,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from enum import Enum
+from typing import Any
 
 import orjson
 
@@ -316,9 +317,9 @@ class ResponseObserver:
             self._messages = dict(enumerate(openai.output_from_body(body, self._max_chars)))
 
 
-def _message_text(body: dict[str, object]) -> str:
+def _message_text(body: dict[str, Any]) -> str:
     parts: list[str] = []
-    for choice in body.get("choices") or ():  # type: ignore[union-attr]
+    for choice in body.get("choices") or ():
         if isinstance(choice, dict):
             message = choice.get("message")
             if isinstance(message, dict) and isinstance(message.get("content"), str):

@@ -346,7 +346,8 @@ async def serve(loaded: LoadedConfig, options: ServeOptions, pool: WorkerPool | 
     if pool is not None:
         assert pool.died is not None
         stop = asyncio.ensure_future(server.stop_requested())
-        await asyncio.wait({stop, pool.died}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {stop, pool.died}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if pool.died.done() and not pool.died.cancelled():
             child = pool.died.result()
             log.error("processor worker %s exited with code %s; stopping the others", child.pid, child.returncode)

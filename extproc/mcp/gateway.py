@@ -759,11 +759,11 @@ class McpGateway:
                 if data is None:
                     return self._error(observation, message.id, SERVER_UNAVAILABLE,
                                        f"MCP server {server!r} answered with more than {MAX_RELAYED_JSON} bytes")
-                answer = answer_in(data, message.id)
-                if answer is None:
+                relayed = answer_in(data, message.id)
+                if relayed is None:
                     return self._error(observation, message.id, SERVER_UNAVAILABLE,
                                        f"MCP server {server!r} answered with a malformed JSON-RPC message")
-                observation.answered(answer)
+                observation.answered(relayed)
                 return _json(data)
             if is_sse(response):
                 tools_key: ToolsKey = (server, server_session.session_id)

@@ -333,7 +333,10 @@ class _Loader:
             unlimited=unlimited,
             name=name,
             replaces=tuple(replaces),
-            **flags,
+            shadow_mode=flags["shadow_mode"],
+            quota_mode=flags["quota_mode"],
+            detailed_metric=flags["detailed_metric"],
+            value_to_metric=flags["value_to_metric"],
             path=path,
             metadata=metadata,
         )

@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -50,7 +51,7 @@ UINT32_MAX = 2**32 - 1
 MAX_ADDEND = 2**32
 
 Code = rls_pb2.RateLimitResponse.Code
-Descriptor = ratelimit_pb2.RateLimitDescriptor
+Descriptor: TypeAlias = ratelimit_pb2.RateLimitDescriptor
 _UNIT_ENUM = {name: rls_pb2.RateLimitResponse.RateLimit.Unit.Value(name.upper()) for name in UNIT_SECONDS}
 
 

@@ -289,6 +289,7 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
 
 
 def _tool_choice(choice: Any, parallel: Any, have_tools: bool) -> dict[str, Any] | None:
+    mapped: dict[str, Any] | None
     if choice is None:
         mapped = {"type": "auto"} if parallel is False and have_tools else None
     elif isinstance(choice, str) and choice in _TOOL_CHOICES:

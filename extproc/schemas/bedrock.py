@@ -589,7 +589,8 @@ class StreamTranslator:
         })
 
     def _on_message(self, message: EventStreamMessage) -> list[bytes]:
-        headers = message.headers
+        # botocore-stubs say int; botocore sets the parsed header dict.
+        headers: dict[str, Any] = message.headers  # type: ignore[assignment]
         kind = headers.get(":message-type")
         if kind == "exception":
             name = str(headers.get(":exception-type") or "exception")

@@ -181,6 +181,11 @@ def verify_sigv4(
     received: dict[str, list[str]] = {}
     for name, value in headers:
         received.setdefault(name.lower(), []).append(value)
+
+    def first(name: str) -> str | None:
+        values = received.get(name)
+        return values[0] if values else None
+
     authorization = received.get("authorization")
     if not authorization:
         raise BedrockError(403, "MissingAuthenticationTokenException", "Missing Authentication Token")
@@ -224,9 +229,9 @@ def verify_sigv4(
             raise BedrockError(
                 403, "InvalidSignatureException", f"'{required}' must be a 'SignedHeader' in the AWS Authorization."
             )
-    if (received.get("x-amz-security-token") or [None])[0] != token:
+    if first("x-amz-security-token") != token:
         raise BedrockError(403, "UnrecognizedClientException", "The security token included in the request is invalid.")
-    content_sha = (received.get("x-amz-content-sha256") or [None])[0]
+    content_sha = first("x-amz-content-sha256")
     if content_sha not in (None, "UNSIGNED-PAYLOAD", hashlib.sha256(body).hexdigest()):
         raise BedrockError(
             403, "InvalidSignatureException", "The provided 'x-amz-content-sha256' header does not match the body."
@@ -424,8 +429,12 @@ def _sample_value(name: str, schema: Any) -> Any:
 
 def _sample_input(schema: dict[str, Any]) -> dict[str, Any]:
     """Arguments for a tool call that satisfy the simple schemas tests use."""
-    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-    required = schema.get("required") if isinstance(schema.get("required"), list) else list(properties)
+    properties = schema.get("properties")
+    if not isinstance(properties, dict):
+        properties = {}
+    required = schema.get("required")
+    if not isinstance(required, list):
+        required = list(properties)
     return {name: _sample_value(name, properties.get(name)) for name in required if isinstance(name, str)}
 
 
@@ -524,6 +533,7 @@ def _stream_frames(reply: _Reply, chunks: int) -> list[tuple[str, bytes] | None]
 
     frames: list[tuple[str, bytes] | None] = [event("messageStart", _pad({"role": "assistant"}, 0))]
     for index, block in enumerate(reply.blocks):
+        pieces: list[dict[str, Any]]  # content block deltas
         if "toolUse" in block:
             use = block["toolUse"]
             start = {"toolUse": {"toolUseId": use["toolUseId"], "name": use["name"]}}

@@ -30,6 +30,15 @@ class _NoTracing:
     enabled = False
     records_content = False
 
+    # Tracing's interface, never called here: callers check `enabled` first.
+    def start(
+        self, operation: str, headers: Mapping[str, bytes], start_time_ns: int, client_api: str | None = None
+    ) -> SpanHandle | None:
+        return None
+
+    def inject(self, span: SpanHandle) -> list[tuple[str, bytes]]:
+        return []
+
     def finish(self, span: Any, record: RequestRecord) -> None:  # pragma: no cover - never started
         pass
 

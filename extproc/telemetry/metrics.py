@@ -401,9 +401,9 @@ class Metrics:
             cap = self._cap
             capped = []
             for name, value in record.attributes.items():
-                value = cap.value(name, value)
-                if value is not None:
-                    capped.append((name, value))
+                shown = cap.value(name, value)
+                if shown is not None:
+                    capped.append((name, shown))
             headers = tuple(capped)
         original = record.request_model if record.request_model != record.backend_model else None
         key = (

@@ -129,9 +129,9 @@ class AnthropicOutput:
             if call is not None and not call.arguments:
                 call.arguments = "{}"  # a call without arguments, as the JSON body says it
         elif kind == "message_start":
-            message = data.get("message")
-            if isinstance(message, dict):
-                self._started().role = _str(message.get("role")) or "assistant"
+            started = data.get("message")
+            if isinstance(started, dict):
+                self._started().role = _str(started.get("role")) or "assistant"
         elif kind == "message_delta":
             delta = data.get("delta")
             if isinstance(delta, dict) and (reason := _str(delta.get("stop_reason"))):

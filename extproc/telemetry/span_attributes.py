@@ -22,7 +22,7 @@ oldest input messages are left out first, and `metadata` says how many were.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 from openinference.instrumentation import TraceConfig
@@ -215,7 +215,7 @@ def apply_record(
         else:
             for i, tool in enumerate(_tools(body)):
                 key = f"{SpanAttributes.LLM_TOOLS}.{i}.{ToolAttributes.TOOL_JSON_SCHEMA}"
-                builder.group([(key, builder.lazy_json(lambda tool=tool: tool))])
+                builder.group([(key, builder.lazy_json(_returning(tool)))])
             read = input_messages(record.client_api, body)
             if read is not None:
                 messages, unread = read
@@ -225,10 +225,10 @@ def apply_record(
                 builder.omitted_messages = offset + unread
                 kept: list[list[tuple[str, AttributeValue]]] = []
                 for i in range(len(shown) - 1, -1, -1):
-                    message = shown[i]
-                    if not isinstance(message, dict):
+                    turn = shown[i]
+                    if not isinstance(turn, dict):
                         continue
-                    accepted = builder.accept(_input_message(builder, f"{_IN}.{offset + i}", message))
+                    accepted = builder.accept(_input_message(builder, f"{_IN}.{offset + i}", turn))
                     if accepted is None:
                         builder.omitted_messages += i + 1
                         break
@@ -284,7 +284,8 @@ class _Attributes:
     def image_url(self, url: str) -> AttributeValue:
         if len(url) <= self.limit:
             return url
-        if is_base64_url(url) and len(url) > self.config.base64_image_max_length:
+        # TraceConfig's __post_init__ replaces a None with its default, so it is an int here.
+        if is_base64_url(url) and len(url) > cast(int, self.config.base64_image_max_length):
             return url  # the library redacts it (or hands it to the configured blob uploader)
         return REDACTED_VALUE  # a cut image is useless
 
@@ -402,7 +403,9 @@ def _input_message(b: _Attributes, prefix: str, message: Mapping[str, Any]) -> l
         for k, call in enumerate(tool_calls[:MAX_TOOL_CALLS]):
             if not isinstance(call, dict):
                 continue
-            function = call.get("function") if isinstance(call.get("function"), dict) else {}
+            function = call.get("function")
+            if not isinstance(function, dict):
+                function = {}
             out.extend(_tool_call(b, f"{prefix}.{_TOOL_CALLS}.{k}", call.get("id"), function.get("name"), function.get("arguments")))
     return out
 
@@ -430,6 +433,11 @@ def _tool_call(b: _Attributes, prefix: str, call_id: Any, name: Any, arguments: 
     elif isinstance(arguments, dict | list):
         out.append((key, b.lazy_json(lambda: arguments)))
     return out
+
+
+def _returning(value: Any) -> Callable[[], Any]:
+    """A thunk bound to `value` now (a lambda in a loop would see the last one)."""
+    return lambda: value
 
 
 def _tools(body: Mapping[str, Any]) -> list[Any]:
