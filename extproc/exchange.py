@@ -23,6 +23,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import budgets, protocol
+from extproc.client_errors import error_reply
 from extproc.config import Schema, Tenancy, key_digest
 from extproc.estimate import estimate_usage
 from extproc.contract import (
@@ -649,18 +650,8 @@ class Exchange:
 
     def _reject(self, error: RequestError | AnthropicRequestError) -> ep.ProcessingResponse:
         """Answer the client in its own API's error shape."""
-        code = getattr(error, "code", None) or error.error_type
-        if self.endpoint is not None and self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES:
-            kind = error.error_type if error.error_type.endswith("_error") else (
-                "api_error" if error.status >= 500 else "invalid_request_error")
-            if error.status == 413:
-                kind = "request_too_large"
-            body = anthropic.error_body(error.message, kind)
-        elif isinstance(error, AnthropicRequestError):
-            body = openai.error_body(error.status, error.message, error.error_type)
-        else:
-            body = openai.error_body(error.status, error.message, error.error_type, error.code, error.param)
-        return protocol.immediate(error.status, body, PROCESSOR_DETAILS_PREFIX + code)
+        client_api = self.endpoint.client_api if self.endpoint is not None else None
+        return error_reply(client_api, error, PROCESSOR_DETAILS_PREFIX)
 
 
 def _client_api_key(headers: dict[str, bytes]) -> str | None:
