@@ -22,6 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import budgets, protocol
 from extproc.accounting import end_of_response_metadata
+from extproc.client_apis import ENDPOINTS, MODEL_PATH_PREFIX, ClientApiSpec
 from extproc.client_errors import error_reply
 from extproc.config import Schema
 from extproc.estimate import estimate_usage
@@ -49,7 +50,8 @@ from extproc.routing import BackendTarget, CompiledRoute
 from extproc.runtime import Runtime
 from extproc.schemas import anthropic, openai, responses
 from extproc.schemas.anthropic import AnthropicRequestError
-from extproc.schemas.openai import Endpoint, Operation, RequestError
+from extproc.schemas.openai import Operation, RequestError
+from extproc import translators
 from extproc.telemetry.record import RequestRecord
 from extproc.tenancy import tenant_of
 
@@ -60,8 +62,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_USAGE_OPTION_APIS = (ClientApi.OPENAI_CHAT, ClientApi.OPENAI_COMPLETIONS)  # with stream_options.include_usage
-_STREAMING_OPERATIONS = (Operation.chat, Operation.completion)
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _BUFFER_JSON_RESPONSE = ep.ProcessingResponse(
     response_headers=ep.HeadersResponse(),
@@ -101,7 +101,7 @@ class Exchange:
         self.method = ""
         self.path = ""
         self.query = ""
-        self.endpoint: Endpoint | None = None
+        self.endpoint: ClientApiSpec | None = None  # the client API called
         self.model: str | None = None
         self.route: CompiledRoute | None = None
         self.target: BackendTarget | None = None
@@ -178,9 +178,9 @@ class Exchange:
         self.path, self.query = path, query
         if path in self.runtime.mcp_paths:
             return self._mcp_headers(headers, message.end_of_stream)
-        endpoint = openai.ENDPOINTS.get(path)
-        if endpoint is None and self.method == "GET" and path.startswith(openai.MODEL_PATH_PREFIX):
-            return self._model_object(unquote(path.removeprefix(openai.MODEL_PATH_PREFIX)))
+        endpoint = ENDPOINTS.get(path)
+        if endpoint is None and self.method == "GET" and path.startswith(MODEL_PATH_PREFIX):
+            return self._model_object(unquote(path.removeprefix(MODEL_PATH_PREFIX)))
         if endpoint is None or endpoint.method != self.method:
             raise openai.not_found_path(self.method, path)
         self.endpoint = endpoint
@@ -258,12 +258,11 @@ class Exchange:
         if len(message.body) > limit:
             raise openai.too_large(limit)
         assert self.endpoint is not None
-        anthropic_api = self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES
-        parsed = anthropic.parse_request(message.body) if anthropic_api else openai.parse_request(message.body)
+        parsed = self.endpoint.parse_request(message.body)
         self.model = parsed.model
         selection = runtime.router.select(parsed.model)
         if selection is None:
-            if anthropic_api:
+            if self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES:
                 raise AnthropicRequestError(404, f"model: {parsed.model} is not served by this gateway", "not_found_error")
             raise openai.model_not_found(parsed.model)
         if self.endpoint.client_api is ClientApi.OPENAI_RESPONSES:
@@ -291,15 +290,13 @@ class Exchange:
     ) -> ep.ProcessingResponse:
         runtime = self.runtime
         assert self.endpoint is not None
-        anthropic_api = self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES
+        client_api = self.endpoint.client_api
         self.route, self.target = selection
         route, target = self.route, self.target
-        self.stream = parsed.stream and self.endpoint.operation in _STREAMING_OPERATIONS
+        self.stream = parsed.stream and self.endpoint.streams
         self.staged = route.fallback or target.needs_upstream_stage
-        if anthropic_api and not route.fallback and target.backend.schema_ is not Schema.anthropic:
-            raise AnthropicRequestError(
-                400, f"The model `{parsed.model}` is served by a backend that does not speak the Anthropic Messages "
-                "API; use /v1/chat/completions for it.", "invalid_request_error")
+        if not route.fallback and (client_api, target.backend.schema_) not in translators.REGISTRY:
+            raise translators.unserved(client_api, target, parsed.model)  # before any upstream cost
 
         if self.staged:
             set_headers, remove = self._staged_headers(route, target, parsed.model)
@@ -314,7 +311,7 @@ class Exchange:
         if override is not None and override != parsed.model:
             updates["model"] = override
         forced_usage = (
-            self.endpoint.client_api in _USAGE_OPTION_APIS and self.stream and runtime.force_stream_usage
+            self.endpoint.usage_option and self.stream and runtime.force_stream_usage
             and not openai.asks_for_usage(parsed.body)
         )
         if forced_usage:
@@ -326,7 +323,7 @@ class Exchange:
             new_body = openai.with_updates(message.body, parsed.body, updates)
             common.body_mutation.body = new_body
             set_headers.append(("content-length", str(len(new_body)).encode()))
-        if runtime.estimate_when_missing and not anthropic_api:
+        if runtime.estimate_when_missing and client_api is not ClientApi.ANTHROPIC_MESSAGES:
             self._prompt = (openai.prompt_text(parsed.body), len(parsed.body.get("messages") or ()) or 1)
         content_chars = self._start_span(set_headers, parsed.body)
         self.observer = ResponseObserver(
@@ -334,8 +331,7 @@ class Exchange:
             collect_text=runtime.estimate_when_missing,
             max_json_bytes=runtime.max_response_bytes,
             collect_output_chars=content_chars,
-            anthropic_api=anthropic_api,
-            responses_api=self.endpoint.client_api is ClientApi.OPENAI_RESPONSES,
+            shape=self.endpoint.response_shape,
         )
 
         common.header_mutation.CopyFrom(protocol.header_mutation(set_headers, remove))
