@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
-import re
 import time
 from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
@@ -23,7 +21,10 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import budgets, protocol
-from extproc.config import Schema, Tenancy, key_digest
+from extproc.accounting import end_of_response_metadata
+from extproc.client_apis import ENDPOINTS, MODEL_PATH_PREFIX, ClientApiSpec
+from extproc.client_errors import error_reply
+from extproc.config import Schema
 from extproc.estimate import estimate_usage
 from extproc.contract import (
     BACKEND_HEADER,
@@ -40,17 +41,19 @@ from extproc.contract import (
     Meta,
 )
 from extproc.local_replies import LOCAL_RATE_LIMITED, local_reply_error_type
-from extproc.mcp import jsonrpc
+from extproc.mcp.call_metadata import message_metadata, session_label
 from extproc.protocol import Answer
+from extproc.request_headers import header_text
 from extproc.redact import redact_headers
 from extproc.response import BodyKind, ResponseObserver
 from extproc.routing import BackendTarget, CompiledRoute
 from extproc.runtime import Runtime
 from extproc.schemas import anthropic, openai, responses
 from extproc.schemas.anthropic import AnthropicRequestError
-from extproc.schemas.openai import Endpoint, Operation, RequestError
+from extproc.schemas.openai import Operation, RequestError
+from extproc import translators
 from extproc.telemetry.record import RequestRecord
-from extproc.usage import TokenUsage, cost_metadata
+from extproc.tenancy import tenant_of
 
 if TYPE_CHECKING:
     from extproc.affinity import AffinityStore
@@ -59,11 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_USAGE_OPTION_APIS = (ClientApi.OPENAI_CHAT, ClientApi.OPENAI_COMPLETIONS)  # with stream_options.include_usage
-_MAX_HEADER_VALUE = 256  # session id / tenant values longer than this are cut
-_STREAMING_OPERATIONS = (Operation.chat, Operation.completion)
 _TRACE_HEADERS = ("traceparent", "tracestate")
-_MAX_TENANT = 128
 _BUFFER_JSON_RESPONSE = ep.ProcessingResponse(
     response_headers=ep.HeadersResponse(),
     mode_override=processing_mode_pb2.ProcessingMode(
@@ -77,7 +76,6 @@ PROVIDER_NAMES = {
     Schema.aws_bedrock: "aws.bedrock",
     Schema.azure_openai: "azure.ai.openai",
 }
-_TENANT_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 _BACKGROUND: set[asyncio.Future[Any]] = set()  # fire-and-forget writes, referenced until done
 
@@ -103,7 +101,7 @@ class Exchange:
         self.method = ""
         self.path = ""
         self.query = ""
-        self.endpoint: Endpoint | None = None
+        self.endpoint: ClientApiSpec | None = None  # the client API called
         self.model: str | None = None
         self.route: CompiledRoute | None = None
         self.target: BackendTarget | None = None
@@ -180,9 +178,9 @@ class Exchange:
         self.path, self.query = path, query
         if path in self.runtime.mcp_paths:
             return self._mcp_headers(headers, message.end_of_stream)
-        endpoint = openai.ENDPOINTS.get(path)
-        if endpoint is None and self.method == "GET" and path.startswith(openai.MODEL_PATH_PREFIX):
-            return self._model_object(unquote(path.removeprefix(openai.MODEL_PATH_PREFIX)))
+        endpoint = ENDPOINTS.get(path)
+        if endpoint is None and self.method == "GET" and path.startswith(MODEL_PATH_PREFIX):
+            return self._model_object(unquote(path.removeprefix(MODEL_PATH_PREFIX)))
         if endpoint is None or endpoint.method != self.method:
             raise openai.not_found_path(self.method, path)
         self.endpoint = endpoint
@@ -194,9 +192,9 @@ class Exchange:
         limit = self.runtime.max_request_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             raise openai.too_large(limit)
-        self.session_id = _header_text(headers.get(self.runtime.session_id_header))
+        self.session_id = header_text(headers.get(self.runtime.session_id_header))
         if self.runtime.tenancy is not None:
-            self.tenant = self._tenant(headers, self.runtime.tenancy)
+            self.tenant = tenant_of(headers, self.runtime.tenancy, self.runtime.tenant_keys)
         if self.telemetry is not None:
             self._read_telemetry_headers(headers)
         return protocol.CONTINUE_REQUEST_HEADERS
@@ -209,10 +207,10 @@ class Exchange:
         server records its own telemetry and streams SSE). With request limits it still
         sees the response headers, to give a limit's 429 its retry-after."""
         self.mcp = True
-        self.session_id = _header_text(headers.get(self.runtime.session_id_header)) or _mcp_session(
+        self.session_id = header_text(headers.get(self.runtime.session_id_header)) or session_label(
             headers.get(MCP_SESSION_HEADER))
         if self.runtime.tenancy is not None:
-            self.tenant = self._tenant(headers, self.runtime.tenancy)
+            self.tenant = tenant_of(headers, self.runtime.tenancy, self.runtime.tenant_keys)
         response = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
         # An override replaces every field: keep the buffered request body (proto default: NONE).
         response.mode_override.request_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
@@ -226,53 +224,21 @@ class Exchange:
         return response
 
     def _mcp_body(self, body: bytes) -> ep.ProcessingResponse:
-        """Metadata for one JSON-RPC message; anything unreadable is left to the MCP server,
-        which answers it with the proper JSON-RPC error."""
-        values: dict[str, Any] = {Meta.SESSION_ID: self.session_id, Meta.TENANT: self.tenant}
-        message = jsonrpc.parse_message(body)  # the MCP gateway's own reading of the message
-        if isinstance(message, jsonrpc.Message):
-            method = message.method
-            if method is not None and method.isprintable():
-                values[Meta.MCP_METHOD] = method[:_MAX_HEADER_VALUE]
-            if message.id is not None:
-                values[Meta.MCP_REQUEST_ID] = str(message.id)[:_MAX_HEADER_VALUE]
-            name = jsonrpc.tool_name_of(message)
-            if name is not None and name.isprintable():
-                values[Meta.MCP_TOOL_NAME] = name[:_MAX_HEADER_VALUE]
-                if (parts := jsonrpc.split_tool_name(name)) is not None:
-                    values[Meta.MCP_BACKEND] = parts[0]
-                    values[Meta.MCP_TOOL_CALL] = 1
+        """Metadata for one JSON-RPC message (extproc/mcp/call_metadata.py)."""
+        values: dict[str, Any] = {Meta.SESSION_ID: self.session_id, Meta.TENANT: self.tenant,
+                                  **message_metadata(body)}
         budgets.add_charges(values, self.runtime.charges)  # a tool call costs a call budget 1, anything else 0
         response = ep.ProcessingResponse(request_body=ep.BodyResponse())
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(values))
         self.done = not self.runtime.request_limited  # the response phases are skipped for MCP
         return response
 
-    def _tenant(self, headers: dict[str, bytes], tenancy: Tenancy) -> str:
-        """Who pays: a known client API key first (it proves identity), then the tenant
-        header, then the default; with none of them the request is refused."""
-        key = _client_api_key(headers)
-        if key and (tenant := self.runtime.tenant_keys.get(key_digest(key))) is not None:
-            return tenant
-        if tenancy.header is not None and (named := _header_text(headers.get(tenancy.header))) is not None:
-            if len(named) > _MAX_TENANT or not _TENANT_CHARS.match(named):
-                raise openai.bad_request(
-                    f"The {tenancy.header} header must be 1-{_MAX_TENANT} characters of letters, digits and _.-"
-                )
-            return named
-        if tenancy.default_tenant is not None:
-            return tenancy.default_tenant
-        source = " or ".join(
-            ([f"the {tenancy.header} header"] if tenancy.header else []) + (["a known API key"] if tenancy.api_keys else [])
-        )
-        raise openai.no_tenant(tenancy.reject_status, f"This gateway needs to know who is calling: send {source}.")
-
     def _read_telemetry_headers(self, headers: dict[str, bytes]) -> None:
         settings = self.telemetry.settings  # type: ignore[union-attr]
         if settings.user_id_header:
-            self.user_id = _header_text(headers.get(settings.user_id_header))
+            self.user_id = header_text(headers.get(settings.user_id_header))
         for header, attribute in settings.metric_header_attributes.items():
-            value = _header_text(headers.get(header))
+            value = header_text(headers.get(header))
             if value is not None:
                 self.attributes[attribute] = value
         if self.telemetry.tracing.enabled:  # type: ignore[union-attr]
@@ -292,12 +258,11 @@ class Exchange:
         if len(message.body) > limit:
             raise openai.too_large(limit)
         assert self.endpoint is not None
-        anthropic_api = self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES
-        parsed = anthropic.parse_request(message.body) if anthropic_api else openai.parse_request(message.body)
+        parsed = self.endpoint.parse_request(message.body)
         self.model = parsed.model
         selection = runtime.router.select(parsed.model)
         if selection is None:
-            if anthropic_api:
+            if self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES:
                 raise AnthropicRequestError(404, f"model: {parsed.model} is not served by this gateway", "not_found_error")
             raise openai.model_not_found(parsed.model)
         if self.endpoint.client_api is ClientApi.OPENAI_RESPONSES:
@@ -325,15 +290,13 @@ class Exchange:
     ) -> ep.ProcessingResponse:
         runtime = self.runtime
         assert self.endpoint is not None
-        anthropic_api = self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES
+        client_api = self.endpoint.client_api
         self.route, self.target = selection
         route, target = self.route, self.target
-        self.stream = parsed.stream and self.endpoint.operation in _STREAMING_OPERATIONS
-        self.staged = route.fallback or target.translated
-        if anthropic_api and not route.fallback and target.backend.schema_ is not Schema.anthropic:
-            raise AnthropicRequestError(
-                400, f"The model `{parsed.model}` is served by a backend that does not speak the Anthropic Messages "
-                "API; use /v1/chat/completions for it.", "invalid_request_error")
+        self.stream = parsed.stream and self.endpoint.streams
+        self.staged = route.fallback or target.needs_upstream_stage
+        if not route.fallback and (client_api, target.backend.schema_) not in translators.REGISTRY:
+            raise translators.unserved(client_api, target, parsed.model)  # before any upstream cost
 
         if self.staged:
             set_headers, remove = self._staged_headers(route, target, parsed.model)
@@ -348,7 +311,7 @@ class Exchange:
         if override is not None and override != parsed.model:
             updates["model"] = override
         forced_usage = (
-            self.endpoint.client_api in _USAGE_OPTION_APIS and self.stream and runtime.force_stream_usage
+            self.endpoint.usage_option and self.stream and runtime.force_stream_usage
             and not openai.asks_for_usage(parsed.body)
         )
         if forced_usage:
@@ -360,7 +323,7 @@ class Exchange:
             new_body = openai.with_updates(message.body, parsed.body, updates)
             common.body_mutation.body = new_body
             set_headers.append(("content-length", str(len(new_body)).encode()))
-        if runtime.estimate_when_missing and not anthropic_api:
+        if runtime.estimate_when_missing and client_api is not ClientApi.ANTHROPIC_MESSAGES:
             self._prompt = (openai.prompt_text(parsed.body), len(parsed.body.get("messages") or ()) or 1)
         content_chars = self._start_span(set_headers, parsed.body)
         self.observer = ResponseObserver(
@@ -368,8 +331,7 @@ class Exchange:
             collect_text=runtime.estimate_when_missing,
             max_json_bytes=runtime.max_response_bytes,
             collect_output_chars=content_chars,
-            anthropic_api=anthropic_api,
-            responses_api=self.endpoint.client_api is ClientApi.OPENAI_RESPONSES,
+            shape=self.endpoint.response_shape,
         )
 
         common.header_mutation.CopyFrom(protocol.header_mutation(set_headers, remove))
@@ -548,30 +510,11 @@ class Exchange:
         task.add_done_callback(_BACKGROUND.discard)
 
     def final_metadata(self) -> dict[str, Any]:
-        """Everything known at the end of the response, as metadata values."""
-        observer = self.observer
-        assert observer is not None and self.target is not None and self.route is not None
-        values: dict[str, Any] = {Meta.RESPONSE_MODEL: observer.response_model}
-        if observer.status >= 400:
-            values[Meta.RESPONSE_ERROR_TYPE] = observer.error_type or f"http_{observer.status}"
-        usage: TokenUsage | None = observer.usage if 200 <= observer.status < 300 else None
-        if usage is not None:
-            values.update(usage.metadata())
-            values.update(
-                cost_metadata(self.runtime.costs, usage, self.model or "", self.target.name, self.route.name)
-            )
-        budgets.add_charges(values, self.runtime.charges)  # 0: nothing owed (an error, a refusal)
-        for budget in self.runtime.reserve_budgets:
-            # Settle the up-front charge: add what the estimate missed, or give back the rest.
-            actual = int(values.get(budget.cost, 0))
-            values[budgets.settle_key(budget)] = max(actual - self._reserved, 0)
-            values[budgets.refund_key(budget)] = max(self._reserved - actual, 0)
-        record = self.record()
-        if record is not None and (ttft := record.time_to_first_token) is not None:
-            values[Meta.TTFT_MS] = ttft * 1000
-            if (per_token := record.time_per_output_token) is not None:
-                values[Meta.ITL_MS] = per_token * 1000
-        return values
+        """Everything known at the end of the response, as metadata values (extproc/accounting.py)."""
+        observer, target, route = self.observer, self.target, self.route
+        assert observer is not None and target is not None and route is not None
+        return end_of_response_metadata(
+            self.runtime, observer, self.model or "", target.name, route.name, self._reserved, self.record())
 
     def close(self) -> None:
         """Envoy ended the stream: publish the request's record to metrics and traces.
@@ -649,42 +592,9 @@ class Exchange:
 
     def _reject(self, error: RequestError | AnthropicRequestError) -> ep.ProcessingResponse:
         """Answer the client in its own API's error shape."""
-        code = getattr(error, "code", None) or error.error_type
-        if self.endpoint is not None and self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES:
-            kind = error.error_type if error.error_type.endswith("_error") else (
-                "api_error" if error.status >= 500 else "invalid_request_error")
-            if error.status == 413:
-                kind = "request_too_large"
-            body = anthropic.error_body(error.message, kind)
-        elif isinstance(error, AnthropicRequestError):
-            body = openai.error_body(error.status, error.message, error.error_type)
-        else:
-            body = openai.error_body(error.status, error.message, error.error_type, error.code, error.param)
-        return protocol.immediate(error.status, body, PROCESSOR_DETAILS_PREFIX + code)
+        client_api = self.endpoint.client_api if self.endpoint is not None else None
+        return error_reply(client_api, error, PROCESSOR_DETAILS_PREFIX)
 
-
-def _client_api_key(headers: dict[str, bytes]) -> str | None:
-    """The key a client sent the gateway: `Authorization: Bearer K` or `x-api-key: K`."""
-    authorization = headers.get("authorization")
-    if authorization and authorization[:7].lower() == b"bearer ":
-        return authorization[7:].strip().decode("latin-1")
-    key = headers.get("x-api-key")
-    return key.strip().decode("latin-1") if key else None
-
-
-def _header_text(value: bytes | None) -> str | None:
-    """A request header as metadata text: bounded, printable, or nothing."""
-    if not value:
-        return None
-    text = value[:_MAX_HEADER_VALUE].decode("utf-8", "replace")
-    return text if text.isprintable() else None
-
-
-def _mcp_session(value: bytes | None) -> str | None:
-    """MCP session ids can be long signed tokens: metadata gets a short, stable digest."""
-    if not value:
-        return None
-    return "mcp-" + hashlib.sha256(value).hexdigest()[:16]
 
 
 def _with_headers(answer: Answer, set_headers: Iterable[tuple[str, bytes]] = (), remove: Iterable[str] = ()) -> Answer:

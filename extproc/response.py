@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from extproc.client_apis import ResponseShape
 from extproc.decoding import ChunkDecoder, decoder_for
 from extproc.schemas import anthropic, openai, responses
 from extproc.sse import SSEDecoder, SSEEvent
@@ -51,8 +52,7 @@ class ResponseObserver:
         collect_text: bool,
         max_json_bytes: int,
         collect_output_chars: int | None = None,
-        anthropic_api: bool = False,
-        responses_api: bool = False,
+        shape: ResponseShape = ResponseShape.openai,
     ) -> None:
         self.status = 0
         self.kind = BodyKind.none
@@ -79,6 +79,7 @@ class ResponseObserver:
         self._messages: dict[int, OutputMessage] | None = {} if collect_output_chars else None
         self._max_chars = collect_output_chars or 0
         # A client of the Anthropic Messages API reads Anthropic's own stream, untouched.
+        anthropic_api, responses_api = shape is ResponseShape.anthropic, shape is ResponseShape.responses
         self._anthropic: anthropic.StreamUsage | None = anthropic.StreamUsage() if anthropic_api else None
         # The Responses API streams named events and reports usage in response.completed.
         self._responses: responses.StreamReader | None = responses.StreamReader() if responses_api else None

@@ -35,9 +35,10 @@ class BackendTarget:
     auth: BackendAuth  # the backend's credentials (extproc/backend_auth.py)
     model_name_override: str | None
     extra_headers: tuple[tuple[str, bytes], ...]
-    # Not OpenAI's wire format (or not OpenAI's paths): the upstream stage rewrites each
-    # attempt for this backend, so the request stage leaves path, model and keys alone.
-    translated: bool = False
+    # Not OpenAI's wire format or paths (Azure, Anthropic, Bedrock): the upstream stage
+    # prepares each attempt for this backend (extproc/translators/), so the request stage
+    # leaves path, model and credentials alone.
+    needs_upstream_stage: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,5 +142,5 @@ def _target(backend: Backend, auth: BackendAuth) -> BackendTarget:
         auth=auth,
         model_name_override=backend.model_name_override,
         extra_headers=tuple((k.lower(), v.encode()) for k, v in backend.headers.items()),
-        translated=backend.schema_ is not Schema.openai,
+        needs_upstream_stage=backend.schema_ is not Schema.openai,
     )

@@ -46,6 +46,7 @@ from extproc.contract import (
     ClientApi,
     Meta,
 )
+from extproc.client_errors import error_reply
 from extproc.protocol import Answer
 from extproc.routing import BackendTarget
 from extproc.runtime import Runtime
@@ -266,15 +267,4 @@ class UpstreamExchange:
                                      "server_error", "bad_backend_response")
 
     def _reject(self, error: RequestError | anthropic.AnthropicRequestError) -> ep.ProcessingResponse:
-        if isinstance(error, anthropic.AnthropicRequestError) or self.client_api is ClientApi.ANTHROPIC_MESSAGES:
-            body = anthropic.error_body(error.message, _anthropic_type(error))
-        else:
-            body = openai.error_body(error.status, error.message, error.error_type, error.code, error.param)
-        code = getattr(error, "code", None) or error.error_type
-        return protocol.immediate(error.status, body, UPSTREAM_DETAILS_PREFIX + code)
-
-
-def _anthropic_type(error: RequestError | anthropic.AnthropicRequestError) -> str:
-    if error.status >= 500:
-        return "api_error"
-    return error.error_type if error.error_type.endswith("_error") else "invalid_request_error"
+        return error_reply(self.client_api, error, UPSTREAM_DETAILS_PREFIX)

@@ -11,7 +11,6 @@ from typing import Any
 
 import orjson
 
-from extproc.contract import ClientApi
 from extproc.telemetry.record import OutputMessage, ToolCall
 from extproc.usage import TokenUsage
 
@@ -23,26 +22,6 @@ class Operation(str, Enum):
     completion = "text_completion"
     embeddings = "embeddings"
     models = "models"
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    operation: Operation
-    method: str
-    suffix: str  # the path after the API version prefix, appended to a backend's base URL
-    client_api: ClientApi  # the API the client speaks, named in metadata for the upstream stage
-
-
-# Client paths as the openai and anthropic SDKs send them (the openai SDK's base URL ends
-# in /v1; the anthropic SDK's base URL is the gateway's /anthropic).
-ENDPOINTS: dict[str, Endpoint] = {
-    "/v1/chat/completions": Endpoint(Operation.chat, "POST", "/chat/completions", ClientApi.OPENAI_CHAT),
-    "/v1/completions": Endpoint(Operation.completion, "POST", "/completions", ClientApi.OPENAI_COMPLETIONS),
-    "/v1/embeddings": Endpoint(Operation.embeddings, "POST", "/embeddings", ClientApi.OPENAI_EMBEDDINGS),
-    "/v1/models": Endpoint(Operation.models, "GET", "/models", ClientApi.OPENAI_MODELS),
-    "/v1/responses": Endpoint(Operation.chat, "POST", "/responses", ClientApi.OPENAI_RESPONSES),
-    "/anthropic/v1/messages": Endpoint(Operation.chat, "POST", "/v1/messages", ClientApi.ANTHROPIC_MESSAGES),
-}
 
 
 class RequestError(Exception):
@@ -173,7 +152,6 @@ def with_include_usage(body: dict[str, Any]) -> dict[str, Any]:
     return {**(options if isinstance(options, dict) else {}), "include_usage": True}
 
 
-MODEL_PATH_PREFIX = "/v1/models/"
 _OWNED_BY = "extproc"
 _STARTED = int(time.time())
 

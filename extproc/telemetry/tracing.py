@@ -307,9 +307,6 @@ class Tracing:
         except Exception:
             log.debug("could not end span", exc_info=True)
 
-    def force_flush(self, timeout_millis: int = 5000) -> bool:
-        return self._provider.force_flush(timeout_millis) if self._provider is not None else True
-
     def shutdown(self) -> None:
         provider, self._provider, self._tracer = self._provider, None, None
         if provider is not None:

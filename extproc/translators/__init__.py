@@ -7,6 +7,7 @@ treats every pair the same way (extproc/upstream.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from extproc.config import Schema
 from extproc.contract import ClientApi
@@ -18,7 +19,10 @@ from extproc.translators.chat_to_anthropic import ChatToAnthropic
 from extproc.translators.chat_to_bedrock import ChatToBedrock
 from extproc.translators.openai_compatible import OpenAICompatible
 
-__all__ = ["REGISTRY", "Attempt", "StreamTranslator", "Translator", "UpstreamRequest", "translator_for"]
+if TYPE_CHECKING:
+    from extproc.routing import BackendTarget
+
+__all__ = ["REGISTRY", "Attempt", "StreamTranslator", "Translator", "UpstreamRequest", "translator_for", "unserved"]
 
 REGISTRY: dict[tuple[ClientApi, Schema], Callable[[Attempt], Translator]] = {
     (ClientApi.OPENAI_CHAT, Schema.openai): OpenAICompatible,
@@ -41,19 +45,24 @@ _OFFERED = {
 
 def translator_for(attempt: Attempt, client_model: str) -> Translator:
     """The attempt's translator; a pair nobody serves is the client's error, in its API's shape."""
-    target = attempt.target
+    factory = REGISTRY.get((attempt.client_api, attempt.target.backend.schema_))
+    if factory is None:
+        raise unserved(attempt.client_api, attempt.target, client_model)
+    return factory(attempt)
+
+
+def unserved(client_api: ClientApi, target: BackendTarget, client_model: str) -> Exception:
+    """The client's 400 for a pair no translator serves (the request stage raises it
+    before any upstream cost when the route has one backend; else the attempt does)."""
     schema = target.backend.schema_
-    factory = REGISTRY.get((attempt.client_api, schema))
-    if factory is not None:
-        return factory(attempt)
-    if attempt.client_api is ClientApi.ANTHROPIC_MESSAGES:
-        raise anthropic.AnthropicRequestError(
+    if client_api is ClientApi.ANTHROPIC_MESSAGES:
+        return anthropic.AnthropicRequestError(
             400, f"The model `{client_model}` is served by a backend that does not speak the Anthropic "
             "Messages API; use /v1/chat/completions for it.", "invalid_request_error")
     if schema in (Schema.anthropic, Schema.aws_bedrock):
-        what = _OFFERED.get(attempt.client_api, "this API")
-        raise openai.bad_request(
+        what = _OFFERED.get(client_api, "this API")
+        return openai.bad_request(
             f"The backend {target.name} ({schema.value}) does not offer {what}; "
             "route this model to an OpenAI-compatible backend."
         )
-    raise openai.bad_request(f"The backend {target.name} cannot serve this API.")
+    return openai.bad_request(f"The backend {target.name} cannot serve this API.")

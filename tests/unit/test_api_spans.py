@@ -19,6 +19,7 @@ from openinference.semconv.trace import (
     ToolCallAttributes,
 )
 
+from extproc.client_apis import ResponseShape
 from extproc.response import ResponseObserver
 from extproc.telemetry import inputs
 from extproc.telemetry.outputs import AnthropicOutput, ResponsesOutput
@@ -210,9 +211,9 @@ def harness() -> Iterator[Harness]:
 
 
 def observe(raw: bytes, *, content_type: str = "text/event-stream", chunk: int = 7, max_chars: int | None = 10_000,
-            **api: bool) -> ResponseObserver:
+            shape: ResponseShape = ResponseShape.openai) -> ResponseObserver:
     observer = ResponseObserver(strip_usage=False, collect_text=False, max_json_bytes=1 << 20,
-                                collect_output_chars=max_chars, **api)
+                                collect_output_chars=max_chars, shape=shape)
     observer.on_headers(200, content_type, "")
     pieces = [raw[i:i + chunk] for i in range(0, len(raw), chunk)] or [b""]
     for i, piece in enumerate(pieces):
@@ -306,7 +307,7 @@ def test_anthropic_json_message_output() -> None:
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
 def test_anthropic_stream_output_through_the_observer(chunk: int) -> None:
-    observer = observe(ANTHROPIC_STREAM, chunk=chunk, anthropic_api=True)
+    observer = observe(ANTHROPIC_STREAM, chunk=chunk, shape=ResponseShape.anthropic)
     assert observer.complete and observer.usage == TokenUsage(472, 89, 561)
     (message,) = observer.output  # type: ignore[misc]
     assert message.content == "I'll check Rome." and message.finish_reason == "tool_use"
@@ -316,19 +317,19 @@ def test_anthropic_stream_output_through_the_observer(chunk: int) -> None:
 
 def test_anthropic_json_through_the_observer_and_nothing_kept_without_tracing() -> None:
     raw = orjson.dumps(ANTHROPIC_MESSAGE)
-    assert observe(raw, content_type="application/json", anthropic_api=True).output == [EXPECTED_ANTHROPIC_OUTPUT]
-    hidden = observe(raw, content_type="application/json", anthropic_api=True, max_chars=None)
+    assert observe(raw, content_type="application/json", shape=ResponseShape.anthropic).output == [EXPECTED_ANTHROPIC_OUTPUT]
+    hidden = observe(raw, content_type="application/json", shape=ResponseShape.anthropic, max_chars=None)
     assert hidden.output is None and hidden.usage is not None
 
 
 def test_anthropic_stream_cut_short_keeps_what_was_said() -> None:
     cut = ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b'"Rome."')]
-    (message,) = observe(cut, anthropic_api=True).output  # type: ignore[misc]
+    (message,) = observe(cut, shape=ResponseShape.anthropic).output  # type: ignore[misc]
     assert message.content == "I'll check " and message.finish_reason is None and not message.tool_calls
 
 
 def test_anthropic_output_is_bounded() -> None:
-    observer = observe(ANTHROPIC_STREAM, anthropic_api=True, max_chars=5)
+    observer = observe(ANTHROPIC_STREAM, shape=ResponseShape.anthropic, max_chars=5)
     (message,) = observer.output  # type: ignore[misc]
     assert message.content == "I'll " and message.tool_calls[0].arguments == '{"loc'
 
@@ -344,7 +345,7 @@ def test_responses_json_output() -> None:
     out.on_body(responses_object([REASONING_ITEM, TEXT_ITEM, CALL_ITEM]))
     assert out.output == [EXPECTED_RESPONSES_OUTPUT]
     observer = observe(orjson.dumps(responses_object([TEXT_ITEM])), content_type="application/json",
-                       responses_api=True)
+                       shape=ResponseShape.responses)
     assert observer.output == [OutputMessage(content="Arr, 'tis a cat.", finish_reason="completed")]
 
 
@@ -357,13 +358,13 @@ def test_responses_incomplete_says_why() -> None:
 
 @pytest.mark.parametrize("chunk", [1, 13, 1 << 16])
 def test_responses_stream_output_through_the_observer(chunk: int) -> None:
-    observer = observe(responses_stream(), chunk=chunk, responses_api=True)
+    observer = observe(responses_stream(), chunk=chunk, shape=ResponseShape.responses)
     assert observer.complete and observer.usage == TokenUsage(36, 87, 123)
     assert observer.output == [EXPECTED_RESPONSES_OUTPUT]
 
 
 def test_responses_stream_cut_short_keeps_the_deltas() -> None:
-    observer = observe(responses_stream(completed=False), responses_api=True)
+    observer = observe(responses_stream(completed=False), shape=ResponseShape.responses)
     assert not observer.complete
     assert observer.output == [OutputMessage(
         content="Arr, 'tis a cat.", tool_calls=[ToolCall(id="call_2", name="get_weather", arguments='{"city":"Rome"}')])]
