@@ -4,6 +4,8 @@ Errors name the file, the path of the bad field and what is allowed, because the
 person reading them is an operator at a terminal, not a Python developer.
 Secrets are *referenced* (env var or file) and resolved once at load into
 `SecretStr`, so they never show up in a repr, a log line or an error message.
+What the MCP config (`extproc.mcp.config`) shares with this one, the strict model base,
+`SecretRef` and the extra-header checks, lives in `extproc.config_base`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,6 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from extproc.contract import GATEWAY_HEADER_PREFIX, REQUEST_METADATA_KEYS, Meta
-from extproc.usage import BUILTIN_KEYS, CostType, compile_cel
-
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,10 +31,19 @@ from pydantic import (
     model_validator,
 )
 
+from extproc.config_base import (
+    GATEWAY_OWNED_HEADERS,
+    HEADER_NAME,
+    ConfigError,  # also imported from here by the many callers that catch it
+    SecretRef,
+    StrictModel,
+    check_extra_headers,
+)
+from extproc.contract import GATEWAY_HEADER_PREFIX, REQUEST_METADATA_KEYS, Meta
+from extproc.mcp.config import McpSettings
+from extproc.usage import BUILTIN_KEYS, CostType, compile_cel
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-# Header names we refuse as "extra headers": the gateway owns them.
-_RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Headers that carry credentials: never copied into metadata, metrics or spans.
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"})
 
@@ -44,7 +52,7 @@ def _telemetry_header(value: str | None) -> str | None:
     """A request header whose value may be published: valid, lower-cased, not a credential."""
     if value is None:
         return None
-    if not _HEADER_NAME.match(value):
+    if not HEADER_NAME.match(value):
         raise ValueError(f"{value!r} is not a valid HTTP header name")
     if value.lower() in CREDENTIAL_HEADERS:
         raise ValueError(f"{value!r} carries credentials and is never copied into metadata, metrics or traces")
@@ -58,14 +66,6 @@ AWS_SECRET_SEPARATOR = "/aws."  # LoadedConfig.secrets key for a backend's AWS k
 DEMO_PORT = 1976
 
 
-class ConfigError(Exception):
-    """A configuration problem, already phrased for the operator."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class Schema(str, Enum):
     """The API a backend speaks; anything but `openai` is translated per attempt by the
     processor's upstream stage (see extproc/upstream.py)."""
@@ -76,43 +76,7 @@ class Schema(str, Enum):
     azure_openai = "azure_openai"
 
 
-class SecretRef(_Strict):
-    """Where a secret lives: exactly one of an environment variable or a file."""
-
-    env: str | None = Field(default=None, description="environment variable holding the secret")
-    file: Path | None = Field(default=None, description="file whose content (stripped) is the secret")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> SecretRef:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("set exactly one of 'env' or 'file'")
-        return self
-
-    def describe(self) -> str:
-        return f"env var {self.env}" if self.env else f"file {self.file}"
-
-    def resolve(self, environ: Mapping[str, str]) -> SecretStr:
-        """Read the secret now; the error names where we looked, never the value."""
-        if self.env is not None:
-            value = environ.get(self.env, "").strip()
-            if not value:
-                raise ValueError(f"environment variable {self.env} is not set or empty")
-        else:
-            assert self.file is not None
-            try:
-                value = self.file.expanduser().read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = getattr(exc, "strerror", None) or "not UTF-8 text"
-                raise ValueError(f"cannot read secret file {self.file}: {reason}") from None
-            if not value:
-                raise ValueError(f"secret file {self.file} is empty")
-        # It travels in a header: a line break or NUL inside would break or split it.
-        if any(c in value for c in "\r\n\0"):
-            raise ValueError(f"the secret from {self.describe()} contains a line break or NUL character")
-        return SecretStr(value)
-
-
-class AwsSettings(_Strict):
+class AwsSettings(StrictModel):
     """SigV4 signing for Bedrock. Keys left out come from botocore's usual chain
     (environment, shared config/credentials files, container or instance roles)."""
 
@@ -128,7 +92,7 @@ class AwsSettings(_Strict):
         return self
 
 
-class Backend(_Strict):
+class Backend(StrictModel):
     """An upstream LLM API endpoint."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -211,13 +175,7 @@ class Backend(_Strict):
     @field_validator("headers")
     @classmethod
     def _valid_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, header_value in value.items():
-            lower = name.lower()
-            if not _HEADER_NAME.match(name) or lower in _RESERVED_HEADERS or lower.startswith((GATEWAY_HEADER_PREFIX, ":")):
-                raise ValueError(f"header {name!r} cannot be set here (reserved or not a valid header name)")
-            if any(c in header_value for c in "\r\n\0"):
-                raise ValueError(f"header {name!r} value must not contain CR, LF or NUL")
-        return value
+        return check_extra_headers(value, GATEWAY_OWNED_HEADERS, (GATEWAY_HEADER_PREFIX,))
 
     @property
     def url(self) -> ParsedUrl:
@@ -250,7 +208,7 @@ class ParsedUrl:
         return self.host if self.port == default else f"{self.host}:{self.port}"
 
 
-class WeightedBackend(_Strict):
+class WeightedBackend(StrictModel):
     name: str
     weight: int = Field(default=1, ge=1, le=1_000_000, description="share among backends of the same priority")
     priority: int = Field(
@@ -259,7 +217,7 @@ class WeightedBackend(_Strict):
     )
 
 
-class ModelMatch(_Strict):
+class ModelMatch(StrictModel):
     """How a route matches the requested model: exactly one of the fields."""
 
     model: str | list[str] | None = Field(default=None, description="exact model name(s)")
@@ -280,7 +238,7 @@ class ModelMatch(_Strict):
         return [self.model] if isinstance(self.model, str) else list(self.model)
 
 
-class Route(_Strict):
+class Route(StrictModel):
     """Requests whose model matches go to one of `backends` (weighted random); backends
     with a higher `priority` number are fallbacks, tried by Envoy when earlier ones fail."""
 
@@ -307,11 +265,11 @@ class Route(_Strict):
         return any(b.priority for b in self.backends)
 
 
-class Limits(_Strict):
+class Limits(StrictModel):
     max_request_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
 
-class Cost(_Strict):
+class Cost(StrictModel):
     """A number Envoy can charge, written as dynamic metadata at the end of each response."""
 
     metadata_key: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,62}$")]
@@ -331,7 +289,7 @@ class Cost(_Strict):
         return self
 
 
-class UsageSettings(_Strict):
+class UsageSettings(StrictModel):
     """How token usage is obtained."""
 
     force_stream_usage: bool = Field(
@@ -343,7 +301,7 @@ class UsageSettings(_Strict):
     max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
 
 
-class RequestMetadata(_Strict):
+class RequestMetadata(StrictModel):
     """Request headers whose values become dynamic metadata (and later span attributes)."""
 
     session_id_header: str = "agent-session-id"
@@ -354,7 +312,7 @@ class RequestMetadata(_Strict):
         return _telemetry_header(value)
 
 
-class TelemetrySettings(_Strict):
+class TelemetrySettings(StrictModel):
     """Metrics and traces. Export targets come from the standard OTEL_* variables."""
 
     metric_header_attributes: dict[str, str] = Field(
@@ -385,14 +343,14 @@ class TelemetrySettings(_Strict):
         return _telemetry_header(value)
 
 
-class ApiKeyTenant(_Strict):
+class ApiKeyTenant(StrictModel):
     """A client API key (as sent in Authorization: Bearer or x-api-key) that identifies a tenant."""
 
     key: SecretRef
     tenant: Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
-class Tenancy(_Strict):
+class Tenancy(StrictModel):
     """Who a request is charged to. Without this section there are no tenants."""
 
     header: str | None = Field(default=None, description="request header naming the tenant, e.g. x-tenant-id")
@@ -417,7 +375,7 @@ class Tenancy(_Strict):
 RateUnit = Literal["second", "minute", "hour", "day"]
 
 
-class Budget(_Strict):
+class Budget(StrictModel):
     """A token budget per tenant and window, enforced by Envoy's global rate-limit filter."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")]
@@ -442,7 +400,7 @@ class Budget(_Strict):
         return self
 
 
-class RequestLimit(_Strict):
+class RequestLimit(StrictModel):
     """Requests per tenant and window, enforced by each Envoy alone (local rate-limit filter)."""
 
     tenant: str = "*"
@@ -450,7 +408,7 @@ class RequestLimit(_Strict):
     requests: int = Field(ge=1)
 
 
-class RateLimitService(_Strict):
+class RateLimitService(StrictModel):
     """The rate limit service Envoy asks. 'builtin' runs it inside the processor."""
 
     address: str = Field(default="builtin", description="'builtin', or host:port of an envoyproxy/ratelimit peer")
@@ -472,7 +430,7 @@ class RateLimitService(_Strict):
         return value
 
 
-class EnvoySettings(_Strict):
+class EnvoySettings(StrictModel):
     """Where the bundled Envoy listens."""
 
     listen_address: str = "127.0.0.1"
@@ -480,7 +438,7 @@ class EnvoySettings(_Strict):
     admin_port: int = Field(default=9901, ge=0, le=65535)
 
 
-class ProcessorSettings(_Strict):
+class ProcessorSettings(StrictModel):
     """Where the processor listens; `grpc_address` is host:port or unix:/path."""
 
     grpc_address: str = "127.0.0.1:1063"
@@ -499,11 +457,7 @@ class ProcessorSettings(_Strict):
     watch_config: bool = Field(default=True, description="reload the config file when it changes (and on SIGHUP)")
 
 
-# Imported here, not at the top: extproc.mcp.config uses SecretRef and ConfigError above.
-from extproc.mcp.config import McpSettings  # noqa: E402
-
-
-class GatewayConfig(_Strict):
+class GatewayConfig(StrictModel):
     """The whole gateway: backends, routes, limits and listening addresses."""
 
     version: Literal[1] = 1
