@@ -38,6 +38,7 @@ from extproc.config_base import (
     SecretRef,
     StrictModel,
     check_extra_headers,
+    resolve_secret_refs,
 )
 from extproc.contract import GATEWAY_HEADER_PREFIX, REQUEST_METADATA_KEYS, Meta
 from extproc.mcp.config import McpSettings
@@ -599,39 +600,27 @@ def resolve_tenant_keys(config: GatewayConfig, environ: Mapping[str, str], sourc
     """Client API key digests -> tenant, from `tenancy.api_keys`."""
     if config.tenancy is None:
         return {}
-    table: dict[str, str] = {}
-    problems = []
-    for i, entry in enumerate(config.tenancy.api_keys):
-        try:
-            table[key_digest(entry.key.resolve(environ).get_secret_value())] = entry.tenant
-        except ValueError as exc:
-            problems.append(f"  tenancy.api_keys[{i}].key: {exc}")
-    if problems:
-        raise ConfigError(f"{source}: cannot resolve tenant API keys:\n" + "\n".join(problems))
-    return table
+    entries = config.tenancy.api_keys
+    keys = resolve_secret_refs(
+        ((i, f"tenancy.api_keys[{i}].key", entry.key) for i, entry in enumerate(entries)),
+        environ,
+        f"{source}: cannot resolve tenant API keys",
+    )
+    return {key_digest(keys[i].get_secret_value()): entry.tenant for i, entry in enumerate(entries)}
 
 
 def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str], source: str) -> dict[str, SecretStr]:
     """Resolve every backend's credential reference; errors name the field, never a value."""
-    secrets: dict[str, SecretStr] = {}
-    problems = []
+    refs: list[tuple[str, str, SecretRef]] = []
     for i, backend in enumerate(config.backends):
-        refs: list[tuple[str, str, SecretRef | None]] = [(backend.name, "api_key", backend.api_key)]
+        fields: list[tuple[str, str, SecretRef | None]] = [(backend.name, "api_key", backend.api_key)]
         if backend.aws is not None:
-            refs += [
+            fields += [
                 (f"{backend.name}{AWS_SECRET_SEPARATOR}{field}", f"aws.{field}", getattr(backend.aws, field))
                 for field in ("access_key_id", "secret_access_key", "session_token")
             ]
-        for key, field, ref in refs:
-            if ref is None:
-                continue
-            try:
-                secrets[key] = ref.resolve(environ)
-            except ValueError as exc:
-                problems.append(f"  backends[{i}].{field}: {exc}")
-    if problems:
-        raise ConfigError(f"{source}: cannot resolve credentials:\n" + "\n".join(problems))
-    return secrets
+        refs += [(key, f"backends[{i}].{field}", ref) for key, field, ref in fields if ref is not None]
+    return resolve_secret_refs(refs, environ, f"{source}: cannot resolve credentials")
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, with_secrets: bool = True) -> LoadedConfig:

@@ -10,8 +10,9 @@ the gateway config back.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -22,12 +23,16 @@ __all__ = [
     "SecretRef",
     "StrictModel",
     "check_extra_headers",
+    "resolve_secret_refs",
 ]
 
 # An HTTP header name (RFC 9110 token characters).
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Header names we refuse as "extra headers" everywhere: the gateway owns them.
 GATEWAY_OWNED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+
+_K = TypeVar("_K", bound=Hashable)
+
 
 class ConfigError(Exception):
     """A configuration problem, already phrased for the operator."""
@@ -74,6 +79,26 @@ class SecretRef(StrictModel):
         if any(c in value for c in "\r\n\0"):
             raise ValueError(f"the secret from {self.describe()} contains a line break or NUL character")
         return SecretStr(value)
+
+
+def resolve_secret_refs(
+    refs: Iterable[tuple[_K, str, SecretRef]], environ: Mapping[str, str], failure: str
+) -> dict[_K, SecretStr]:
+    """Resolve (key, field path, reference) triples into key -> secret.
+
+    Every reference is tried, so one `ConfigError` (headed `failure`) lists each field that
+    could not be resolved, by its path and never by a value.
+    """
+    resolved: dict[_K, SecretStr] = {}
+    problems: list[str] = []
+    for key, where, ref in refs:
+        try:
+            resolved[key] = ref.resolve(environ)
+        except ValueError as exc:
+            problems.append(f"  {where}: {exc}")
+    if problems:
+        raise ConfigError(f"{failure}:\n" + "\n".join(problems))
+    return resolved
 
 
 def check_extra_headers(

@@ -33,10 +33,10 @@ from pydantic import Field, field_validator, model_validator
 
 from extproc.config_base import (
     GATEWAY_OWNED_HEADERS,
-    ConfigError,
     SecretRef,
     StrictModel,
     check_extra_headers,
+    resolve_secret_refs,
 )
 
 __all__ = [
@@ -220,20 +220,12 @@ def resolve_mcp_secrets(settings: McpSettings, environ: Mapping[str, str]) -> di
     `"session_secret"` -> the HMAC key when `session_secret` is set. Raises `ConfigError`
     naming every field that could not be resolved (never a value).
     """
-    out: dict[str, str] = {}
-    problems: list[str] = []
-    for i, server in enumerate(settings.servers):
-        if server.api_key is None:
-            continue
-        try:
-            out[server.name] = server.api_key.resolve(environ).get_secret_value()
-        except ValueError as exc:
-            problems.append(f"  mcp.servers[{i}].api_key: {exc}")
+    refs = [
+        (server.name, f"mcp.servers[{i}].api_key", server.api_key)
+        for i, server in enumerate(settings.servers)
+        if server.api_key is not None
+    ]
     if settings.session_secret is not None:
-        try:
-            out[SESSION_SECRET_KEY] = settings.session_secret.resolve(environ).get_secret_value()
-        except ValueError as exc:
-            problems.append(f"  mcp.session_secret: {exc}")
-    if problems:
-        raise ConfigError("cannot resolve MCP credentials:\n" + "\n".join(problems))
-    return out
+        refs.append((SESSION_SECRET_KEY, "mcp.session_secret", settings.session_secret))
+    resolved = resolve_secret_refs(refs, environ, "cannot resolve MCP credentials")
+    return {key: secret.get_secret_value() for key, secret in resolved.items()}
