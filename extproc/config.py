@@ -38,6 +38,7 @@ from extproc.config_base import (
     SecretRef,
     StrictModel,
     check_extra_headers,
+    first_repeat,
     resolve_secret_refs,
 )
 from extproc.contract import GATEWAY_HEADER_PREFIX, REQUEST_METADATA_KEYS, Meta
@@ -490,12 +491,10 @@ class GatewayConfig(StrictModel):
                         ("routes", i, "backends", j, "name"),
                         f"unknown backend {ref.name!r}; defined backends: {', '.join(names)}",
                     )
-        seen_keys: set[str] = set()
-        for i, cost in enumerate(self.costs):
-            if cost.metadata_key in seen_keys:
-                raise _FieldError(("costs", i, "metadata_key"), f"duplicate cost key {cost.metadata_key!r}")
-            seen_keys.add(cost.metadata_key)
-        chargeable = BUILTIN_KEYS | seen_keys | {MCP_TOOL_CALL_KEY}
+        cost_keys = [cost.metadata_key for cost in self.costs]
+        if repeat := first_repeat(cost_keys):
+            raise _FieldError(("costs", repeat[0], "metadata_key"), f"duplicate cost key {repeat[1]!r}")
+        chargeable = BUILTIN_KEYS | set(cost_keys) | {MCP_TOOL_CALL_KEY}
         _no_duplicates([b.name for b in self.budgets], "budgets", "budget")
         for i, budget in enumerate(self.budgets):
             if budget.cost not in chargeable:
@@ -529,11 +528,8 @@ class _FieldError(ValueError):
 
 
 def _no_duplicates(names: list[str], section: str, what: str) -> None:
-    seen: set[str] = set()
-    for i, name in enumerate(names):
-        if name in seen:
-            raise _FieldError((section, i, "name"), f"duplicate {what} name {name!r}")
-        seen.add(name)
+    if repeat := first_repeat(names):
+        raise _FieldError((section, repeat[0], "name"), f"duplicate {what} name {repeat[1]!r}")
 
 
 class LoadedConfig(BaseModel):

@@ -23,6 +23,7 @@ __all__ = [
     "SecretRef",
     "StrictModel",
     "check_extra_headers",
+    "first_repeat",
     "resolve_secret_refs",
 ]
 
@@ -99,6 +100,17 @@ def resolve_secret_refs(
     if problems:
         raise ConfigError(f"{failure}:\n" + "\n".join(problems))
     return resolved
+
+
+def first_repeat(names: Iterable[str]) -> tuple[int, str] | None:
+    """The index and value of the first name already seen earlier in `names`, or None:
+    names that must be unique are reported at their second occurrence."""
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            return i, name
+        seen.add(name)
+    return None
 
 
 def check_extra_headers(

@@ -36,6 +36,7 @@ from extproc.config_base import (
     SecretRef,
     StrictModel,
     check_extra_headers,
+    first_repeat,
     resolve_secret_refs,
 )
 
@@ -144,11 +145,8 @@ class McpRoute(StrictModel):
     @field_validator("servers")
     @classmethod
     def _no_repeats(cls, value: list[str]) -> list[str]:
-        seen: set[str] = set()
-        for name in value:
-            if name in seen:
-                raise ValueError(f"server {name!r} is listed twice")
-            seen.add(name)
+        if repeat := first_repeat(value):
+            raise ValueError(f"server {repeat[1]!r} is listed twice")
         return value
 
     @field_validator("allow_tools", "deny_tools")
@@ -189,18 +187,16 @@ class McpSettings(StrictModel):
     @model_validator(mode="after")
     def _cross_references(self) -> McpSettings:
         names = [server.name for server in self.servers]
-        seen: set[str] = set()
-        for name in names:
-            if name in seen:
-                raise ValueError(f"duplicate MCP server name {name!r}")
-            seen.add(name)
+        if repeat := first_repeat(names):
+            raise ValueError(f"duplicate MCP server name {repeat[1]!r}")
+        known = set(names)
         paths: set[str] = set()
         for i, route in enumerate(self.routes):
             if route.path in paths:
                 raise ValueError(f"routes[{i}].path: {route.path!r} is used by another route")
             paths.add(route.path)
             for name in route.servers:
-                if name not in seen:
+                if name not in known:
                     raise ValueError(
                         f"routes[{i}].servers: unknown MCP server {name!r}; defined servers: {', '.join(names)}"
                     )
