@@ -41,13 +41,18 @@ from extproc.config_base import (
     first_repeat,
     resolve_secret_refs,
 )
-from extproc.contract import GATEWAY_HEADER_PREFIX, REQUEST_METADATA_KEYS, Meta
+from extproc.contract import (
+    CLIENT_CREDENTIAL_HEADERS,
+    GATEWAY_HEADER_PREFIX,
+    REQUEST_METADATA_KEYS,
+    Meta,
+)
 from extproc.mcp.config import McpSettings
 from extproc.usage import BUILTIN_KEYS, CostType, compile_cel
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-# Headers that carry credentials: never copied into metadata, metrics or spans.
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"})
+# Headers that carry a client's credentials: never copied into metadata, metrics or spans.
+CREDENTIAL_HEADERS = frozenset(CLIENT_CREDENTIAL_HEADERS)
 
 
 def _telemetry_header(value: str | None) -> str | None:
@@ -122,7 +127,7 @@ class Backend(StrictModel):
     # for minutes before the first byte of a non-streaming answer.
     idle_timeout_seconds: float = Field(default=600, gt=0, description="limit on silence within a request")
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)  # added to StrictModel's: `schema_` or `schema`
 
     @model_validator(mode="before")
     @classmethod
