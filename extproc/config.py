@@ -6,6 +6,7 @@ Secrets are *referenced* (env var or file) and resolved once at load into
 `SecretStr`, so they never show up in a repr, a log line or an error message.
 What the MCP config (`extproc.mcp.config`) shares with this one, the strict model base,
 `SecretRef` and the extra-header checks, lives in `extproc.config_base`.
+The config used when no file is given is put together in `extproc.config_defaults`.
 """
 
 from __future__ import annotations
@@ -67,10 +68,8 @@ def _telemetry_header(value: str | None) -> str | None:
 
 RESERVED_METADATA_KEYS = BUILTIN_KEYS | REQUEST_METADATA_KEYS  # cost keys may not reuse them
 
-DEMO_BACKEND = "demo"
 MCP_TOOL_CALL_KEY = Meta.MCP_TOOL_CALL  # the cost a tool budget charges: 1 per call
 AWS_SECRET_SEPARATOR = "/aws."  # LoadedConfig.secrets key for a backend's AWS keys: "<backend>/aws.<field>"
-DEMO_PORT = 1976
 
 
 class Schema(str, Enum):
@@ -648,78 +647,3 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, w
         secrets=resolve_secrets(config, env, source),
         tenant_keys=resolve_tenant_keys(config, env, source),
     )
-
-
-# Bedrock model ids start with the provider (or a cross-region inference prefix).
-BEDROCK_MODEL_PREFIXES = ("anthropic.", "amazon.", "meta.", "mistral.", "cohere.", "ai21.", "deepseek.", "qwen.",
-                          "writer.", "us.", "eu.", "apac.", "global.")
-
-
-def _aws_region(env: Mapping[str, str]) -> str | None:
-    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-
-
-def _aws_credentials_present(env: Mapping[str, str]) -> bool:
-    """Explicit AWS credentials in the environment (keys or a named profile); the
-    processor then signs with botocore's chain, which also finds files and roles."""
-    return bool((env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")) or env.get("AWS_PROFILE"))
-
-
-def config_from_environment(environ: Mapping[str, str] | None = None, demo_port: int = DEMO_PORT) -> LoadedConfig:
-    """The config `extproc run` uses when given none, from each official SDK's variables.
-
-    OPENAI_API_KEY (+ OPENAI_BASE_URL, which includes /v1 as in the openai SDK);
-    ANTHROPIC_API_KEY (+ ANTHROPIC_BASE_URL, without /v1 as in the anthropic SDK) for
-    `claude-*`; AZURE_OPENAI_API_KEY + AZURE_OPENAI_ENDPOINT + OPENAI_API_VERSION
-    (default route, or OpenAI's fallback when both are set); AWS credentials + AWS_REGION
-    for Bedrock model ids. Base URLs keep any path prefix they carry. With no provider
-    variable set, the built-in demo backend (extproc.sim) answers, offline.
-    """
-    env = os.environ if environ is None else environ
-    backends: list[dict[str, Any]] = []
-    routes: list[dict[str, Any]] = []
-    default: list[dict[str, Any]] = []
-    if env.get("ANTHROPIC_API_KEY"):
-        backends.append({"name": "anthropic", "schema": "anthropic", "api_key": {"env": "ANTHROPIC_API_KEY"},
-                         "base_url": env.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"})
-        routes.append({"name": "anthropic", "match": {"glob": "claude-*"}, "backends": [{"name": "anthropic"}]})
-    region = _aws_region(env)
-    if region and _aws_credentials_present(env):
-        backends.append({"name": "bedrock", "schema": "aws_bedrock", "aws": {"region": region}})
-        routes += [
-            {"name": f"bedrock-{prefix.rstrip('.')}", "match": {"prefix": prefix}, "backends": [{"name": "bedrock"}]}
-            for prefix in BEDROCK_MODEL_PREFIXES
-        ]
-    if env.get("OPENAI_API_KEY"):
-        backends.append({"name": "openai", "schema": "openai", "api_key": {"env": "OPENAI_API_KEY"},
-                         "base_url": env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"})
-        default.append({"name": "openai", "priority": 0})
-    if env.get("AZURE_OPENAI_API_KEY") and env.get("AZURE_OPENAI_ENDPOINT"):
-        backends.append({"name": "azure", "schema": "azure_openai", "api_key": {"env": "AZURE_OPENAI_API_KEY"},
-                         "base_url": env["AZURE_OPENAI_ENDPOINT"],
-                         "api_version": env.get("OPENAI_API_VERSION") or "2024-10-21"})
-        default.append({"name": "azure", "priority": len(default)})  # OpenAI's fallback when both are set
-    if not backends:
-        config = parse_config(demo_config_data(demo_port), "<built-in demo>")
-        return LoadedConfig(config=config, source="<built-in demo>")
-    if default:
-        routes.append({"name": "default", "default": True, "backends": default})
-    names = sorted(b["name"] for b in backends)
-    source = f"<environment: {', '.join(names)}>"
-    config = parse_config({"backends": backends, "routes": routes}, source)
-    return LoadedConfig(config=config, source=source, secrets=resolve_secrets(config, env, source))
-
-
-def demo_config_data(demo_port: int = DEMO_PORT) -> dict[str, Any]:
-    """The built-in demo: every model is served by the local simulator."""
-    return {
-        "backends": [{"name": DEMO_BACKEND, "schema": "openai", "base_url": f"http://127.0.0.1:{demo_port}/v1"}],
-        "routes": [
-            {"name": "demo-models", "match": {"model": ["demo-model", "demo-embedding"]}, "backends": [{"name": DEMO_BACKEND}]},
-            {"name": "default", "default": True, "backends": [{"name": DEMO_BACKEND}]},
-        ],
-    }
-
-
-def is_demo(loaded: LoadedConfig) -> bool:
-    return loaded.source == "<built-in demo>"
