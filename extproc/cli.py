@@ -10,15 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from extproc import __version__, envoyconfig
-from extproc.config import (
-    DEMO_PORT,
-    ConfigError,
-    LoadedConfig,
-    config_from_environment,
-    demo_config_data,
-    load_config,
-    parse_config,
-)
+from extproc.config import ConfigError, LoadedConfig, load_config, parse_config
+from extproc.config_defaults import DEMO_PORT, config_from_environment, demo_config_data
 from extproc.redact import install_secret_scrubber
 
 LOG_LEVEL_ENV = "EXTPROC_LOG_LEVEL"  # default for --log-level; inherited by the processor `extproc run` starts

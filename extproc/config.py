@@ -4,6 +4,9 @@ Errors name the file, the path of the bad field and what is allowed, because the
 person reading them is an operator at a terminal, not a Python developer.
 Secrets are *referenced* (env var or file) and resolved once at load into
 `SecretStr`, so they never show up in a repr, a log line or an error message.
+What the MCP config (`extproc.mcp.config`) shares with this one, the strict model base,
+`SecretRef` and the extra-header checks, lives in `extproc.config_base`.
+The config used when no file is given is put together in `extproc.config_defaults`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,6 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from extproc.contract import GATEWAY_HEADER_PREFIX, REQUEST_METADATA_KEYS, Meta
-from extproc.usage import BUILTIN_KEYS, CostType, compile_cel
-
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,19 +32,35 @@ from pydantic import (
     model_validator,
 )
 
+from extproc.config_base import (
+    GATEWAY_OWNED_HEADERS,
+    HEADER_NAME,
+    ConfigError,  # also imported from here by the many callers that catch it
+    SecretRef,
+    StrictModel,
+    check_extra_headers,
+    first_repeat,
+    resolve_secret_refs,
+)
+from extproc.contract import (
+    CLIENT_CREDENTIAL_HEADERS,
+    GATEWAY_HEADER_PREFIX,
+    REQUEST_METADATA_KEYS,
+    Meta,
+)
+from extproc.mcp.config import McpSettings
+from extproc.usage import BUILTIN_KEYS, CostType, compile_cel
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-# Header names we refuse as "extra headers": the gateway owns them.
-_RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-# Headers that carry credentials: never copied into metadata, metrics or spans.
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"})
+# Headers that carry a client's credentials: never copied into metadata, metrics or spans.
+CREDENTIAL_HEADERS = frozenset(CLIENT_CREDENTIAL_HEADERS)
 
 
 def _telemetry_header(value: str | None) -> str | None:
     """A request header whose value may be published: valid, lower-cased, not a credential."""
     if value is None:
         return None
-    if not _HEADER_NAME.match(value):
+    if not HEADER_NAME.match(value):
         raise ValueError(f"{value!r} is not a valid HTTP header name")
     if value.lower() in CREDENTIAL_HEADERS:
         raise ValueError(f"{value!r} carries credentials and is never copied into metadata, metrics or traces")
@@ -52,18 +68,8 @@ def _telemetry_header(value: str | None) -> str | None:
 
 RESERVED_METADATA_KEYS = BUILTIN_KEYS | REQUEST_METADATA_KEYS  # cost keys may not reuse them
 
-DEMO_BACKEND = "demo"
 MCP_TOOL_CALL_KEY = Meta.MCP_TOOL_CALL  # the cost a tool budget charges: 1 per call
 AWS_SECRET_SEPARATOR = "/aws."  # LoadedConfig.secrets key for a backend's AWS keys: "<backend>/aws.<field>"
-DEMO_PORT = 1976
-
-
-class ConfigError(Exception):
-    """A configuration problem, already phrased for the operator."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Schema(str, Enum):
@@ -76,43 +82,7 @@ class Schema(str, Enum):
     azure_openai = "azure_openai"
 
 
-class SecretRef(_Strict):
-    """Where a secret lives: exactly one of an environment variable or a file."""
-
-    env: str | None = Field(default=None, description="environment variable holding the secret")
-    file: Path | None = Field(default=None, description="file whose content (stripped) is the secret")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> SecretRef:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("set exactly one of 'env' or 'file'")
-        return self
-
-    def describe(self) -> str:
-        return f"env var {self.env}" if self.env else f"file {self.file}"
-
-    def resolve(self, environ: Mapping[str, str]) -> SecretStr:
-        """Read the secret now; the error names where we looked, never the value."""
-        if self.env is not None:
-            value = environ.get(self.env, "").strip()
-            if not value:
-                raise ValueError(f"environment variable {self.env} is not set or empty")
-        else:
-            assert self.file is not None
-            try:
-                value = self.file.expanduser().read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = getattr(exc, "strerror", None) or "not UTF-8 text"
-                raise ValueError(f"cannot read secret file {self.file}: {reason}") from None
-            if not value:
-                raise ValueError(f"secret file {self.file} is empty")
-        # It travels in a header: a line break or NUL inside would break or split it.
-        if any(c in value for c in "\r\n\0"):
-            raise ValueError(f"the secret from {self.describe()} contains a line break or NUL character")
-        return SecretStr(value)
-
-
-class AwsSettings(_Strict):
+class AwsSettings(StrictModel):
     """SigV4 signing for Bedrock. Keys left out come from botocore's usual chain
     (environment, shared config/credentials files, container or instance roles)."""
 
@@ -128,7 +98,7 @@ class AwsSettings(_Strict):
         return self
 
 
-class Backend(_Strict):
+class Backend(StrictModel):
     """An upstream LLM API endpoint."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -156,7 +126,7 @@ class Backend(_Strict):
     # for minutes before the first byte of a non-streaming answer.
     idle_timeout_seconds: float = Field(default=600, gt=0, description="limit on silence within a request")
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)  # added to StrictModel's: `schema_` or `schema`
 
     @model_validator(mode="before")
     @classmethod
@@ -211,13 +181,7 @@ class Backend(_Strict):
     @field_validator("headers")
     @classmethod
     def _valid_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, header_value in value.items():
-            lower = name.lower()
-            if not _HEADER_NAME.match(name) or lower in _RESERVED_HEADERS or lower.startswith((GATEWAY_HEADER_PREFIX, ":")):
-                raise ValueError(f"header {name!r} cannot be set here (reserved or not a valid header name)")
-            if any(c in header_value for c in "\r\n\0"):
-                raise ValueError(f"header {name!r} value must not contain CR, LF or NUL")
-        return value
+        return check_extra_headers(value, GATEWAY_OWNED_HEADERS, (GATEWAY_HEADER_PREFIX,))
 
     @property
     def url(self) -> ParsedUrl:
@@ -250,7 +214,7 @@ class ParsedUrl:
         return self.host if self.port == default else f"{self.host}:{self.port}"
 
 
-class WeightedBackend(_Strict):
+class WeightedBackend(StrictModel):
     name: str
     weight: int = Field(default=1, ge=1, le=1_000_000, description="share among backends of the same priority")
     priority: int = Field(
@@ -259,7 +223,7 @@ class WeightedBackend(_Strict):
     )
 
 
-class ModelMatch(_Strict):
+class ModelMatch(StrictModel):
     """How a route matches the requested model: exactly one of the fields."""
 
     model: str | list[str] | None = Field(default=None, description="exact model name(s)")
@@ -280,7 +244,7 @@ class ModelMatch(_Strict):
         return [self.model] if isinstance(self.model, str) else list(self.model)
 
 
-class Route(_Strict):
+class Route(StrictModel):
     """Requests whose model matches go to one of `backends` (weighted random); backends
     with a higher `priority` number are fallbacks, tried by Envoy when earlier ones fail."""
 
@@ -307,11 +271,11 @@ class Route(_Strict):
         return any(b.priority for b in self.backends)
 
 
-class Limits(_Strict):
+class Limits(StrictModel):
     max_request_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
 
-class Cost(_Strict):
+class Cost(StrictModel):
     """A number Envoy can charge, written as dynamic metadata at the end of each response."""
 
     metadata_key: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,62}$")]
@@ -331,7 +295,7 @@ class Cost(_Strict):
         return self
 
 
-class UsageSettings(_Strict):
+class UsageSettings(StrictModel):
     """How token usage is obtained."""
 
     force_stream_usage: bool = Field(
@@ -343,7 +307,7 @@ class UsageSettings(_Strict):
     max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
 
 
-class RequestMetadata(_Strict):
+class RequestMetadata(StrictModel):
     """Request headers whose values become dynamic metadata (and later span attributes)."""
 
     session_id_header: str = "agent-session-id"
@@ -354,7 +318,7 @@ class RequestMetadata(_Strict):
         return _telemetry_header(value)
 
 
-class TelemetrySettings(_Strict):
+class TelemetrySettings(StrictModel):
     """Metrics and traces. Export targets come from the standard OTEL_* variables."""
 
     metric_header_attributes: dict[str, str] = Field(
@@ -385,14 +349,14 @@ class TelemetrySettings(_Strict):
         return _telemetry_header(value)
 
 
-class ApiKeyTenant(_Strict):
+class ApiKeyTenant(StrictModel):
     """A client API key (as sent in Authorization: Bearer or x-api-key) that identifies a tenant."""
 
     key: SecretRef
     tenant: Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
-class Tenancy(_Strict):
+class Tenancy(StrictModel):
     """Who a request is charged to. Without this section there are no tenants."""
 
     header: str | None = Field(default=None, description="request header naming the tenant, e.g. x-tenant-id")
@@ -417,7 +381,7 @@ class Tenancy(_Strict):
 RateUnit = Literal["second", "minute", "hour", "day"]
 
 
-class Budget(_Strict):
+class Budget(StrictModel):
     """A token budget per tenant and window, enforced by Envoy's global rate-limit filter."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")]
@@ -442,7 +406,7 @@ class Budget(_Strict):
         return self
 
 
-class RequestLimit(_Strict):
+class RequestLimit(StrictModel):
     """Requests per tenant and window, enforced by each Envoy alone (local rate-limit filter)."""
 
     tenant: str = "*"
@@ -450,7 +414,7 @@ class RequestLimit(_Strict):
     requests: int = Field(ge=1)
 
 
-class RateLimitService(_Strict):
+class RateLimitService(StrictModel):
     """The rate limit service Envoy asks. 'builtin' runs it inside the processor."""
 
     address: str = Field(default="builtin", description="'builtin', or host:port of an envoyproxy/ratelimit peer")
@@ -472,7 +436,7 @@ class RateLimitService(_Strict):
         return value
 
 
-class EnvoySettings(_Strict):
+class EnvoySettings(StrictModel):
     """Where the bundled Envoy listens."""
 
     listen_address: str = "127.0.0.1"
@@ -480,7 +444,7 @@ class EnvoySettings(_Strict):
     admin_port: int = Field(default=9901, ge=0, le=65535)
 
 
-class ProcessorSettings(_Strict):
+class ProcessorSettings(StrictModel):
     """Where the processor listens; `grpc_address` is host:port or unix:/path."""
 
     grpc_address: str = "127.0.0.1:1063"
@@ -499,11 +463,7 @@ class ProcessorSettings(_Strict):
     watch_config: bool = Field(default=True, description="reload the config file when it changes (and on SIGHUP)")
 
 
-# Imported here, not at the top: extproc.mcp.config uses SecretRef and ConfigError above.
-from extproc.mcp.config import McpSettings  # noqa: E402
-
-
-class GatewayConfig(_Strict):
+class GatewayConfig(StrictModel):
     """The whole gateway: backends, routes, limits and listening addresses."""
 
     version: Literal[1] = 1
@@ -535,12 +495,10 @@ class GatewayConfig(_Strict):
                         ("routes", i, "backends", j, "name"),
                         f"unknown backend {ref.name!r}; defined backends: {', '.join(names)}",
                     )
-        seen_keys: set[str] = set()
-        for i, cost in enumerate(self.costs):
-            if cost.metadata_key in seen_keys:
-                raise _FieldError(("costs", i, "metadata_key"), f"duplicate cost key {cost.metadata_key!r}")
-            seen_keys.add(cost.metadata_key)
-        chargeable = BUILTIN_KEYS | seen_keys | {MCP_TOOL_CALL_KEY}
+        cost_keys = [cost.metadata_key for cost in self.costs]
+        if repeat := first_repeat(cost_keys):
+            raise _FieldError(("costs", repeat[0], "metadata_key"), f"duplicate cost key {repeat[1]!r}")
+        chargeable = BUILTIN_KEYS | set(cost_keys) | {MCP_TOOL_CALL_KEY}
         _no_duplicates([b.name for b in self.budgets], "budgets", "budget")
         for i, budget in enumerate(self.budgets):
             if budget.cost not in chargeable:
@@ -574,11 +532,8 @@ class _FieldError(ValueError):
 
 
 def _no_duplicates(names: list[str], section: str, what: str) -> None:
-    seen: set[str] = set()
-    for i, name in enumerate(names):
-        if name in seen:
-            raise _FieldError((section, i, "name"), f"duplicate {what} name {name!r}")
-        seen.add(name)
+    if repeat := first_repeat(names):
+        raise _FieldError((section, repeat[0], "name"), f"duplicate {what} name {repeat[1]!r}")
 
 
 class LoadedConfig(BaseModel):
@@ -645,39 +600,27 @@ def resolve_tenant_keys(config: GatewayConfig, environ: Mapping[str, str], sourc
     """Client API key digests -> tenant, from `tenancy.api_keys`."""
     if config.tenancy is None:
         return {}
-    table: dict[str, str] = {}
-    problems = []
-    for i, entry in enumerate(config.tenancy.api_keys):
-        try:
-            table[key_digest(entry.key.resolve(environ).get_secret_value())] = entry.tenant
-        except ValueError as exc:
-            problems.append(f"  tenancy.api_keys[{i}].key: {exc}")
-    if problems:
-        raise ConfigError(f"{source}: cannot resolve tenant API keys:\n" + "\n".join(problems))
-    return table
+    entries = config.tenancy.api_keys
+    keys = resolve_secret_refs(
+        ((i, f"tenancy.api_keys[{i}].key", entry.key) for i, entry in enumerate(entries)),
+        environ,
+        f"{source}: cannot resolve tenant API keys",
+    )
+    return {key_digest(keys[i].get_secret_value()): entry.tenant for i, entry in enumerate(entries)}
 
 
 def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str], source: str) -> dict[str, SecretStr]:
     """Resolve every backend's credential reference; errors name the field, never a value."""
-    secrets: dict[str, SecretStr] = {}
-    problems = []
+    refs: list[tuple[str, str, SecretRef]] = []
     for i, backend in enumerate(config.backends):
-        refs: list[tuple[str, str, SecretRef | None]] = [(backend.name, "api_key", backend.api_key)]
+        fields: list[tuple[str, str, SecretRef | None]] = [(backend.name, "api_key", backend.api_key)]
         if backend.aws is not None:
-            refs += [
+            fields += [
                 (f"{backend.name}{AWS_SECRET_SEPARATOR}{field}", f"aws.{field}", getattr(backend.aws, field))
                 for field in ("access_key_id", "secret_access_key", "session_token")
             ]
-        for key, field, ref in refs:
-            if ref is None:
-                continue
-            try:
-                secrets[key] = ref.resolve(environ)
-            except ValueError as exc:
-                problems.append(f"  backends[{i}].{field}: {exc}")
-    if problems:
-        raise ConfigError(f"{source}: cannot resolve credentials:\n" + "\n".join(problems))
-    return secrets
+        refs += [(key, f"backends[{i}].{field}", ref) for key, field, ref in fields if ref is not None]
+    return resolve_secret_refs(refs, environ, f"{source}: cannot resolve credentials")
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, with_secrets: bool = True) -> LoadedConfig:
@@ -704,78 +647,3 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, w
         secrets=resolve_secrets(config, env, source),
         tenant_keys=resolve_tenant_keys(config, env, source),
     )
-
-
-# Bedrock model ids start with the provider (or a cross-region inference prefix).
-BEDROCK_MODEL_PREFIXES = ("anthropic.", "amazon.", "meta.", "mistral.", "cohere.", "ai21.", "deepseek.", "qwen.",
-                          "writer.", "us.", "eu.", "apac.", "global.")
-
-
-def _aws_region(env: Mapping[str, str]) -> str | None:
-    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-
-
-def _aws_credentials_present(env: Mapping[str, str]) -> bool:
-    """Explicit AWS credentials in the environment (keys or a named profile); the
-    processor then signs with botocore's chain, which also finds files and roles."""
-    return bool((env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")) or env.get("AWS_PROFILE"))
-
-
-def config_from_environment(environ: Mapping[str, str] | None = None, demo_port: int = DEMO_PORT) -> LoadedConfig:
-    """The config `extproc run` uses when given none, from each official SDK's variables.
-
-    OPENAI_API_KEY (+ OPENAI_BASE_URL, which includes /v1 as in the openai SDK);
-    ANTHROPIC_API_KEY (+ ANTHROPIC_BASE_URL, without /v1 as in the anthropic SDK) for
-    `claude-*`; AZURE_OPENAI_API_KEY + AZURE_OPENAI_ENDPOINT + OPENAI_API_VERSION
-    (default route, or OpenAI's fallback when both are set); AWS credentials + AWS_REGION
-    for Bedrock model ids. Base URLs keep any path prefix they carry. With no provider
-    variable set, the built-in demo backend (extproc.sim) answers, offline.
-    """
-    env = os.environ if environ is None else environ
-    backends: list[dict[str, Any]] = []
-    routes: list[dict[str, Any]] = []
-    default: list[dict[str, Any]] = []
-    if env.get("ANTHROPIC_API_KEY"):
-        backends.append({"name": "anthropic", "schema": "anthropic", "api_key": {"env": "ANTHROPIC_API_KEY"},
-                         "base_url": env.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"})
-        routes.append({"name": "anthropic", "match": {"glob": "claude-*"}, "backends": [{"name": "anthropic"}]})
-    region = _aws_region(env)
-    if region and _aws_credentials_present(env):
-        backends.append({"name": "bedrock", "schema": "aws_bedrock", "aws": {"region": region}})
-        routes += [
-            {"name": f"bedrock-{prefix.rstrip('.')}", "match": {"prefix": prefix}, "backends": [{"name": "bedrock"}]}
-            for prefix in BEDROCK_MODEL_PREFIXES
-        ]
-    if env.get("OPENAI_API_KEY"):
-        backends.append({"name": "openai", "schema": "openai", "api_key": {"env": "OPENAI_API_KEY"},
-                         "base_url": env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"})
-        default.append({"name": "openai", "priority": 0})
-    if env.get("AZURE_OPENAI_API_KEY") and env.get("AZURE_OPENAI_ENDPOINT"):
-        backends.append({"name": "azure", "schema": "azure_openai", "api_key": {"env": "AZURE_OPENAI_API_KEY"},
-                         "base_url": env["AZURE_OPENAI_ENDPOINT"],
-                         "api_version": env.get("OPENAI_API_VERSION") or "2024-10-21"})
-        default.append({"name": "azure", "priority": len(default)})  # OpenAI's fallback when both are set
-    if not backends:
-        config = parse_config(demo_config_data(demo_port), "<built-in demo>")
-        return LoadedConfig(config=config, source="<built-in demo>")
-    if default:
-        routes.append({"name": "default", "default": True, "backends": default})
-    names = sorted(b["name"] for b in backends)
-    source = f"<environment: {', '.join(names)}>"
-    config = parse_config({"backends": backends, "routes": routes}, source)
-    return LoadedConfig(config=config, source=source, secrets=resolve_secrets(config, env, source))
-
-
-def demo_config_data(demo_port: int = DEMO_PORT) -> dict[str, Any]:
-    """The built-in demo: every model is served by the local simulator."""
-    return {
-        "backends": [{"name": DEMO_BACKEND, "schema": "openai", "base_url": f"http://127.0.0.1:{demo_port}/v1"}],
-        "routes": [
-            {"name": "demo-models", "match": {"model": ["demo-model", "demo-embedding"]}, "backends": [{"name": DEMO_BACKEND}]},
-            {"name": "default", "default": True, "backends": [{"name": DEMO_BACKEND}]},
-        ],
-    }
-
-
-def is_demo(loaded: LoadedConfig) -> bool:
-    return loaded.source == "<built-in demo>"

@@ -22,7 +22,8 @@ import aiohttp
 import yaml
 
 from extproc import envoyconfig
-from extproc.config import DEMO_PORT, LoadedConfig, is_demo
+from extproc.config import LoadedConfig
+from extproc.config_defaults import DEMO_PORT, is_demo
 from extproc.launcher import Child, envoy_command
 from extproc.liveness import MISSED_PROBES_BEFORE_RESTART, wait_until_hung
 from extproc.redact import LineScrubber, SecretScrubber, config_secrets

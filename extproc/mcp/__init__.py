@@ -10,12 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-# extproc.config and extproc.mcp.config import each other (GatewayConfig.mcp is McpSettings;
-# McpServer.api_key is a SecretRef). Loading extproc.config first, whichever of the two a
-# caller imports, makes the cycle resolve as long as extproc.config imports
-# extproc.mcp.config after defining SecretRef and ConfigError (not at its top).
-import extproc.config  # noqa: F401
-
 if TYPE_CHECKING:
     from extproc.mcp.config import McpRoute, McpServer, McpSettings, resolve_mcp_secrets
     from extproc.mcp.gateway import McpGateway

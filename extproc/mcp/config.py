@@ -1,8 +1,8 @@
 """The MCP gateway's configuration: the MCP servers it aggregates and the paths it serves them on.
 
-Same conventions as `extproc.config`: strict pydantic models (`extra="forbid"`, frozen),
-errors phrased for an operator, credentials *referenced* (`SecretRef`) and resolved once
-by `resolve_mcp_secrets`.
+Same conventions as `extproc.config`, from the base both share (`extproc.config_base`):
+strict pydantic models (`extra="forbid"`, frozen), errors phrased for an operator,
+credentials *referenced* (`SecretRef`) and resolved once by `resolve_mcp_secrets`.
 
 ```yaml
 mcp:
@@ -29,9 +29,16 @@ from collections.abc import Mapping
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from extproc.config import ConfigError, SecretRef
+from extproc.config_base import (
+    GATEWAY_OWNED_HEADERS,
+    SecretRef,
+    StrictModel,
+    check_extra_headers,
+    first_repeat,
+    resolve_secret_refs,
+)
 
 __all__ = [
     "McpRoute",
@@ -49,12 +56,10 @@ SESSION_SECRET_KEY = "session_secret"  # resolve_mcp_secrets' key for the sessio
 # Letters, digits, '_' and '-'; no "__" and no trailing '_', so "<server>__<tool>" splits
 # unambiguously at its first "__".
 _SERVER_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]|_(?!_))*$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Headers the gateway sets itself on every request to a server.
-_RESERVED_HEADERS = frozenset(
-    {"host", "content-length", "transfer-encoding", "connection", "content-type", "accept", "mcp-session-id",
-     "mcp-protocol-version", "last-event-id", "traceparent", "tracestate", "upgrade", "te", "keep-alive",
-     "proxy-connection"}
+_RESERVED_HEADERS = GATEWAY_OWNED_HEADERS | frozenset(
+    {"content-type", "accept", "mcp-session-id", "mcp-protocol-version", "last-event-id", "traceparent",
+     "tracestate", "upgrade", "te", "keep-alive", "proxy-connection"}
 )
 _PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
 
@@ -70,11 +75,7 @@ def glob_matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class McpServer(_Strict):
+class McpServer(StrictModel):
     """An MCP server reached over the Streamable HTTP transport."""
 
     name: Annotated[str, Field(min_length=1, max_length=63, description="letters, digits, '_' and '-'")]
@@ -113,12 +114,7 @@ class McpServer(_Strict):
     @field_validator("headers")
     @classmethod
     def _valid_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, header_value in value.items():
-            if not _HEADER_NAME.match(name) or name.lower() in _RESERVED_HEADERS or name.startswith(":"):
-                raise ValueError(f"header {name!r} cannot be set here (reserved or not a valid header name)")
-            if any(c in header_value for c in "\r\n\0"):
-                raise ValueError(f"header {name!r} value must not contain CR, LF or NUL")
-        return value
+        return check_extra_headers(value, _RESERVED_HEADERS)
 
     @model_validator(mode="after")
     def _one_authorization(self) -> McpServer:
@@ -127,7 +123,7 @@ class McpServer(_Strict):
         return self
 
 
-class McpRoute(_Strict):
+class McpRoute(StrictModel):
     """A path clients connect to, serving the tools of some servers as one MCP server."""
 
     path: str = Field(description="the MCP endpoint clients use, e.g. /mcp")
@@ -149,11 +145,8 @@ class McpRoute(_Strict):
     @field_validator("servers")
     @classmethod
     def _no_repeats(cls, value: list[str]) -> list[str]:
-        seen: set[str] = set()
-        for name in value:
-            if name in seen:
-                raise ValueError(f"server {name!r} is listed twice")
-            seen.add(name)
+        if repeat := first_repeat(value):
+            raise ValueError(f"server {repeat[1]!r} is listed twice")
         return value
 
     @field_validator("allow_tools", "deny_tools")
@@ -172,7 +165,7 @@ class McpRoute(_Strict):
         return not any(glob_matches(tool, p) for p in self.deny_tools)
 
 
-class McpSettings(_Strict):
+class McpSettings(StrictModel):
     """The MCP gateway run by processor worker 0 (Streamable HTTP, on its own port)."""
 
     servers: list[McpServer] = Field(min_length=1)
@@ -194,18 +187,16 @@ class McpSettings(_Strict):
     @model_validator(mode="after")
     def _cross_references(self) -> McpSettings:
         names = [server.name for server in self.servers]
-        seen: set[str] = set()
-        for name in names:
-            if name in seen:
-                raise ValueError(f"duplicate MCP server name {name!r}")
-            seen.add(name)
+        if repeat := first_repeat(names):
+            raise ValueError(f"duplicate MCP server name {repeat[1]!r}")
+        known = set(names)
         paths: set[str] = set()
         for i, route in enumerate(self.routes):
             if route.path in paths:
                 raise ValueError(f"routes[{i}].path: {route.path!r} is used by another route")
             paths.add(route.path)
             for name in route.servers:
-                if name not in seen:
+                if name not in known:
                     raise ValueError(
                         f"routes[{i}].servers: unknown MCP server {name!r}; defined servers: {', '.join(names)}"
                     )
@@ -225,20 +216,12 @@ def resolve_mcp_secrets(settings: McpSettings, environ: Mapping[str, str]) -> di
     `"session_secret"` -> the HMAC key when `session_secret` is set. Raises `ConfigError`
     naming every field that could not be resolved (never a value).
     """
-    out: dict[str, str] = {}
-    problems: list[str] = []
-    for i, server in enumerate(settings.servers):
-        if server.api_key is None:
-            continue
-        try:
-            out[server.name] = server.api_key.resolve(environ).get_secret_value()
-        except ValueError as exc:
-            problems.append(f"  mcp.servers[{i}].api_key: {exc}")
+    refs = [
+        (server.name, f"mcp.servers[{i}].api_key", server.api_key)
+        for i, server in enumerate(settings.servers)
+        if server.api_key is not None
+    ]
     if settings.session_secret is not None:
-        try:
-            out[SESSION_SECRET_KEY] = settings.session_secret.resolve(environ).get_secret_value()
-        except ValueError as exc:
-            problems.append(f"  mcp.session_secret: {exc}")
-    if problems:
-        raise ConfigError("cannot resolve MCP credentials:\n" + "\n".join(problems))
-    return out
+        refs.append((SESSION_SECRET_KEY, "mcp.session_secret", settings.session_secret))
+    resolved = resolve_secret_refs(refs, environ, "cannot resolve MCP credentials")
+    return {key: secret.get_secret_value() for key, secret in resolved.items()}

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from extproc import envoyconfig
-from extproc.config import demo_config_data, parse_config
+from extproc.config import parse_config
+from extproc.config_defaults import demo_config_data
 from extproc.launcher import bundled_envoy
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,12 +16,11 @@ from hypothesis import strategies as st
 from extproc.config import (
     ConfigError,
     LoadedConfig,
-    config_from_environment,
-    is_demo,
     load_config,
     parse_config,
     resolve_secrets,
 )
+from extproc.config_defaults import config_from_environment, is_demo
 
 SECRET = "sk-live-7f3a9c-DO-NOT-LEAK"
 

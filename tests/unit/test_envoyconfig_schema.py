@@ -47,7 +47,8 @@ from google.protobuf import descriptor_pool, json_format
 from google.protobuf.message import Message
 
 from extproc import envoyconfig
-from extproc.config import GatewayConfig, demo_config_data, load_config, parse_config
+from extproc.config import GatewayConfig, load_config, parse_config
+from extproc.config_defaults import demo_config_data
 
 ROOT = Path(__file__).resolve().parents[2]
 TYPE_URL_PREFIX = "type.googleapis.com/"

@@ -1,0 +1,92 @@
+"""The config the `extproc` commands use when given no `--config` file.
+
+A separate concern from `extproc.config` (what a config file may say): here the
+gateway is put together from the variables each provider's official SDK reads, or,
+with none set, from the offline demo backend (`extproc.sim`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from extproc.config import LoadedConfig, parse_config, resolve_secrets
+
+DEMO_BACKEND = "demo"
+DEMO_PORT = 1976
+DEMO_SOURCE = "<built-in demo>"  # LoadedConfig.source of the demo; is_demo() checks it
+
+# Bedrock model ids start with the provider (or a cross-region inference prefix).
+BEDROCK_MODEL_PREFIXES = ("anthropic.", "amazon.", "meta.", "mistral.", "cohere.", "ai21.", "deepseek.", "qwen.",
+                          "writer.", "us.", "eu.", "apac.", "global.")
+
+
+def _aws_region(env: Mapping[str, str]) -> str | None:
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+
+
+def _aws_credentials_present(env: Mapping[str, str]) -> bool:
+    """Explicit AWS credentials in the environment (keys or a named profile); the
+    processor then signs with botocore's chain, which also finds files and roles."""
+    return bool((env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")) or env.get("AWS_PROFILE"))
+
+
+def config_from_environment(environ: Mapping[str, str] | None = None, demo_port: int = DEMO_PORT) -> LoadedConfig:
+    """The config `extproc run` uses when given none, from each official SDK's variables.
+
+    OPENAI_API_KEY (+ OPENAI_BASE_URL, which includes /v1 as in the openai SDK);
+    ANTHROPIC_API_KEY (+ ANTHROPIC_BASE_URL, without /v1 as in the anthropic SDK) for
+    `claude-*`; AZURE_OPENAI_API_KEY + AZURE_OPENAI_ENDPOINT + OPENAI_API_VERSION
+    (default route, or OpenAI's fallback when both are set); AWS credentials + AWS_REGION
+    for Bedrock model ids. Base URLs keep any path prefix they carry. With no provider
+    variable set, the built-in demo backend (extproc.sim) answers, offline.
+    """
+    env = os.environ if environ is None else environ
+    backends: list[dict[str, Any]] = []
+    routes: list[dict[str, Any]] = []
+    default: list[dict[str, Any]] = []
+    if env.get("ANTHROPIC_API_KEY"):
+        backends.append({"name": "anthropic", "schema": "anthropic", "api_key": {"env": "ANTHROPIC_API_KEY"},
+                         "base_url": env.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"})
+        routes.append({"name": "anthropic", "match": {"glob": "claude-*"}, "backends": [{"name": "anthropic"}]})
+    region = _aws_region(env)
+    if region and _aws_credentials_present(env):
+        backends.append({"name": "bedrock", "schema": "aws_bedrock", "aws": {"region": region}})
+        routes += [
+            {"name": f"bedrock-{prefix.rstrip('.')}", "match": {"prefix": prefix}, "backends": [{"name": "bedrock"}]}
+            for prefix in BEDROCK_MODEL_PREFIXES
+        ]
+    if env.get("OPENAI_API_KEY"):
+        backends.append({"name": "openai", "schema": "openai", "api_key": {"env": "OPENAI_API_KEY"},
+                         "base_url": env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"})
+        default.append({"name": "openai", "priority": 0})
+    if env.get("AZURE_OPENAI_API_KEY") and env.get("AZURE_OPENAI_ENDPOINT"):
+        backends.append({"name": "azure", "schema": "azure_openai", "api_key": {"env": "AZURE_OPENAI_API_KEY"},
+                         "base_url": env["AZURE_OPENAI_ENDPOINT"],
+                         "api_version": env.get("OPENAI_API_VERSION") or "2024-10-21"})
+        default.append({"name": "azure", "priority": len(default)})  # OpenAI's fallback when both are set
+    if not backends:
+        config = parse_config(demo_config_data(demo_port), DEMO_SOURCE)
+        return LoadedConfig(config=config, source=DEMO_SOURCE)
+    if default:
+        routes.append({"name": "default", "default": True, "backends": default})
+    names = sorted(b["name"] for b in backends)
+    source = f"<environment: {', '.join(names)}>"
+    config = parse_config({"backends": backends, "routes": routes}, source)
+    return LoadedConfig(config=config, source=source, secrets=resolve_secrets(config, env, source))
+
+
+def demo_config_data(demo_port: int = DEMO_PORT) -> dict[str, Any]:
+    """The built-in demo: every model is served by the local simulator."""
+    return {
+        "backends": [{"name": DEMO_BACKEND, "schema": "openai", "base_url": f"http://127.0.0.1:{demo_port}/v1"}],
+        "routes": [
+            {"name": "demo-models", "match": {"model": ["demo-model", "demo-embedding"]}, "backends": [{"name": DEMO_BACKEND}]},
+            {"name": "default", "default": True, "backends": [{"name": DEMO_BACKEND}]},
+        ],
+    }
+
+
+def is_demo(loaded: LoadedConfig) -> bool:
+    return loaded.source == DEMO_SOURCE
