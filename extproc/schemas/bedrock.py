@@ -3,8 +3,8 @@
 Everything here is a pure function (or a small incremental state machine), so the
 gateway can translate requests, responses, streams and errors without network I/O,
 and tests can prove each piece against botocore, the AWS SDK's own reference code.
-Binary event-stream decoding and SigV4 signing are botocore's; only the mapping
-between the two schemas is ours.
+Binary event-stream decoding is botocore's; only the mapping between the two schemas
+is ours (SigV4 signing: extproc/sigv4.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ import uuid
 from typing import Any
 
 import orjson
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 from botocore.eventstream import EventStreamBuffer, EventStreamMessage, ParserError
 from botocore.utils import percent_encode
 
@@ -664,36 +661,3 @@ def _payload(message: EventStreamMessage) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-# -- SigV4 -------------------------------------------------------------------------
-
-
-def sign(
-    method: str,
-    url: str,
-    headers: dict[str, str],
-    body: bytes,
-    region: str,
-    access_key: str,
-    secret_key: str,
-    session_token: str | None = None,
-    service: str = "bedrock",
-) -> dict[str, str]:
-    """The headers to add (lower-case names) so AWS accepts this exact request.
-
-    botocore signs `headers` plus `host`, derived from `url` as HTTP clients send it
-    (so the upstream's Host/:authority must be that host[:port]). Pass only headers
-    that reach AWS unchanged; `content-type` is always signed, and returned as
-    application/json when `headers` has none.
-    """
-    given = {k.lower(): v for k, v in headers.items() if k.lower() not in ("host", "authorization")}
-    added: dict[str, str] = {}
-    if "content-type" not in given:
-        given["content-type"] = added["content-type"] = "application/json"
-    request = AWSRequest(method=method.upper(), url=url, data=body, headers=given)
-    SigV4Auth(Credentials(access_key, secret_key, session_token), service, region).add_auth(request)
-    for name, value in request.headers.items():
-        if given.get(name.lower()) != value:
-            added[name.lower()] = value
-    return added

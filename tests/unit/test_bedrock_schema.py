@@ -1,4 +1,4 @@
-"""extproc.schemas.bedrock: OpenAI <-> Bedrock Converse translation, streams, errors, SigV4.
+"""extproc.schemas.bedrock and extproc.sigv4: OpenAI <-> Bedrock Converse translation, streams, errors, SigV4.
 
 botocore is the oracle wherever it has an opinion: the request path its serializer
 renders, the event-stream frames its decoder accepts, the signatures its signer makes.
@@ -7,6 +7,8 @@ renders, the event-stream frames its decoder accepts, the signatures its signer 
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from unittest import mock
@@ -26,10 +28,10 @@ from extproc.schemas.bedrock import (
     converse_to_chat,
     error_to_openai,
     openai_usage,
-    sign,
     usage_from_bedrock,
 )
 from extproc.schemas.openai import RequestError
+from extproc.sigv4 import sign
 from extproc.sim.bedrock_api import (
     SIM_AWS_ACCESS_KEY_ID,
     SIM_AWS_SECRET_ACCESS_KEY,
@@ -775,6 +777,15 @@ def test_clock_skew(skew: int, ok: bool) -> None:
     with pytest.raises(BedrockError) as info:
         verify_sigv4("POST", URL, received(headers), BODY)
     assert info.value.status == 403 and "Signature" in info.value.message
+
+
+def test_the_server_does_not_import_botocore() -> None:
+    """botocore (~5 MiB a worker) loads with the first Bedrock request or signature, so
+    workers without a Bedrock backend never load it."""
+    code = ("import sys, extproc.server; loaded = [m for m in sys.modules if m.startswith('botocore')]; "
+            "assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 _JSON = st.recursive(

@@ -25,8 +25,8 @@ from extproc.schemas.bedrock import (
     converse_path,
     converse_to_chat,
     error_to_openai,
-    sign,
 )
+from extproc.sigv4 import sign
 from extproc.sim import bedrock_api
 from extproc.sim import text as simtext
 from extproc.sim.bedrock_api import (
