@@ -1,4 +1,5 @@
-"""extproc.schemas.bedrock and extproc.sigv4: OpenAI <-> Bedrock Converse translation, streams, errors, SigV4.
+"""extproc.translators.chat_to_bedrock(_stream) and extproc.sigv4: OpenAI <-> Bedrock Converse
+translation, streams, errors, SigV4.
 
 botocore is the oracle wherever it has an opinion: the request path its serializer
 renders, the event-stream frames its decoder accepts, the signatures its signer makes.
@@ -21,15 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from extproc.schemas.bedrock import (
-    StreamTranslator,
-    chat_to_converse,
-    converse_path,
-    converse_to_chat,
-    error_to_openai,
-    openai_usage,
-    usage_from_bedrock,
-)
 from extproc.schemas.openai import RequestError
 from extproc.sigv4 import sign
 from extproc.sim.bedrock_api import (
@@ -44,6 +36,15 @@ from extproc.sim.bedrock_api import (
     exception_frame,
     verify_sigv4,
 )
+from extproc.translators.chat_to_bedrock import (
+    chat_to_converse,
+    converse_path,
+    converse_to_chat,
+    error_to_openai,
+    openai_usage,
+    usage_from_bedrock,
+)
+from extproc.translators.chat_to_bedrock_stream import ConverseStreamTranslator
 from extproc.usage import TokenUsage
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -437,7 +438,7 @@ def test_error_bodies_never_raise(body: bytes, header: str | None, message: str)
         assert out["error"]["code"] == "rate_limit_exceeded"
 
 
-# -- StreamTranslator -----------------------------------------------------------------------
+# -- ConverseStreamTranslator -----------------------------------------------------------------------
 
 METADATA = {"usage": {"inputTokens": 12, "outputTokens": 7, "totalTokens": 119, "cacheReadInputTokens": 100},
             "metrics": {"latencyMs": 321}}
@@ -486,8 +487,8 @@ def sse_payloads(raw: bytes) -> list[Any]:
     return [e[6:].decode() if e == b"data: [DONE]" else orjson.loads(e[6:]) for e in events]
 
 
-def translate(data: bytes, cuts: list[int], include_usage: bool = True) -> tuple[StreamTranslator, bytes]:
-    translator = StreamTranslator("claude-haiku", include_usage)
+def translate(data: bytes, cuts: list[int], include_usage: bool = True) -> tuple[ConverseStreamTranslator, bytes]:
+    translator = ConverseStreamTranslator("claude-haiku", include_usage)
     bounds = [0, *sorted(set(cuts)), len(data)]
     out = b"".join(translator.feed(data[a:b]) for a, b in zip(bounds, bounds[1:]))
     return translator, out + translator.finish()
@@ -626,7 +627,7 @@ def test_crc_mismatch_in_payload() -> None:
 
 
 def test_absurd_frame_length_is_an_error_at_once() -> None:
-    translator = StreamTranslator("m", True)
+    translator = ConverseStreamTranslator("m", True)
     (error,) = sse_payloads(translator.feed(b"\xff\xff\xff\xff" + bytes(8)))
     assert error["error"]["code"] == "corrupt_stream"
 
@@ -639,7 +640,7 @@ def test_truncated_streams() -> None:
     without_metadata = stream[: len(stream) - len(event_frame("metadata", METADATA))]
     translator, raw = translate(without_metadata, [])
     assert sse_payloads(raw)[-1] == "[DONE]" and translator.usage is None
-    empty = StreamTranslator("m", False)
+    empty = ConverseStreamTranslator("m", False)
     assert sse_payloads(empty.finish())[0]["error"]["code"] == "stream_truncated"
 
 
@@ -662,7 +663,7 @@ def test_large_frame_in_tiny_chunks() -> None:
     """A frame bigger than any chunk is assembled once, not re-copied on every feed."""
     big = "x" * 200_000
     stream = event_frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": big}})
-    translator = StreamTranslator("m", False)
+    translator = ConverseStreamTranslator("m", False)
     out = [translator.feed(stream[i:i + 7]) for i in range(0, len(stream), 7)]
     assert all(not o for o in out[:-1])
     assert orjson.loads(out[-1][6:])["choices"][0]["delta"]["content"] == big
