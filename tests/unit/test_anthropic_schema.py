@@ -1,4 +1,5 @@
-"""extproc.schemas.anthropic: OpenAI <-> Anthropic translation, checked against the openai SDK."""
+"""extproc.translators.chat_to_anthropic: OpenAI <-> Anthropic translation, checked against the openai SDK;
+and extproc.schemas.anthropic: native requests, usage and errors."""
 
 from __future__ import annotations
 
@@ -14,21 +15,23 @@ from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from extproc.schemas.anthropic import (
-    DEFAULT_MAX_TOKENS,
     AnthropicRequestError,
-    StreamTranslator,
     StreamUsage,
-    chat_to_messages,
     error_body,
-    error_to_openai,
-    messages_to_chat,
-    openai_usage,
     parse_request,
     usage_from_anthropic,
     usage_from_message,
 )
 from extproc.schemas.openai import RequestError
 from extproc.sse import SSEDecoder
+from extproc.translators.chat_to_anthropic import (
+    DEFAULT_MAX_TOKENS,
+    AnthropicStreamTranslator,
+    chat_to_messages,
+    error_to_openai,
+    messages_to_chat,
+    openai_usage,
+)
 from extproc.usage import TokenUsage
 
 MODEL = "claude-test"
@@ -541,8 +544,8 @@ STREAMS = [
 ]
 
 
-def translate(chunks: list[bytes], include_usage: bool = True) -> tuple[bytes, StreamTranslator]:
-    translator = StreamTranslator("alias", include_usage, created=1_700_000_000)
+def translate(chunks: list[bytes], include_usage: bool = True) -> tuple[bytes, AnthropicStreamTranslator]:
+    translator = AnthropicStreamTranslator("alias", include_usage, created=1_700_000_000)
     out = b"".join(translator.feed(c) for c in chunks) + translator.finish()
     return out, translator
 
@@ -629,7 +632,7 @@ def test_any_split_gives_the_same_output(data: st.DataObject, include_usage: boo
 
 
 def test_feed_returns_output_as_soon_as_an_event_completes() -> None:
-    translator = StreamTranslator(None, include_usage=False)
+    translator = AnthropicStreamTranslator(None, include_usage=False)
     first_event_end = TEXT_STREAM.index(b"\n\n") + 2
     assert translator.feed(TEXT_STREAM[: first_event_end - 1]) == b""
     assert payloads(translator.feed(TEXT_STREAM[first_event_end - 1 : first_event_end]))[0]["choices"][0]["delta"] == {
