@@ -223,6 +223,32 @@ def usage_from_openai(usage: Any) -> TokenUsage | None:
     )
 
 
+def usage_object(usage: TokenUsage) -> dict[str, Any]:
+    """OpenAI's usage object, for a reply translated from another provider;
+    ``cache_creation_tokens`` is our extension (only when known) so cache writes stay
+    accountable after translation."""
+    details: dict[str, Any] = {"cached_tokens": usage.cached_input_tokens}
+    if usage.cache_creation_input_tokens is not None:
+        details["cache_creation_tokens"] = usage.cache_creation_input_tokens
+    out: dict[str, Any] = {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": details,
+    }
+    if usage.reasoning_tokens:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return out
+
+
+STREAM_DONE = b"data: [DONE]\n\n"  # the last event of a chat stream that ended well
+
+
+def sse_event(obj: Any) -> bytes:
+    """One event of a chat stream (a chunk, or an error) as the SSE bytes clients read."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
 def error_type_of(body: Any) -> str | None:
     """The error type (or code) a provider put in an OpenAI-shaped error body."""
     if isinstance(body, dict) and isinstance(body.get("error"), dict):

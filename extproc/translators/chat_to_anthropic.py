@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from extproc.schemas.anthropic import MESSAGES_SUFFIX, UsageTracker, usage_from_anthropic
-from extproc.schemas.openai import bad_request
+from extproc.schemas.openai import STREAM_DONE, bad_request, sse_event, usage_object
 from extproc.sse import SSEDecoder, SSEEvent
 from extproc.translators.anthropic_messages import anthropic_headers
 from extproc.translators.base import StreamTranslator, Translator, UpstreamRequest
@@ -373,7 +373,7 @@ def messages_to_chat(response: dict[str, Any], model: str | None = None) -> dict
     }
     usage = usage_from_anthropic(response.get("usage"))
     if usage is not None:
-        out["usage"] = openai_usage(usage)
+        out["usage"] = usage_object(usage)
     return out
 
 
@@ -385,31 +385,7 @@ def _model_name(reported: Any, fallback: str | None) -> str:
     return reported if isinstance(reported, str) and reported else fallback or ""
 
 
-def openai_usage(usage: TokenUsage) -> dict[str, Any]:
-    """OpenAI's usage object; ``cache_creation_tokens`` is our extension (only when known)
-    so cache writes stay accountable after translation."""
-    details: dict[str, Any] = {"cached_tokens": usage.cached_input_tokens}
-    if usage.cache_creation_input_tokens is not None:
-        details["cache_creation_tokens"] = usage.cache_creation_input_tokens
-    out: dict[str, Any] = {
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": details,
-    }
-    if usage.reasoning_tokens:
-        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
-    return out
-
-
 # -- Anthropic stream -> OpenAI chunks -----------------------------------------------------------
-
-DONE = b"data: [DONE]\n\n"
-
-
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
 
 def _event_json(event: SSEEvent) -> tuple[str | None, dict[str, Any] | None]:
     """An event's name (the ``event:`` field, else the payload's ``type``) and JSON payload."""
@@ -455,7 +431,7 @@ class AnthropicStreamTranslator:
         out = self._translate(self._decoder.flush())
         if not self._done and self._stopped:
             self._done = True
-            out += DONE
+            out += STREAM_DONE
         return out
 
     @property
@@ -473,7 +449,7 @@ class AnthropicStreamTranslator:
         return b"".join(out)
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _sse({
+        return sse_event({
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
@@ -508,22 +484,22 @@ class AnthropicStreamTranslator:
                 out.append(self._chunk({}, reason))
         elif name == "message_stop":
             if self.include_usage and self.usage is not None:
-                out.append(_sse({
+                out.append(sse_event({
                     "id": self.id,
                     "object": "chat.completion.chunk",
                     "created": self.created,
                     "model": self.model or "",
                     "choices": [],
-                    "usage": openai_usage(self.usage),
+                    "usage": usage_object(self.usage),
                 }))
-            out.append(DONE)
+            out.append(STREAM_DONE)
             self._done = True
         elif name == "error":
             error = data.get("error")
             error = error if isinstance(error, dict) else {}
             etype, code = _openai_error(error.get("type"), None)
             message = error.get("message")
-            out.append(_sse({
+            out.append(sse_event({
                 "error": {
                     "message": message if isinstance(message, str) and message else "The upstream stream failed.",
                     "type": etype,

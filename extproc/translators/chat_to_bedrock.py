@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from extproc.schemas.openai import bad_request, error_body
+from extproc.schemas.openai import bad_request, error_body, usage_object
 from extproc.translators.base import StreamTranslator, Translator, UpstreamRequest
 from extproc.usage import TokenUsage
 
@@ -347,19 +347,6 @@ def usage_from_bedrock(usage: Any) -> TokenUsage | None:
     )
 
 
-def openai_usage(usage: TokenUsage) -> dict[str, Any]:
-    """OpenAI's `usage` object; cache_creation_tokens is our extension, present only when known."""
-    details: dict[str, Any] = {"cached_tokens": usage.cached_input_tokens}
-    if usage.cache_creation_input_tokens is not None:
-        details["cache_creation_tokens"] = usage.cache_creation_input_tokens
-    return {
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": details,
-    }
-
-
 def completion_id() -> str:
     """A fresh OpenAI chat completion id."""
     return f"chatcmpl-{uuid.uuid4().hex}"
@@ -410,7 +397,7 @@ def converse_to_chat(response: dict[str, Any], model: str) -> dict[str, Any]:
     }
     usage = usage_from_bedrock(response.get("usage"))
     if usage is not None:
-        out["usage"] = openai_usage(usage)
+        out["usage"] = usage_object(usage)
     return out
 
 

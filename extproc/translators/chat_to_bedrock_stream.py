@@ -13,12 +13,12 @@ from typing import Any
 import orjson
 from botocore.eventstream import EventStreamBuffer, EventStreamMessage, ParserError
 
+from extproc.schemas.openai import STREAM_DONE, sse_event, usage_object
 from extproc.translators.chat_to_bedrock import (
     completion_id,
     count,
     error_kind,
     finish_reason,
-    openai_usage,
     usage_from_bedrock,
 )
 from extproc.usage import TokenUsage
@@ -26,13 +26,6 @@ from extproc.usage import TokenUsage
 _PRELUDE_LENGTH = 12
 _MIN_FRAME = 16  # prelude + message CRC
 _MAX_FRAME = 16 * 1024 * 1024 + 128 * 1024 + 16  # botocore's payload + headers limits
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-_DONE = b"data: [DONE]\n\n"
 
 
 class ConverseStreamTranslator:
@@ -98,7 +91,7 @@ class ConverseStreamTranslator:
         if self._buf or self.stop_reason is None:
             return self._fail("stream_truncated", "The Bedrock stream ended before the response was complete.")
         self.done = True  # messageStop without metadata: no usage to report
-        return _DONE
+        return STREAM_DONE
 
     def _decode(self, frame: bytes, out: list[bytes]) -> EventStreamMessage | None:
         decoder = EventStreamBuffer()
@@ -114,10 +107,10 @@ class ConverseStreamTranslator:
     def _fail(self, code: str | None, message: str, error_type: str = "server_error") -> bytes:
         self.done = True
         self.error = {"message": message, "type": error_type, "param": None, "code": code}
-        return _sse({"error": self.error})
+        return sse_event({"error": self.error})
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _sse({
+        return sse_event({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         })
@@ -183,11 +176,11 @@ class ConverseStreamTranslator:
             self.latency_ms = metrics["latencyMs"]
         out: list[bytes] = []
         if self.include_usage and self.usage is not None:
-            out.append(_sse({
+            out.append(sse_event({
                 "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [], "usage": openai_usage(self.usage),
+                "choices": [], "usage": usage_object(self.usage),
             }))
-        out.append(_DONE)
+        out.append(STREAM_DONE)
         self.done = True
         return out
 

@@ -22,7 +22,7 @@ from extproc.schemas.anthropic import (
     usage_from_anthropic,
     usage_from_message,
 )
-from extproc.schemas.openai import RequestError
+from extproc.schemas.openai import RequestError, usage_object
 from extproc.sse import SSEDecoder
 from extproc.translators.chat_to_anthropic import (
     DEFAULT_MAX_TOKENS,
@@ -30,7 +30,6 @@ from extproc.translators.chat_to_anthropic import (
     chat_to_messages,
     error_to_openai,
     messages_to_chat,
-    openai_usage,
 )
 from extproc.usage import TokenUsage
 
@@ -411,12 +410,12 @@ def test_usage_counts_the_whole_prompt() -> None:
     plain = usage_from_anthropic({"input_tokens": 7, "output_tokens": 3})
     assert plain == TokenUsage(input_tokens=7, output_tokens=3, total_tokens=10)
     assert plain is not None and plain.cache_creation_input_tokens is None
-    assert openai_usage(plain) == {
+    assert usage_object(plain) == {
         "prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10, "prompt_tokens_details": {"cached_tokens": 0},
     }
     zero = usage_from_anthropic({"input_tokens": 7, "cache_creation_input_tokens": 0, "output_tokens": 3})
     assert zero is not None and zero.cache_creation_input_tokens == 0
-    assert openai_usage(zero)["prompt_tokens_details"] == {"cached_tokens": 0, "cache_creation_tokens": 0}
+    assert usage_object(zero)["prompt_tokens_details"] == {"cached_tokens": 0, "cache_creation_tokens": 0}
 
 
 def test_usage_ignores_junk() -> None:
@@ -431,7 +430,7 @@ def test_thinking_tokens_become_reasoning_tokens() -> None:
     raw = {"input_tokens": 1, "output_tokens": 9, "output_tokens_details": {"thinking_tokens": 4}}
     usage = usage_from_anthropic(raw)
     assert usage is not None and usage.reasoning_tokens == 4
-    assert openai_usage(usage)["completion_tokens_details"] == {"reasoning_tokens": 4}
+    assert usage_object(usage)["completion_tokens_details"] == {"reasoning_tokens": 4}
 
 
 # -- streams -----------------------------------------------------------------------------------------
@@ -602,8 +601,8 @@ def test_translated_chunks_are_valid_openai_chunks(case: tuple[Any, ...]) -> Non
     assert got["content"] == expected_text and got["reasoning"] == reasoning
     if done:
         assert items[-1] == "[DONE]" and items.count("[DONE]") == 1
-        assert items[-2]["choices"] == [] and items[-2]["usage"] == openai_usage(usage)
-        assert got["usage"] == openai_usage(usage)
+        assert items[-2]["choices"] == [] and items[-2]["usage"] == usage_object(usage)
+        assert got["usage"] == usage_object(usage)
         assert len(got["finish"]) == 1
     else:
         assert "[DONE]" not in items and "error" in items[-1]
@@ -673,7 +672,7 @@ def test_stream_cut_before_the_stop_reason_gets_no_done() -> None:
 
 def test_last_event_without_blank_line_is_flushed_at_finish() -> None:
     items = payloads(translate([TEXT_STREAM.rstrip(b"\n")])[0])
-    assert items[-1] == "[DONE]" and items[-2]["usage"] == openai_usage(TEXT_USAGE)
+    assert items[-1] == "[DONE]" and items[-2]["usage"] == usage_object(TEXT_USAGE)
 
 
 def test_junk_events_are_skipped() -> None:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from extproc.schemas.anthropic import StreamUsage, usage_from_anthropic
+from extproc.schemas.openai import usage_object
 from extproc.sim import anthropic_api
 from extproc.sim import text as simtext
 from extproc.sim.openai_api import SimSettings
@@ -26,7 +27,6 @@ from extproc.translators.chat_to_anthropic import (
     AnthropicStreamTranslator,
     chat_to_messages,
     messages_to_chat,
-    openai_usage,
 )
 from extproc.usage import TokenUsage
 
@@ -556,4 +556,4 @@ def test_native_stream_usage_matches_the_sdk(client: anthropic.Anthropic, sim: S
     message = client.messages.create(**body, extra_headers={"x-sim-cached-tokens": "2"})
     assert watcher.usage == usage_from_anthropic(message.usage.model_dump())
     assert watcher.usage is not None and watcher.usage.input_tokens == PROMPT_TOKENS
-    assert openai_usage(watcher.usage)["prompt_tokens_details"] == {"cached_tokens": 2, "cache_creation_tokens": 0}
+    assert usage_object(watcher.usage)["prompt_tokens_details"] == {"cached_tokens": 2, "cache_creation_tokens": 0}

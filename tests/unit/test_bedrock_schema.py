@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from extproc.schemas.openai import RequestError
+from extproc.schemas.openai import RequestError, usage_object
 from extproc.sigv4 import sign
 from extproc.sim.bedrock_api import (
     SIM_AWS_ACCESS_KEY_ID,
@@ -41,7 +41,6 @@ from extproc.translators.chat_to_bedrock import (
     converse_path,
     converse_to_chat,
     error_to_openai,
-    openai_usage,
     usage_from_bedrock,
 )
 from extproc.translators.chat_to_bedrock_stream import ConverseStreamTranslator
@@ -376,7 +375,7 @@ def test_usage_with_cache_read_and_write() -> None:
         input_tokens=1202, output_tokens=136, total_tokens=1338, cached_input_tokens=100,
         cache_creation_input_tokens=1098,
     )
-    assert openai_usage(usage) == {
+    assert usage_object(usage) == {
         "prompt_tokens": 1202, "completion_tokens": 136, "total_tokens": 1338,
         "prompt_tokens_details": {"cached_tokens": 100, "cache_creation_tokens": 1098},
     }
