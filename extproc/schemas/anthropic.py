@@ -14,11 +14,11 @@ mean the same thing whichever provider served the request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from extproc.schemas.openai import MAX_MODEL_LENGTH, ParsedRequest
 from extproc.usage import TokenUsage
 
 MESSAGES_SUFFIX = "/v1/messages"
@@ -146,23 +146,11 @@ class AnthropicRequestError(Exception):
         return error_body(self.message, self.error_type)
 
 
-@dataclass(slots=True)
-class ParsedMessagesRequest:
-    """The few facts the gateway needs from a native Messages request, plus the body."""
-
-    body: dict[str, Any]
-    model: str
-    stream: bool
-
-
-_MAX_MODEL_LENGTH = 256
-
-
 def _invalid(message: str) -> AnthropicRequestError:
     return AnthropicRequestError(400, message, "invalid_request_error")
 
 
-def parse_request(raw: bytes) -> ParsedMessagesRequest:
+def parse_request(raw: bytes) -> ParsedRequest:
     """Parse a native Messages request once; 400 for what the API would reject anyway
     (messages in the API's own ``field: problem`` style)."""
     if not raw:
@@ -178,8 +166,8 @@ def parse_request(raw: bytes) -> ParsedMessagesRequest:
         raise _invalid("model: Field required")
     if not isinstance(model, str):
         raise _invalid("model: Input should be a valid string")
-    if len(model) > _MAX_MODEL_LENGTH or not model.isprintable():
-        raise _invalid(f"model: must be at most {_MAX_MODEL_LENGTH} printable characters")
+    if len(model) > MAX_MODEL_LENGTH or not model.isprintable():
+        raise _invalid(f"model: must be at most {MAX_MODEL_LENGTH} printable characters")
     messages = body.get("messages")
     if messages is None:
         raise _invalid("messages: Field required")
@@ -197,4 +185,4 @@ def parse_request(raw: bytes) -> ParsedMessagesRequest:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("stream: Input should be a valid boolean")
-    return ParsedMessagesRequest(body=body, model=model, stream=stream is True)
+    return ParsedRequest(body=body, model=model, stream=stream is True)

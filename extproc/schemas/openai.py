@@ -98,14 +98,15 @@ def too_large(limit: int) -> RequestError:
 
 @dataclass(slots=True)
 class ParsedRequest:
-    """The few facts the gateway needs from a request body, plus the body itself."""
+    """The few facts the gateway needs from a request body, plus the body itself
+    (an OpenAI request, or a native Anthropic one: schemas/anthropic.py)."""
 
     body: dict[str, Any]
     model: str
     stream: bool
 
 
-_MAX_MODEL_LENGTH = 256
+MAX_MODEL_LENGTH = 256  # a model name longer than this is refused, in any client API
 
 
 def parse_request(raw: bytes) -> ParsedRequest:
@@ -123,9 +124,9 @@ def parse_request(raw: bytes) -> ParsedRequest:
         raise bad_request("you must provide a model parameter", param="model", code="missing_required_parameter")
     if not isinstance(model, str):
         raise bad_request("'model' must be a string.", param="model", code="invalid_type")
-    if len(model) > _MAX_MODEL_LENGTH or not model.isprintable():
+    if len(model) > MAX_MODEL_LENGTH or not model.isprintable():
         raise bad_request(
-            f"'model' must be at most {_MAX_MODEL_LENGTH} printable characters.", param="model", code="invalid_value"
+            f"'model' must be at most {MAX_MODEL_LENGTH} printable characters.", param="model", code="invalid_value"
         )
     return ParsedRequest(body=body, model=model, stream=body.get("stream") is True)
 
@@ -151,6 +152,20 @@ def with_updates(raw: bytes, body: dict[str, Any], updates: dict[str, Any]) -> b
         return orjson.dumps({**body, **updates})  # a shallow copy: `body` stays what the client sent
     except TypeError:  # orjson writes at most 254 levels of nesting; no real request comes near
         raise bad_request("The request body is nested too deeply for the gateway to rewrite it.") from None
+
+
+def max_output_tokens(body: dict[str, Any]) -> int | None:
+    """The client's limit on generated tokens, for a backend that takes it in another
+    field: `max_completion_tokens`, else the older `max_tokens` (None: neither given).
+    A 400 unless it is a positive integer."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad_request(f"'{key}' must be a positive integer.", param=key)
+        return value
+    return None
 
 
 def reserve_estimate(body_bytes: int, body: dict[str, Any]) -> int:

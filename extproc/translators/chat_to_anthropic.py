@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from extproc.schemas.anthropic import MESSAGES_SUFFIX, UsageTracker, usage_from_anthropic
-from extproc.schemas.openai import STREAM_DONE, bad_request, sse_event, usage_object
+from extproc.schemas.openai import STREAM_DONE, bad_request, max_output_tokens, sse_event, usage_object
 from extproc.sse import SSEDecoder, SSEEvent
 from extproc.translators.anthropic_messages import anthropic_headers
 from extproc.translators.base import StreamTranslator, Translator, UpstreamRequest
@@ -74,7 +74,7 @@ def chat_to_messages(body: dict[str, Any], model: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": model,
         "messages": [{"role": role, "content": _content(role, blocks)} for role, blocks in turns],
-        "max_tokens": _max_tokens(body),
+        "max_tokens": max_output_tokens(body) or DEFAULT_MAX_TOKENS,
     }
     if system:
         out["system"] = system[0] if len(system) == 1 else [{"type": "text", "text": t} for t in system]
@@ -231,17 +231,6 @@ def _content(role: str, blocks: list[dict[str, Any]]) -> str | list[dict[str, An
     if role == "user":  # Anthropic wants tool_result blocks before any other user content
         blocks.sort(key=lambda b: b["type"] != "tool_result")
     return blocks
-
-
-def _max_tokens(body: dict[str, Any]) -> int:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad_request(f"'{key}' must be a positive integer.", param=key)
-        return value
-    return DEFAULT_MAX_TOKENS
 
 
 def _stop_sequences(stop: Any) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from extproc.schemas.openai import bad_request, error_body, usage_object
+from extproc.schemas.openai import bad_request, error_body, max_output_tokens, usage_object
 from extproc.translators.base import StreamTranslator, Translator, UpstreamRequest
 from extproc.usage import TokenUsage
 
@@ -254,14 +254,9 @@ def _unit_number(body: dict[str, Any], key: str) -> float | None:
 
 def _inference_config(body: dict[str, Any]) -> dict[str, Any]:
     config: dict[str, Any] = {}
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad_request(f"'{key}' must be a positive integer.", key)
-        config["maxTokens"] = value
-        break
+    max_tokens = max_output_tokens(body)
+    if max_tokens is not None:
+        config["maxTokens"] = max_tokens
     temperature = _unit_number(body, "temperature")
     if temperature is not None:
         config["temperature"] = temperature
