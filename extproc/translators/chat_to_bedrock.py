@@ -471,8 +471,7 @@ def _error_to_openai(status: int, body: bytes, error_type_header: str | None) ->
     return error_body(status, message, error_type, code)
 
 
-
-# -- the translator --------------------------------------------------------------
+# -- the translator ----------------------------------------------------------------
 
 
 class ChatToBedrock(Translator):

@@ -191,4 +191,3 @@ def _payload(message: EventStreamMessage) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
-

@@ -437,7 +437,7 @@ def test_error_bodies_never_raise(body: bytes, header: str | None, message: str)
         assert out["error"]["code"] == "rate_limit_exceeded"
 
 
-# -- ConverseStreamTranslator -----------------------------------------------------------------------
+# -- ConverseStreamTranslator --------------------------------------------------------------
 
 METADATA = {"usage": {"inputTokens": 12, "outputTokens": 7, "totalTokens": 119, "cacheReadInputTokens": 100},
             "metrics": {"latencyMs": 321}}
