@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from extproc.schemas.openai import MAX_MODEL_LENGTH, ParsedRequest
+from extproc.schemas.openai import MAX_MODEL_LENGTH, ParsedRequest, as_count
 from extproc.usage import TokenUsage
 
 MESSAGES_SUFFIX = "/v1/messages"
@@ -26,20 +26,16 @@ MESSAGES_SUFFIX = "/v1/messages"
 # -- usage -------------------------------------------------------------------------------------
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
 def usage_from_anthropic(usage: Any) -> TokenUsage | None:
     """Anthropic's ``usage`` as TokenUsage, with input counting the whole prompt as OpenAI does."""
     if not isinstance(usage, dict):
         return None
-    uncached = _count(usage.get("input_tokens"))
-    read = _count(usage.get("cache_read_input_tokens"))
+    uncached = as_count(usage.get("input_tokens"))
+    read = as_count(usage.get("cache_read_input_tokens"))
     raw_creation = usage.get("cache_creation_input_tokens")
-    creation = _count(raw_creation) if raw_creation is not None else None
+    creation = as_count(raw_creation) if raw_creation is not None else None
     prompt = uncached + read + (creation or 0)
-    output = _count(usage.get("output_tokens"))
+    output = as_count(usage.get("output_tokens"))
     details = usage.get("output_tokens_details")
     return TokenUsage(
         input_tokens=prompt,
@@ -47,7 +43,7 @@ def usage_from_anthropic(usage: Any) -> TokenUsage | None:
         total_tokens=prompt + output,
         cached_input_tokens=read,
         cache_creation_input_tokens=creation,
-        reasoning_tokens=_count(details.get("thinking_tokens")) if isinstance(details, dict) else 0,
+        reasoning_tokens=as_count(details.get("thinking_tokens")) if isinstance(details, dict) else 0,
     )
 
 

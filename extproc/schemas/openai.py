@@ -210,7 +210,9 @@ def model_object(model: str) -> bytes:
 # -- responses -------------------------------------------------------------------
 
 
-def _int(value: Any) -> int:
+def as_count(value: Any) -> int:
+    """A count (or index) as providers' JSON carries it: a non-negative integer, not a
+    bool; anything else reads as 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
@@ -218,9 +220,9 @@ def usage_from_openai(usage: Any) -> TokenUsage | None:
     """OpenAI's `usage` object (chat, completions, embeddings) as TokenUsage."""
     if not isinstance(usage, dict):
         return None
-    prompt = _int(usage.get("prompt_tokens"))
-    completion = _int(usage.get("completion_tokens"))
-    total = _int(usage.get("total_tokens")) or prompt + completion
+    prompt = as_count(usage.get("prompt_tokens"))
+    completion = as_count(usage.get("completion_tokens"))
+    total = as_count(usage.get("total_tokens")) or prompt + completion
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
     # `cache_creation_tokens` is the gateway's own extension: a translated Anthropic or
@@ -230,10 +232,10 @@ def usage_from_openai(usage: Any) -> TokenUsage | None:
         input_tokens=prompt,
         output_tokens=completion,
         total_tokens=total,
-        cache_creation_input_tokens=_int(creation) if creation is not None else None,
-        cached_input_tokens=_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        cache_creation_input_tokens=as_count(creation) if creation is not None else None,
+        cached_input_tokens=as_count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
         reasoning_tokens=(
-            _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
+            as_count(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
         ),
     )
 

@@ -18,7 +18,13 @@ from typing import Any
 
 import orjson
 
-from extproc.schemas.openai import bad_request, error_body, max_output_tokens, usage_object
+from extproc.schemas.openai import (
+    as_count,
+    bad_request,
+    error_body,
+    max_output_tokens,
+    usage_object,
+)
 from extproc.translators.base import StreamTranslator, Translator, UpstreamRequest
 from extproc.usage import TokenUsage
 
@@ -31,7 +37,9 @@ def converse_path(model: str, stream: bool) -> str:
     """The request path for a model, percent-encoded exactly as botocore renders the
     non-greedy ``{modelId}`` label (``:`` -> ``%3A``, ``/`` of an ARN -> ``%2F``), so a
     signature computed over it matches what AWS recomputes."""
-    from botocore.utils import percent_encode  # botocore: loaded by the first Bedrock request
+    from botocore.utils import (
+        percent_encode,  # botocore: loaded by the first Bedrock request
+    )
 
     return f"/model/{percent_encode(model)}/{'converse-stream' if stream else 'converse'}"
 
@@ -315,11 +323,6 @@ def finish_reason(stop_reason: Any) -> str:
     return _FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
 
 
-def count(value: Any) -> int:
-    """A count or index as Bedrock reports it: a non-negative integer, else 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
 def usage_from_bedrock(usage: Any) -> TokenUsage | None:
     """Bedrock's `usage` as TokenUsage, with input counted the way OpenAI counts prompts.
 
@@ -328,11 +331,11 @@ def usage_from_bedrock(usage: Any) -> TokenUsage | None:
     """
     if not isinstance(usage, dict):
         return None
-    cache_read = count(usage.get("cacheReadInputTokens"))
+    cache_read = as_count(usage.get("cacheReadInputTokens"))
     cache_write = usage.get("cacheWriteInputTokens")
-    written = count(cache_write) if cache_write is not None else None
-    input_tokens = count(usage.get("inputTokens")) + cache_read + (written or 0)
-    output_tokens = count(usage.get("outputTokens"))
+    written = as_count(cache_write) if cache_write is not None else None
+    input_tokens = as_count(usage.get("inputTokens")) + cache_read + (written or 0)
+    output_tokens = as_count(usage.get("outputTokens"))
     return TokenUsage(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
@@ -485,7 +488,9 @@ class ChatToBedrock(Translator):
                                [("content-type", b"application/json"), ("accept", accept)])
 
     def stream_translator(self) -> StreamTranslator | None:
-        from extproc.translators.chat_to_bedrock_stream import ConverseStreamTranslator  # botocore: on first use
+        from extproc.translators.chat_to_bedrock_stream import (
+            ConverseStreamTranslator,  # botocore: on first use
+        )
 
         return ConverseStreamTranslator(self.attempt.model, self.attempt.include_usage)
 

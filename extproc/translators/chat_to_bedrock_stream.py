@@ -13,10 +13,9 @@ from typing import Any
 import orjson
 from botocore.eventstream import EventStreamBuffer, EventStreamMessage, ParserError
 
-from extproc.schemas.openai import STREAM_DONE, sse_event, usage_object
+from extproc.schemas.openai import STREAM_DONE, as_count, sse_event, usage_object
 from extproc.translators.chat_to_bedrock import (
     completion_id,
-    count,
     error_kind,
     finish_reason,
     usage_from_bedrock,
@@ -139,7 +138,7 @@ class ConverseStreamTranslator:
             start = payload.get("start")
             use = start.get("toolUse") if isinstance(start, dict) else None
             if isinstance(use, dict):
-                index = self._tool_index.setdefault(count(payload.get("contentBlockIndex")), len(self._tool_index))
+                index = self._tool_index.setdefault(as_count(payload.get("contentBlockIndex")), len(self._tool_index))
                 call = {"index": index, "id": str(use.get("toolUseId") or ""), "type": "function",
                         "function": {"name": str(use.get("name") or ""), "arguments": ""}}
                 return [self._chunk({"tool_calls": [call]})]
@@ -161,7 +160,7 @@ class ConverseStreamTranslator:
             return [self._chunk({"content": delta["text"]})]
         use = delta.get("toolUse")
         if isinstance(use, dict) and isinstance(use.get("input"), str):
-            block = count(payload.get("contentBlockIndex"))
+            block = as_count(payload.get("contentBlockIndex"))
             index = self._tool_index.setdefault(block, len(self._tool_index))
             return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": use["input"]}}]})]
         reasoning = delta.get("reasoningContent")
