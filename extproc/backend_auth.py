@@ -92,9 +92,9 @@ class SigV4(BackendAuth):
 
     def sign(self, url: str, body: bytes, keys: AwsKeys) -> list[tuple[str, bytes]]:
         """The signature headers for a JSON POST of exactly `body` to `url`."""
-        from extproc.schemas import bedrock  # botocore: loaded only by workers that sign
+        from extproc import sigv4  # botocore: loaded only by workers that sign
 
-        signed = bedrock.sign(
+        signed = sigv4.sign(
             "POST", url, {"content-type": "application/json"}, body, self.region, keys.access_key, keys.secret_key,
             keys.token,
         )

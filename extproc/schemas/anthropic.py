@@ -1,13 +1,11 @@
-"""The Anthropic Messages API: OpenAI chat translated to and from it, and its usage.
+"""The Anthropic Messages API as native clients and Anthropic speak it.
 
-Pure functions, no I/O. Two ways in:
-
-* OpenAI clients routed to an Anthropic backend: ``chat_to_messages`` rewrites the
-  request, ``messages_to_chat`` / ``StreamTranslator`` rewrite the reply and
-  ``error_to_openai`` the errors, so the client never sees Anthropic's shapes.
-* Native Anthropic clients (``POST /v1/messages``): the body passes through untouched;
-  ``parse_request`` checks what the gateway needs, ``StreamUsage`` / ``usage_from_message``
-  read the usage and ``error_body`` answers in Anthropic's error shape.
+Native clients (``POST /anthropic/v1/messages``) are served without translation: the
+body passes through untouched; ``parse_request`` checks what the gateway needs,
+``StreamUsage`` / ``usage_from_message`` read the usage and ``error_body`` answers in
+Anthropic's error shape. Pure functions, no I/O. (OpenAI chat clients routed to an
+Anthropic backend are translated by extproc/translators/chat_to_anthropic.py, which
+reads usage with the same functions.)
 
 Usage follows OpenAI's accounting everywhere: input tokens are the whole prompt
 (Anthropic's ``input_tokens`` counts only the uncached part), so costs and budgets
@@ -16,399 +14,28 @@ mean the same thing whichever provider served the request.
 
 from __future__ import annotations
 
-import re
-import time
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from extproc.schemas.openai import bad_request
-from extproc.sse import SSEDecoder, SSEEvent
+from extproc.schemas.openai import MAX_MODEL_LENGTH, ParsedRequest, as_count
 from extproc.usage import TokenUsage
 
 MESSAGES_SUFFIX = "/v1/messages"
-DEFAULT_VERSION = "2023-06-01"
-DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; OpenAI clients usually leave it out
-
-# -- OpenAI chat request -> Anthropic Messages request ----------------------------------------
-
-_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
-_DATA_URL = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),(.*)", re.DOTALL)
-_TOOL_CHOICES = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
-
-
-def chat_to_messages(body: dict[str, Any], model: str) -> dict[str, Any]:
-    """An OpenAI chat-completions request as an Anthropic Messages request for ``model``.
-
-    Raises RequestError (400) for what cannot be expressed, rather than letting the
-    backend answer with an Anthropic-shaped error the OpenAI client cannot read.
-    """
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty array.", param="messages")
-    system: list[str] = []
-    turns: list[tuple[str, list[dict[str, Any]]]] = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise bad_request(f"{where} must be an object.", param=where)
-        role = message.get("role")
-        if role in ("system", "developer"):
-            system.extend(t for t in _texts(message.get("content"), f"{where}.content") if t)
-            continue
-        if role == "user":
-            blocks = _user_blocks(message.get("content"), f"{where}.content")
-        elif role == "assistant":
-            blocks = _assistant_blocks(message, where)
-        elif role == "tool":
-            role, blocks = "user", [_tool_result(message, where)]
-        else:
-            raise bad_request(
-                f"{where}.role must be 'system', 'developer', 'user', 'assistant' or 'tool', got {role!r}.",
-                param=f"{where}.role",
-            )
-        if not blocks:
-            continue  # Anthropic rejects empty turns; an empty OpenAI message says nothing
-        if turns and turns[-1][0] == role:  # Anthropic wants alternating turns: merge
-            turns[-1][1].extend(blocks)
-        else:
-            turns.append((role, blocks))
-    if not turns:
-        raise bad_request("'messages' must contain a user or assistant message with content.", param="messages")
-
-    out: dict[str, Any] = {
-        "model": model,
-        "messages": [{"role": role, "content": _content(role, blocks)} for role, blocks in turns],
-        "max_tokens": _max_tokens(body),
-    }
-    if system:
-        out["system"] = system[0] if len(system) == 1 else [{"type": "text", "text": t} for t in system]
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad_request("Anthropic models generate one choice per request; 'n' must be 1.", param="n")
-    for key in ("temperature", "top_p"):
-        value = body.get(key)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise bad_request(f"'{key}' must be a number.", param=key)
-            out[key] = value
-    stop = _stop_sequences(body.get("stop"))
-    if stop:
-        out["stop_sequences"] = stop
-    tools = body.get("tools")
-    if tools is not None:
-        out["tools"] = _tools(tools)
-    choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"), bool(out.get("tools")))
-    if choice is not None:
-        out["tool_choice"] = choice
-    if body.get("stream") is True:
-        out["stream"] = True
-    user = body.get("user")
-    if isinstance(user, str) and user:
-        out["metadata"] = {"user_id": user}
-    return out
-
-
-def _texts(content: Any, where: str) -> list[str]:
-    """A string content or the texts of its text parts (system, tool and refusal contents)."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [content]
-    if not isinstance(content, list):
-        raise bad_request(f"{where} must be a string or an array of content parts.", param=where)
-    out: list[str] = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
-            raise bad_request(f"{where}[{j}] must be a text content part.", param=f"{where}[{j}]")
-        value = part.get(part["type"])
-        if not isinstance(value, str):
-            raise bad_request(f"{where}[{j}].{part['type']} must be a string.", param=f"{where}[{j}]")
-        out.append(value)
-    return out
-
-
-def _text_blocks(texts: list[str]) -> list[dict[str, Any]]:
-    return [{"type": "text", "text": t} for t in texts if t]  # Anthropic rejects empty text blocks
-
-
-def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
-    if content is None or isinstance(content, str):
-        return _text_blocks([content] if content else [])
-    if not isinstance(content, list):
-        raise bad_request(f"{where} must be a string or an array of content parts.", param=where)
-    blocks: list[dict[str, Any]] = []
-    for j, part in enumerate(content):
-        here = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise bad_request(f"{here}.text must be a string.", param=here)
-            blocks.extend(_text_blocks([part["text"]]))
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            blocks.append(_image_block(url, f"{here}.image_url"))
-        else:
-            raise bad_request(
-                f"{here}: content part type {kind!r} is not supported for Anthropic models "
-                "(supported: text, image_url).",
-                param=here,
-            )
-    return blocks
-
-
-def _image_block(url: Any, where: str) -> dict[str, Any]:
-    if not isinstance(url, str) or not url:
-        raise bad_request(f"{where}.url must be a non-empty string.", param=where)
-    if url.startswith(("http://", "https://")):
-        return {"type": "image", "source": {"type": "url", "url": url}}
-    match = _DATA_URL.fullmatch(url)
-    if match is None:
-        raise bad_request(f"{where}.url must be an http(s) URL or a base64 data: URL.", param=where)
-    media_type, params, data = match.group(1).lower(), match.group(2).lower(), match.group(3)
-    if ";base64" not in params:
-        raise bad_request(f"{where}.url: data: URLs must be base64-encoded.", param=where)
-    if media_type not in _IMAGE_TYPES:
-        raise bad_request(
-            f"{where}.url: image type {media_type or 'unknown'!r} is not supported "
-            f"(supported: {', '.join(sorted(_IMAGE_TYPES))}).",
-            param=where,
-        )
-    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
-
-
-def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    blocks = _text_blocks(_texts(message.get("content"), f"{where}.content"))
-    calls = message.get("tool_calls")
-    if calls is None:
-        return blocks
-    if not isinstance(calls, list):
-        raise bad_request(f"{where}.tool_calls must be an array.", param=f"{where}.tool_calls")
-    for k, call in enumerate(calls):
-        here = f"{where}.tool_calls[{k}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not call["id"]:
-            raise bad_request(f"{here} must be an object with an 'id' and a 'function'.", param=here)
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{here}.function.name must be a non-empty string.", param=here)
-        blocks.append({"type": "tool_use", "id": call["id"], "name": name, "input": _arguments(function, here)})
-    return blocks
-
-
-def _arguments(function: dict[str, Any], where: str) -> dict[str, Any]:
-    """A tool call's JSON-string arguments as the object Anthropic's ``input`` must be."""
-    raw = function.get("arguments")
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return {}  # some models send "" for a call without arguments
-    if not isinstance(raw, str):
-        raise bad_request(f"{where}.function.arguments must be a JSON string.", param=where)
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"{where}.function.arguments is not valid JSON: {exc}", param=where) from None
-    if not isinstance(value, dict):
-        raise bad_request(f"{where}.function.arguments must encode a JSON object.", param=where)
-    return value
-
-
-def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
-    call_id = message.get("tool_call_id")
-    if not isinstance(call_id, str) or not call_id:
-        raise bad_request(f"{where}.tool_call_id must be a non-empty string.", param=f"{where}.tool_call_id")
-    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id}
-    content = message.get("content")
-    if isinstance(content, str):
-        if content:
-            block["content"] = content
-    else:
-        texts = _text_blocks(_texts(content, f"{where}.content"))
-        if texts:
-            block["content"] = texts
-    return block
-
-
-def _content(role: str, blocks: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    """A turn's content: a plain string when it is one text, else blocks (tool results first)."""
-    if len(blocks) == 1 and blocks[0]["type"] == "text":
-        return str(blocks[0]["text"])
-    if role == "user":  # Anthropic wants tool_result blocks before any other user content
-        blocks.sort(key=lambda b: b["type"] != "tool_result")
-    return blocks
-
-
-def _max_tokens(body: dict[str, Any]) -> int:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad_request(f"'{key}' must be a positive integer.", param=key)
-        return value
-    return DEFAULT_MAX_TOKENS
-
-
-def _stop_sequences(stop: Any) -> list[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop] if stop else []
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return [s for s in stop if s]
-    raise bad_request("'stop' must be a string or an array of strings.", param="stop")
-
-
-def _tools(tools: Any) -> list[dict[str, Any]]:
-    if not isinstance(tools, list):
-        raise bad_request("'tools' must be an array.", param="tools")
-    out: list[dict[str, Any]] = []
-    for j, tool in enumerate(tools):
-        where = f"tools[{j}]"
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
-            raise bad_request(f"{where}: only function tools are supported for Anthropic models.", param=where)
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{where}.function.name must be a non-empty string.", param=where)
-        schema = function.get("parameters")
-        if schema is None:
-            schema = {"type": "object", "properties": {}}
-        elif not isinstance(schema, dict):
-            raise bad_request(f"{where}.function.parameters must be a JSON Schema object.", param=where)
-        elif "type" not in schema:
-            schema = {"type": "object", **schema}  # Anthropic requires the top-level type
-        entry: dict[str, Any] = {"name": name}
-        if isinstance(function.get("description"), str):
-            entry["description"] = function["description"]
-        entry["input_schema"] = schema
-        out.append(entry)
-    return out
-
-
-def _tool_choice(choice: Any, parallel: Any, have_tools: bool) -> dict[str, Any] | None:
-    mapped: dict[str, Any] | None
-    if choice is None:
-        mapped = {"type": "auto"} if parallel is False and have_tools else None
-    elif isinstance(choice, str) and choice in _TOOL_CHOICES:
-        mapped = dict(_TOOL_CHOICES[choice])
-    elif isinstance(choice, dict) and choice.get("type") == "function":
-        function = choice.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not name:
-            raise bad_request("'tool_choice.function.name' must be a non-empty string.", param="tool_choice")
-        mapped = {"type": "tool", "name": name}
-    else:
-        raise bad_request(
-            "'tool_choice' must be 'auto', 'required', 'none' or {\"type\": \"function\", ...}.", param="tool_choice"
-        )
-    if mapped is None:
-        return None
-    if not have_tools:
-        if mapped["type"] in ("any", "tool"):
-            raise bad_request("'tool_choice' requires 'tools'.", param="tool_choice")
-        return None  # auto / none without tools: nothing to say
-    if parallel is False and mapped["type"] != "none":
-        mapped["disable_parallel_tool_use"] = True
-    return mapped
-
-
-# -- Anthropic Messages response -> OpenAI chat completion --------------------------------------
-
-_FINISH_REASONS = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "pause_turn": "stop",
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "tool_use": "tool_calls",
-    "refusal": "content_filter",
-}
-
-
-def finish_reason(stop_reason: Any) -> str | None:
-    """OpenAI's finish_reason for an Anthropic stop_reason (None while still generating)."""
-    if not isinstance(stop_reason, str):
-        return None
-    return _FINISH_REASONS.get(stop_reason, "stop")
-
-
-def _chat_id(message_id: Any) -> str:
-    return f"chatcmpl-{message_id if isinstance(message_id, str) and message_id else uuid.uuid4().hex}"
-
-
-def messages_to_chat(response: dict[str, Any], model: str | None = None) -> dict[str, Any]:
-    """A non-streaming Anthropic message as an OpenAI ``chat.completion`` (``model`` if it names none)."""
-    if not isinstance(response, dict):  # a backend's junk must not crash the gateway
-        response = {}
-    texts: list[str] = []
-    thinking: list[str] = []
-    calls: list[dict[str, Any]] = []
-    content = response.get("content")
-    for block in content if isinstance(content, list) else ():
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
-        elif kind == "thinking" and isinstance(block.get("thinking"), str):
-            thinking.append(block["thinking"])
-        elif kind == "tool_use":
-            calls.append({
-                "id": str(block.get("id") or ""),
-                "type": "function",
-                "function": {"name": str(block.get("name") or ""), "arguments": _json_text(block.get("input"))},
-            })
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None, "refusal": None}
-    if calls:
-        message["tool_calls"] = calls
-    if thinking:
-        message["reasoning_content"] = "".join(thinking)
-    out: dict[str, Any] = {
-        "id": _chat_id(response.get("id")),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": _model_name(response.get("model"), model),
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": finish_reason(response.get("stop_reason")) or "stop",
-            }
-        ],
-    }
-    usage = usage_from_anthropic(response.get("usage"))
-    if usage is not None:
-        out["usage"] = openai_usage(usage)
-    return out
-
-
-def _json_text(value: Any) -> str:
-    return orjson.dumps(value if value is not None else {}).decode()
-
-
-def _model_name(reported: Any, fallback: str | None) -> str:
-    return reported if isinstance(reported, str) and reported else fallback or ""
-
 
 # -- usage -------------------------------------------------------------------------------------
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def usage_from_anthropic(usage: Any) -> TokenUsage | None:
     """Anthropic's ``usage`` as TokenUsage, with input counting the whole prompt as OpenAI does."""
     if not isinstance(usage, dict):
         return None
-    uncached = _count(usage.get("input_tokens"))
-    read = _count(usage.get("cache_read_input_tokens"))
+    uncached = as_count(usage.get("input_tokens"))
+    read = as_count(usage.get("cache_read_input_tokens"))
     raw_creation = usage.get("cache_creation_input_tokens")
-    creation = _count(raw_creation) if raw_creation is not None else None
+    creation = as_count(raw_creation) if raw_creation is not None else None
     prompt = uncached + read + (creation or 0)
-    output = _count(usage.get("output_tokens"))
+    output = as_count(usage.get("output_tokens"))
     details = usage.get("output_tokens_details")
     return TokenUsage(
         input_tokens=prompt,
@@ -416,7 +43,7 @@ def usage_from_anthropic(usage: Any) -> TokenUsage | None:
         total_tokens=prompt + output,
         cached_input_tokens=read,
         cache_creation_input_tokens=creation,
-        reasoning_tokens=_count(details.get("thinking_tokens")) if isinstance(details, dict) else 0,
+        reasoning_tokens=as_count(details.get("thinking_tokens")) if isinstance(details, dict) else 0,
     )
 
 
@@ -425,24 +52,7 @@ def usage_from_message(body: Any) -> TokenUsage | None:
     return usage_from_anthropic(body.get("usage")) if isinstance(body, dict) else None
 
 
-def openai_usage(usage: TokenUsage) -> dict[str, Any]:
-    """OpenAI's usage object; ``cache_creation_tokens`` is our extension (only when known)
-    so cache writes stay accountable after translation."""
-    details: dict[str, Any] = {"cached_tokens": usage.cached_input_tokens}
-    if usage.cache_creation_input_tokens is not None:
-        details["cache_creation_tokens"] = usage.cache_creation_input_tokens
-    out: dict[str, Any] = {
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": details,
-    }
-    if usage.reasoning_tokens:
-        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
-    return out
-
-
-class _UsageTracker:
+class UsageTracker:
     """Streamed usage: message_start has the input counts, each message_delta the
     cumulative output (and maybe the input counts again); the latest non-null wins."""
 
@@ -457,183 +67,6 @@ class _UsageTracker:
             return
         self._raw.update((k, v) for k, v in usage.items() if v is not None)
         self.usage = usage_from_anthropic(self._raw)
-
-
-# -- Anthropic stream -> OpenAI chunks -----------------------------------------------------------
-
-DONE = b"data: [DONE]\n\n"
-
-
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-def _event_json(event: SSEEvent) -> tuple[str | None, dict[str, Any] | None]:
-    """An event's name (the ``event:`` field, else the payload's ``type``) and JSON payload."""
-    if not event.has_data:
-        return None, None
-    try:
-        data = orjson.loads(event.data)
-    except orjson.JSONDecodeError:
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    name = event.event or data.get("type")
-    return (name if isinstance(name, str) else None), data
-
-
-class StreamTranslator:
-    """Anthropic Messages SSE in, OpenAI ``chat.completion.chunk`` SSE out, in any chunking.
-
-    Per ``feed`` the work is the chunk plus one incomplete event (SSEDecoder), and every
-    complete event is translated at once, so the client sees tokens as they arrive.
-    """
-
-    def __init__(self, model: str | None, include_usage: bool, *, created: int | None = None) -> None:
-        self.model = model  # replaced by the model message_start names
-        self.include_usage = include_usage
-        self.usage: TokenUsage | None = None
-        self.created = created if created is not None else int(time.time())
-        self.id = _chat_id(None)  # replaced by chatcmpl-<message id> at message_start
-        self._decoder = SSEDecoder()
-        self._tracker = _UsageTracker()
-        self._tool_index: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
-        self._tool_args: set[int] = set()  # tool blocks that sent argument text
-        self._stopped = False  # a message_delta carried the stop_reason
-        self._done = False  # [DONE] or an error went out: the stream is over for the client
-
-    def feed(self, data: bytes) -> bytes:
-        """OpenAI SSE bytes to send now for these Anthropic bytes (b"" if none yet)."""
-        return self._translate(self._decoder.feed(data))
-
-    def finish(self) -> bytes:
-        """End of the upstream body: a last unterminated event, and [DONE] if the
-        stream was cut after its stop_reason but before message_stop."""
-        out = self._translate(self._decoder.flush())
-        if not self._done and self._stopped:
-            self._done = True
-            out += DONE
-        return out
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    def _translate(self, events: list[SSEEvent]) -> bytes:
-        out: list[bytes] = []
-        for event in events:
-            if self._done:
-                break
-            name, data = _event_json(event)
-            if data is not None:
-                self._on_event(name, data, out)
-        return b"".join(out)
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _sse({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model or "",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        })
-
-    def _on_event(self, name: str | None, data: dict[str, Any], out: list[bytes]) -> None:
-        if name == "message_start":
-            message = data.get("message")
-            if isinstance(message, dict):
-                if isinstance(message.get("id"), str) and message["id"]:
-                    self.id = _chat_id(message["id"])
-                self.model = _model_name(message.get("model"), self.model)
-                self._usage(message.get("usage"))
-            out.append(self._chunk({"role": "assistant", "content": ""}))
-        elif name == "content_block_start":
-            self._block_start(data, out)
-        elif name == "content_block_delta":
-            self._block_delta(data, out)
-        elif name == "content_block_stop":
-            index = data.get("index")
-            if isinstance(index, int) and index in self._tool_index and index not in self._tool_args:
-                self._tool_args.add(index)  # OpenAI clients json.loads the arguments: never leave them ""
-                out.append(self._tool_delta(index, {"function": {"arguments": "{}"}}))
-        elif name == "message_delta":
-            self._usage(data.get("usage"))
-            delta = data.get("delta")
-            reason = finish_reason(delta.get("stop_reason")) if isinstance(delta, dict) else None
-            if reason is not None:
-                self._stopped = True
-                out.append(self._chunk({}, reason))
-        elif name == "message_stop":
-            if self.include_usage and self.usage is not None:
-                out.append(_sse({
-                    "id": self.id,
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": self.model or "",
-                    "choices": [],
-                    "usage": openai_usage(self.usage),
-                }))
-            out.append(DONE)
-            self._done = True
-        elif name == "error":
-            error = data.get("error")
-            error = error if isinstance(error, dict) else {}
-            etype, code = _openai_error(error.get("type"), None)
-            message = error.get("message")
-            out.append(_sse({
-                "error": {
-                    "message": message if isinstance(message, str) and message else "The upstream stream failed.",
-                    "type": etype,
-                    "param": None,
-                    "code": code,
-                }
-            }))
-            self._done = True
-        # ping and unknown events: nothing for the client
-
-    def _usage(self, usage: Any) -> None:
-        self._tracker.update(usage)
-        self.usage = self._tracker.usage
-
-    def _tool_delta(self, index: int, call: dict[str, Any]) -> bytes:
-        return self._chunk({"tool_calls": [{"index": self._tool_index[index], **call}]})
-
-    def _block_start(self, data: dict[str, Any], out: list[bytes]) -> None:
-        index, block = data.get("index"), data.get("content_block")
-        if not isinstance(index, int) or not isinstance(block, dict):
-            return
-        kind = block.get("type")
-        if kind == "tool_use":
-            self._tool_index[index] = len(self._tool_index)
-            arguments = ""
-            if isinstance(block.get("input"), dict) and block["input"]:  # streams send {}, but just in case
-                arguments = _json_text(block["input"])
-                self._tool_args.add(index)
-            out.append(self._tool_delta(index, {
-                "id": str(block.get("id") or ""),
-                "type": "function",
-                "function": {"name": str(block.get("name") or ""), "arguments": arguments},
-            }))
-        elif kind == "text" and isinstance(block.get("text"), str) and block["text"]:
-            out.append(self._chunk({"content": block["text"]}))
-
-    def _block_delta(self, data: dict[str, Any], out: list[bytes]) -> None:
-        index, delta = data.get("index"), data.get("delta")
-        if not isinstance(delta, dict):
-            return
-        kind = delta.get("type")
-        if kind == "text_delta":
-            if isinstance(delta.get("text"), str) and delta["text"]:
-                out.append(self._chunk({"content": delta["text"]}))
-        elif kind == "input_json_delta":
-            fragment = delta.get("partial_json")
-            if isinstance(index, int) and index in self._tool_index and isinstance(fragment, str) and fragment:
-                self._tool_args.add(index)
-                out.append(self._tool_delta(index, {"function": {"arguments": fragment}}))
-        elif kind == "thinking_delta":
-            if isinstance(delta.get("thinking"), str) and delta["thinking"]:
-                out.append(self._chunk({"reasoning_content": delta["thinking"]}))
-        # signature_delta, citations_delta: no OpenAI counterpart
 
 
 # -- native Anthropic streams -------------------------------------------------------------------
@@ -655,7 +88,7 @@ class StreamUsage:
         self.output_seen = False
         self.complete = False  # message_stop seen
         self.error_type: str | None = None
-        self._tracker = _UsageTracker()
+        self._tracker = UsageTracker()
 
     def on_event(self, name: str | None, data: dict[str, Any]) -> None:
         kind = name or data.get("type")
@@ -687,73 +120,6 @@ class StreamUsage:
         self.usage = self._tracker.usage
 
 
-# -- errors --------------------------------------------------------------------------------------
-
-# Anthropic error type -> OpenAI (type, code).
-_OPENAI_ERRORS: dict[str, tuple[str, str | None]] = {
-    "invalid_request_error": ("invalid_request_error", None),
-    "authentication_error": ("invalid_request_error", "invalid_api_key"),
-    "permission_error": ("permission_error", None),
-    "not_found_error": ("invalid_request_error", "not_found"),
-    "request_too_large": ("invalid_request_error", "request_too_large"),
-    "rate_limit_error": ("rate_limit_error", "rate_limit_exceeded"),
-    "billing_error": ("insufficient_quota", "insufficient_quota"),
-    "timeout_error": ("server_error", "timeout"),
-    "overloaded_error": ("server_error", "overloaded"),
-    "api_error": ("server_error", None),
-}
-# HTTP status -> the Anthropic error type it documents, for bodies that name none.
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-_MAX_ERROR_TEXT = 1000
-
-
-def _openai_error(anthropic_type: Any, status: int | None) -> tuple[str, str | None]:
-    if isinstance(anthropic_type, str) and anthropic_type in _OPENAI_ERRORS:
-        return _OPENAI_ERRORS[anthropic_type]
-    if status is not None and status in _TYPE_BY_STATUS:
-        return _OPENAI_ERRORS[_TYPE_BY_STATUS[status]]
-    if status is not None and status >= 500:
-        return "server_error", None
-    if isinstance(anthropic_type, str) and anthropic_type:
-        return anthropic_type, None  # a type we don't know: keep it rather than guess
-    return "invalid_request_error", None
-
-
-def error_to_openai(status: int, body: bytes) -> bytes:
-    """An Anthropic error response body as OpenAI's ``{"error": {...}}``; never raises."""
-    anthropic_type: Any = None
-    message: Any = None
-    try:
-        parsed = orjson.loads(body)
-    except Exception:  # noqa: BLE001 - not JSON (an HTML page from a proxy, say): use the text
-        parsed = None
-    if isinstance(parsed, dict):
-        error = parsed.get("error")
-        if isinstance(error, dict):
-            anthropic_type, message = error.get("type"), error.get("message")
-        elif isinstance(parsed.get("message"), str):
-            message = parsed["message"]
-    if not isinstance(message, str) or not message:
-        try:
-            message = bytes(body[:_MAX_ERROR_TEXT]).decode("utf-8", "replace").strip() if parsed is None else ""
-        except Exception:  # noqa: BLE001
-            message = ""
-        message = message or f"The Anthropic backend answered with HTTP status {status}."
-    etype, code = _openai_error(anthropic_type, status if isinstance(status, int) else None)
-    return orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": code}})
-
-
 # -- native requests -----------------------------------------------------------------------------
 
 
@@ -776,23 +142,11 @@ class AnthropicRequestError(Exception):
         return error_body(self.message, self.error_type)
 
 
-@dataclass(slots=True)
-class ParsedMessagesRequest:
-    """The few facts the gateway needs from a native Messages request, plus the body."""
-
-    body: dict[str, Any]
-    model: str
-    stream: bool
-
-
-_MAX_MODEL_LENGTH = 256
-
-
 def _invalid(message: str) -> AnthropicRequestError:
     return AnthropicRequestError(400, message, "invalid_request_error")
 
 
-def parse_request(raw: bytes) -> ParsedMessagesRequest:
+def parse_request(raw: bytes) -> ParsedRequest:
     """Parse a native Messages request once; 400 for what the API would reject anyway
     (messages in the API's own ``field: problem`` style)."""
     if not raw:
@@ -808,8 +162,8 @@ def parse_request(raw: bytes) -> ParsedMessagesRequest:
         raise _invalid("model: Field required")
     if not isinstance(model, str):
         raise _invalid("model: Input should be a valid string")
-    if len(model) > _MAX_MODEL_LENGTH or not model.isprintable():
-        raise _invalid(f"model: must be at most {_MAX_MODEL_LENGTH} printable characters")
+    if len(model) > MAX_MODEL_LENGTH or not model.isprintable():
+        raise _invalid(f"model: must be at most {MAX_MODEL_LENGTH} printable characters")
     messages = body.get("messages")
     if messages is None:
         raise _invalid("messages: Field required")
@@ -827,4 +181,4 @@ def parse_request(raw: bytes) -> ParsedMessagesRequest:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("stream: Input should be a valid boolean")
-    return ParsedMessagesRequest(body=body, model=model, stream=stream is True)
+    return ParsedRequest(body=body, model=model, stream=stream is True)

@@ -77,14 +77,15 @@ def too_large(limit: int) -> RequestError:
 
 @dataclass(slots=True)
 class ParsedRequest:
-    """The few facts the gateway needs from a request body, plus the body itself."""
+    """The few facts the gateway needs from a request body, plus the body itself
+    (an OpenAI request, or a native Anthropic one: schemas/anthropic.py)."""
 
     body: dict[str, Any]
     model: str
     stream: bool
 
 
-_MAX_MODEL_LENGTH = 256
+MAX_MODEL_LENGTH = 256  # a model name longer than this is refused, in any client API
 
 
 def parse_request(raw: bytes) -> ParsedRequest:
@@ -102,9 +103,9 @@ def parse_request(raw: bytes) -> ParsedRequest:
         raise bad_request("you must provide a model parameter", param="model", code="missing_required_parameter")
     if not isinstance(model, str):
         raise bad_request("'model' must be a string.", param="model", code="invalid_type")
-    if len(model) > _MAX_MODEL_LENGTH or not model.isprintable():
+    if len(model) > MAX_MODEL_LENGTH or not model.isprintable():
         raise bad_request(
-            f"'model' must be at most {_MAX_MODEL_LENGTH} printable characters.", param="model", code="invalid_value"
+            f"'model' must be at most {MAX_MODEL_LENGTH} printable characters.", param="model", code="invalid_value"
         )
     return ParsedRequest(body=body, model=model, stream=body.get("stream") is True)
 
@@ -130,6 +131,20 @@ def with_updates(raw: bytes, body: dict[str, Any], updates: dict[str, Any]) -> b
         return orjson.dumps({**body, **updates})  # a shallow copy: `body` stays what the client sent
     except TypeError:  # orjson writes at most 254 levels of nesting; no real request comes near
         raise bad_request("The request body is nested too deeply for the gateway to rewrite it.") from None
+
+
+def max_output_tokens(body: dict[str, Any]) -> int | None:
+    """The client's limit on generated tokens, for a backend that takes it in another
+    field: `max_completion_tokens`, else the older `max_tokens` (None: neither given).
+    A 400 unless it is a positive integer."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad_request(f"'{key}' must be a positive integer.", param=key)
+        return value
+    return None
 
 
 def reserve_estimate(body_bytes: int, body: dict[str, Any]) -> int:
@@ -173,7 +188,9 @@ def model_object(model: str) -> bytes:
 # -- responses -------------------------------------------------------------------
 
 
-def _int(value: Any) -> int:
+def as_count(value: Any) -> int:
+    """A count (or index) as providers' JSON carries it: a non-negative integer, not a
+    bool; anything else reads as 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
@@ -181,9 +198,9 @@ def usage_from_openai(usage: Any) -> TokenUsage | None:
     """OpenAI's `usage` object (chat, completions, embeddings) as TokenUsage."""
     if not isinstance(usage, dict):
         return None
-    prompt = _int(usage.get("prompt_tokens"))
-    completion = _int(usage.get("completion_tokens"))
-    total = _int(usage.get("total_tokens")) or prompt + completion
+    prompt = as_count(usage.get("prompt_tokens"))
+    completion = as_count(usage.get("completion_tokens"))
+    total = as_count(usage.get("total_tokens")) or prompt + completion
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
     # `cache_creation_tokens` is the gateway's own extension: a translated Anthropic or
@@ -193,12 +210,38 @@ def usage_from_openai(usage: Any) -> TokenUsage | None:
         input_tokens=prompt,
         output_tokens=completion,
         total_tokens=total,
-        cache_creation_input_tokens=_int(creation) if creation is not None else None,
-        cached_input_tokens=_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        cache_creation_input_tokens=as_count(creation) if creation is not None else None,
+        cached_input_tokens=as_count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
         reasoning_tokens=(
-            _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
+            as_count(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
         ),
     )
+
+
+def usage_object(usage: TokenUsage) -> dict[str, Any]:
+    """OpenAI's usage object, for a reply translated from another provider;
+    ``cache_creation_tokens`` is our extension (only when known) so cache writes stay
+    accountable after translation."""
+    details: dict[str, Any] = {"cached_tokens": usage.cached_input_tokens}
+    if usage.cache_creation_input_tokens is not None:
+        details["cache_creation_tokens"] = usage.cache_creation_input_tokens
+    out: dict[str, Any] = {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": details,
+    }
+    if usage.reasoning_tokens:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return out
+
+
+STREAM_DONE = b"data: [DONE]\n\n"  # the last event of a chat stream that ended well
+
+
+def sse_event(obj: Any) -> bytes:
+    """One event of a chat stream (a chunk, or an error) as the SSE bytes clients read."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def error_type_of(body: Any) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from extproc.schemas.openai import as_count
 from extproc.usage import TokenUsage
 
 ENDPOINT_PATH = "/v1/responses"
@@ -29,24 +30,20 @@ _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.fa
 _CALL_ITEMS = frozenset({"function_call", "custom_tool_call"})
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
 def usage_from_response(usage: Any) -> TokenUsage | None:
     """The Responses API's ``usage`` object as TokenUsage (None when absent or not an object)."""
     if not isinstance(usage, dict):
         return None
-    input_tokens = _int(usage.get("input_tokens"))
-    output_tokens = _int(usage.get("output_tokens"))
+    input_tokens = as_count(usage.get("input_tokens"))
+    output_tokens = as_count(usage.get("output_tokens"))
     input_details = usage.get("input_tokens_details")
     output_details = usage.get("output_tokens_details")
     return TokenUsage(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        total_tokens=_int(usage.get("total_tokens")) or input_tokens + output_tokens,
-        cached_input_tokens=_int(input_details.get("cached_tokens")) if isinstance(input_details, dict) else 0,
-        reasoning_tokens=_int(output_details.get("reasoning_tokens")) if isinstance(output_details, dict) else 0,
+        total_tokens=as_count(usage.get("total_tokens")) or input_tokens + output_tokens,
+        cached_input_tokens=as_count(input_details.get("cached_tokens")) if isinstance(input_details, dict) else 0,
+        reasoning_tokens=as_count(output_details.get("reasoning_tokens")) if isinstance(output_details, dict) else 0,
     )
 
 

@@ -1,4 +1,5 @@
-"""extproc.schemas.anthropic: OpenAI <-> Anthropic translation, checked against the openai SDK."""
+"""extproc.translators.chat_to_anthropic: OpenAI <-> Anthropic translation, checked against the openai SDK;
+and extproc.schemas.anthropic: native requests, usage and errors."""
 
 from __future__ import annotations
 
@@ -14,21 +15,22 @@ from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from extproc.schemas.anthropic import (
-    DEFAULT_MAX_TOKENS,
     AnthropicRequestError,
-    StreamTranslator,
     StreamUsage,
-    chat_to_messages,
     error_body,
-    error_to_openai,
-    messages_to_chat,
-    openai_usage,
     parse_request,
     usage_from_anthropic,
     usage_from_message,
 )
-from extproc.schemas.openai import RequestError
+from extproc.schemas.openai import RequestError, usage_object
 from extproc.sse import SSEDecoder
+from extproc.translators.chat_to_anthropic import (
+    DEFAULT_MAX_TOKENS,
+    AnthropicStreamTranslator,
+    chat_to_messages,
+    error_to_openai,
+    messages_to_chat,
+)
 from extproc.usage import TokenUsage
 
 MODEL = "claude-test"
@@ -408,12 +410,12 @@ def test_usage_counts_the_whole_prompt() -> None:
     plain = usage_from_anthropic({"input_tokens": 7, "output_tokens": 3})
     assert plain == TokenUsage(input_tokens=7, output_tokens=3, total_tokens=10)
     assert plain is not None and plain.cache_creation_input_tokens is None
-    assert openai_usage(plain) == {
+    assert usage_object(plain) == {
         "prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10, "prompt_tokens_details": {"cached_tokens": 0},
     }
     zero = usage_from_anthropic({"input_tokens": 7, "cache_creation_input_tokens": 0, "output_tokens": 3})
     assert zero is not None and zero.cache_creation_input_tokens == 0
-    assert openai_usage(zero)["prompt_tokens_details"] == {"cached_tokens": 0, "cache_creation_tokens": 0}
+    assert usage_object(zero)["prompt_tokens_details"] == {"cached_tokens": 0, "cache_creation_tokens": 0}
 
 
 def test_usage_ignores_junk() -> None:
@@ -428,7 +430,7 @@ def test_thinking_tokens_become_reasoning_tokens() -> None:
     raw = {"input_tokens": 1, "output_tokens": 9, "output_tokens_details": {"thinking_tokens": 4}}
     usage = usage_from_anthropic(raw)
     assert usage is not None and usage.reasoning_tokens == 4
-    assert openai_usage(usage)["completion_tokens_details"] == {"reasoning_tokens": 4}
+    assert usage_object(usage)["completion_tokens_details"] == {"reasoning_tokens": 4}
 
 
 # -- streams -----------------------------------------------------------------------------------------
@@ -541,8 +543,8 @@ STREAMS = [
 ]
 
 
-def translate(chunks: list[bytes], include_usage: bool = True) -> tuple[bytes, StreamTranslator]:
-    translator = StreamTranslator("alias", include_usage, created=1_700_000_000)
+def translate(chunks: list[bytes], include_usage: bool = True) -> tuple[bytes, AnthropicStreamTranslator]:
+    translator = AnthropicStreamTranslator("alias", include_usage, created=1_700_000_000)
     out = b"".join(translator.feed(c) for c in chunks) + translator.finish()
     return out, translator
 
@@ -599,8 +601,8 @@ def test_translated_chunks_are_valid_openai_chunks(case: tuple[Any, ...]) -> Non
     assert got["content"] == expected_text and got["reasoning"] == reasoning
     if done:
         assert items[-1] == "[DONE]" and items.count("[DONE]") == 1
-        assert items[-2]["choices"] == [] and items[-2]["usage"] == openai_usage(usage)
-        assert got["usage"] == openai_usage(usage)
+        assert items[-2]["choices"] == [] and items[-2]["usage"] == usage_object(usage)
+        assert got["usage"] == usage_object(usage)
         assert len(got["finish"]) == 1
     else:
         assert "[DONE]" not in items and "error" in items[-1]
@@ -629,7 +631,7 @@ def test_any_split_gives_the_same_output(data: st.DataObject, include_usage: boo
 
 
 def test_feed_returns_output_as_soon_as_an_event_completes() -> None:
-    translator = StreamTranslator(None, include_usage=False)
+    translator = AnthropicStreamTranslator(None, include_usage=False)
     first_event_end = TEXT_STREAM.index(b"\n\n") + 2
     assert translator.feed(TEXT_STREAM[: first_event_end - 1]) == b""
     assert payloads(translator.feed(TEXT_STREAM[first_event_end - 1 : first_event_end]))[0]["choices"][0]["delta"] == {
@@ -670,7 +672,7 @@ def test_stream_cut_before_the_stop_reason_gets_no_done() -> None:
 
 def test_last_event_without_blank_line_is_flushed_at_finish() -> None:
     items = payloads(translate([TEXT_STREAM.rstrip(b"\n")])[0])
-    assert items[-1] == "[DONE]" and items[-2]["usage"] == openai_usage(TEXT_USAGE)
+    assert items[-1] == "[DONE]" and items[-2]["usage"] == usage_object(TEXT_USAGE)
 
 
 def test_junk_events_are_skipped() -> None:

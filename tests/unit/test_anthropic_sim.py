@@ -17,18 +17,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from extproc.schemas.anthropic import (
-    StreamTranslator,
-    StreamUsage,
-    chat_to_messages,
-    messages_to_chat,
-    openai_usage,
-    usage_from_anthropic,
-)
+from extproc.schemas.anthropic import StreamUsage, usage_from_anthropic
+from extproc.schemas.openai import usage_object
 from extproc.sim import anthropic_api
 from extproc.sim import text as simtext
 from extproc.sim.openai_api import SimSettings
 from extproc.sse import SSEDecoder
+from extproc.translators.chat_to_anthropic import (
+    AnthropicStreamTranslator,
+    chat_to_messages,
+    messages_to_chat,
+)
 from extproc.usage import TokenUsage
 
 SYSTEM = "You are terse."
@@ -505,8 +504,8 @@ def test_translated_request_is_accepted_and_the_reply_reads_as_openai(client: an
     assert final.usage is not None and final.usage.prompt_tokens == answer.usage.input_tokens
 
 
-def translate(raw: bytes, include_usage: bool = True) -> tuple[list[Any], StreamTranslator]:
-    translator = StreamTranslator("gpt-alias", include_usage)
+def translate(raw: bytes, include_usage: bool = True) -> tuple[list[Any], AnthropicStreamTranslator]:
+    translator = AnthropicStreamTranslator("gpt-alias", include_usage)
     out = b"".join(translator.feed(raw[i : i + 7]) for i in range(0, len(raw), 7)) + translator.finish()
     items = []
     for event in SSEDecoder().feed(out):
@@ -557,4 +556,4 @@ def test_native_stream_usage_matches_the_sdk(client: anthropic.Anthropic, sim: S
     message = client.messages.create(**body, extra_headers={"x-sim-cached-tokens": "2"})
     assert watcher.usage == usage_from_anthropic(message.usage.model_dump())
     assert watcher.usage is not None and watcher.usage.input_tokens == PROMPT_TOKENS
-    assert openai_usage(watcher.usage)["prompt_tokens_details"] == {"cached_tokens": 2, "cache_creation_tokens": 0}
+    assert usage_object(watcher.usage)["prompt_tokens_details"] == {"cached_tokens": 2, "cache_creation_tokens": 0}

@@ -1,4 +1,5 @@
-"""extproc.schemas.bedrock: OpenAI <-> Bedrock Converse translation, streams, errors, SigV4.
+"""extproc.translators.chat_to_bedrock(_stream) and extproc.sigv4: OpenAI <-> Bedrock Converse
+translation, streams, errors, SigV4.
 
 botocore is the oracle wherever it has an opinion: the request path its serializer
 renders, the event-stream frames its decoder accepts, the signatures its signer makes.
@@ -7,6 +8,8 @@ renders, the event-stream frames its decoder accepts, the signatures its signer 
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from unittest import mock
@@ -19,17 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from extproc.schemas.bedrock import (
-    StreamTranslator,
-    chat_to_converse,
-    converse_path,
-    converse_to_chat,
-    error_to_openai,
-    openai_usage,
-    sign,
-    usage_from_bedrock,
-)
-from extproc.schemas.openai import RequestError
+from extproc.schemas.openai import RequestError, usage_object
+from extproc.sigv4 import sign
 from extproc.sim.bedrock_api import (
     SIM_AWS_ACCESS_KEY_ID,
     SIM_AWS_SECRET_ACCESS_KEY,
@@ -42,6 +36,14 @@ from extproc.sim.bedrock_api import (
     exception_frame,
     verify_sigv4,
 )
+from extproc.translators.chat_to_bedrock import (
+    chat_to_converse,
+    converse_path,
+    converse_to_chat,
+    error_to_openai,
+    usage_from_bedrock,
+)
+from extproc.translators.chat_to_bedrock_stream import ConverseStreamTranslator
 from extproc.usage import TokenUsage
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -373,7 +375,7 @@ def test_usage_with_cache_read_and_write() -> None:
         input_tokens=1202, output_tokens=136, total_tokens=1338, cached_input_tokens=100,
         cache_creation_input_tokens=1098,
     )
-    assert openai_usage(usage) == {
+    assert usage_object(usage) == {
         "prompt_tokens": 1202, "completion_tokens": 136, "total_tokens": 1338,
         "prompt_tokens_details": {"cached_tokens": 100, "cache_creation_tokens": 1098},
     }
@@ -435,7 +437,7 @@ def test_error_bodies_never_raise(body: bytes, header: str | None, message: str)
         assert out["error"]["code"] == "rate_limit_exceeded"
 
 
-# -- StreamTranslator -----------------------------------------------------------------------
+# -- ConverseStreamTranslator --------------------------------------------------------------
 
 METADATA = {"usage": {"inputTokens": 12, "outputTokens": 7, "totalTokens": 119, "cacheReadInputTokens": 100},
             "metrics": {"latencyMs": 321}}
@@ -484,8 +486,8 @@ def sse_payloads(raw: bytes) -> list[Any]:
     return [e[6:].decode() if e == b"data: [DONE]" else orjson.loads(e[6:]) for e in events]
 
 
-def translate(data: bytes, cuts: list[int], include_usage: bool = True) -> tuple[StreamTranslator, bytes]:
-    translator = StreamTranslator("claude-haiku", include_usage)
+def translate(data: bytes, cuts: list[int], include_usage: bool = True) -> tuple[ConverseStreamTranslator, bytes]:
+    translator = ConverseStreamTranslator("claude-haiku", include_usage)
     bounds = [0, *sorted(set(cuts)), len(data)]
     out = b"".join(translator.feed(data[a:b]) for a, b in zip(bounds, bounds[1:]))
     return translator, out + translator.finish()
@@ -624,7 +626,7 @@ def test_crc_mismatch_in_payload() -> None:
 
 
 def test_absurd_frame_length_is_an_error_at_once() -> None:
-    translator = StreamTranslator("m", True)
+    translator = ConverseStreamTranslator("m", True)
     (error,) = sse_payloads(translator.feed(b"\xff\xff\xff\xff" + bytes(8)))
     assert error["error"]["code"] == "corrupt_stream"
 
@@ -637,7 +639,7 @@ def test_truncated_streams() -> None:
     without_metadata = stream[: len(stream) - len(event_frame("metadata", METADATA))]
     translator, raw = translate(without_metadata, [])
     assert sse_payloads(raw)[-1] == "[DONE]" and translator.usage is None
-    empty = StreamTranslator("m", False)
+    empty = ConverseStreamTranslator("m", False)
     assert sse_payloads(empty.finish())[0]["error"]["code"] == "stream_truncated"
 
 
@@ -660,7 +662,7 @@ def test_large_frame_in_tiny_chunks() -> None:
     """A frame bigger than any chunk is assembled once, not re-copied on every feed."""
     big = "x" * 200_000
     stream = event_frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": big}})
-    translator = StreamTranslator("m", False)
+    translator = ConverseStreamTranslator("m", False)
     out = [translator.feed(stream[i:i + 7]) for i in range(0, len(stream), 7)]
     assert all(not o for o in out[:-1])
     assert orjson.loads(out[-1][6:])["choices"][0]["delta"]["content"] == big
@@ -775,6 +777,15 @@ def test_clock_skew(skew: int, ok: bool) -> None:
     with pytest.raises(BedrockError) as info:
         verify_sigv4("POST", URL, received(headers), BODY)
     assert info.value.status == 403 and "Signature" in info.value.message
+
+
+def test_the_server_does_not_import_botocore() -> None:
+    """botocore (~5 MiB a worker) loads with the first Bedrock request or signature, so
+    workers without a Bedrock backend never load it."""
+    code = ("import sys, extproc.server; loaded = [m for m in sys.modules if m.startswith('botocore')]; "
+            "assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 _JSON = st.recursive(

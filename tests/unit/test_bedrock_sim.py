@@ -1,5 +1,5 @@
-"""extproc.sim.bedrock_api checked against boto3 (the wire-format oracle), and the
-translator of extproc.schemas.bedrock checked against the simulator's real wire bytes."""
+"""extproc.sim.bedrock_api checked against boto3 (the wire-format oracle), and the Bedrock
+translation (extproc.translators.chat_to_bedrock*) checked against the simulator's real wire bytes."""
 
 from __future__ import annotations
 
@@ -19,14 +19,7 @@ import pytest
 from aiohttp import web
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from extproc.schemas.bedrock import (
-    StreamTranslator,
-    chat_to_converse,
-    converse_path,
-    converse_to_chat,
-    error_to_openai,
-    sign,
-)
+from extproc.sigv4 import sign
 from extproc.sim import bedrock_api
 from extproc.sim import text as simtext
 from extproc.sim.bedrock_api import (
@@ -37,6 +30,13 @@ from extproc.sim.bedrock_api import (
     SIM_AWS_SESSION_TOKEN,
 )
 from extproc.sim.openai_api import SimSettings
+from extproc.translators.chat_to_bedrock import (
+    chat_to_converse,
+    converse_path,
+    converse_to_chat,
+    error_to_openai,
+)
+from extproc.translators.chat_to_bedrock_stream import ConverseStreamTranslator
 
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 USER = [{"role": "user", "content": [{"text": "Tell me, briefly, why the sky is blue?"}]}]
@@ -388,12 +388,12 @@ def test_sim_error_through_error_to_openai(sim: BedrockSim) -> None:
 def stream_through_translator(
     sim: BedrockSim, chat: dict[str, Any], extra: dict[str, str] | None = None,
     chunking: Callable[[bytes], list[bytes]] | None = None,
-) -> tuple[StreamTranslator, list[Any]]:
+) -> tuple[ConverseStreamTranslator, list[Any]]:
     body = orjson.dumps(chat_to_converse(chat))
     url = sim.url + converse_path(HAIKU, True)
     headers = {"content-type": "application/json"}
     headers |= sign("POST", url, headers, body, "us-east-1", SIM_AWS_ACCESS_KEY_ID, SIM_AWS_SECRET_ACCESS_KEY)
-    translator = StreamTranslator("claude-haiku", include_usage=True)
+    translator = ConverseStreamTranslator("claude-haiku", include_usage=True)
     out = b""
     with httpx.stream("POST", url, content=body, headers=headers | (extra or {}), timeout=10) as response:
         assert response.status_code == 200
