@@ -204,10 +204,10 @@ class ResponseObserver:
 
     def _read_event(self, event: SSEEvent, now: float) -> bool:
         if self._anthropic is not None:
-            self._read_anthropic_event(self._anthropic, event, now)
+            self._read_named_event(self._anthropic, event, now)
             return True
         if self._responses is not None:
-            self._read_responses_event(self._responses, event, now)
+            self._read_named_event(self._responses, event, now)
             return True
         if event.data == _DONE:
             self.complete = True
@@ -240,23 +240,9 @@ class ResponseObserver:
                 self._output_text.append(openai.stream_chunk_text(chunk))
         return not (self.strip_usage and openai.is_usage_only_chunk(chunk))
 
-    def _read_anthropic_event(self, reader: anthropic.StreamUsage, event: SSEEvent, now: float) -> None:
-        data = orjson.loads(event.data)
-        if not isinstance(data, dict):
-            return
-        reader.on_event(event.event, data)
-        if self._assembler is not None:
-            self._assembler.on_event(event.event, data)
-        self.usage = reader.usage
-        self.response_model = reader.response_model or self.response_model
-        self.error_type = reader.error_type or self.error_type
-        self.complete = self.complete or reader.complete
-        if reader.has_output:
-            if self.first_output_at is None:
-                self.first_output_at = now
-            self.last_output_at = now
-
-    def _read_responses_event(self, reader: responses.StreamReader, event: SSEEvent, now: float) -> None:
+    def _read_named_event(self, reader: anthropic.StreamUsage | responses.StreamReader, event: SSEEvent, now: float) -> None:
+        """An event of an API whose stream names its events (Anthropic Messages, the
+        Responses API): its own reader keeps the state; the facts are copied here."""
         data = orjson.loads(event.data)
         if not isinstance(data, dict):
             return
@@ -264,7 +250,8 @@ class ResponseObserver:
         if self._assembler is not None:
             self._assembler.on_event(event.event, data)
         self.usage = reader.usage or self.usage
-        self.response_id = reader.response_id or self.response_id
+        if isinstance(reader, responses.StreamReader):
+            self.response_id = reader.response_id or self.response_id
         self.response_model = reader.response_model or self.response_model
         self.error_type = reader.error_type or self.error_type
         self.complete = self.complete or reader.complete
