@@ -70,15 +70,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 import orjson
 from aiohttp import web
-from openinference.semconv.trace import OpenInferenceMimeTypeValues, OpenInferenceSpanKindValues, SpanAttributes
 
 from extproc import __version__
 from extproc.mcp.config import SESSION_SECRET_KEY, McpRoute, McpSettings
@@ -94,10 +91,11 @@ from extproc.mcp.jsonrpc import (
     error_response,
     parse_message,
     prefixed,
-    result_response,
     split_tool_name,
 )
-from extproc.mcp.sessions import GatewaySession, InvalidSession, ServerSession, SessionCodec, session_digest
+from extproc.mcp.observation import Observation, Observer
+from extproc.mcp.replies import error_reply, json_reply, result_reply
+from extproc.mcp.sessions import SESSION_HEADER, GatewaySession, InvalidSession, ServerSession, SessionCodec
 from extproc.mcp.toolnames import ListedTools, ToolsKey
 from extproc.mcp.upstream import (
     ServerClient,
@@ -113,7 +111,6 @@ from extproc.sse import SSEDecoder, SSEEvent
 
 if TYPE_CHECKING:
     from extproc.telemetry import Telemetry
-    from extproc.telemetry.tracing import SpanHandle
 
 log = logging.getLogger(__name__)
 
@@ -124,64 +121,13 @@ MAX_BODY_BYTES: Final = 4 * 1024 * 1024  # one client message
 MAX_PAGES: Final = 100  # pages read from one server for one listing
 MAX_RELAYED_JSON: Final = 64 * 1024 * 1024
 SERVER_REQUEST_PREFIX: Final = "mcpgw/"  # ids of server-to-client requests relayed to the client
-SESSION_HEADER: Final = "Mcp-Session-Id"
 LISTING_ID_PREFIX: Final = f"{GATEWAY_NAME}/tools/list/"  # ids of the gateway's own tools/list requests
 TOOLS_CHANGED: Final = "notifications/tools/list_changed"
 _TOOLS_CHANGED_BYTES: Final = TOOLS_CHANGED.encode()
 
-# Metric and span attributes.
-MCP_METHOD: Final = "mcp.method.name"
-MCP_TOOL: Final = "mcp.tool.name"
-MCP_SERVER: Final = "mcp.server"
-MCP_ORIGINAL_TOOL: Final = "mcp.tool.original_name"  # the name the server knows the tool by
-MCP_PROTOCOL_VERSION: Final = "mcp.protocol.version"
-JSONRPC_ID: Final = "jsonrpc.request.id"
-ERROR_TYPE: Final = "error.type"
-TOOL_ERROR: Final = "tool_error"
-
-# mcp.method.name values kept as they are; anything else is "other" (clients choose method names).
-_KNOWN_METHODS: Final = frozenset({
-    "initialize", "ping", "tools/list", "tools/call", "prompts/list", "prompts/get", "resources/list",
-    "resources/read", "resources/templates/list", "resources/subscribe", "resources/unsubscribe",
-    "completion/complete", "logging/setLevel", "server/discover", "notifications/initialized",
-    "notifications/cancelled", "notifications/progress", "notifications/roots/list_changed",
-})
-_OTHER: Final = "other"
-MAX_TOOL_NAME_VALUES: Final = 1000  # distinct mcp.tool.name values before "other"
-
 # (list method, result key, the method that uses one item by name)
 _LISTS: Final = {"tools/list": "tools", "prompts/list": "prompts"}
 _BY_NAME: Final = {"tools/call": "tools", "prompts/get": "prompts"}
-
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?:-[\x21-\x7e]*)?$")
-_TRACESTATE = re.compile(r"^[\x20-\x7e]{0,512}$")
-_PROTOCOL_VERSION = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
-
-
-def _json(body: bytes, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
-
-
-def _trace_carrier(headers: Mapping[str, str], params: Mapping[str, Any]) -> dict[str, str]:
-    """The client's W3C trace context: from `params._meta` when valid there, else the headers."""
-    meta = params.get("_meta")
-    for source in (meta if isinstance(meta, Mapping) else {}, headers):
-        parent = source.get("traceparent")
-        if isinstance(parent, str) and _TRACEPARENT.match(parent.strip()):
-            carrier = {"traceparent": parent.strip()}
-            state = source.get("tracestate")
-            if isinstance(state, str) and state and _TRACESTATE.match(state):
-                carrier["tracestate"] = state
-            return carrier
-    return {}
-
-
-def _bounded(value: Any, limit: int) -> str:
-    try:
-        text = value if isinstance(value, str) else orjson.dumps(value).decode()
-    except TypeError:
-        text = str(value)
-    return text if len(text) <= limit else text[:limit] + "...(truncated)"
 
 
 class _ServerFailed(Exception):
@@ -191,82 +137,6 @@ class _ServerFailed(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class _Observation:
-    """Span and metrics of one client message, finished once."""
-
-    __slots__ = ("gateway", "method", "started", "span", "tool", "original_tool", "server", "error_type", "error",
-                 "output", "finished", "trace_out", "got_answer")
-
-    def __init__(self, gateway: McpGateway, method: str | None, span: SpanHandle | None,
-                 trace_out: dict[str, str]) -> None:
-        self.gateway = gateway
-        self.method = method
-        self.started = time.perf_counter()
-        self.span = span
-        self.trace_out = trace_out  # trace context headers for the servers
-        self.tool: str | None = None
-        self.original_tool: str | None = None
-        self.server: str | None = None
-        self.error_type: str | None = None
-        self.error: str | None = None
-        self.output: Any = None
-        self.finished = False
-        self.got_answer = False  # the JSON-RPC answer to the client's request went out
-
-    def fail(self, code: int | str, message: str) -> None:
-        self.error_type = str(code)
-        self.error = message
-
-    def http_failure(self, status: int, message: str) -> None:
-        self.fail(f"{status // 100}xx", message)
-
-    def answered(self, message: Mapping[str, Any]) -> None:
-        """The JSON-RPC answer the client got."""
-        self.got_answer = True
-        error = message.get("error")
-        if error is not None:
-            code = error.get("code") if isinstance(error, Mapping) else None
-            text = error.get("message") if isinstance(error, Mapping) else None
-            self.fail(code if isinstance(code, int) else INTERNAL_ERROR, str(text or "error"))
-            return
-        result = message.get("result")
-        self.output = result
-        if isinstance(result, Mapping) and result.get("isError") is True:
-            self.fail(TOOL_ERROR, "the tool reported an error (isError)")
-
-    def finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        gateway = self.gateway
-        attributes: dict[str, str] = {}
-        if self.method is not None:
-            attributes[MCP_METHOD] = self.method if self.method in _KNOWN_METHODS else _OTHER
-        if self.tool is not None:
-            attributes[MCP_TOOL] = gateway._tool_value(self.tool)
-        if self.server is not None:
-            attributes[MCP_SERVER] = self.server
-        if self.error_type is not None:
-            attributes[ERROR_TYPE] = self.error_type
-        telemetry: Any = gateway.telemetry
-        if telemetry is not None:
-            telemetry.metrics.record_mcp_request(time.perf_counter() - self.started, attributes)
-            if self.span is not None:
-                span_attributes: dict[str, Any] = {}
-                if self.server is not None:
-                    span_attributes[MCP_SERVER] = self.server
-                if self.original_tool is not None:
-                    span_attributes[MCP_ORIGINAL_TOOL] = self.original_tool
-                if self.error_type is not None:
-                    span_attributes[ERROR_TYPE] = self.error_type
-                if self.output is not None and self.span.is_recording:
-                    span_attributes[SpanAttributes.OUTPUT_VALUE] = _bounded(self.output, gateway._content_limit)
-                    span_attributes[SpanAttributes.OUTPUT_MIME_TYPE] = OpenInferenceMimeTypeValues.JSON.value
-                telemetry.tracing.end_span(
-                    self.span, span_attributes, self.error if self.error_type is not None else None
-                )
 
 
 class McpGateway:
@@ -283,10 +153,9 @@ class McpGateway:
         self._clients: dict[str, ServerClient] = {}
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self._tool_values: set[str] = set()
         self._listed = ListedTools()  # each server session's tool names, to check tools/call names
         self._listing_ids = itertools.count(1)
-        self._content_limit = telemetry.settings.max_content_chars if telemetry is not None else 32_768
+        self._observer = Observer(telemetry)
         self.port: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -348,109 +217,54 @@ class McpGateway:
             for server in settings.servers
         }
 
-    def _tool_value(self, tool: str) -> str:
-        """mcp.tool.name as recorded: bounded number of distinct values."""
-        if tool in self._tool_values:
-            return tool
-        if len(self._tool_values) < MAX_TOOL_NAME_VALUES:
-            self._tool_values.add(tool)
-            return tool
-        return _OTHER
-
     # -- HTTP ----------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         route = self._routes.get(path if len(path) <= 1 else path.rstrip("/"))
         if route is None:
-            return _json(error_response(None, INVALID_REQUEST, f"no MCP endpoint at {path}"), 404)
+            return json_reply(error_response(None, INVALID_REQUEST, f"no MCP endpoint at {path}"), 404)
         if request.method == "POST":
             return await self._post(request, route)
         if request.method == "DELETE":
             return await self._delete(request, route)
         if request.method == "GET":
-            return _json(
+            return json_reply(
                 error_response(None, INVALID_REQUEST, "this MCP endpoint offers no server-to-client stream (GET)"),
                 405, {"Allow": "POST, DELETE"},
             )
-        return _json(error_response(None, INVALID_REQUEST, f"method {request.method} not allowed"), 405,
-                     {"Allow": "POST, DELETE"})
-
-    def _observe(self, request: web.Request, message: Message | None) -> _Observation:
-        method = message.method if message is not None else None
-        carrier = _trace_carrier(request.headers, message.params) if message is not None else {}
-        span: SpanHandle | None = None
-        trace_out = carrier  # tracing off: the servers get the client's context as it came
-        tracing: Any = self.telemetry.tracing if self.telemetry is not None else None
-        if message is not None and message.kind == "request" and tracing is not None and tracing.enabled:
-            span = self._start_span(tracing, request, message, carrier)
-            if span is not None:
-                injected = {name: value.decode("latin-1") for name, value in tracing.inject(span)}
-                trace_out = injected or carrier
-        return _Observation(self, method, span, trace_out)
-
-    def _start_span(self, tracing: Any, request: web.Request, message: Message,
-                    carrier: dict[str, str]) -> SpanHandle | None:
-        method = message.method or ""
-        params = message.params
-        limit = self._content_limit
-        attributes: dict[str, Any] = {MCP_METHOD: method}
-        if message.id is not None:
-            attributes[JSONRPC_ID] = str(message.id)
-        token = request.headers.get(SESSION_HEADER)
-        if token:
-            attributes[SpanAttributes.SESSION_ID] = session_digest(token)
-        version = request.headers.get("mcp-protocol-version")
-        if version and _PROTOCOL_VERSION.match(version):
-            attributes[MCP_PROTOCOL_VERSION] = version
-        if method == "tools/call":
-            kind = OpenInferenceSpanKindValues.TOOL
-            name = params.get("name")
-            tool = name if isinstance(name, str) else ""
-            span_name = f"tools/call {tool[:200]}".rstrip()
-            if tool:
-                attributes[SpanAttributes.TOOL_NAME] = tool[:1024]
-            arguments = params.get("arguments")
-            attributes[SpanAttributes.INPUT_VALUE] = _bounded(arguments if arguments is not None else {}, limit)
-            attributes[SpanAttributes.INPUT_MIME_TYPE] = OpenInferenceMimeTypeValues.JSON.value
-        else:
-            kind = OpenInferenceSpanKindValues.CHAIN
-            span_name = method if method in _KNOWN_METHODS else "mcp request"
-            if params:
-                attributes[SpanAttributes.INPUT_VALUE] = _bounded(params, limit)
-                attributes[SpanAttributes.INPUT_MIME_TYPE] = OpenInferenceMimeTypeValues.JSON.value
-        span: SpanHandle | None = tracing.start_span(span_name, carrier, kind, attributes)
-        return span
+        return json_reply(error_response(None, INVALID_REQUEST, f"method {request.method} not allowed"), 405,
+                          {"Allow": "POST, DELETE"})
 
     async def _post(self, request: web.Request, route: McpRoute) -> web.StreamResponse:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            observation = self._observe(request, None)
+            observation = self._observer.observe(request, None)
             observation.http_failure(413, "request body too large")
             observation.finish()
-            return _json(error_response(None, INVALID_REQUEST, f"the message is over {MAX_BODY_BYTES} bytes"), 413)
+            return json_reply(error_response(None, INVALID_REQUEST, f"the message is over {MAX_BODY_BYTES} bytes"), 413)
         parsed = parse_message(body)
         if isinstance(parsed, RpcError):
-            observation = self._observe(request, None)
+            observation = self._observer.observe(request, None)
             observation.fail(parsed.code, parsed.message)
             observation.finish()
-            return _json(parsed.to_bytes(), 400)
+            return json_reply(parsed.to_bytes(), 400)
         message = parsed
-        observation = self._observe(request, message)
+        observation = self._observer.observe(request, message)
         try:
             return await self._dispatch(request, route, message, observation)
         except Exception as exc:  # never an HTTP 500 for a JSON-RPC request
             log.exception("MCP gateway: %s failed", message.method or message.kind)
             observation.fail(INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
             if message.kind != "request":
-                return _json(error_response(None, INTERNAL_ERROR, "internal error in the MCP gateway"), 500)
-            return _json(error_response(message.id, INTERNAL_ERROR, "internal error in the MCP gateway"))
+                return json_reply(error_response(None, INTERNAL_ERROR, "internal error in the MCP gateway"), 500)
+            return json_reply(error_response(message.id, INTERNAL_ERROR, "internal error in the MCP gateway"))
         finally:
             observation.finish()
 
     async def _dispatch(self, request: web.Request, route: McpRoute, message: Message,
-                        observation: _Observation) -> web.StreamResponse:
+                        observation: Observation) -> web.StreamResponse:
         if message.kind == "request" and message.method == "initialize":
             return await self._initialize(route, message, observation)
         session = self._session(request, route, observation)
@@ -463,7 +277,7 @@ class McpGateway:
             return await self._route_response(session, message, observation)
         method = message.method
         if method == "ping":
-            return self._answer(observation, message.id, {})
+            return result_reply(observation, message.id, {})
         try:
             if method in _LISTS:
                 return await self._list(route, session, message, observation)
@@ -472,44 +286,34 @@ class McpGateway:
         except SessionGone as exc:
             log.info("%s", exc)
             observation.http_failure(404, str(exc))
-            return _json(error_response(message.id, INVALID_REQUEST, f"session not found: {exc}"), 404)
-        return self._error(observation, message.id, METHOD_NOT_FOUND,
+            return json_reply(error_response(message.id, INVALID_REQUEST, f"session not found: {exc}"), 404)
+        return error_reply(observation, message.id, METHOD_NOT_FOUND,
                            f"Method not found: {method} (this MCP gateway serves tools/list, tools/call, "
                            "prompts/list, prompts/get and ping)")
 
-    def _answer(self, observation: _Observation, id: RequestId | None, result: Any,  # noqa: A002
-                headers: Mapping[str, str] | None = None) -> web.Response:
-        observation.answered({"result": result})
-        return _json(result_response(id, result), headers=headers)
-
-    def _error(self, observation: _Observation, id: RequestId | None, code: int, text: str,  # noqa: A002
-               data: Any = None) -> web.Response:
-        observation.fail(code, text)
-        return _json(error_response(id, code, text, data))
-
     def _session(self, request: web.Request, route: McpRoute,
-                 observation: _Observation) -> GatewaySession | web.Response:
+                 observation: Observation) -> GatewaySession | web.Response:
         token = request.headers.get(SESSION_HEADER)
         if not token:
             observation.http_failure(400, "missing session id")
-            return _json(error_response(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required "
-                                        "(send initialize first)"), 400)
+            return json_reply(error_response(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required "
+                                             "(send initialize first)"), 400)
         try:
             session = self._codec.decode(token)
         except InvalidSession:
             session = None
         if session is None or session.route != route.path:
             observation.http_failure(404, "unknown session")
-            return _json(error_response(None, INVALID_REQUEST, "Session not found: start a new session with "
-                                        "initialize"), 404)
+            return json_reply(error_response(None, INVALID_REQUEST, "Session not found: start a new session with "
+                                             "initialize"), 404)
         return session
 
     # -- initialize ------------------------------------------------------------------------
 
-    async def _initialize(self, route: McpRoute, message: Message, observation: _Observation) -> web.Response:
+    async def _initialize(self, route: McpRoute, message: Message, observation: Observation) -> web.Response:
         requested = message.params.get("protocolVersion")
         if not isinstance(requested, str) or not requested:
-            return self._error(observation, message.id, INVALID_PARAMS,
+            return error_reply(observation, message.id, INVALID_PARAMS,
                                "Invalid params: initialize needs params.protocolVersion")
         body = orjson.dumps(message.body)
         names = [name for name in route.servers if name in self._clients]
@@ -541,7 +345,7 @@ class McpGateway:
         for problem in problems:
             log.warning("MCP session on %s starts without a server: %s", route.path, problem)
         if not joined:
-            return self._error(observation, message.id, SERVER_UNAVAILABLE,
+            return error_reply(observation, message.id, SERVER_UNAVAILABLE,
                                "no MCP server of this endpoint could be initialized: " + "; ".join(problems))
         versions = {session.protocol_version for session in joined.values() if session.protocol_version}
         agreed = requested if versions == {requested} else min(versions)
@@ -561,11 +365,11 @@ class McpGateway:
         if instructions:
             gateway_result["instructions"] = "\n\n".join(instructions)
         token = self._codec.encode(GatewaySession(route.path, agreed, joined))
-        return self._answer(observation, message.id, gateway_result, {SESSION_HEADER: token})
+        return result_reply(observation, message.id, gateway_result, {SESSION_HEADER: token})
 
     # -- notifications and client answers --------------------------------------------------
 
-    async def _broadcast(self, session: GatewaySession, message: Message, observation: _Observation) -> None:
+    async def _broadcast(self, session: GatewaySession, message: Message, observation: Observation) -> None:
         body = orjson.dumps(message.body)
         names = [name for name in session.servers if name in self._clients]
         outcomes = await asyncio.gather(
@@ -579,12 +383,12 @@ class McpGateway:
                 log.info("notification %s not delivered to MCP server %r: %s", message.method, name, outcome)
 
     async def _route_response(self, session: GatewaySession, message: Message,
-                              observation: _Observation) -> web.Response:
+                              observation: Observation) -> web.Response:
         """The client answers a request a server sent it through the gateway."""
         target = _server_request_origin(message.id)
         if target is None or target[0] not in session.servers or target[0] not in self._clients:
             observation.http_failure(400, "answer to an unknown request")
-            return _json(error_response(None, INVALID_REQUEST, "no server request has this id"), 400)
+            return json_reply(error_response(None, INVALID_REQUEST, "no server request has this id"), 400)
         name, original_id = target
         observation.server = name
         body = orjson.dumps({**message.body, "id": original_id})
@@ -598,11 +402,11 @@ class McpGateway:
     # -- listings ------------------------------------------------------------------------
 
     async def _list(self, route: McpRoute, session: GatewaySession, message: Message,
-                    observation: _Observation) -> web.Response:
+                    observation: Observation) -> web.Response:
         method = message.method or ""
         key = _LISTS[method]
         if message.params.get("cursor") is not None:
-            return self._error(observation, message.id, INVALID_PARAMS,
+            return error_reply(observation, message.id, INVALID_PARAMS,
                                "Invalid params: unknown cursor (this gateway returns every item in one page)")
         names = [name for name in route.servers if name in session.servers and name in self._clients]
         outcomes = await asyncio.gather(
@@ -629,11 +433,11 @@ class McpGateway:
                 merged.append(renamed)
         if failures and len(failures) == len(names):
             first = failures[0]
-            return self._error(observation, message.id, first.code, first.message)
-        return self._answer(observation, message.id, {key: merged})
+            return error_reply(observation, message.id, first.code, first.message)
+        return result_reply(observation, message.id, {key: merged})
 
     async def _list_server(self, name: str, server_session: ServerSession, message: Message, key: str,
-                           observation: _Observation) -> list[dict[str, Any]]:
+                           observation: Observation) -> list[dict[str, Any]]:
         """Every item of one server's listing (all pages); -32601 from the server: none."""
         client = self._clients[name]
         items: list[dict[str, Any]] = []
@@ -671,14 +475,14 @@ class McpGateway:
     # -- tools/call, prompts/get ---------------------------------------------------------
 
     async def _by_name(self, request: web.Request, route: McpRoute, session: GatewaySession, message: Message,
-                       observation: _Observation) -> web.StreamResponse:
+                       observation: Observation) -> web.StreamResponse:
         method = message.method or ""
         kind = _BY_NAME[method]
         what = "tool" if kind == "tools" else "prompt"
         params = message.params
         name = params.get("name")
         if not isinstance(name, str) or not name:
-            return self._error(observation, message.id, INVALID_PARAMS, f"Invalid params: {what} name missing")
+            return error_reply(observation, message.id, INVALID_PARAMS, f"Invalid params: {what} name missing")
         split = split_tool_name(name)
         offered = (
             split is not None and split[0] in route.servers and split[0] in self._clients
@@ -687,12 +491,12 @@ class McpGateway:
         if not offered or split is None:
             if split is not None and split[0] in route.servers and kind == "tools":
                 log.info("tool %r refused on %s: not offered by the route's allow/deny rules", name, route.path)
-            return self._error(observation, message.id, INVALID_PARAMS, f"Unknown {what}: {name}")
+            return error_reply(observation, message.id, INVALID_PARAMS, f"Unknown {what}: {name}")
         server, original = split
         server_session = session.servers.get(server)
         if server_session is None:
             observation.server = server
-            return self._error(
+            return error_reply(
                 observation, message.id, SERVER_UNAVAILABLE,
                 f"MCP server {server!r} is not part of this session (it could not be reached when the session "
                 "began); start a new session to use it",
@@ -708,7 +512,7 @@ class McpGateway:
         return await self._relay(request, server, server_session, body, message, observation)
 
     async def _refuse_unlisted(self, route: McpRoute, server: str, server_session: ServerSession, name: str,
-                               original: str, message: Message, observation: _Observation) -> web.Response | None:
+                               original: str, message: Message, observation: Observation) -> web.Response | None:
         """None when `server` listed a tool named exactly `original` (as remembered, else as
         it lists now); otherwise the answer the client gets, so the call never reaches the
         server. Exact names only: a server that matches loosely must not see variants."""
@@ -719,16 +523,16 @@ class McpGateway:
                 listed = await self._list_tool_names(key, server_session, observation)
             except (UpstreamError, _ServerFailed) as exc:
                 observation.server = server
-                return self._error(observation, message.id, exc.code,
+                return error_reply(observation, message.id, exc.code,
                                    f"{exc.message} (listing its tools to check {name!r})")
         if original in listed:
             return None
         log.info("tool %r refused on %s: MCP server %r lists no tool named exactly %r", name, route.path, server,
                  original)
-        return self._error(observation, message.id, INVALID_PARAMS, f"Unknown tool: {name}")
+        return error_reply(observation, message.id, INVALID_PARAMS, f"Unknown tool: {name}")
 
     async def _list_tool_names(self, key: ToolsKey, server_session: ServerSession,
-                               observation: _Observation) -> frozenset[str]:
+                               observation: Observation) -> frozenset[str]:
         """List one server's tools (all pages) through its session, and remember the names."""
         request_id = f"{LISTING_ID_PREFIX}{next(self._listing_ids)}"
         listing = Message("request", {"jsonrpc": "2.0", "id": request_id, "method": "tools/list"})
@@ -736,12 +540,12 @@ class McpGateway:
         return self._listed.remember(key, (item["name"] for item in items))
 
     async def _relay(self, request: web.Request, server: str, server_session: ServerSession, body: bytes,
-                     message: Message, observation: _Observation) -> web.StreamResponse:
+                     message: Message, observation: Observation) -> web.StreamResponse:
         client = self._clients[server]
         try:
             response = await client.open(body, server_session, observation.trace_out)
         except UpstreamError as exc:
-            return self._error(observation, message.id, exc.code, exc.message)
+            return error_reply(observation, message.id, exc.code, exc.message)
         try:
             status = response.status
             if status == 404 and server_session.session_id:
@@ -751,36 +555,36 @@ class McpGateway:
                 if error is not None:
                     answer = {"jsonrpc": "2.0", "id": message.id, "error": error["error"]}
                     observation.answered(answer)
-                    return _json(orjson.dumps(answer))
-                return self._error(observation, message.id, SERVER_UNAVAILABLE,
+                    return json_reply(orjson.dumps(answer))
+                return error_reply(observation, message.id, SERVER_UNAVAILABLE,
                                    f"MCP server {server!r} answered HTTP {status}")
             if is_json(response):
                 data = await read_body(response, MAX_RELAYED_JSON)
                 if data is None:
-                    return self._error(observation, message.id, SERVER_UNAVAILABLE,
+                    return error_reply(observation, message.id, SERVER_UNAVAILABLE,
                                        f"MCP server {server!r} answered with more than {MAX_RELAYED_JSON} bytes")
                 relayed = answer_in(data, message.id)
                 if relayed is None:
-                    return self._error(observation, message.id, SERVER_UNAVAILABLE,
+                    return error_reply(observation, message.id, SERVER_UNAVAILABLE,
                                        f"MCP server {server!r} answered with a malformed JSON-RPC message")
                 observation.answered(relayed)
-                return _json(data)
+                return json_reply(data)
             if is_sse(response):
                 tools_key: ToolsKey = (server, server_session.session_id)
                 if _accepts_sse(request):
                     return await self._relay_stream(request, response, tools_key, message, observation)
                 return await self._collect_stream(response, tools_key, message, observation)
             kind = response.headers.get("content-type", "none")
-            return self._error(observation, message.id, SERVER_UNAVAILABLE,
+            return error_reply(observation, message.id, SERVER_UNAVAILABLE,
                                f"MCP server {server!r} answered with content-type {kind}")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             failure = client.failure(exc)
-            return self._error(observation, message.id, failure.code, failure.message)
+            return error_reply(observation, message.id, failure.code, failure.message)
         finally:
             response.close()  # not release(): an unfinished stream must not be drained
 
     async def _collect_stream(self, response: aiohttp.ClientResponse, tools_key: ToolsKey, message: Message,
-                              observation: _Observation) -> web.Response:
+                              observation: Observation) -> web.Response:
         """An event stream for a client that only takes JSON: the final answer, alone."""
         async for event in _sse_events(response):
             data = event.data if event.has_data else b""
@@ -789,12 +593,12 @@ class McpGateway:
             answer = answer_in(data, message.id)
             if answer is not None:
                 observation.answered(answer)
-                return _json(data)
-        return self._error(observation, message.id, SERVER_UNAVAILABLE,
+                return json_reply(data)
+        return error_reply(observation, message.id, SERVER_UNAVAILABLE,
                            f"MCP server {tools_key[0]!r} ended its event stream without an answer")
 
     async def _relay_stream(self, request: web.Request, response: aiohttp.ClientResponse, tools_key: ToolsKey,
-                            message: Message, observation: _Observation) -> web.StreamResponse:
+                            message: Message, observation: Observation) -> web.StreamResponse:
         """The server's event stream to the client as it arrives, event by event."""
         server = tools_key[0]
         stream = web.StreamResponse(status=200, headers={
@@ -842,7 +646,7 @@ class McpGateway:
         return stream
 
     def _relay_event(self, event: SSEEvent, tools_key: ToolsKey, message: Message,
-                     observation: _Observation) -> bytes:
+                     observation: Observation) -> bytes:
         """One event for the client: server requests get routable ids; the answer is noted;
         a tools/list_changed drops the server session's remembered tool names."""
         server = tools_key[0]
@@ -868,13 +672,15 @@ class McpGateway:
     async def _delete(self, request: web.Request, route: McpRoute) -> web.Response:
         token = request.headers.get(SESSION_HEADER)
         if not token:
-            return _json(error_response(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"), 400)
+            return json_reply(
+                error_response(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"), 400
+            )
         try:
             session = self._codec.decode(token)
         except InvalidSession:
             session = None
         if session is None or session.route != route.path:
-            return _json(error_response(None, INVALID_REQUEST, "Session not found"), 404)
+            return json_reply(error_response(None, INVALID_REQUEST, "Session not found"), 404)
         names = [name for name, s in session.servers.items() if s.session_id and name in self._clients]
         await asyncio.gather(*(self._clients[name].delete(session.servers[name]) for name in names),
                              return_exceptions=True)

@@ -30,7 +30,9 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["GatewaySession", "InvalidSession", "ServerSession", "SessionCodec", "session_digest"]
+__all__ = ["SESSION_HEADER", "GatewaySession", "InvalidSession", "ServerSession", "SessionCodec", "session_digest"]
+
+SESSION_HEADER: Final = "Mcp-Session-Id"  # the header carrying a client's gateway session id
 
 _DOMAIN: Final = b"extproc-mcp-session.v1."
 _VERSION: Final = 1
