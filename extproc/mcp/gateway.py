@@ -70,7 +70,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -86,7 +86,6 @@ from extproc.mcp.jsonrpc import (
     METHOD_NOT_FOUND,
     SERVER_UNAVAILABLE,
     Message,
-    RequestId,
     RpcError,
     error_response,
     parse_message,
@@ -94,20 +93,11 @@ from extproc.mcp.jsonrpc import (
     split_tool_name,
 )
 from extproc.mcp.observation import Observation, Observer
+from extproc.mcp.relay import Relay, server_request_origin
 from extproc.mcp.replies import error_reply, json_reply, result_reply
 from extproc.mcp.sessions import SESSION_HEADER, GatewaySession, InvalidSession, ServerSession, SessionCodec
 from extproc.mcp.toolnames import ListedTools, ToolsKey
-from extproc.mcp.upstream import (
-    ServerClient,
-    SessionGone,
-    UpstreamError,
-    answer_in,
-    is_json,
-    is_sse,
-    read_body,
-    read_error,
-)
-from extproc.sse import SSEDecoder, SSEEvent
+from extproc.mcp.upstream import ServerClient, ServerPool, SessionGone, UpstreamError
 
 if TYPE_CHECKING:
     from extproc.telemetry import Telemetry
@@ -119,11 +109,7 @@ __all__ = ["GATEWAY_NAME", "McpGateway"]
 GATEWAY_NAME: Final = "extproc-mcp-gateway"
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024  # one client message
 MAX_PAGES: Final = 100  # pages read from one server for one listing
-MAX_RELAYED_JSON: Final = 64 * 1024 * 1024
-SERVER_REQUEST_PREFIX: Final = "mcpgw/"  # ids of server-to-client requests relayed to the client
 LISTING_ID_PREFIX: Final = f"{GATEWAY_NAME}/tools/list/"  # ids of the gateway's own tools/list requests
-TOOLS_CHANGED: Final = "notifications/tools/list_changed"
-_TOOLS_CHANGED_BYTES: Final = TOOLS_CHANGED.encode()
 
 # (list method, result key, the method that uses one item by name)
 _LISTS: Final = {"tools/list": "tools", "prompts/list": "prompts"}
@@ -150,10 +136,10 @@ class McpGateway:
         self._codec = SessionCodec(self._secrets.get(SESSION_SECRET_KEY))
         self._settings = settings
         self._routes: dict[str, McpRoute] = {route.path: route for route in settings.routes}
-        self._clients: dict[str, ServerClient] = {}
+        self._pool = ServerPool()
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self._listed = ListedTools()  # each server session's tool names, to check tools/call names
+        self._relay = Relay(self._pool)
         self._listing_ids = itertools.count(1)
         self._observer = Observer(telemetry)
         self.port: int | None = None
@@ -204,14 +190,14 @@ class McpGateway:
         self._settings = settings
         self._secrets = dict(secrets or {})  # the session key in it is ignored: the codec keeps its own
         self._routes = {route.path: route for route in settings.routes}
-        self._listed = ListedTools()  # a server name may now stand for another server
+        self._pool.listed = ListedTools()  # a server name may now stand for another server
         if self._http is not None:
             self._build_clients()
 
     def _build_clients(self) -> None:
         assert self._http is not None
         settings = self._settings
-        self._clients = {
+        self._pool.clients = {
             server.name: ServerClient(server, self._secrets.get(server.name), self._http,
                                       settings.request_timeout_seconds, settings.connect_timeout_seconds)
             for server in settings.servers
@@ -316,9 +302,9 @@ class McpGateway:
             return error_reply(observation, message.id, INVALID_PARAMS,
                                "Invalid params: initialize needs params.protocolVersion")
         body = orjson.dumps(message.body)
-        names = [name for name in route.servers if name in self._clients]
+        names = [name for name in route.servers if name in self._pool.clients]
         outcomes = await asyncio.gather(
-            *(self._clients[name].call(body, message.id, None, observation.trace_out) for name in names),
+            *(self._pool.clients[name].call(body, message.id, None, observation.trace_out) for name in names),
             return_exceptions=True,
         )
         joined: dict[str, ServerSession] = {}
@@ -371,9 +357,10 @@ class McpGateway:
 
     async def _broadcast(self, session: GatewaySession, message: Message, observation: Observation) -> None:
         body = orjson.dumps(message.body)
-        names = [name for name in session.servers if name in self._clients]
+        names = [name for name in session.servers if name in self._pool.clients]
         outcomes = await asyncio.gather(
-            *(self._clients[name].call(body, None, session.servers[name], observation.trace_out) for name in names),
+            *(self._pool.clients[name].call(body, None, session.servers[name], observation.trace_out)
+              for name in names),
             return_exceptions=True,
         )
         for name, outcome in zip(names, outcomes, strict=True):
@@ -385,15 +372,15 @@ class McpGateway:
     async def _route_response(self, session: GatewaySession, message: Message,
                               observation: Observation) -> web.Response:
         """The client answers a request a server sent it through the gateway."""
-        target = _server_request_origin(message.id)
-        if target is None or target[0] not in session.servers or target[0] not in self._clients:
+        target = server_request_origin(message.id)
+        if target is None or target[0] not in session.servers or target[0] not in self._pool.clients:
             observation.http_failure(400, "answer to an unknown request")
             return json_reply(error_response(None, INVALID_REQUEST, "no server request has this id"), 400)
         name, original_id = target
         observation.server = name
         body = orjson.dumps({**message.body, "id": original_id})
         try:
-            await self._clients[name].call(body, None, session.servers[name], observation.trace_out)
+            await self._pool.clients[name].call(body, None, session.servers[name], observation.trace_out)
         except (UpstreamError, SessionGone) as exc:
             log.info("answer for MCP server %r not delivered: %s", name, exc)
             observation.fail(SERVER_UNAVAILABLE, str(exc))
@@ -408,7 +395,7 @@ class McpGateway:
         if message.params.get("cursor") is not None:
             return error_reply(observation, message.id, INVALID_PARAMS,
                                "Invalid params: unknown cursor (this gateway returns every item in one page)")
-        names = [name for name in route.servers if name in session.servers and name in self._clients]
+        names = [name for name in route.servers if name in session.servers and name in self._pool.clients]
         outcomes = await asyncio.gather(
             *(self._list_server(name, session.servers[name], message, key, observation) for name in names),
             return_exceptions=True,
@@ -425,7 +412,7 @@ class McpGateway:
                 failures.append(outcome)
                 continue
             if key == "tools":
-                self._listed.remember((name, session.servers[name].session_id), (item["name"] for item in outcome))
+                self._pool.listed.remember((name, session.servers[name].session_id), (item["name"] for item in outcome))
             for item in outcome:
                 renamed = {**item, "name": prefixed(name, item["name"])}
                 if key == "tools" and not route.offers(renamed["name"]):
@@ -439,7 +426,7 @@ class McpGateway:
     async def _list_server(self, name: str, server_session: ServerSession, message: Message, key: str,
                            observation: Observation) -> list[dict[str, Any]]:
         """Every item of one server's listing (all pages); -32601 from the server: none."""
-        client = self._clients[name]
+        client = self._pool.clients[name]
         items: list[dict[str, Any]] = []
         cursor: str | None = None
         seen: set[str] = set()
@@ -485,7 +472,7 @@ class McpGateway:
             return error_reply(observation, message.id, INVALID_PARAMS, f"Invalid params: {what} name missing")
         split = split_tool_name(name)
         offered = (
-            split is not None and split[0] in route.servers and split[0] in self._clients
+            split is not None and split[0] in route.servers and split[0] in self._pool.clients
             and (kind != "tools" or route.offers(name))
         )
         if not offered or split is None:
@@ -509,7 +496,7 @@ class McpGateway:
             observation.original_tool = original
         observation.server = server
         body = orjson.dumps({**message.body, "params": {**params, "name": original}})
-        return await self._relay(request, server, server_session, body, message, observation)
+        return await self._relay.relay(request, server, server_session, body, message, observation)
 
     async def _refuse_unlisted(self, route: McpRoute, server: str, server_session: ServerSession, name: str,
                                original: str, message: Message, observation: Observation) -> web.Response | None:
@@ -517,7 +504,7 @@ class McpGateway:
         it lists now); otherwise the answer the client gets, so the call never reaches the
         server. Exact names only: a server that matches loosely must not see variants."""
         key: ToolsKey = (server, server_session.session_id)
-        listed = self._listed.names(key)
+        listed = self._pool.listed.names(key)
         if listed is None or original not in listed:
             try:
                 listed = await self._list_tool_names(key, server_session, observation)
@@ -537,135 +524,7 @@ class McpGateway:
         request_id = f"{LISTING_ID_PREFIX}{next(self._listing_ids)}"
         listing = Message("request", {"jsonrpc": "2.0", "id": request_id, "method": "tools/list"})
         items = await self._list_server(key[0], server_session, listing, "tools", observation)
-        return self._listed.remember(key, (item["name"] for item in items))
-
-    async def _relay(self, request: web.Request, server: str, server_session: ServerSession, body: bytes,
-                     message: Message, observation: Observation) -> web.StreamResponse:
-        client = self._clients[server]
-        try:
-            response = await client.open(body, server_session, observation.trace_out)
-        except UpstreamError as exc:
-            return error_reply(observation, message.id, exc.code, exc.message)
-        try:
-            status = response.status
-            if status == 404 and server_session.session_id:
-                raise SessionGone(server)
-            if status >= 300 or status == 202:
-                error = await read_error(response) if status >= 300 else None
-                if error is not None:
-                    answer = {"jsonrpc": "2.0", "id": message.id, "error": error["error"]}
-                    observation.answered(answer)
-                    return json_reply(orjson.dumps(answer))
-                return error_reply(observation, message.id, SERVER_UNAVAILABLE,
-                                   f"MCP server {server!r} answered HTTP {status}")
-            if is_json(response):
-                data = await read_body(response, MAX_RELAYED_JSON)
-                if data is None:
-                    return error_reply(observation, message.id, SERVER_UNAVAILABLE,
-                                       f"MCP server {server!r} answered with more than {MAX_RELAYED_JSON} bytes")
-                relayed = answer_in(data, message.id)
-                if relayed is None:
-                    return error_reply(observation, message.id, SERVER_UNAVAILABLE,
-                                       f"MCP server {server!r} answered with a malformed JSON-RPC message")
-                observation.answered(relayed)
-                return json_reply(data)
-            if is_sse(response):
-                tools_key: ToolsKey = (server, server_session.session_id)
-                if _accepts_sse(request):
-                    return await self._relay_stream(request, response, tools_key, message, observation)
-                return await self._collect_stream(response, tools_key, message, observation)
-            kind = response.headers.get("content-type", "none")
-            return error_reply(observation, message.id, SERVER_UNAVAILABLE,
-                               f"MCP server {server!r} answered with content-type {kind}")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            failure = client.failure(exc)
-            return error_reply(observation, message.id, failure.code, failure.message)
-        finally:
-            response.close()  # not release(): an unfinished stream must not be drained
-
-    async def _collect_stream(self, response: aiohttp.ClientResponse, tools_key: ToolsKey, message: Message,
-                              observation: Observation) -> web.Response:
-        """An event stream for a client that only takes JSON: the final answer, alone."""
-        async for event in _sse_events(response):
-            data = event.data if event.has_data else b""
-            if _TOOLS_CHANGED_BYTES in data:  # at worst a needless fresh listing
-                self._listed.forget(tools_key)
-            answer = answer_in(data, message.id)
-            if answer is not None:
-                observation.answered(answer)
-                return json_reply(data)
-        return error_reply(observation, message.id, SERVER_UNAVAILABLE,
-                           f"MCP server {tools_key[0]!r} ended its event stream without an answer")
-
-    async def _relay_stream(self, request: web.Request, response: aiohttp.ClientResponse, tools_key: ToolsKey,
-                            message: Message, observation: Observation) -> web.StreamResponse:
-        """The server's event stream to the client as it arrives, event by event."""
-        server = tools_key[0]
-        stream = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache, no-transform",
-            "X-Accel-Buffering": "no",
-        })
-        await stream.prepare(request)
-        decoder = SSEDecoder(keep_raw=True)
-        chunks = response.content.iter_any()
-        failure: UpstreamError | None = None
-        try:
-            while True:
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    events = decoder.flush()
-                    done = True
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:  # the server's side
-                    failure = self._clients[server].failure(exc)
-                    break
-                else:
-                    events = decoder.feed(chunk)
-                    done = False
-                if events:
-                    await stream.write(b"".join(self._relay_event(e, tools_key, message, observation) for e in events))
-                if done:
-                    break
-            if not observation.got_answer:
-                if failure is None:
-                    failure = UpstreamError(server, SERVER_UNAVAILABLE, "ended its event stream without an answer")
-                observation.fail(failure.code, failure.message)
-                await stream.write(
-                    b"event: message\ndata: " + error_response(message.id, failure.code, failure.message) + b"\n\n"
-                )
-            await stream.write_eof()
-        except ConnectionError:  # the client left (aiohttp's ClientConnectionResetError is one)
-            log.debug("client left during a %s stream from MCP server %r", message.method, server)
-            if not observation.got_answer:
-                observation.http_failure(499, "the client closed the connection")
-        except Exception:
-            log.exception("relaying the event stream of MCP server %r failed", server)
-            if not observation.got_answer:
-                observation.fail(INTERNAL_ERROR, "internal error while relaying the stream")
-        return stream
-
-    def _relay_event(self, event: SSEEvent, tools_key: ToolsKey, message: Message,
-                     observation: Observation) -> bytes:
-        """One event for the client: server requests get routable ids; the answer is noted;
-        a tools/list_changed drops the server session's remembered tool names."""
-        server = tools_key[0]
-        if not event.has_data:
-            return event.raw
-        try:
-            data = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            return event.raw
-        if not isinstance(data, dict):
-            return event.raw
-        if data.get("method") == TOOLS_CHANGED:
-            self._listed.forget(tools_key)
-        if "method" in data and "id" in data:  # a request the server sends the client
-            data["id"] = f"{SERVER_REQUEST_PREFIX}{server}/{orjson.dumps(data['id']).decode()}"
-            return _with_data(event, orjson.dumps(data))
-        if "method" not in data and data.get("id") == message.id and ("result" in data or "error" in data):
-            observation.answered(data)
-        return event.raw
+        return self._pool.listed.remember(key, (item["name"] for item in items))
 
     # -- DELETE --------------------------------------------------------------------------
 
@@ -681,60 +540,7 @@ class McpGateway:
             session = None
         if session is None or session.route != route.path:
             return json_reply(error_response(None, INVALID_REQUEST, "Session not found"), 404)
-        names = [name for name, s in session.servers.items() if s.session_id and name in self._clients]
-        await asyncio.gather(*(self._clients[name].delete(session.servers[name]) for name in names),
+        names = [name for name, s in session.servers.items() if s.session_id and name in self._pool.clients]
+        await asyncio.gather(*(self._pool.clients[name].delete(session.servers[name]) for name in names),
                              return_exceptions=True)
         return web.Response(status=200)
-
-
-async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
-    """The events of a server's event stream, as they arrive."""
-    decoder = SSEDecoder()
-    async for chunk in response.content.iter_any():
-        for event in decoder.feed(chunk):
-            yield event
-    for event in decoder.flush():
-        yield event
-
-
-def _accepts_sse(request: web.Request) -> bool:
-    accept = request.headers.get("accept", "")
-    if not accept:
-        return True
-    kinds = {part.split(";")[0].strip().lower() for part in accept.split(",")}
-    return bool(kinds & {"text/event-stream", "*/*", "text/*"})
-
-
-def _with_data(event: SSEEvent, data: bytes) -> bytes:
-    """`event`'s block with its data replaced (other fields and their order kept)."""
-    lines = event.raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-    out: list[bytes] = []
-    placed = False
-    for line in lines:
-        if not line:
-            continue
-        field = line.split(b":", 1)[0]
-        if field == b"data":
-            if not placed:
-                out.append(b"data: " + data)
-                placed = True
-            continue
-        out.append(line)
-    return b"\n".join(out) + b"\n\n"
-
-
-def _server_request_origin(request_id: RequestId | None) -> tuple[str, RequestId] | None:
-    """`mcpgw/<server>/<JSON id>` -> (server, original id), else None."""
-    if not isinstance(request_id, str) or not request_id.startswith(SERVER_REQUEST_PREFIX):
-        return None
-    server, sep, raw = request_id[len(SERVER_REQUEST_PREFIX):].partition("/")
-    if not sep or not server:
-        return None
-    try:
-        original = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(original, bool) or not isinstance(original, (str, int)):
-        return None
-    return server, original
-

@@ -7,6 +7,8 @@ followed (a credential must not travel to another origin).
 
 Failures become `UpstreamError` (a JSON-RPC code and a message naming the server) or,
 when the server no longer knows our session (HTTP 404), `SessionGone`.
+
+`ServerPool` holds the clients of all configured servers, and the tool names each listed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -25,11 +27,12 @@ from extproc.contract import MCP_SESSION_HEADER
 from extproc.mcp.config import McpServer
 from extproc.mcp.jsonrpc import SERVER_TIMEOUT, SERVER_UNAVAILABLE, RequestId
 from extproc.mcp.sessions import ServerSession
+from extproc.mcp.toolnames import ListedTools
 from extproc.sse import SSEDecoder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Reply", "ServerClient", "SessionGone", "UpstreamError", "is_sse", "is_json"]
+__all__ = ["Reply", "ServerClient", "ServerPool", "SessionGone", "UpstreamError", "is_sse", "is_json"]
 
 USER_AGENT = f"extproc-mcp-gateway/{__version__}"
 MAX_ERROR_BODY = 64 * 1024  # what is read of a non-2xx answer
@@ -212,6 +215,18 @@ class ServerClient:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.info("%s", self.failure(exc))
             return None
+
+
+@dataclass(slots=True)
+class ServerPool:
+    """The configured servers' clients and the tool names each server session listed.
+
+    One per gateway, shared by dispatch, listings and relay. A config reload replaces both
+    attributes (a server name may now stand for another server); they are read at each use,
+    so a request sees the current ones."""
+
+    clients: dict[str, ServerClient] = field(default_factory=dict)
+    listed: ListedTools = field(default_factory=ListedTools)  # to check tools/call names
 
 
 async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
