@@ -68,7 +68,6 @@ message's `_meta` is passed on unchanged. Metrics `mcp.requests` and
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
@@ -89,15 +88,15 @@ from extproc.mcp.jsonrpc import (
     RpcError,
     error_response,
     parse_message,
-    prefixed,
     split_tool_name,
 )
+from extproc.mcp.listings import LISTS, Listings
 from extproc.mcp.observation import Observation, Observer
 from extproc.mcp.relay import Relay, server_request_origin
 from extproc.mcp.replies import error_reply, json_reply, result_reply
 from extproc.mcp.sessions import SESSION_HEADER, GatewaySession, InvalidSession, ServerSession, SessionCodec
-from extproc.mcp.toolnames import ListedTools, ToolsKey
-from extproc.mcp.upstream import ServerClient, ServerPool, SessionGone, UpstreamError
+from extproc.mcp.toolnames import ListedTools
+from extproc.mcp.upstream import GATEWAY_NAME, ServerClient, ServerPool, SessionGone, UpstreamError
 
 if TYPE_CHECKING:
     from extproc.telemetry import Telemetry
@@ -106,23 +105,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GATEWAY_NAME", "McpGateway"]
 
-GATEWAY_NAME: Final = "extproc-mcp-gateway"
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024  # one client message
-MAX_PAGES: Final = 100  # pages read from one server for one listing
-LISTING_ID_PREFIX: Final = f"{GATEWAY_NAME}/tools/list/"  # ids of the gateway's own tools/list requests
 
-# (list method, result key, the method that uses one item by name)
-_LISTS: Final = {"tools/list": "tools", "prompts/list": "prompts"}
+# the method that uses one item by name -> the listing's result key
 _BY_NAME: Final = {"tools/call": "tools", "prompts/get": "prompts"}
-
-
-class _ServerFailed(Exception):
-    """A server answered a gateway request with a JSON-RPC error."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class McpGateway:
@@ -140,7 +126,7 @@ class McpGateway:
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._relay = Relay(self._pool)
-        self._listing_ids = itertools.count(1)
+        self._listings = Listings(self._pool)
         self._observer = Observer(telemetry)
         self.port: int | None = None
 
@@ -265,8 +251,8 @@ class McpGateway:
         if method == "ping":
             return result_reply(observation, message.id, {})
         try:
-            if method in _LISTS:
-                return await self._list(route, session, message, observation)
+            if method in LISTS:
+                return await self._listings.list_all(route, session, message, observation)
             if method in _BY_NAME:
                 return await self._by_name(request, route, session, message, observation)
         except SessionGone as exc:
@@ -386,79 +372,6 @@ class McpGateway:
             observation.fail(SERVER_UNAVAILABLE, str(exc))
         return web.Response(status=202)
 
-    # -- listings ------------------------------------------------------------------------
-
-    async def _list(self, route: McpRoute, session: GatewaySession, message: Message,
-                    observation: Observation) -> web.Response:
-        method = message.method or ""
-        key = _LISTS[method]
-        if message.params.get("cursor") is not None:
-            return error_reply(observation, message.id, INVALID_PARAMS,
-                               "Invalid params: unknown cursor (this gateway returns every item in one page)")
-        names = [name for name in route.servers if name in session.servers and name in self._pool.clients]
-        outcomes = await asyncio.gather(
-            *(self._list_server(name, session.servers[name], message, key, observation) for name in names),
-            return_exceptions=True,
-        )
-        merged: list[dict[str, Any]] = []
-        failures: list[UpstreamError | _ServerFailed] = []
-        for name, outcome in zip(names, outcomes, strict=True):
-            if isinstance(outcome, SessionGone):
-                raise outcome
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, (UpstreamError, _ServerFailed)):
-                    raise outcome
-                log.warning("%s of MCP server %r left out: %s", method, name, outcome.message)
-                failures.append(outcome)
-                continue
-            if key == "tools":
-                self._pool.listed.remember((name, session.servers[name].session_id), (item["name"] for item in outcome))
-            for item in outcome:
-                renamed = {**item, "name": prefixed(name, item["name"])}
-                if key == "tools" and not route.offers(renamed["name"]):
-                    continue
-                merged.append(renamed)
-        if failures and len(failures) == len(names):
-            first = failures[0]
-            return error_reply(observation, message.id, first.code, first.message)
-        return result_reply(observation, message.id, {key: merged})
-
-    async def _list_server(self, name: str, server_session: ServerSession, message: Message, key: str,
-                           observation: Observation) -> list[dict[str, Any]]:
-        """Every item of one server's listing (all pages); -32601 from the server: none."""
-        client = self._pool.clients[name]
-        items: list[dict[str, Any]] = []
-        cursor: str | None = None
-        seen: set[str] = set()
-        base_params = {k: v for k, v in message.params.items() if k != "cursor"}
-        for _ in range(MAX_PAGES):
-            params = dict(base_params)
-            if cursor is not None:
-                params["cursor"] = cursor
-            body = orjson.dumps({"jsonrpc": "2.0", "id": message.id, "method": message.method, "params": params})
-            reply = await client.call(body, message.id, server_session, observation.trace_out)
-            answer = reply.message or {}
-            error = answer.get("error")
-            if error is not None:
-                code = error.get("code") if isinstance(error, dict) else None
-                if code == METHOD_NOT_FOUND:
-                    return items
-                text = error.get("message") if isinstance(error, dict) else None
-                raise _ServerFailed(code if isinstance(code, int) else SERVER_UNAVAILABLE,
-                                    f"MCP server {name!r} failed {message.method}: {text or 'error'}")
-            result = answer.get("result")
-            if not isinstance(result, dict):
-                raise UpstreamError(name, SERVER_UNAVAILABLE, f"answered {message.method} without a result")
-            for item in result.get(key) or ():
-                if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]:
-                    items.append(item)
-            cursor = result.get("nextCursor")
-            if not isinstance(cursor, str) or not cursor or cursor in seen:
-                return items
-            seen.add(cursor)
-        log.warning("MCP server %r: %s listing cut at %d pages", name, message.method, MAX_PAGES)
-        return items
-
     # -- tools/call, prompts/get ---------------------------------------------------------
 
     async def _by_name(self, request: web.Request, route: McpRoute, session: GatewaySession, message: Message,
@@ -489,7 +402,8 @@ class McpGateway:
                 "began); start a new session to use it",
             )
         if kind == "tools":
-            refusal = await self._refuse_unlisted(route, server, server_session, name, original, message, observation)
+            refusal = await self._listings.refuse_unlisted(route, server, server_session, name, original, message,
+                                                           observation)
             if refusal is not None:
                 return refusal
             observation.tool = name
@@ -497,34 +411,6 @@ class McpGateway:
         observation.server = server
         body = orjson.dumps({**message.body, "params": {**params, "name": original}})
         return await self._relay.relay(request, server, server_session, body, message, observation)
-
-    async def _refuse_unlisted(self, route: McpRoute, server: str, server_session: ServerSession, name: str,
-                               original: str, message: Message, observation: Observation) -> web.Response | None:
-        """None when `server` listed a tool named exactly `original` (as remembered, else as
-        it lists now); otherwise the answer the client gets, so the call never reaches the
-        server. Exact names only: a server that matches loosely must not see variants."""
-        key: ToolsKey = (server, server_session.session_id)
-        listed = self._pool.listed.names(key)
-        if listed is None or original not in listed:
-            try:
-                listed = await self._list_tool_names(key, server_session, observation)
-            except (UpstreamError, _ServerFailed) as exc:
-                observation.server = server
-                return error_reply(observation, message.id, exc.code,
-                                   f"{exc.message} (listing its tools to check {name!r})")
-        if original in listed:
-            return None
-        log.info("tool %r refused on %s: MCP server %r lists no tool named exactly %r", name, route.path, server,
-                 original)
-        return error_reply(observation, message.id, INVALID_PARAMS, f"Unknown tool: {name}")
-
-    async def _list_tool_names(self, key: ToolsKey, server_session: ServerSession,
-                               observation: Observation) -> frozenset[str]:
-        """List one server's tools (all pages) through its session, and remember the names."""
-        request_id = f"{LISTING_ID_PREFIX}{next(self._listing_ids)}"
-        listing = Message("request", {"jsonrpc": "2.0", "id": request_id, "method": "tools/list"})
-        items = await self._list_server(key[0], server_session, listing, "tools", observation)
-        return self._pool.listed.remember(key, (item["name"] for item in items))
 
     # -- DELETE --------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -32,9 +32,10 @@ from extproc.sse import SSEDecoder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Reply", "ServerClient", "ServerPool", "SessionGone", "UpstreamError", "is_sse", "is_json"]
+__all__ = ["GATEWAY_NAME", "Reply", "ServerClient", "ServerPool", "SessionGone", "UpstreamError", "is_sse", "is_json"]
 
-USER_AGENT = f"extproc-mcp-gateway/{__version__}"
+GATEWAY_NAME: Final = "extproc-mcp-gateway"  # to servers (User-Agent) and clients (serverInfo)
+USER_AGENT = f"{GATEWAY_NAME}/{__version__}"
 MAX_ERROR_BODY = 64 * 1024  # what is read of a non-2xx answer
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # a JSON answer the gateway itself has to read (initialize, lists)
 
