@@ -34,7 +34,7 @@ from extproc.mcp.listings import LISTS, Listings
 from extproc.mcp.observation import Observation
 from extproc.mcp.relay import Relay, server_request_origin
 from extproc.mcp.replies import error_reply, json_reply, result_reply
-from extproc.mcp.sessions import SESSION_HEADER, GatewaySession, InvalidSession, ServerSession, SessionCodec
+from extproc.mcp.sessions import SESSION_HEADER, GatewaySession, ServerSession, SessionCodec
 from extproc.mcp.upstream import GATEWAY_NAME, ServerPool, SessionGone, UpstreamError
 
 log = logging.getLogger("extproc.mcp.gateway")  # the gateway's log lines keep their logger name
@@ -93,11 +93,8 @@ class Dispatcher:
             observation.http_failure(400, "missing session id")
             return json_reply(error_response(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required "
                                              "(send initialize first)"), 400)
-        try:
-            session = self._codec.decode(token)
-        except InvalidSession:
-            session = None
-        if session is None or session.route != route.path:
+        session = self._codec.decode_for_route(token, route.path)
+        if session is None:
             observation.http_failure(404, "unknown session")
             return json_reply(error_response(None, INVALID_REQUEST, "Session not found: start a new session with "
                                              "initialize"), 404)

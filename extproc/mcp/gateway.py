@@ -86,7 +86,7 @@ from extproc.mcp.dispatch import Dispatcher
 from extproc.mcp.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, RpcError, error_response, parse_message
 from extproc.mcp.observation import Observer
 from extproc.mcp.replies import json_reply
-from extproc.mcp.sessions import SESSION_HEADER, InvalidSession, SessionCodec
+from extproc.mcp.sessions import SESSION_HEADER, SessionCodec
 from extproc.mcp.toolnames import ListedTools
 from extproc.mcp.upstream import GATEWAY_NAME, ServerClient, ServerPool
 
@@ -231,11 +231,8 @@ class McpGateway:
             return json_reply(
                 error_response(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"), 400
             )
-        try:
-            session = self._codec.decode(token)
-        except InvalidSession:
-            session = None
-        if session is None or session.route != route.path:
+        session = self._codec.decode_for_route(token, route.path)
+        if session is None:
             return json_reply(error_response(None, INVALID_REQUEST, "Session not found"), 404)
         names = [name for name, s in session.servers.items() if s.session_id and name in self._pool.clients]
         await asyncio.gather(*(self._pool.clients[name].delete(session.servers[name]) for name in names),

@@ -128,6 +128,15 @@ class SessionCodec:
                 raise
             raise InvalidSession("malformed session payload") from None
 
+    def decode_for_route(self, token: str, route: str) -> GatewaySession | None:
+        """The session `token` stands for when it is one of `route`'s (a route path), else
+        None: unknown to that route, which the gateway answers with 404."""
+        try:
+            session = self.decode(token)
+        except InvalidSession:
+            return None
+        return session if session.route == route else None
+
 
 def session_digest(token: str) -> str:
     """A short stable stand-in for a session id in spans and logs (the id itself carries
