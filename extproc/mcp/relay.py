@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Final
 
 import aiohttp
@@ -35,6 +34,7 @@ from extproc.mcp.upstream import (
     is_sse,
     read_body,
     read_error,
+    sse_events,
 )
 from extproc.sse import SSEDecoder, SSEEvent
 
@@ -105,7 +105,7 @@ class Relay:
     async def _collect_stream(self, response: aiohttp.ClientResponse, tools_key: ToolsKey, message: Message,
                               observation: Observation) -> web.Response:
         """An event stream for a client that only takes JSON: the final answer, alone."""
-        async for event in _sse_events(response):
+        async for event in sse_events(response):
             data = event.data if event.has_data else b""
             if _TOOLS_CHANGED_BYTES in data:  # at worst a needless fresh listing
                 self._pool.listed.forget(tools_key)
@@ -185,16 +185,6 @@ class Relay:
         if "method" not in data and data.get("id") == message.id and ("result" in data or "error" in data):
             observation.answered(data)
         return event.raw
-
-
-async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
-    """The events of a server's event stream, as they arrive."""
-    decoder = SSEDecoder()
-    async for chunk in response.content.iter_any():
-        for event in decoder.feed(chunk):
-            yield event
-    for event in decoder.flush():
-        yield event
 
 
 def _accepts_sse(request: web.Request) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -28,11 +28,14 @@ from extproc.mcp.config import McpServer
 from extproc.mcp.jsonrpc import SERVER_TIMEOUT, SERVER_UNAVAILABLE, RequestId
 from extproc.mcp.sessions import ServerSession
 from extproc.mcp.toolnames import ListedTools
-from extproc.sse import SSEDecoder
+from extproc.sse import SSEDecoder, SSEEvent
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GATEWAY_NAME", "Reply", "ServerClient", "ServerPool", "SessionGone", "UpstreamError", "is_sse", "is_json"]
+__all__ = [
+    "GATEWAY_NAME", "Reply", "ServerClient", "ServerPool", "SessionGone", "UpstreamError", "is_sse", "is_json",
+    "sse_events",
+]
 
 GATEWAY_NAME: Final = "extproc-mcp-gateway"  # to servers (User-Agent) and clients (serverInfo)
 USER_AGENT = f"{GATEWAY_NAME}/{__version__}"
@@ -188,13 +191,7 @@ class ServerClient:
                 raise UpstreamError(self.name, SERVER_UNAVAILABLE, "answered with a malformed JSON-RPC message")
             return Reply(status, session_id, message)
         if is_sse(response):
-            decoder = SSEDecoder()
-            async for chunk in response.content.iter_any():
-                for event in decoder.feed(chunk):
-                    message = answer_in(event.data if event.has_data else b"", request_id)
-                    if message is not None:
-                        return Reply(status, session_id, message)
-            for event in decoder.flush():
+            async for event in sse_events(response):
                 message = answer_in(event.data if event.has_data else b"", request_id)
                 if message is not None:
                     return Reply(status, session_id, message)
@@ -240,6 +237,16 @@ async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | Non
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+    """The events of a server's event stream, as they arrive."""
+    decoder = SSEDecoder()
+    async for chunk in response.content.iter_any():
+        for event in decoder.feed(chunk):
+            yield event
+    for event in decoder.flush():
+        yield event
 
 
 def _load(data: bytes) -> dict[str, Any] | None:
