@@ -63,210 +63,41 @@ message's `_meta` is passed on unchanged. Metrics `mcp.requests` and
 `mcp.request.duration` count every message answered, with `mcp.method.name`,
 `mcp.tool.name` (prefixed), `mcp.server` and `error.type` (the JSON-RPC error code,
 `tool_error` for a result with `isError`, or the HTTP status class).
+
+This module is the HTTP front: listening, routes, POST/DELETE/GET, reading and parsing the
+body, and the last word when something fails unexpectedly. What each message does is in
+`extproc.mcp.dispatch`, merged listings and the tool-name check in `extproc.mcp.listings`,
+forwarding one call and streaming its answer in `extproc.mcp.relay`, spans and metrics in
+`extproc.mcp.observation`, HTTP to one server in `extproc.mcp.upstream`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import re
-import time
-from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
-import orjson
 from aiohttp import web
-from openinference.semconv.trace import OpenInferenceMimeTypeValues, OpenInferenceSpanKindValues, SpanAttributes
 
-from extproc import __version__
 from extproc.mcp.config import SESSION_SECRET_KEY, McpRoute, McpSettings
-from extproc.mcp.jsonrpc import (
-    INTERNAL_ERROR,
-    INVALID_PARAMS,
-    INVALID_REQUEST,
-    METHOD_NOT_FOUND,
-    SERVER_UNAVAILABLE,
-    Message,
-    RequestId,
-    RpcError,
-    error_response,
-    parse_message,
-    prefixed,
-    result_response,
-    split_tool_name,
-)
-from extproc.mcp.sessions import GatewaySession, InvalidSession, ServerSession, SessionCodec, session_digest
-from extproc.mcp.toolnames import ListedTools, ToolsKey
-from extproc.mcp.upstream import (
-    ServerClient,
-    SessionGone,
-    UpstreamError,
-    answer_in,
-    is_json,
-    is_sse,
-    read_body,
-    read_error,
-)
-from extproc.sse import SSEDecoder, SSEEvent
+from extproc.mcp.dispatch import Dispatcher
+from extproc.mcp.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, RpcError, error_response, parse_message
+from extproc.mcp.observation import Observer
+from extproc.mcp.replies import json_reply
+from extproc.mcp.sessions import SESSION_HEADER, SessionCodec
+from extproc.mcp.toolnames import ListedTools
+from extproc.mcp.upstream import GATEWAY_NAME, ServerClient, ServerPool
 
 if TYPE_CHECKING:
     from extproc.telemetry import Telemetry
-    from extproc.telemetry.tracing import SpanHandle
 
 log = logging.getLogger(__name__)
 
 __all__ = ["GATEWAY_NAME", "McpGateway"]
 
-GATEWAY_NAME: Final = "extproc-mcp-gateway"
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024  # one client message
-MAX_PAGES: Final = 100  # pages read from one server for one listing
-MAX_RELAYED_JSON: Final = 64 * 1024 * 1024
-SERVER_REQUEST_PREFIX: Final = "mcpgw/"  # ids of server-to-client requests relayed to the client
-SESSION_HEADER: Final = "Mcp-Session-Id"
-LISTING_ID_PREFIX: Final = f"{GATEWAY_NAME}/tools/list/"  # ids of the gateway's own tools/list requests
-TOOLS_CHANGED: Final = "notifications/tools/list_changed"
-_TOOLS_CHANGED_BYTES: Final = TOOLS_CHANGED.encode()
-
-# Metric and span attributes.
-MCP_METHOD: Final = "mcp.method.name"
-MCP_TOOL: Final = "mcp.tool.name"
-MCP_SERVER: Final = "mcp.server"
-MCP_ORIGINAL_TOOL: Final = "mcp.tool.original_name"  # the name the server knows the tool by
-MCP_PROTOCOL_VERSION: Final = "mcp.protocol.version"
-JSONRPC_ID: Final = "jsonrpc.request.id"
-ERROR_TYPE: Final = "error.type"
-TOOL_ERROR: Final = "tool_error"
-
-# mcp.method.name values kept as they are; anything else is "other" (clients choose method names).
-_KNOWN_METHODS: Final = frozenset({
-    "initialize", "ping", "tools/list", "tools/call", "prompts/list", "prompts/get", "resources/list",
-    "resources/read", "resources/templates/list", "resources/subscribe", "resources/unsubscribe",
-    "completion/complete", "logging/setLevel", "server/discover", "notifications/initialized",
-    "notifications/cancelled", "notifications/progress", "notifications/roots/list_changed",
-})
-_OTHER: Final = "other"
-MAX_TOOL_NAME_VALUES: Final = 1000  # distinct mcp.tool.name values before "other"
-
-# (list method, result key, the method that uses one item by name)
-_LISTS: Final = {"tools/list": "tools", "prompts/list": "prompts"}
-_BY_NAME: Final = {"tools/call": "tools", "prompts/get": "prompts"}
-
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?:-[\x21-\x7e]*)?$")
-_TRACESTATE = re.compile(r"^[\x20-\x7e]{0,512}$")
-_PROTOCOL_VERSION = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
-
-
-def _json(body: bytes, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
-
-
-def _trace_carrier(headers: Mapping[str, str], params: Mapping[str, Any]) -> dict[str, str]:
-    """The client's W3C trace context: from `params._meta` when valid there, else the headers."""
-    meta = params.get("_meta")
-    for source in (meta if isinstance(meta, Mapping) else {}, headers):
-        parent = source.get("traceparent")
-        if isinstance(parent, str) and _TRACEPARENT.match(parent.strip()):
-            carrier = {"traceparent": parent.strip()}
-            state = source.get("tracestate")
-            if isinstance(state, str) and state and _TRACESTATE.match(state):
-                carrier["tracestate"] = state
-            return carrier
-    return {}
-
-
-def _bounded(value: Any, limit: int) -> str:
-    try:
-        text = value if isinstance(value, str) else orjson.dumps(value).decode()
-    except TypeError:
-        text = str(value)
-    return text if len(text) <= limit else text[:limit] + "...(truncated)"
-
-
-class _ServerFailed(Exception):
-    """A server answered a gateway request with a JSON-RPC error."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class _Observation:
-    """Span and metrics of one client message, finished once."""
-
-    __slots__ = ("gateway", "method", "started", "span", "tool", "original_tool", "server", "error_type", "error",
-                 "output", "finished", "trace_out", "got_answer")
-
-    def __init__(self, gateway: McpGateway, method: str | None, span: SpanHandle | None,
-                 trace_out: dict[str, str]) -> None:
-        self.gateway = gateway
-        self.method = method
-        self.started = time.perf_counter()
-        self.span = span
-        self.trace_out = trace_out  # trace context headers for the servers
-        self.tool: str | None = None
-        self.original_tool: str | None = None
-        self.server: str | None = None
-        self.error_type: str | None = None
-        self.error: str | None = None
-        self.output: Any = None
-        self.finished = False
-        self.got_answer = False  # the JSON-RPC answer to the client's request went out
-
-    def fail(self, code: int | str, message: str) -> None:
-        self.error_type = str(code)
-        self.error = message
-
-    def http_failure(self, status: int, message: str) -> None:
-        self.fail(f"{status // 100}xx", message)
-
-    def answered(self, message: Mapping[str, Any]) -> None:
-        """The JSON-RPC answer the client got."""
-        self.got_answer = True
-        error = message.get("error")
-        if error is not None:
-            code = error.get("code") if isinstance(error, Mapping) else None
-            text = error.get("message") if isinstance(error, Mapping) else None
-            self.fail(code if isinstance(code, int) else INTERNAL_ERROR, str(text or "error"))
-            return
-        result = message.get("result")
-        self.output = result
-        if isinstance(result, Mapping) and result.get("isError") is True:
-            self.fail(TOOL_ERROR, "the tool reported an error (isError)")
-
-    def finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        gateway = self.gateway
-        attributes: dict[str, str] = {}
-        if self.method is not None:
-            attributes[MCP_METHOD] = self.method if self.method in _KNOWN_METHODS else _OTHER
-        if self.tool is not None:
-            attributes[MCP_TOOL] = gateway._tool_value(self.tool)
-        if self.server is not None:
-            attributes[MCP_SERVER] = self.server
-        if self.error_type is not None:
-            attributes[ERROR_TYPE] = self.error_type
-        telemetry: Any = gateway.telemetry
-        if telemetry is not None:
-            telemetry.metrics.record_mcp_request(time.perf_counter() - self.started, attributes)
-            if self.span is not None:
-                span_attributes: dict[str, Any] = {}
-                if self.server is not None:
-                    span_attributes[MCP_SERVER] = self.server
-                if self.original_tool is not None:
-                    span_attributes[MCP_ORIGINAL_TOOL] = self.original_tool
-                if self.error_type is not None:
-                    span_attributes[ERROR_TYPE] = self.error_type
-                if self.output is not None and self.span.is_recording:
-                    span_attributes[SpanAttributes.OUTPUT_VALUE] = _bounded(self.output, gateway._content_limit)
-                    span_attributes[SpanAttributes.OUTPUT_MIME_TYPE] = OpenInferenceMimeTypeValues.JSON.value
-                telemetry.tracing.end_span(
-                    self.span, span_attributes, self.error if self.error_type is not None else None
-                )
 
 
 class McpGateway:
@@ -280,13 +111,11 @@ class McpGateway:
         self._codec = SessionCodec(self._secrets.get(SESSION_SECRET_KEY))
         self._settings = settings
         self._routes: dict[str, McpRoute] = {route.path: route for route in settings.routes}
-        self._clients: dict[str, ServerClient] = {}
+        self._pool = ServerPool()
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self._tool_values: set[str] = set()
-        self._listed = ListedTools()  # each server session's tool names, to check tools/call names
-        self._listing_ids = itertools.count(1)
-        self._content_limit = telemetry.settings.max_content_chars if telemetry is not None else 32_768
+        self._dispatcher = Dispatcher(self._codec, self._pool)
+        self._observer = Observer(telemetry)
         self.port: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -335,27 +164,18 @@ class McpGateway:
         self._settings = settings
         self._secrets = dict(secrets or {})  # the session key in it is ignored: the codec keeps its own
         self._routes = {route.path: route for route in settings.routes}
-        self._listed = ListedTools()  # a server name may now stand for another server
+        self._pool.listed = ListedTools()  # a server name may now stand for another server
         if self._http is not None:
             self._build_clients()
 
     def _build_clients(self) -> None:
         assert self._http is not None
         settings = self._settings
-        self._clients = {
+        self._pool.clients = {
             server.name: ServerClient(server, self._secrets.get(server.name), self._http,
                                       settings.request_timeout_seconds, settings.connect_timeout_seconds)
             for server in settings.servers
         }
-
-    def _tool_value(self, tool: str) -> str:
-        """mcp.tool.name as recorded: bounded number of distinct values."""
-        if tool in self._tool_values:
-            return tool
-        if len(self._tool_values) < MAX_TOOL_NAME_VALUES:
-            self._tool_values.add(tool)
-            return tool
-        return _OTHER
 
     # -- HTTP ----------------------------------------------------------------------------
 
@@ -363,572 +183,58 @@ class McpGateway:
         path = request.path
         route = self._routes.get(path if len(path) <= 1 else path.rstrip("/"))
         if route is None:
-            return _json(error_response(None, INVALID_REQUEST, f"no MCP endpoint at {path}"), 404)
+            return json_reply(error_response(None, INVALID_REQUEST, f"no MCP endpoint at {path}"), 404)
         if request.method == "POST":
             return await self._post(request, route)
         if request.method == "DELETE":
             return await self._delete(request, route)
         if request.method == "GET":
-            return _json(
+            return json_reply(
                 error_response(None, INVALID_REQUEST, "this MCP endpoint offers no server-to-client stream (GET)"),
                 405, {"Allow": "POST, DELETE"},
             )
-        return _json(error_response(None, INVALID_REQUEST, f"method {request.method} not allowed"), 405,
-                     {"Allow": "POST, DELETE"})
-
-    def _observe(self, request: web.Request, message: Message | None) -> _Observation:
-        method = message.method if message is not None else None
-        carrier = _trace_carrier(request.headers, message.params) if message is not None else {}
-        span: SpanHandle | None = None
-        trace_out = carrier  # tracing off: the servers get the client's context as it came
-        tracing: Any = self.telemetry.tracing if self.telemetry is not None else None
-        if message is not None and message.kind == "request" and tracing is not None and tracing.enabled:
-            span = self._start_span(tracing, request, message, carrier)
-            if span is not None:
-                injected = {name: value.decode("latin-1") for name, value in tracing.inject(span)}
-                trace_out = injected or carrier
-        return _Observation(self, method, span, trace_out)
-
-    def _start_span(self, tracing: Any, request: web.Request, message: Message,
-                    carrier: dict[str, str]) -> SpanHandle | None:
-        method = message.method or ""
-        params = message.params
-        limit = self._content_limit
-        attributes: dict[str, Any] = {MCP_METHOD: method}
-        if message.id is not None:
-            attributes[JSONRPC_ID] = str(message.id)
-        token = request.headers.get(SESSION_HEADER)
-        if token:
-            attributes[SpanAttributes.SESSION_ID] = session_digest(token)
-        version = request.headers.get("mcp-protocol-version")
-        if version and _PROTOCOL_VERSION.match(version):
-            attributes[MCP_PROTOCOL_VERSION] = version
-        if method == "tools/call":
-            kind = OpenInferenceSpanKindValues.TOOL
-            name = params.get("name")
-            tool = name if isinstance(name, str) else ""
-            span_name = f"tools/call {tool[:200]}".rstrip()
-            if tool:
-                attributes[SpanAttributes.TOOL_NAME] = tool[:1024]
-            arguments = params.get("arguments")
-            attributes[SpanAttributes.INPUT_VALUE] = _bounded(arguments if arguments is not None else {}, limit)
-            attributes[SpanAttributes.INPUT_MIME_TYPE] = OpenInferenceMimeTypeValues.JSON.value
-        else:
-            kind = OpenInferenceSpanKindValues.CHAIN
-            span_name = method if method in _KNOWN_METHODS else "mcp request"
-            if params:
-                attributes[SpanAttributes.INPUT_VALUE] = _bounded(params, limit)
-                attributes[SpanAttributes.INPUT_MIME_TYPE] = OpenInferenceMimeTypeValues.JSON.value
-        span: SpanHandle | None = tracing.start_span(span_name, carrier, kind, attributes)
-        return span
+        return json_reply(error_response(None, INVALID_REQUEST, f"method {request.method} not allowed"), 405,
+                          {"Allow": "POST, DELETE"})
 
     async def _post(self, request: web.Request, route: McpRoute) -> web.StreamResponse:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            observation = self._observe(request, None)
+            observation = self._observer.observe(request, None)
             observation.http_failure(413, "request body too large")
             observation.finish()
-            return _json(error_response(None, INVALID_REQUEST, f"the message is over {MAX_BODY_BYTES} bytes"), 413)
+            return json_reply(error_response(None, INVALID_REQUEST, f"the message is over {MAX_BODY_BYTES} bytes"), 413)
         parsed = parse_message(body)
         if isinstance(parsed, RpcError):
-            observation = self._observe(request, None)
+            observation = self._observer.observe(request, None)
             observation.fail(parsed.code, parsed.message)
             observation.finish()
-            return _json(parsed.to_bytes(), 400)
+            return json_reply(parsed.to_bytes(), 400)
         message = parsed
-        observation = self._observe(request, message)
+        observation = self._observer.observe(request, message)
         try:
-            return await self._dispatch(request, route, message, observation)
+            return await self._dispatcher.dispatch(request, route, message, observation)
         except Exception as exc:  # never an HTTP 500 for a JSON-RPC request
             log.exception("MCP gateway: %s failed", message.method or message.kind)
             observation.fail(INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
             if message.kind != "request":
-                return _json(error_response(None, INTERNAL_ERROR, "internal error in the MCP gateway"), 500)
-            return _json(error_response(message.id, INTERNAL_ERROR, "internal error in the MCP gateway"))
+                return json_reply(error_response(None, INTERNAL_ERROR, "internal error in the MCP gateway"), 500)
+            return json_reply(error_response(message.id, INTERNAL_ERROR, "internal error in the MCP gateway"))
         finally:
             observation.finish()
-
-    async def _dispatch(self, request: web.Request, route: McpRoute, message: Message,
-                        observation: _Observation) -> web.StreamResponse:
-        if message.kind == "request" and message.method == "initialize":
-            return await self._initialize(route, message, observation)
-        session = self._session(request, route, observation)
-        if isinstance(session, web.Response):
-            return session
-        if message.kind == "notification":
-            await self._broadcast(session, message, observation)
-            return web.Response(status=202)
-        if message.kind == "response":
-            return await self._route_response(session, message, observation)
-        method = message.method
-        if method == "ping":
-            return self._answer(observation, message.id, {})
-        try:
-            if method in _LISTS:
-                return await self._list(route, session, message, observation)
-            if method in _BY_NAME:
-                return await self._by_name(request, route, session, message, observation)
-        except SessionGone as exc:
-            log.info("%s", exc)
-            observation.http_failure(404, str(exc))
-            return _json(error_response(message.id, INVALID_REQUEST, f"session not found: {exc}"), 404)
-        return self._error(observation, message.id, METHOD_NOT_FOUND,
-                           f"Method not found: {method} (this MCP gateway serves tools/list, tools/call, "
-                           "prompts/list, prompts/get and ping)")
-
-    def _answer(self, observation: _Observation, id: RequestId | None, result: Any,  # noqa: A002
-                headers: Mapping[str, str] | None = None) -> web.Response:
-        observation.answered({"result": result})
-        return _json(result_response(id, result), headers=headers)
-
-    def _error(self, observation: _Observation, id: RequestId | None, code: int, text: str,  # noqa: A002
-               data: Any = None) -> web.Response:
-        observation.fail(code, text)
-        return _json(error_response(id, code, text, data))
-
-    def _session(self, request: web.Request, route: McpRoute,
-                 observation: _Observation) -> GatewaySession | web.Response:
-        token = request.headers.get(SESSION_HEADER)
-        if not token:
-            observation.http_failure(400, "missing session id")
-            return _json(error_response(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required "
-                                        "(send initialize first)"), 400)
-        try:
-            session = self._codec.decode(token)
-        except InvalidSession:
-            session = None
-        if session is None or session.route != route.path:
-            observation.http_failure(404, "unknown session")
-            return _json(error_response(None, INVALID_REQUEST, "Session not found: start a new session with "
-                                        "initialize"), 404)
-        return session
-
-    # -- initialize ------------------------------------------------------------------------
-
-    async def _initialize(self, route: McpRoute, message: Message, observation: _Observation) -> web.Response:
-        requested = message.params.get("protocolVersion")
-        if not isinstance(requested, str) or not requested:
-            return self._error(observation, message.id, INVALID_PARAMS,
-                               "Invalid params: initialize needs params.protocolVersion")
-        body = orjson.dumps(message.body)
-        names = [name for name in route.servers if name in self._clients]
-        outcomes = await asyncio.gather(
-            *(self._clients[name].call(body, message.id, None, observation.trace_out) for name in names),
-            return_exceptions=True,
-        )
-        joined: dict[str, ServerSession] = {}
-        results: dict[str, dict[str, Any]] = {}
-        problems: list[str] = []
-        for name, outcome in zip(names, outcomes, strict=True):
-            if isinstance(outcome, UpstreamError):
-                problems.append(outcome.message)
-                continue
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                problems.append(f"MCP server {name!r} failed ({type(outcome).__name__})")
-                continue
-            answer = outcome.message or {}
-            result = answer.get("result")
-            if not isinstance(result, dict) or not isinstance(result.get("protocolVersion"), str):
-                error = answer.get("error")
-                why = error.get("message") if isinstance(error, dict) else "no InitializeResult"
-                problems.append(f"MCP server {name!r} refused initialize: {why}")
-                continue
-            joined[name] = ServerSession(outcome.session_id, result["protocolVersion"])
-            results[name] = result
-        for problem in problems:
-            log.warning("MCP session on %s starts without a server: %s", route.path, problem)
-        if not joined:
-            return self._error(observation, message.id, SERVER_UNAVAILABLE,
-                               "no MCP server of this endpoint could be initialized: " + "; ".join(problems))
-        versions = {session.protocol_version for session in joined.values() if session.protocol_version}
-        agreed = requested if versions == {requested} else min(versions)
-        capabilities: dict[str, Any] = {"tools": {"listChanged": False}}
-        if any(isinstance(result.get("capabilities"), dict) and "prompts" in result["capabilities"]
-               for result in results.values()):
-            capabilities["prompts"] = {"listChanged": False}
-        gateway_result: dict[str, Any] = {
-            "protocolVersion": agreed,
-            "capabilities": capabilities,
-            "serverInfo": {"name": GATEWAY_NAME, "version": __version__},
-        }
-        instructions = [
-            f"[{name}] {result['instructions']}" for name, result in results.items()
-            if isinstance(result.get("instructions"), str) and result["instructions"].strip()
-        ]
-        if instructions:
-            gateway_result["instructions"] = "\n\n".join(instructions)
-        token = self._codec.encode(GatewaySession(route.path, agreed, joined))
-        return self._answer(observation, message.id, gateway_result, {SESSION_HEADER: token})
-
-    # -- notifications and client answers --------------------------------------------------
-
-    async def _broadcast(self, session: GatewaySession, message: Message, observation: _Observation) -> None:
-        body = orjson.dumps(message.body)
-        names = [name for name in session.servers if name in self._clients]
-        outcomes = await asyncio.gather(
-            *(self._clients[name].call(body, None, session.servers[name], observation.trace_out) for name in names),
-            return_exceptions=True,
-        )
-        for name, outcome in zip(names, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                log.info("notification %s not delivered to MCP server %r: %s", message.method, name, outcome)
-
-    async def _route_response(self, session: GatewaySession, message: Message,
-                              observation: _Observation) -> web.Response:
-        """The client answers a request a server sent it through the gateway."""
-        target = _server_request_origin(message.id)
-        if target is None or target[0] not in session.servers or target[0] not in self._clients:
-            observation.http_failure(400, "answer to an unknown request")
-            return _json(error_response(None, INVALID_REQUEST, "no server request has this id"), 400)
-        name, original_id = target
-        observation.server = name
-        body = orjson.dumps({**message.body, "id": original_id})
-        try:
-            await self._clients[name].call(body, None, session.servers[name], observation.trace_out)
-        except (UpstreamError, SessionGone) as exc:
-            log.info("answer for MCP server %r not delivered: %s", name, exc)
-            observation.fail(SERVER_UNAVAILABLE, str(exc))
-        return web.Response(status=202)
-
-    # -- listings ------------------------------------------------------------------------
-
-    async def _list(self, route: McpRoute, session: GatewaySession, message: Message,
-                    observation: _Observation) -> web.Response:
-        method = message.method or ""
-        key = _LISTS[method]
-        if message.params.get("cursor") is not None:
-            return self._error(observation, message.id, INVALID_PARAMS,
-                               "Invalid params: unknown cursor (this gateway returns every item in one page)")
-        names = [name for name in route.servers if name in session.servers and name in self._clients]
-        outcomes = await asyncio.gather(
-            *(self._list_server(name, session.servers[name], message, key, observation) for name in names),
-            return_exceptions=True,
-        )
-        merged: list[dict[str, Any]] = []
-        failures: list[UpstreamError | _ServerFailed] = []
-        for name, outcome in zip(names, outcomes, strict=True):
-            if isinstance(outcome, SessionGone):
-                raise outcome
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, (UpstreamError, _ServerFailed)):
-                    raise outcome
-                log.warning("%s of MCP server %r left out: %s", method, name, outcome.message)
-                failures.append(outcome)
-                continue
-            if key == "tools":
-                self._listed.remember((name, session.servers[name].session_id), (item["name"] for item in outcome))
-            for item in outcome:
-                renamed = {**item, "name": prefixed(name, item["name"])}
-                if key == "tools" and not route.offers(renamed["name"]):
-                    continue
-                merged.append(renamed)
-        if failures and len(failures) == len(names):
-            first = failures[0]
-            return self._error(observation, message.id, first.code, first.message)
-        return self._answer(observation, message.id, {key: merged})
-
-    async def _list_server(self, name: str, server_session: ServerSession, message: Message, key: str,
-                           observation: _Observation) -> list[dict[str, Any]]:
-        """Every item of one server's listing (all pages); -32601 from the server: none."""
-        client = self._clients[name]
-        items: list[dict[str, Any]] = []
-        cursor: str | None = None
-        seen: set[str] = set()
-        base_params = {k: v for k, v in message.params.items() if k != "cursor"}
-        for _ in range(MAX_PAGES):
-            params = dict(base_params)
-            if cursor is not None:
-                params["cursor"] = cursor
-            body = orjson.dumps({"jsonrpc": "2.0", "id": message.id, "method": message.method, "params": params})
-            reply = await client.call(body, message.id, server_session, observation.trace_out)
-            answer = reply.message or {}
-            error = answer.get("error")
-            if error is not None:
-                code = error.get("code") if isinstance(error, dict) else None
-                if code == METHOD_NOT_FOUND:
-                    return items
-                text = error.get("message") if isinstance(error, dict) else None
-                raise _ServerFailed(code if isinstance(code, int) else SERVER_UNAVAILABLE,
-                                    f"MCP server {name!r} failed {message.method}: {text or 'error'}")
-            result = answer.get("result")
-            if not isinstance(result, dict):
-                raise UpstreamError(name, SERVER_UNAVAILABLE, f"answered {message.method} without a result")
-            for item in result.get(key) or ():
-                if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]:
-                    items.append(item)
-            cursor = result.get("nextCursor")
-            if not isinstance(cursor, str) or not cursor or cursor in seen:
-                return items
-            seen.add(cursor)
-        log.warning("MCP server %r: %s listing cut at %d pages", name, message.method, MAX_PAGES)
-        return items
-
-    # -- tools/call, prompts/get ---------------------------------------------------------
-
-    async def _by_name(self, request: web.Request, route: McpRoute, session: GatewaySession, message: Message,
-                       observation: _Observation) -> web.StreamResponse:
-        method = message.method or ""
-        kind = _BY_NAME[method]
-        what = "tool" if kind == "tools" else "prompt"
-        params = message.params
-        name = params.get("name")
-        if not isinstance(name, str) or not name:
-            return self._error(observation, message.id, INVALID_PARAMS, f"Invalid params: {what} name missing")
-        split = split_tool_name(name)
-        offered = (
-            split is not None and split[0] in route.servers and split[0] in self._clients
-            and (kind != "tools" or route.offers(name))
-        )
-        if not offered or split is None:
-            if split is not None and split[0] in route.servers and kind == "tools":
-                log.info("tool %r refused on %s: not offered by the route's allow/deny rules", name, route.path)
-            return self._error(observation, message.id, INVALID_PARAMS, f"Unknown {what}: {name}")
-        server, original = split
-        server_session = session.servers.get(server)
-        if server_session is None:
-            observation.server = server
-            return self._error(
-                observation, message.id, SERVER_UNAVAILABLE,
-                f"MCP server {server!r} is not part of this session (it could not be reached when the session "
-                "began); start a new session to use it",
-            )
-        if kind == "tools":
-            refusal = await self._refuse_unlisted(route, server, server_session, name, original, message, observation)
-            if refusal is not None:
-                return refusal
-            observation.tool = name
-            observation.original_tool = original
-        observation.server = server
-        body = orjson.dumps({**message.body, "params": {**params, "name": original}})
-        return await self._relay(request, server, server_session, body, message, observation)
-
-    async def _refuse_unlisted(self, route: McpRoute, server: str, server_session: ServerSession, name: str,
-                               original: str, message: Message, observation: _Observation) -> web.Response | None:
-        """None when `server` listed a tool named exactly `original` (as remembered, else as
-        it lists now); otherwise the answer the client gets, so the call never reaches the
-        server. Exact names only: a server that matches loosely must not see variants."""
-        key: ToolsKey = (server, server_session.session_id)
-        listed = self._listed.names(key)
-        if listed is None or original not in listed:
-            try:
-                listed = await self._list_tool_names(key, server_session, observation)
-            except (UpstreamError, _ServerFailed) as exc:
-                observation.server = server
-                return self._error(observation, message.id, exc.code,
-                                   f"{exc.message} (listing its tools to check {name!r})")
-        if original in listed:
-            return None
-        log.info("tool %r refused on %s: MCP server %r lists no tool named exactly %r", name, route.path, server,
-                 original)
-        return self._error(observation, message.id, INVALID_PARAMS, f"Unknown tool: {name}")
-
-    async def _list_tool_names(self, key: ToolsKey, server_session: ServerSession,
-                               observation: _Observation) -> frozenset[str]:
-        """List one server's tools (all pages) through its session, and remember the names."""
-        request_id = f"{LISTING_ID_PREFIX}{next(self._listing_ids)}"
-        listing = Message("request", {"jsonrpc": "2.0", "id": request_id, "method": "tools/list"})
-        items = await self._list_server(key[0], server_session, listing, "tools", observation)
-        return self._listed.remember(key, (item["name"] for item in items))
-
-    async def _relay(self, request: web.Request, server: str, server_session: ServerSession, body: bytes,
-                     message: Message, observation: _Observation) -> web.StreamResponse:
-        client = self._clients[server]
-        try:
-            response = await client.open(body, server_session, observation.trace_out)
-        except UpstreamError as exc:
-            return self._error(observation, message.id, exc.code, exc.message)
-        try:
-            status = response.status
-            if status == 404 and server_session.session_id:
-                raise SessionGone(server)
-            if status >= 300 or status == 202:
-                error = await read_error(response) if status >= 300 else None
-                if error is not None:
-                    answer = {"jsonrpc": "2.0", "id": message.id, "error": error["error"]}
-                    observation.answered(answer)
-                    return _json(orjson.dumps(answer))
-                return self._error(observation, message.id, SERVER_UNAVAILABLE,
-                                   f"MCP server {server!r} answered HTTP {status}")
-            if is_json(response):
-                data = await read_body(response, MAX_RELAYED_JSON)
-                if data is None:
-                    return self._error(observation, message.id, SERVER_UNAVAILABLE,
-                                       f"MCP server {server!r} answered with more than {MAX_RELAYED_JSON} bytes")
-                relayed = answer_in(data, message.id)
-                if relayed is None:
-                    return self._error(observation, message.id, SERVER_UNAVAILABLE,
-                                       f"MCP server {server!r} answered with a malformed JSON-RPC message")
-                observation.answered(relayed)
-                return _json(data)
-            if is_sse(response):
-                tools_key: ToolsKey = (server, server_session.session_id)
-                if _accepts_sse(request):
-                    return await self._relay_stream(request, response, tools_key, message, observation)
-                return await self._collect_stream(response, tools_key, message, observation)
-            kind = response.headers.get("content-type", "none")
-            return self._error(observation, message.id, SERVER_UNAVAILABLE,
-                               f"MCP server {server!r} answered with content-type {kind}")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            failure = client.failure(exc)
-            return self._error(observation, message.id, failure.code, failure.message)
-        finally:
-            response.close()  # not release(): an unfinished stream must not be drained
-
-    async def _collect_stream(self, response: aiohttp.ClientResponse, tools_key: ToolsKey, message: Message,
-                              observation: _Observation) -> web.Response:
-        """An event stream for a client that only takes JSON: the final answer, alone."""
-        async for event in _sse_events(response):
-            data = event.data if event.has_data else b""
-            if _TOOLS_CHANGED_BYTES in data:  # at worst a needless fresh listing
-                self._listed.forget(tools_key)
-            answer = answer_in(data, message.id)
-            if answer is not None:
-                observation.answered(answer)
-                return _json(data)
-        return self._error(observation, message.id, SERVER_UNAVAILABLE,
-                           f"MCP server {tools_key[0]!r} ended its event stream without an answer")
-
-    async def _relay_stream(self, request: web.Request, response: aiohttp.ClientResponse, tools_key: ToolsKey,
-                            message: Message, observation: _Observation) -> web.StreamResponse:
-        """The server's event stream to the client as it arrives, event by event."""
-        server = tools_key[0]
-        stream = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache, no-transform",
-            "X-Accel-Buffering": "no",
-        })
-        await stream.prepare(request)
-        decoder = SSEDecoder(keep_raw=True)
-        chunks = response.content.iter_any()
-        failure: UpstreamError | None = None
-        try:
-            while True:
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    events = decoder.flush()
-                    done = True
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:  # the server's side
-                    failure = self._clients[server].failure(exc)
-                    break
-                else:
-                    events = decoder.feed(chunk)
-                    done = False
-                if events:
-                    await stream.write(b"".join(self._relay_event(e, tools_key, message, observation) for e in events))
-                if done:
-                    break
-            if not observation.got_answer:
-                if failure is None:
-                    failure = UpstreamError(server, SERVER_UNAVAILABLE, "ended its event stream without an answer")
-                observation.fail(failure.code, failure.message)
-                await stream.write(
-                    b"event: message\ndata: " + error_response(message.id, failure.code, failure.message) + b"\n\n"
-                )
-            await stream.write_eof()
-        except ConnectionError:  # the client left (aiohttp's ClientConnectionResetError is one)
-            log.debug("client left during a %s stream from MCP server %r", message.method, server)
-            if not observation.got_answer:
-                observation.http_failure(499, "the client closed the connection")
-        except Exception:
-            log.exception("relaying the event stream of MCP server %r failed", server)
-            if not observation.got_answer:
-                observation.fail(INTERNAL_ERROR, "internal error while relaying the stream")
-        return stream
-
-    def _relay_event(self, event: SSEEvent, tools_key: ToolsKey, message: Message,
-                     observation: _Observation) -> bytes:
-        """One event for the client: server requests get routable ids; the answer is noted;
-        a tools/list_changed drops the server session's remembered tool names."""
-        server = tools_key[0]
-        if not event.has_data:
-            return event.raw
-        try:
-            data = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            return event.raw
-        if not isinstance(data, dict):
-            return event.raw
-        if data.get("method") == TOOLS_CHANGED:
-            self._listed.forget(tools_key)
-        if "method" in data and "id" in data:  # a request the server sends the client
-            data["id"] = f"{SERVER_REQUEST_PREFIX}{server}/{orjson.dumps(data['id']).decode()}"
-            return _with_data(event, orjson.dumps(data))
-        if "method" not in data and data.get("id") == message.id and ("result" in data or "error" in data):
-            observation.answered(data)
-        return event.raw
 
     # -- DELETE --------------------------------------------------------------------------
 
     async def _delete(self, request: web.Request, route: McpRoute) -> web.Response:
         token = request.headers.get(SESSION_HEADER)
         if not token:
-            return _json(error_response(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"), 400)
-        try:
-            session = self._codec.decode(token)
-        except InvalidSession:
-            session = None
-        if session is None or session.route != route.path:
-            return _json(error_response(None, INVALID_REQUEST, "Session not found"), 404)
-        names = [name for name, s in session.servers.items() if s.session_id and name in self._clients]
-        await asyncio.gather(*(self._clients[name].delete(session.servers[name]) for name in names),
+            return json_reply(
+                error_response(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"), 400
+            )
+        session = self._codec.decode_for_route(token, route.path)
+        if session is None:
+            return json_reply(error_response(None, INVALID_REQUEST, "Session not found"), 404)
+        names = [name for name, s in session.servers.items() if s.session_id and name in self._pool.clients]
+        await asyncio.gather(*(self._pool.clients[name].delete(session.servers[name]) for name in names),
                              return_exceptions=True)
         return web.Response(status=200)
-
-
-async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
-    """The events of a server's event stream, as they arrive."""
-    decoder = SSEDecoder()
-    async for chunk in response.content.iter_any():
-        for event in decoder.feed(chunk):
-            yield event
-    for event in decoder.flush():
-        yield event
-
-
-def _accepts_sse(request: web.Request) -> bool:
-    accept = request.headers.get("accept", "")
-    if not accept:
-        return True
-    kinds = {part.split(";")[0].strip().lower() for part in accept.split(",")}
-    return bool(kinds & {"text/event-stream", "*/*", "text/*"})
-
-
-def _with_data(event: SSEEvent, data: bytes) -> bytes:
-    """`event`'s block with its data replaced (other fields and their order kept)."""
-    lines = event.raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-    out: list[bytes] = []
-    placed = False
-    for line in lines:
-        if not line:
-            continue
-        field = line.split(b":", 1)[0]
-        if field == b"data":
-            if not placed:
-                out.append(b"data: " + data)
-                placed = True
-            continue
-        out.append(line)
-    return b"\n".join(out) + b"\n\n"
-
-
-def _server_request_origin(request_id: RequestId | None) -> tuple[str, RequestId] | None:
-    """`mcpgw/<server>/<JSON id>` -> (server, original id), else None."""
-    if not isinstance(request_id, str) or not request_id.startswith(SERVER_REQUEST_PREFIX):
-        return None
-    server, sep, raw = request_id[len(SERVER_REQUEST_PREFIX):].partition("/")
-    if not sep or not server:
-        return None
-    try:
-        original = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(original, bool) or not isinstance(original, (str, int)):
-        return None
-    return server, original
-

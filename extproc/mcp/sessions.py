@@ -30,7 +30,9 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["GatewaySession", "InvalidSession", "ServerSession", "SessionCodec", "session_digest"]
+__all__ = ["SESSION_HEADER", "GatewaySession", "InvalidSession", "ServerSession", "SessionCodec", "session_digest"]
+
+SESSION_HEADER: Final = "Mcp-Session-Id"  # the header carrying a client's gateway session id
 
 _DOMAIN: Final = b"extproc-mcp-session.v1."
 _VERSION: Final = 1
@@ -125,6 +127,15 @@ class SessionCodec:
             if isinstance(exc, InvalidSession):
                 raise
             raise InvalidSession("malformed session payload") from None
+
+    def decode_for_route(self, token: str, route: str) -> GatewaySession | None:
+        """The session `token` stands for when it is one of `route`'s (a route path), else
+        None: unknown to that route, which the gateway answers with 404."""
+        try:
+            session = self.decode(token)
+        except InvalidSession:
+            return None
+        return session if session.route == route else None
 
 
 def session_digest(token: str) -> str:

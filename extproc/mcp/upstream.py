@@ -7,15 +7,17 @@ followed (a credential must not travel to another origin).
 
 Failures become `UpstreamError` (a JSON-RPC code and a message naming the server) or,
 when the server no longer knows our session (HTTP 404), `SessionGone`.
+
+`ServerPool` holds the clients of all configured servers, and the tool names each listed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -25,13 +27,18 @@ from extproc.contract import MCP_SESSION_HEADER
 from extproc.mcp.config import McpServer
 from extproc.mcp.jsonrpc import SERVER_TIMEOUT, SERVER_UNAVAILABLE, RequestId
 from extproc.mcp.sessions import ServerSession
-from extproc.sse import SSEDecoder
+from extproc.mcp.toolnames import ListedTools
+from extproc.sse import SSEDecoder, SSEEvent
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Reply", "ServerClient", "SessionGone", "UpstreamError", "is_sse", "is_json"]
+__all__ = [
+    "GATEWAY_NAME", "Reply", "ServerClient", "ServerPool", "SessionGone", "UpstreamError", "is_sse", "is_json",
+    "sse_events",
+]
 
-USER_AGENT = f"extproc-mcp-gateway/{__version__}"
+GATEWAY_NAME: Final = "extproc-mcp-gateway"  # to servers (User-Agent) and clients (serverInfo)
+USER_AGENT = f"{GATEWAY_NAME}/{__version__}"
 MAX_ERROR_BODY = 64 * 1024  # what is read of a non-2xx answer
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # a JSON answer the gateway itself has to read (initialize, lists)
 
@@ -184,13 +191,7 @@ class ServerClient:
                 raise UpstreamError(self.name, SERVER_UNAVAILABLE, "answered with a malformed JSON-RPC message")
             return Reply(status, session_id, message)
         if is_sse(response):
-            decoder = SSEDecoder()
-            async for chunk in response.content.iter_any():
-                for event in decoder.feed(chunk):
-                    message = answer_in(event.data if event.has_data else b"", request_id)
-                    if message is not None:
-                        return Reply(status, session_id, message)
-            for event in decoder.flush():
+            async for event in sse_events(response):
                 message = answer_in(event.data if event.has_data else b"", request_id)
                 if message is not None:
                     return Reply(status, session_id, message)
@@ -214,6 +215,18 @@ class ServerClient:
             return None
 
 
+@dataclass(slots=True)
+class ServerPool:
+    """The configured servers' clients and the tool names each server session listed.
+
+    One per gateway, shared by dispatch, listings and relay. A config reload replaces both
+    attributes (a server name may now stand for another server); they are read at each use,
+    so a request sees the current ones."""
+
+    clients: dict[str, ServerClient] = field(default_factory=dict)
+    listed: ListedTools = field(default_factory=ListedTools)  # to check tools/call names
+
+
 async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
     """The whole body, or None when it is longer than `limit` bytes."""
     chunks: list[bytes] = []
@@ -224,6 +237,16 @@ async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | Non
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+    """The events of a server's event stream, as they arrive."""
+    decoder = SSEDecoder()
+    async for chunk in response.content.iter_any():
+        for event in decoder.feed(chunk):
+            yield event
+    for event in decoder.flush():
+        yield event
 
 
 def _load(data: bytes) -> dict[str, Any] | None:
