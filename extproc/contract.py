@@ -95,3 +95,42 @@ REQUEST_METADATA_KEYS: Final = frozenset({
     Meta.TTFT_MS, Meta.ITL_MS, Meta.SESSION_ID, Meta.TENANT, Meta.USAGE_ESTIMATED, Meta.RESPONSE_ERROR_TYPE,
     Meta.RESERVE,
 })
+
+
+# -- telemetry: the names dashboards and alerts are written against -------------------
+
+
+class Metric:
+    """Instrument names (OpenTelemetry GenAI and MCP conventions, and the gateway's own).
+    Prometheus shows them with dots as underscores and a unit suffix."""
+
+    TOKEN_USAGE: Final = "gen_ai.client.token.usage"
+    REQUEST_DURATION: Final = "gen_ai.server.request.duration"
+    TIME_TO_FIRST_TOKEN: Final = "gen_ai.server.time_to_first_token"
+    TIME_PER_OUTPUT_TOKEN: Final = "gen_ai.server.time_per_output_token"
+    PROCESSOR_DURATION: Final = "extproc.processor.duration"
+    PROCESSOR_MESSAGES: Final = "extproc.processor.messages"  # Prometheus: extproc_processor_messages_total
+    RATELIMIT_STORE_ERRORS: Final = "extproc.ratelimit.store_errors"
+    MCP_REQUEST_DURATION: Final = "mcp.request.duration"  # the MCP gateway, one per client message
+    MCP_REQUESTS: Final = "mcp.requests"
+
+
+class Attr:
+    """Metric and span attribute names the gateway sets (OpenTelemetry conventions)."""
+
+    OPERATION_NAME: Final = "gen_ai.operation.name"
+    PROVIDER_NAME: Final = "gen_ai.provider.name"
+    REQUEST_MODEL: Final = "gen_ai.request.model"
+    RESPONSE_MODEL: Final = "gen_ai.response.model"
+    ORIGINAL_MODEL: Final = "gen_ai.original.model"
+    TOKEN_TYPE: Final = "gen_ai.token.type"
+    SERVER_ADDRESS: Final = "server.address"
+    SERVER_PORT: Final = "server.port"
+    ERROR_TYPE: Final = "error.type"
+    STREAM: Final = "stream"
+    MCP_METHOD: Final = "mcp.method.name"
+    MCP_TOOL: Final = "mcp.tool.name"
+    MCP_SERVER: Final = "mcp.server"
+    MCP_ORIGINAL_TOOL: Final = "mcp.tool.original_name"  # the name the server knows the tool by
+    MCP_PROTOCOL_VERSION: Final = "mcp.protocol.version"
+    JSONRPC_ID: Final = "jsonrpc.request.id"

@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 from openinference.semconv.trace import OpenInferenceMimeTypeValues, OpenInferenceSpanKindValues, SpanAttributes
 
+from extproc.contract import Attr
 from extproc.mcp.jsonrpc import INTERNAL_ERROR, Message
 from extproc.mcp.sessions import SESSION_HEADER, session_digest
 
@@ -35,13 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["Observation", "Observer"]
 
 # Metric and span attributes.
-MCP_METHOD: Final = "mcp.method.name"
-MCP_TOOL: Final = "mcp.tool.name"
-MCP_SERVER: Final = "mcp.server"
-MCP_ORIGINAL_TOOL: Final = "mcp.tool.original_name"  # the name the server knows the tool by
-MCP_PROTOCOL_VERSION: Final = "mcp.protocol.version"
-JSONRPC_ID: Final = "jsonrpc.request.id"
-ERROR_TYPE: Final = "error.type"
 TOOL_ERROR: Final = "tool_error"
 
 # mcp.method.name values kept as they are; anything else is "other" (clients choose method names).
@@ -131,24 +125,24 @@ class Observation:
         observer = self.observer
         attributes: dict[str, str] = {}
         if self.method is not None:
-            attributes[MCP_METHOD] = self.method if self.method in _KNOWN_METHODS else _OTHER
+            attributes[Attr.MCP_METHOD] = self.method if self.method in _KNOWN_METHODS else _OTHER
         if self.tool is not None:
-            attributes[MCP_TOOL] = observer.tool_value(self.tool)
+            attributes[Attr.MCP_TOOL] = observer.tool_value(self.tool)
         if self.server is not None:
-            attributes[MCP_SERVER] = self.server
+            attributes[Attr.MCP_SERVER] = self.server
         if self.error_type is not None:
-            attributes[ERROR_TYPE] = self.error_type
+            attributes[Attr.ERROR_TYPE] = self.error_type
         telemetry: Any = observer.telemetry
         if telemetry is not None:
             telemetry.metrics.record_mcp_request(time.perf_counter() - self.started, attributes)
             if self.span is not None:
                 span_attributes: dict[str, Any] = {}
                 if self.server is not None:
-                    span_attributes[MCP_SERVER] = self.server
+                    span_attributes[Attr.MCP_SERVER] = self.server
                 if self.original_tool is not None:
-                    span_attributes[MCP_ORIGINAL_TOOL] = self.original_tool
+                    span_attributes[Attr.MCP_ORIGINAL_TOOL] = self.original_tool
                 if self.error_type is not None:
-                    span_attributes[ERROR_TYPE] = self.error_type
+                    span_attributes[Attr.ERROR_TYPE] = self.error_type
                 if self.output is not None and self.span.is_recording:
                     span_attributes[SpanAttributes.OUTPUT_VALUE] = _bounded(self.output, observer.content_limit)
                     span_attributes[SpanAttributes.OUTPUT_MIME_TYPE] = OpenInferenceMimeTypeValues.JSON.value
@@ -195,15 +189,15 @@ class Observer:
         method = message.method or ""
         params = message.params
         limit = self.content_limit
-        attributes: dict[str, Any] = {MCP_METHOD: method}
+        attributes: dict[str, Any] = {Attr.MCP_METHOD: method}
         if message.id is not None:
-            attributes[JSONRPC_ID] = str(message.id)
+            attributes[Attr.JSONRPC_ID] = str(message.id)
         token = request.headers.get(SESSION_HEADER)
         if token:
             attributes[SpanAttributes.SESSION_ID] = session_digest(token)
         version = request.headers.get("mcp-protocol-version")
         if version and _PROTOCOL_VERSION.match(version):
-            attributes[MCP_PROTOCOL_VERSION] = version
+            attributes[Attr.MCP_PROTOCOL_VERSION] = version
         if method == "tools/call":
             kind = OpenInferenceSpanKindValues.TOOL
             name = params.get("name")

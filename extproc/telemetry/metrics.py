@@ -58,25 +58,17 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from extproc import __version__
+from extproc.contract import Attr, Metric
 from extproc.config import TelemetrySettings
 from extproc.telemetry.record import RequestRecord
 
 log = logging.getLogger(__name__)
 
-RATELIMIT_STORE_ERRORS = "extproc.ratelimit.store_errors"
-PROCESSOR_MESSAGES = "extproc.processor.messages"  # Prometheus: extproc_processor_messages_total
 
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.41.0"
 METER_NAME = "extproc"
 
-# Instrument names.
-TOKEN_USAGE = "gen_ai.client.token.usage"
-REQUEST_DURATION = "gen_ai.server.request.duration"
-TIME_TO_FIRST_TOKEN = "gen_ai.server.time_to_first_token"
-TIME_PER_OUTPUT_TOKEN = "gen_ai.server.time_per_output_token"
-PROCESSOR_DURATION = "extproc.processor.duration"
-MCP_REQUEST_DURATION = "mcp.request.duration"  # the MCP gateway (extproc.mcp), one per client message
-MCP_REQUESTS = "mcp.requests"
+# Instrument and attribute names: spelled in extproc/contract.py.
 
 # Explicit bucket boundaries: the conventions' for the gen_ai metrics, 10 µs..100 ms for ours.
 TOKEN_USAGE_BUCKETS = (
@@ -96,19 +88,9 @@ PROCESSOR_DURATION_BUCKETS = (
 MCP_REQUEST_DURATION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
 # Attribute names.
-OPERATION_NAME = "gen_ai.operation.name"
-PROVIDER_NAME = "gen_ai.provider.name"
-REQUEST_MODEL = "gen_ai.request.model"
-RESPONSE_MODEL = "gen_ai.response.model"
-ORIGINAL_MODEL = "gen_ai.original.model"
-TOKEN_TYPE = "gen_ai.token.type"
-SERVER_ADDRESS = "server.address"
-SERVER_PORT = "server.port"
-ERROR_TYPE = "error.type"
-STREAM = "stream"
 CORE_ATTRIBUTES = frozenset(
-    {OPERATION_NAME, PROVIDER_NAME, REQUEST_MODEL, RESPONSE_MODEL, ORIGINAL_MODEL, TOKEN_TYPE, SERVER_ADDRESS,
-     SERVER_PORT, ERROR_TYPE}
+    {Attr.OPERATION_NAME, Attr.PROVIDER_NAME, Attr.REQUEST_MODEL, Attr.RESPONSE_MODEL, Attr.ORIGINAL_MODEL,
+     Attr.TOKEN_TYPE, Attr.SERVER_ADDRESS, Attr.SERVER_PORT, Attr.ERROR_TYPE}
 )
 
 # gen_ai.token.type values: the conventions' two, then the custom ones (see the module docstring).
@@ -224,11 +206,11 @@ class _AttributeSets:
 
     def __init__(self, base: dict[str, Any], error_type: str | None) -> None:
         self.latency = base
-        self.duration = {**base, ERROR_TYPE: error_type} if error_type else base
-        self.input = {**base, TOKEN_TYPE: TOKEN_INPUT}
-        self.output = {**base, TOKEN_TYPE: TOKEN_OUTPUT}
-        self.input_cached = {**base, TOKEN_TYPE: TOKEN_INPUT_CACHED}
-        self.output_reasoning = {**base, TOKEN_TYPE: TOKEN_OUTPUT_REASONING}
+        self.duration = {**base, Attr.ERROR_TYPE: error_type} if error_type else base
+        self.input = {**base, Attr.TOKEN_TYPE: TOKEN_INPUT}
+        self.output = {**base, Attr.TOKEN_TYPE: TOKEN_OUTPUT}
+        self.input_cached = {**base, Attr.TOKEN_TYPE: TOKEN_INPUT_CACHED}
+        self.output_reasoning = {**base, Attr.TOKEN_TYPE: TOKEN_OUTPUT_REASONING}
 
 
 class Metrics:
@@ -270,12 +252,12 @@ class Metrics:
         views = [
             View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(boundaries=buckets))
             for name, buckets in (
-                (TOKEN_USAGE, TOKEN_USAGE_BUCKETS),
-                (REQUEST_DURATION, REQUEST_DURATION_BUCKETS),
-                (TIME_TO_FIRST_TOKEN, TIME_TO_FIRST_TOKEN_BUCKETS),
-                (TIME_PER_OUTPUT_TOKEN, TIME_PER_OUTPUT_TOKEN_BUCKETS),
-                (PROCESSOR_DURATION, PROCESSOR_DURATION_BUCKETS),
-                (MCP_REQUEST_DURATION, MCP_REQUEST_DURATION_BUCKETS),
+                (Metric.TOKEN_USAGE, TOKEN_USAGE_BUCKETS),
+                (Metric.REQUEST_DURATION, REQUEST_DURATION_BUCKETS),
+                (Metric.TIME_TO_FIRST_TOKEN, TIME_TO_FIRST_TOKEN_BUCKETS),
+                (Metric.TIME_PER_OUTPUT_TOKEN, TIME_PER_OUTPUT_TOKEN_BUCKETS),
+                (Metric.PROCESSOR_DURATION, PROCESSOR_DURATION_BUCKETS),
+                (Metric.MCP_REQUEST_DURATION, MCP_REQUEST_DURATION_BUCKETS),
             )
         ]
         self._provider = MeterProvider(
@@ -287,31 +269,31 @@ class Metrics:
         meter = self._provider.get_meter(METER_NAME, __version__, schema_url=SCHEMA_URL)
         self._meter = meter
         self._token_usage = meter.create_histogram(
-            TOKEN_USAGE, unit="{token}", description="Number of input and output tokens used."
+            Metric.TOKEN_USAGE, unit="{token}", description="Number of input and output tokens used."
         )
         self._request_duration = meter.create_histogram(
-            REQUEST_DURATION,
+            Metric.REQUEST_DURATION,
             unit="s",
             description="Generative AI server request duration such as time-to-last byte or last output token.",
         )
         self._time_to_first_token = meter.create_histogram(
-            TIME_TO_FIRST_TOKEN, unit="s", description="Time to generate first token for successful responses."
+            Metric.TIME_TO_FIRST_TOKEN, unit="s", description="Time to generate first token for successful responses."
         )
         self._time_per_output_token = meter.create_histogram(
-            TIME_PER_OUTPUT_TOKEN,
+            Metric.TIME_PER_OUTPUT_TOKEN,
             unit="s",
             description="Time per output token generated after the first token for successful responses.",
         )
         self._processor_duration = meter.create_histogram(
-            PROCESSOR_DURATION,
+            Metric.PROCESSOR_DURATION,
             unit="s",
             description="Time the processor spent on a request, upstream excluded.",
         )
         self._mcp_duration = meter.create_histogram(
-            MCP_REQUEST_DURATION, unit="s", description="MCP gateway: time to answer one client message."
+            Metric.MCP_REQUEST_DURATION, unit="s", description="MCP gateway: time to answer one client message."
         )
         self._mcp_requests = meter.create_counter(
-            MCP_REQUESTS, unit="{request}", description="MCP gateway: client messages answered."
+            Metric.MCP_REQUESTS, unit="{request}", description="MCP gateway: client messages answered."
         )
 
     def watch_rate_limit_service(self, service: Any) -> None:
@@ -323,7 +305,7 @@ class Metrics:
             return [Observation(count, {"reason": reason}) for reason, count in service.failures.items()]
 
         self._meter.create_observable_counter(
-            RATELIMIT_STORE_ERRORS,
+            Metric.RATELIMIT_STORE_ERRORS,
             callbacks=[observe],
             unit="{error}",
             description="Rate limit store calls that failed; Envoy then applied its failure mode.",
@@ -341,7 +323,7 @@ class Metrics:
             return [Observation(n, {"stage": stage, "phase": phase}) for (stage, phase), n in list(counts.items())]
 
         self._meter.create_observable_counter(
-            PROCESSOR_MESSAGES,
+            Metric.PROCESSOR_MESSAGES,
             callbacks=[observe],
             unit="{message}",
             description="ext_proc messages the processor answered, by stage (request, upstream) and phase.",
@@ -392,7 +374,8 @@ class Metrics:
         key = (record.operation, record.stream)
         processor = self._processor_attributes.get(key)
         if processor is None:
-            processor = self._processor_attributes[key] = {OPERATION_NAME: record.operation, STREAM: record.stream}
+            processor = {Attr.OPERATION_NAME: record.operation, Attr.STREAM: record.stream}
+            self._processor_attributes[key] = processor
         self._processor_duration.record(record.processor_seconds, processor)
 
     def _attributes(self, record: RequestRecord) -> _AttributeSets:
@@ -414,18 +397,18 @@ class Metrics:
         if sets is not None:
             return sets
         base: dict[str, Any] = dict(headers)
-        base[OPERATION_NAME] = record.operation
-        base[PROVIDER_NAME] = record.provider
+        base[Attr.OPERATION_NAME] = record.operation
+        base[Attr.PROVIDER_NAME] = record.provider
         if record.backend_model:
-            base[REQUEST_MODEL] = record.backend_model
+            base[Attr.REQUEST_MODEL] = record.backend_model
         if record.response_model:
-            base[RESPONSE_MODEL] = record.response_model
+            base[Attr.RESPONSE_MODEL] = record.response_model
         if record.server_address:
-            base[SERVER_ADDRESS] = record.server_address
+            base[Attr.SERVER_ADDRESS] = record.server_address
             if record.server_port:
-                base[SERVER_PORT] = record.server_port
+                base[Attr.SERVER_PORT] = record.server_port
         if original:
-            base[ORIGINAL_MODEL] = original
+            base[Attr.ORIGINAL_MODEL] = original
         sets = _AttributeSets(base, record.error_type)
         if len(self._attribute_sets) >= _MAX_CACHED_ATTRIBUTE_SETS:
             self._attribute_sets.clear()  # bounded memory; rebuilt on demand
