@@ -141,10 +141,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     else:
         header = envoyconfig.BUNDLED_HEADER if args.demo else ""
         text = envoyconfig.to_yaml(envoyconfig.render(config, args.ca_file), header)
-    if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
+    _write(text, args.output)
     return 0
 
 
@@ -156,11 +153,16 @@ def cmd_ratelimit_config(args: argparse.Namespace) -> int:
 
     config = _load(args.config, with_secrets=False).config
     text = yaml.safe_dump(descriptor_config(config), sort_keys=False)
-    if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+    _write(text, args.output)
+    return 0
+
+
+def _write(text: str, output: str | None) -> None:
+    """To the --output file, else to standard output."""
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
-    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
