@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from extproc.schemas.openai import MAX_MODEL_LENGTH, ParsedRequest, as_count
+from extproc.schemas.openai import MAX_MODEL_LENGTH, ParsedRequest, as_count, json_object
 from extproc.usage import TokenUsage
 
 MESSAGES_SUFFIX = "/v1/messages"
@@ -149,14 +149,8 @@ def _invalid(message: str) -> AnthropicRequestError:
 def parse_request(raw: bytes) -> ParsedRequest:
     """Parse a native Messages request once; 400 for what the API would reject anyway
     (messages in the API's own ``field: problem`` style)."""
-    if not raw:
-        raise _invalid("The request body is empty; expected a JSON object with model, messages and max_tokens.")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _invalid(f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise _invalid("The request body must be a JSON object.")
+    body = json_object(
+        raw, _invalid, "The request body is empty; expected a JSON object with model, messages and max_tokens.")
     model = body.get("model")
     if model is None or model == "":
         raise _invalid("model: Field required")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -88,16 +89,23 @@ class ParsedRequest:
 MAX_MODEL_LENGTH = 256  # a model name longer than this is refused, in any client API
 
 
-def parse_request(raw: bytes) -> ParsedRequest:
-    """Parse the JSON body once; raise RequestError (400) for anything a backend would reject."""
+def json_object(raw: bytes, invalid: Callable[[str], Exception], empty: str) -> dict[str, Any]:
+    """A request body that must be a JSON object, parsed once; `invalid(message)` is the
+    client API's 400 (`empty`: what to say about an empty body)."""
     if not raw:
-        raise bad_request("The request body is empty; expected a JSON object with a 'model' field.")
+        raise invalid(empty)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise bad_request(f"The request body is not valid JSON: {exc}") from None
+        raise invalid(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object.")
+        raise invalid("The request body must be a JSON object.")
+    return body
+
+
+def parse_request(raw: bytes) -> ParsedRequest:
+    """Parse the JSON body once; raise RequestError (400) for anything a backend would reject."""
+    body = json_object(raw, bad_request, "The request body is empty; expected a JSON object with a 'model' field.")
     model = body.get("model")
     if model is None or model == "":
         raise bad_request("you must provide a model parameter", param="model", code="missing_required_parameter")
