@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from extproc.yaml_file import read_yaml_file
 from extproc.config_base import (
     GATEWAY_OWNED_HEADERS,
     HEADER_NAME,
@@ -626,17 +626,7 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str], source: s
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, with_secrets: bool = True) -> LoadedConfig:
     """Read, validate and (optionally) resolve the secrets of a config file."""
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    data = read_yaml_file(path, ConfigError)
     config = parse_config(data, source)
     env = os.environ if environ is None else environ
     if not with_secrets:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
+from extproc.yaml_file import read_yaml_file
 
 __all__ = [
     "UNIT_SECONDS",
@@ -349,13 +349,4 @@ def load_rules(data: Any, source: str = "<rules>") -> RuleSet:
 
 def load_rules_file(path: str | Path) -> RuleSet:
     """Read and validate one envoyproxy/ratelimit config file."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RuleConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RuleConfigError(f"{source}: not valid YAML: {exc}") from exc
-    return load_rules(data, source)
+    return load_rules(read_yaml_file(path, RuleConfigError), str(path))
