@@ -13,7 +13,7 @@ when tools are offered and that text says "weather" (or ``tool_choice`` forces a
 call), after a thinking block when ``thinking`` is enabled; ``max_tokens`` and
 ``stop_sequences`` cut it with the matching stop_reason.
 
-Knobs are the ``x-sim-*`` headers of the OpenAI simulator (``openai_api.read_knobs``:
+Knobs are the ``x-sim-*`` headers every simulated API reads (``wire.read_knobs``:
 chunks, delays, error, cached tokens, compression, hold) plus:
 
 * ``x-sim-cache-creation-tokens``: prompt tokens reported as cache writes;
@@ -43,14 +43,14 @@ import orjson
 from aiohttp import web
 
 from extproc.sim import text
-from extproc.sim.openai_api import (
-    _COMPRESSORS,  # shared so both APIs compress the same way
+from extproc.sim.wire import (
+    COMPRESSORS,
     MAX_TOKENS_LIMIT,
-    ApiError as OpenAIKnobError,
+    KnobError,
     Knobs,
     SimSettings,
-    _wait_hold,  # shared so SimServer.release / hold_outcome work for both APIs
     read_knobs,
+    wait_hold,
 )
 
 MESSAGES_SUFFIX = "/v1/messages"
@@ -606,7 +606,7 @@ async def _stream(
     """Write each event separately, so clients see them arrive over time."""
     headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "request-id": request_id}
-    compressor = _COMPRESSORS[knobs.compress]() if knobs.compress else None
+    compressor = COMPRESSORS[knobs.compress]() if knobs.compress else None
     if knobs.compress:
         headers["Content-Encoding"] = knobs.compress
     resp = web.StreamResponse(headers=headers)
@@ -616,7 +616,7 @@ async def _stream(
         for event in stream_events(reply, knobs.chunks):
             if event is None:
                 if hold:
-                    await _wait_hold(settings, hold)
+                    await wait_hold(settings, hold)
                     hold = None
                 if knobs.chunk_delay > 0:
                     await asyncio.sleep(knobs.chunk_delay)
@@ -636,7 +636,7 @@ def _json(obj: dict[str, Any], knobs: Knobs, request_id: str) -> web.Response:
     body = orjson.dumps(obj)
     headers = {"request-id": request_id}
     if knobs.compress:
-        compressor = _COMPRESSORS[knobs.compress]()
+        compressor = COMPRESSORS[knobs.compress]()
         body = compressor.write(body) + compressor.end()
         headers["Content-Encoding"] = knobs.compress
     return web.Response(body=body, content_type="application/json", headers=headers)
@@ -656,8 +656,8 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
             raise _invalid(f"anthropic-version: {version!r} is not a valid version")
         try:
             knobs = read_knobs(request, settings)
-        except OpenAIKnobError as exc:
-            raise _invalid(exc.message) from None
+        except KnobError as exc:
+            raise _invalid(str(exc)) from None
         extra = _read_extra(request)
         if knobs.first_byte_delay > 0:
             await asyncio.sleep(knobs.first_byte_delay)

@@ -46,7 +46,7 @@ from botocore.compat import HTTPHeaders
 from botocore.credentials import Credentials
 
 from extproc.sim import text
-from extproc.sim.openai_api import MAX_TOKENS_LIMIT, ApiError, Knobs, SimSettings, read_knobs
+from extproc.sim.wire import MAX_TOKENS_LIMIT, KnobError, Knobs, SimSettings, read_knobs, wait_hold
 
 SIM_AWS_ACCESS_KEY_ID = "AKIDSIMULATOR"
 SIM_AWS_SECRET_ACCESS_KEY = "sim/Secret+Access/Key0123456789EXAMPLEKEY"
@@ -570,7 +570,7 @@ async def _converse_stream(
         for frame in _stream_frames(reply, knobs.chunks):
             if frame is None:
                 if hold:
-                    await _wait_hold(settings, hold)
+                    await wait_hold(settings, hold)
                     hold = None
                 if knobs.chunk_delay > 0:
                     await asyncio.sleep(knobs.chunk_delay)
@@ -590,14 +590,6 @@ async def _converse_stream(
     except ConnectionError:
         pass  # the client went away mid-stream
     return resp
-
-
-async def _wait_hold(settings: SimSettings, name: str) -> None:
-    try:
-        await asyncio.wait_for(settings.hold(name).wait(), settings.hold_timeout_s)
-        settings.hold_outcomes[name] = "released"
-    except TimeoutError:
-        settings.hold_outcomes[name] = "timed_out"
 
 
 # -- routing ------------------------------------------------------------------------------
@@ -637,8 +629,8 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
             raise BedrockError(404, "UnknownOperationException", f"Unknown operation {request.method} {request.path}")
         try:
             knobs = read_knobs(request, settings)
-        except ApiError as exc:
-            raise _invalid(exc.message) from None
+        except KnobError as exc:
+            raise _invalid(str(exc)) from None
         if knobs.first_byte_delay > 0:
             await asyncio.sleep(knobs.first_byte_delay)
         if knobs.error_status is not None:

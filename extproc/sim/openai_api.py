@@ -2,16 +2,8 @@
 
 Routing matches on the path *suffix*, so the simulator answers behind any base
 path a gateway may add (``/v1``, ``/openai/v1``, ``/x/y``). Per-request knobs
-arrive as ``x-sim-*`` headers, so tests can drive the upstream through a gateway:
-
-* ``x-sim-chunks`` / ``x-sim-chunk-delay-ms`` / ``x-sim-first-byte-delay-ms``: stream
-  shape and pacing (content pieces, pause between them, pause before anything);
-* ``x-sim-error: STATUS``: answer with an OpenAI error of that status (400-599);
-* ``x-sim-cached-tokens``, ``x-sim-reasoning-tokens``, ``x-sim-usage-in-last-choice: 1``,
-  ``x-sim-no-usage: 1``: how usage is reported;
-* ``x-sim-compress: gzip|deflate|br``: compress the body;
-* ``x-sim-hold: NAME``: pause a stream after its first content chunk until
-  ``SimServer.release(NAME)``.
+arrive as ``x-sim-*`` headers (listed in ``wire``, shared by every simulated API), so
+tests can drive the upstream through a gateway.
 
 Fault knobs (OpenAI API only), for testing what a gateway does when a provider misbehaves:
 
@@ -36,27 +28,32 @@ from __future__ import annotations
 
 import asyncio
 import re
-import zlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import brotli
 import orjson
 from aiohttp import web
 
 from extproc.sim import text
+from extproc.sim.wire import (
+    COMPRESSORS,
+    MAX_TOKENS_LIMIT,
+    SETTINGS,
+    KnobError,
+    Knobs,
+    SimSettings,
+    UsageShape,
+    read_knobs,
+    wait_hold,
+)
 
 DEMO_MODELS = ("demo-model", "demo-chat", "demo-embedding")
 DEFAULT_DIMENSIONS = 8
 MAX_DIMENSIONS = 4096
-MAX_CHUNKS = 10_000
-MAX_DELAY_MS = 600_000.0
-MAX_TOKENS_LIMIT = 1_000_000
 RESET_PAUSE_S = 0.5  # x-sim-reset-after-chunks: let sent bytes arrive before the RST
-GARBAGE_KINDS = ("json", "sse", "html", "truncated-json", "truncated-sse")
 _GARBAGE_JSON = b'{"id": "chatcmpl-garbage", "choices": [{"message": <<not json>> \x00 \xff\xfe'
 _GARBAGE_SSE = (
     b"data: {not json}\n\n"
@@ -85,52 +82,6 @@ _ERROR_TYPES = {
 }
 
 
-@dataclass
-class SimSettings:
-    """Server-wide defaults; shared with the handlers so changes apply live."""
-
-    chunks: int = 8
-    chunk_delay_ms: float = 0.0
-    first_byte_delay_ms: float = 0.0
-    # Streams sent with `x-sim-hold: NAME` pause after their first content chunk until a
-    # test calls `SimServer.release(NAME)`: proof by causality (not timing) that a
-    # gateway forwards chunks as they come rather than at the end.
-    holds: dict[str, asyncio.Event] = field(default_factory=dict)
-    hold_outcomes: dict[str, str] = field(default_factory=dict)
-    hold_timeout_s: float = 10.0
-
-    def hold(self, name: str) -> asyncio.Event:
-        return self.holds.setdefault(name, asyncio.Event())
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """Effective per-request behaviour: server defaults overridden by headers."""
-
-    chunks: int
-    chunk_delay: float
-    first_byte_delay: float
-    error_status: int | None
-    usage: UsageShape = field(default_factory=lambda: UsageShape())
-    compress: str | None = None  # gzip, deflate or br
-    reset_after: int | None = None  # abort the connection after this many events (0: before the reply)
-    garbage: str | None = None  # one of GARBAGE_KINDS
-    content_type: str | None = None  # sent instead of the real Content-Type
-
-
-@dataclass(frozen=True)
-class UsageShape:
-    """How the simulator reports usage, so a gateway's accounting can be exercised."""
-
-    cached_tokens: int = 0  # reported in prompt_tokens_details (capped at prompt_tokens)
-    reasoning_tokens: int = 0  # reported in completion_tokens_details
-    in_last_choice: bool = False  # put usage on the finish chunk instead of a separate one
-    omit: bool = False  # never report usage, even when asked
-
-
-SETTINGS = web.AppKey("settings", SimSettings)
-
-
 class ApiError(Exception):
     """Raised inside a handler to answer with an OpenAI-shaped error."""
 
@@ -153,88 +104,11 @@ def _json(obj: Any, status: int = 200, compress: str | None = None) -> web.Respo
     body = orjson.dumps(obj)
     if compress is None:
         return web.Response(status=status, body=body, content_type="application/json")
-    compressor = _COMPRESSORS[compress]()
+    compressor = COMPRESSORS[compress]()
     compressed = compressor.write(body) + compressor.end()
     return web.Response(
         status=status, body=compressed, content_type="application/json", headers={"Content-Encoding": compress}
     )
-
-
-def _header_number(request: web.Request, name: str, default: float, lo: float, hi: float) -> float:
-    raw = request.headers.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ApiError(400, f"invalid {name} header: {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ApiError(400, f"{name} must be between {lo:g} and {hi:g}, got {raw!r}")
-    return value
-
-
-def read_knobs(request: web.Request, settings: SimSettings) -> Knobs:
-    """Merge ``x-sim-*`` headers over the server defaults (400 on bad values)."""
-    chunks = _header_number(request, "x-sim-chunks", settings.chunks, 1, MAX_CHUNKS)
-    delay = _header_number(request, "x-sim-chunk-delay-ms", settings.chunk_delay_ms, 0, MAX_DELAY_MS)
-    first = _header_number(request, "x-sim-first-byte-delay-ms", settings.first_byte_delay_ms, 0, MAX_DELAY_MS)
-    status = request.headers.get("x-sim-error")
-    error_status: int | None = None
-    if status is not None:
-        if not status.strip().isdigit() or not 400 <= int(status) <= 599:
-            raise ApiError(400, f"x-sim-error must be an HTTP status 400-599, got {status!r}")
-        error_status = int(status)
-    usage = UsageShape(
-        cached_tokens=int(_header_number(request, "x-sim-cached-tokens", 0, 0, MAX_TOKENS_LIMIT)),
-        reasoning_tokens=int(_header_number(request, "x-sim-reasoning-tokens", 0, 0, MAX_TOKENS_LIMIT)),
-        in_last_choice=request.headers.get("x-sim-usage-in-last-choice") == "1",
-        omit=request.headers.get("x-sim-no-usage") == "1",
-    )
-    compress = request.headers.get("x-sim-compress")
-    if compress is not None and compress not in _COMPRESSORS:
-        raise ApiError(400, f"x-sim-compress must be one of {', '.join(_COMPRESSORS)}, got {compress!r}")
-    reset = request.headers.get("x-sim-reset-after-chunks")
-    reset_after = None if reset is None else int(
-        _header_number(request, "x-sim-reset-after-chunks", 0, 0, MAX_CHUNKS)
-    )
-    garbage = request.headers.get("x-sim-garbage")
-    if garbage is not None and garbage not in GARBAGE_KINDS:
-        raise ApiError(400, f"x-sim-garbage must be one of {', '.join(GARBAGE_KINDS)}, got {garbage!r}")
-    return Knobs(
-        int(chunks), delay / 1000.0, first / 1000.0, error_status, usage, compress,
-        reset_after=reset_after, garbage=garbage, content_type=request.headers.get("x-sim-content-type"),
-    )
-
-
-class _GzipStream:
-    """Compresses each write so it can be decoded on arrival (sync flush per event)."""
-
-    def __init__(self, wbits: int) -> None:
-        self._inner = zlib.compressobj(wbits=wbits)
-
-    def write(self, data: bytes) -> bytes:
-        return self._inner.compress(data) + self._inner.flush(zlib.Z_SYNC_FLUSH)
-
-    def end(self) -> bytes:
-        return self._inner.flush(zlib.Z_FINISH)
-
-
-class _BrotliStream:
-    def __init__(self) -> None:
-        self._inner = brotli.Compressor()
-
-    def write(self, data: bytes) -> bytes:
-        return self._inner.process(data) + self._inner.flush()
-
-    def end(self) -> bytes:
-        return self._inner.finish()
-
-
-_COMPRESSORS: dict[str, Callable[[], _GzipStream | _BrotliStream]] = {
-    "gzip": lambda: _GzipStream(16 + zlib.MAX_WBITS),
-    "deflate": lambda: _GzipStream(zlib.MAX_WBITS),
-    "br": _BrotliStream,
-}
 
 
 def _simulated_error(status: int, how: str) -> ApiError:
@@ -440,7 +314,7 @@ async def _stream(
     knobs = knobs or Knobs(1, 0, 0, None)
     shape = knobs.usage
     headers = {"Content-Type": knobs.content_type or "text/event-stream", "Cache-Control": "no-cache"}
-    compressor = _COMPRESSORS[knobs.compress]() if knobs.compress else None
+    compressor = COMPRESSORS[knobs.compress]() if knobs.compress else None
     if knobs.compress:
         headers["Content-Encoding"] = knobs.compress
     resp = web.StreamResponse(headers=headers)
@@ -464,7 +338,7 @@ async def _stream(
         for index, event in enumerate(events_list):
             if event is None:
                 if hold:
-                    await _wait_hold(request.app[SETTINGS], hold)
+                    await wait_hold(request.app[SETTINGS], hold)
                     hold = None
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -533,14 +407,6 @@ async def _apply_faults(request: web.Request, resp: web.StreamResponse, knobs: K
         await _abort(request)
         return partial
     return resp
-
-
-async def _wait_hold(settings: SimSettings, name: str) -> None:
-    try:
-        await asyncio.wait_for(settings.hold(name).wait(), settings.hold_timeout_s)
-        settings.hold_outcomes[name] = "released"
-    except TimeoutError:
-        settings.hold_outcomes[name] = "timed_out"
 
 
 async def chat_completions(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
@@ -627,8 +493,8 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
     """Route by method and path suffix; turn every failure into an OpenAI error."""
     try:
         knobs = read_knobs(request, settings)
-    except ApiError as exc:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+    except KnobError as exc:
+        return error_response(400, str(exc))
     return await _apply_faults(request, await _answer(request, knobs), knobs)
 
 

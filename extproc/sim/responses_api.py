@@ -21,7 +21,7 @@ The reply echoes the last user text like the other simulators, or calls the firs
 function tool when tools are offered and that text says "weather" (or ``tool_choice``
 forces a call, or ``x-sim-tool-call: 1``).
 
-Knobs are the ``x-sim-*`` headers of the OpenAI simulator (``openai_api.read_knobs``:
+Knobs are the ``x-sim-*`` headers every simulated API reads (``wire.read_knobs``:
 chunks, delays, error, cached and reasoning tokens, no-usage, compression, hold) plus:
 
 * ``x-sim-reply-tokens``: the natural reply length (default ``text.DEFAULT_REPLY_TOKENS``);
@@ -57,16 +57,8 @@ from aiohttp import web
 
 from extproc.sim import text
 from extproc.sim.anthropic_api import tool_input
-from extproc.sim.openai_api import (
-    _COMPRESSORS,  # shared so every API compresses the same way
-    MAX_TOKENS_LIMIT,
-    ApiError,
-    Knobs,
-    SimSettings,
-    _wait_hold,  # shared so SimServer.release / hold_outcome work for every API
-    error_response,
-    read_knobs,
-)
+from extproc.sim.openai_api import ApiError, error_response
+from extproc.sim.wire import COMPRESSORS, MAX_TOKENS_LIMIT, KnobError, Knobs, SimSettings, read_knobs, wait_hold
 
 RESPONSES_SUFFIX = "/responses"
 MIN_OUTPUT_TOKENS = 16  # the real API's minimum for max_output_tokens
@@ -672,7 +664,7 @@ async def _stream(
     """Write each event separately, so clients see them arrive over time."""
     headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                **_headers(request_id)}
-    compressor = _COMPRESSORS[knobs.compress]() if knobs.compress else None
+    compressor = COMPRESSORS[knobs.compress]() if knobs.compress else None
     if knobs.compress:
         headers["Content-Encoding"] = knobs.compress
     resp = web.StreamResponse(headers=headers)
@@ -683,7 +675,7 @@ async def _stream(
         for event in stream_events(reply, knobs.chunks, extra.stream_failure):
             if event is None:
                 if hold:
-                    await _wait_hold(settings, hold)
+                    await wait_hold(settings, hold)
                     hold = None
                 if knobs.chunk_delay > 0:
                     await asyncio.sleep(knobs.chunk_delay)
@@ -704,7 +696,7 @@ async def _stream(
 def _json(body: bytes, knobs: Knobs, request_id: str, status: int = 200) -> web.Response:
     headers = _headers(request_id)
     if knobs.compress:
-        compressor = _COMPRESSORS[knobs.compress]()
+        compressor = COMPRESSORS[knobs.compress]()
         body = compressor.write(body) + compressor.end()
         headers["Content-Encoding"] = knobs.compress
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
@@ -778,5 +770,7 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
         raise ApiError(405, f"Method {request.method} not allowed for {request.path}; use GET or DELETE.")
     except ApiError as exc:
         return error_response(exc.status, exc.message, exc.param, exc.code)
+    except KnobError as exc:
+        return error_response(400, str(exc))
     except web.HTTPException as exc:  # e.g. body larger than client_max_size
         return error_response(exc.status, exc.reason)

@@ -16,7 +16,8 @@ import orjson
 from aiohttp import web
 
 from extproc.sim import anthropic_api, bedrock_api, responses_api
-from extproc.sim.openai_api import SETTINGS, SimSettings, dispatch, error_response
+from extproc.sim.openai_api import dispatch, error_response
+from extproc.sim.wire import SETTINGS, SimSettings
 
 MAX_RECORDED = 1000
 MAX_BODY_BYTES = 64 * 1024 * 1024  # long prompts in benchmarks exceed aiohttp's 1 MiB default
