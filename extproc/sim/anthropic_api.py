@@ -43,15 +43,7 @@ import orjson
 from aiohttp import web
 
 from extproc.sim import text
-from extproc.sim.wire import (
-    COMPRESSORS,
-    MAX_TOKENS_LIMIT,
-    KnobError,
-    Knobs,
-    SimSettings,
-    read_knobs,
-    wait_hold,
-)
+from extproc.sim.wire import MAX_TOKENS_LIMIT, KnobError, Knobs, SimSettings, json_reply, read_knobs, write_named_events
 
 MESSAGES_SUFFIX = "/v1/messages"
 # Versions are dates; the SDK's own constant moves (2.x sends a newer one than "2023-06-01"),
@@ -562,8 +554,6 @@ def _reply(body: dict[str, Any], knobs: Knobs, extra: _Extra) -> _Reply:
 # -- streaming -----------------------------------------------------------------------------------
 
 
-
-
 def stream_events(reply: _Reply, chunks: int) -> Iterator[tuple[str, dict[str, Any]] | None]:
     """The events of a streamed reply in the API's order; ``None`` marks a pause point."""
     yield "message_start", {"type": "message_start", "message": reply.message(streaming=True)}
@@ -600,48 +590,6 @@ def stream_events(reply: _Reply, chunks: int) -> Iterator[tuple[str, dict[str, A
     yield "message_stop", {"type": "message_stop"}
 
 
-async def _stream(
-    request: web.Request, reply: _Reply, knobs: Knobs, settings: SimSettings, request_id: str
-) -> web.StreamResponse:
-    """Write each event separately, so clients see them arrive over time."""
-    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               "request-id": request_id}
-    compressor = COMPRESSORS[knobs.compress]() if knobs.compress else None
-    if knobs.compress:
-        headers["Content-Encoding"] = knobs.compress
-    resp = web.StreamResponse(headers=headers)
-    await resp.prepare(request)
-    hold = request.headers.get("x-sim-hold")
-    try:
-        for event in stream_events(reply, knobs.chunks):
-            if event is None:
-                if hold:
-                    await wait_hold(settings, hold)
-                    hold = None
-                if knobs.chunk_delay > 0:
-                    await asyncio.sleep(knobs.chunk_delay)
-                continue
-            name, data = event
-            chunk = b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-            await resp.write(compressor.write(chunk) if compressor else chunk)
-        if compressor:
-            await resp.write(compressor.end())
-        await resp.write_eof()
-    except ConnectionError:
-        pass  # the client went away mid-stream
-    return resp
-
-
-def _json(obj: dict[str, Any], knobs: Knobs, request_id: str) -> web.Response:
-    body = orjson.dumps(obj)
-    headers = {"request-id": request_id}
-    if knobs.compress:
-        compressor = COMPRESSORS[knobs.compress]()
-        body = compressor.write(body) + compressor.end()
-        headers["Content-Encoding"] = knobs.compress
-    return web.Response(body=body, content_type="application/json", headers=headers)
-
-
 async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamResponse:
     """``POST .../v1/messages``; every failure becomes an Anthropic-shaped error."""
     try:
@@ -673,9 +621,11 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
         _validate(body)
         reply = _reply(body, knobs, extra)
         request_id = _request_id()
+        headers = {"request-id": request_id}
         if body.get("stream") is True:
-            return await _stream(request, reply, knobs, settings, request_id)
-        return _json(reply.message(), knobs, request_id)
+            events = stream_events(reply, knobs.chunks)
+            return await write_named_events(request, knobs, settings, events, headers)
+        return json_reply(orjson.dumps(reply.message()), knobs.compress, headers)
     except ApiError as exc:
         return error_response(exc.status, exc.message, exc.error_type)
     except web.HTTPException as exc:  # e.g. body larger than client_max_size

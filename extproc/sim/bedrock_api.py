@@ -46,7 +46,7 @@ from botocore.compat import HTTPHeaders
 from botocore.credentials import Credentials
 
 from extproc.sim import text
-from extproc.sim.wire import MAX_TOKENS_LIMIT, KnobError, Knobs, SimSettings, read_knobs, wait_hold
+from extproc.sim.wire import MAX_TOKENS_LIMIT, KnobError, Knobs, SimSettings, json_reply, open_stream, paced, read_knobs
 
 SIM_AWS_ACCESS_KEY_ID = "AKIDSIMULATOR"
 SIM_AWS_SECRET_ACCESS_KEY = "sim/Secret+Access/Key0123456789EXAMPLEKEY"
@@ -515,9 +515,7 @@ def _converse_json(reply: _Reply) -> web.Response:
     }
     if reply.report_usage:
         out["usage"] = reply.usage()
-    return web.Response(
-        body=orjson.dumps(out), content_type="application/json", headers={"x-amzn-requestid": str(uuid.uuid4())}
-    )
+    return json_reply(orjson.dumps(out), None, {"x-amzn-requestid": str(uuid.uuid4())})
 
 
 def _pad(payload: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -561,21 +559,11 @@ async def _converse_stream(
     request: web.Request, reply: _Reply, knobs: Knobs, settings: SimSettings
 ) -> web.StreamResponse:
     exception = _stream_exception_knob(request)
-    resp = web.StreamResponse(
-        headers={"Content-Type": "application/vnd.amazon.eventstream", "x-amzn-requestid": str(uuid.uuid4())}
+    resp, _ = await open_stream(  # no compression: x-sim-compress is for the JSON APIs
+        request, None, {"Content-Type": "application/vnd.amazon.eventstream", "x-amzn-requestid": str(uuid.uuid4())}
     )
-    await resp.prepare(request)
-    hold = request.headers.get("x-sim-hold")
     try:
-        for frame in _stream_frames(reply, knobs.chunks):
-            if frame is None:
-                if hold:
-                    await wait_hold(settings, hold)
-                    hold = None
-                if knobs.chunk_delay > 0:
-                    await asyncio.sleep(knobs.chunk_delay)
-                continue
-            event_type, data = frame
+        async for event_type, data in paced(_stream_frames(reply, knobs.chunks), request, settings, knobs.chunk_delay):
             await resp.write(data)
             if exception and event_type == "contentBlockDelta":
                 message = f"Simulated {exception} (requested via x-sim-stream-exception)"

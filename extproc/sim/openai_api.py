@@ -39,15 +39,16 @@ from aiohttp import web
 
 from extproc.sim import text
 from extproc.sim.wire import (
-    COMPRESSORS,
     MAX_TOKENS_LIMIT,
     SETTINGS,
     KnobError,
     Knobs,
     SimSettings,
     UsageShape,
+    json_reply,
+    open_stream,
+    paced,
     read_knobs,
-    wait_hold,
 )
 
 DEMO_MODELS = ("demo-model", "demo-chat", "demo-embedding")
@@ -100,15 +101,8 @@ def error_response(
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
 
-def _json(obj: Any, status: int = 200, compress: str | None = None) -> web.Response:
-    body = orjson.dumps(obj)
-    if compress is None:
-        return web.Response(status=status, body=body, content_type="application/json")
-    compressor = COMPRESSORS[compress]()
-    compressed = compressor.write(body) + compressor.end()
-    return web.Response(
-        status=status, body=compressed, content_type="application/json", headers={"Content-Encoding": compress}
-    )
+def _json(obj: Any, compress: str | None = None) -> web.Response:
+    return json_reply(orjson.dumps(obj), compress)
 
 
 def _simulated_error(status: int, how: str) -> ApiError:
@@ -314,12 +308,7 @@ async def _stream(
     knobs = knobs or Knobs(1, 0, 0, None)
     shape = knobs.usage
     headers = {"Content-Type": knobs.content_type or "text/event-stream", "Cache-Control": "no-cache"}
-    compressor = COMPRESSORS[knobs.compress]() if knobs.compress else None
-    if knobs.compress:
-        headers["Content-Encoding"] = knobs.compress
-    resp = web.StreamResponse(headers=headers)
-    await resp.prepare(request)
-
+    resp, compressor = await open_stream(request, knobs.compress, headers)
     sent = 0
 
     async def send(data: bytes) -> None:
@@ -331,20 +320,14 @@ async def _stream(
 
     include_usage = include_usage and not shape.omit
     events_list = [e async for e in events]
-    last_data = max((i for i, e in enumerate(events_list) if e is not None), default=-1)
+    last = sum(e is not None for e in events_list)  # the number of the last chunk, counted from 1
     usage_inline = include_usage and shape.in_last_choice
-    hold = request.headers.get("x-sim-hold")
     try:
-        for index, event in enumerate(events_list):
-            if event is None:
-                if hold:
-                    await wait_hold(request.app[SETTINGS], hold)
-                    hold = None
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                continue
+        number = 0
+        async for event in paced(events_list, request, request.app[SETTINGS], delay):
+            number += 1
             if include_usage:
-                event["usage"] = reply.usage if usage_inline and index == last_data else None
+                event["usage"] = reply.usage if usage_inline and number == last else None
             await send(b"data: " + orjson.dumps(event) + b"\n\n")
         if include_usage and not usage_inline:
             usage_chunk = {

@@ -58,7 +58,7 @@ from aiohttp import web
 from extproc.sim import text
 from extproc.sim.anthropic_api import tool_input
 from extproc.sim.openai_api import ApiError, error_response
-from extproc.sim.wire import COMPRESSORS, MAX_TOKENS_LIMIT, KnobError, Knobs, SimSettings, read_knobs, wait_hold
+from extproc.sim.wire import MAX_TOKENS_LIMIT, KnobError, Knobs, SimSettings, json_reply, read_knobs, write_named_events
 
 RESPONSES_SUFFIX = "/responses"
 MIN_OUTPUT_TOKENS = 16  # the real API's minimum for max_output_tokens
@@ -579,8 +579,6 @@ def _reply(req: _Request, knobs: Knobs, extra: _Extra, previous: _Stored | None)
 # -- streaming ---------------------------------------------------------------------------------------
 
 
-
-
 def _obfuscation(item_id: str, index: int, delta: str) -> str:
     """Padding the real API adds to deltas so their sizes leak less (deterministic here)."""
     digest = hashlib.blake2b(f"{item_id}:{index}".encode(), digest_size=12).hexdigest()
@@ -658,48 +656,18 @@ def _headers(request_id: str) -> dict[str, str]:
     return {"x-request-id": request_id, "openai-processing-ms": "1"}
 
 
-async def _stream(
-    request: web.Request, reply: _Reply, knobs: Knobs, extra: _Extra, settings: SimSettings, request_id: str
-) -> web.StreamResponse:
-    """Write each event separately, so clients see them arrive over time."""
-    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               **_headers(request_id)}
-    compressor = COMPRESSORS[knobs.compress]() if knobs.compress else None
-    if knobs.compress:
-        headers["Content-Encoding"] = knobs.compress
-    resp = web.StreamResponse(headers=headers)
-    await resp.prepare(request)
-    hold = request.headers.get("x-sim-hold")
+def _numbered(events: Iterator[Event | None]) -> Iterator[Event | None]:
+    """The events with the ``sequence_number`` every streamed event carries, from 0."""
     sequence = 0
-    try:
-        for event in stream_events(reply, knobs.chunks, extra.stream_failure):
-            if event is None:
-                if hold:
-                    await wait_hold(settings, hold)
-                    hold = None
-                if knobs.chunk_delay > 0:
-                    await asyncio.sleep(knobs.chunk_delay)
-                continue
-            name, data = event
-            data["sequence_number"] = sequence
+    for event in events:
+        if event is not None:
+            event[1]["sequence_number"] = sequence
             sequence += 1
-            chunk = b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-            await resp.write(compressor.write(chunk) if compressor else chunk)
-        if compressor:
-            await resp.write(compressor.end())
-        await resp.write_eof()
-    except ConnectionError:
-        pass  # the client went away mid-stream
-    return resp
+        yield event
 
 
-def _json(body: bytes, knobs: Knobs, request_id: str, status: int = 200) -> web.Response:
-    headers = _headers(request_id)
-    if knobs.compress:
-        compressor = COMPRESSORS[knobs.compress]()
-        body = compressor.write(body) + compressor.end()
-        headers["Content-Encoding"] = knobs.compress
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+def _json(body: bytes, knobs: Knobs, request_id: str) -> web.Response:
+    return json_reply(body, knobs.compress, _headers(request_id))
 
 
 # -- handlers ----------------------------------------------------------------------------------------
@@ -731,7 +699,8 @@ async def _create(request: web.Request, settings: SimSettings, knobs: Knobs, ext
             body=orjson.dumps(final),
         ))
     if req.stream:
-        return await _stream(request, reply, knobs, extra, settings, request_id)
+        events = _numbered(stream_events(reply, knobs.chunks, extra.stream_failure))
+        return await write_named_events(request, knobs, settings, events, _headers(request_id))
     return _json(orjson.dumps(final), knobs, request_id)
 
 

@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import brotli
+import orjson
 from aiohttp import web
+
+T = TypeVar("T")
 
 MAX_CHUNKS = 10_000
 MAX_DELAY_MS = 600_000.0
@@ -134,6 +138,14 @@ def read_knobs(request: web.Request, settings: SimSettings) -> Knobs:
 # -- compression ---------------------------------------------------------------------------------
 
 
+class Compressor(Protocol):
+    """Compresses a body piece by piece (``x-sim-compress``), each piece decodable on arrival."""
+
+    def write(self, data: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
 class _GzipStream:
     """Compresses each write so it can be decoded on arrival (sync flush per event)."""
 
@@ -158,14 +170,26 @@ class _BrotliStream:
         return self._inner.finish()
 
 
-COMPRESSORS: dict[str, Callable[[], _GzipStream | _BrotliStream]] = {
+COMPRESSORS: dict[str, Callable[[], Compressor]] = {
     "gzip": lambda: _GzipStream(16 + zlib.MAX_WBITS),
     "deflate": lambda: _GzipStream(zlib.MAX_WBITS),
     "br": _BrotliStream,
 }
 
 
-# -- holds ---------------------------------------------------------------------------------------
+def json_reply(
+    body: bytes, compress: str | None, headers: dict[str, str] | None = None, status: int = 200
+) -> web.Response:
+    """A JSON reply, compressed whole when ``x-sim-compress`` asks for it."""
+    headers = dict(headers or {})
+    if compress:
+        compressor = COMPRESSORS[compress]()
+        body = compressor.write(body) + compressor.end()
+        headers["Content-Encoding"] = compress
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+# -- streams -------------------------------------------------------------------------------------
 
 
 async def wait_hold(settings: SimSettings, name: str) -> None:
@@ -175,3 +199,57 @@ async def wait_hold(settings: SimSettings, name: str) -> None:
         settings.hold_outcomes[name] = "released"
     except TimeoutError:
         settings.hold_outcomes[name] = "timed_out"
+
+
+async def paced(
+    events: Iterable[T | None], request: web.Request, settings: SimSettings, delay: float
+) -> AsyncIterator[T]:
+    """``events`` without their ``None`` pause points, pausing at each one: ``delay``
+    seconds, and at the first also until the request's ``x-sim-hold`` is released. One
+    loop for every API, so holds and chunk delays mean the same everywhere."""
+    hold = request.headers.get("x-sim-hold")
+    for event in events:
+        if event is None:
+            if hold:
+                await wait_hold(settings, hold)
+                hold = None
+            if delay > 0:
+                await asyncio.sleep(delay)
+            continue
+        yield event
+
+
+async def open_stream(
+    request: web.Request, compress: str | None, headers: dict[str, str]
+) -> tuple[web.StreamResponse, Compressor | None]:
+    """Send a streamed reply's status and headers; the compressor its body must go
+    through (``x-sim-compress``), if any."""
+    compressor = COMPRESSORS[compress]() if compress else None
+    if compress:
+        headers = {**headers, "Content-Encoding": compress}
+    resp = web.StreamResponse(headers=headers)
+    await resp.prepare(request)
+    return resp, compressor
+
+
+async def write_named_events(
+    request: web.Request,
+    knobs: Knobs,
+    settings: SimSettings,
+    events: Iterable[tuple[str, dict[str, Any]] | None],
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """A stream of named SSE events (``event:`` and ``data:`` lines, as the Anthropic and
+    Responses APIs send them), each written as it comes so clients see them arrive over time."""
+    sse_headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", **headers}
+    resp, compressor = await open_stream(request, knobs.compress, sse_headers)
+    try:
+        async for name, data in paced(events, request, settings, knobs.chunk_delay):
+            chunk = b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+            await resp.write(compressor.write(chunk) if compressor else chunk)
+        if compressor:
+            await resp.write(compressor.end())
+        await resp.write_eof()
+    except ConnectionError:
+        pass  # the client went away mid-stream
+    return resp
