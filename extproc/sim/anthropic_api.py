@@ -31,7 +31,6 @@ name and JSON input.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import uuid
@@ -42,8 +41,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.sim import text
-from extproc.sim.wire import MAX_TOKENS_LIMIT, KnobError, Knobs, SimSettings, json_reply, read_knobs, write_named_events
+from extproc.sim import text, wire
 
 MESSAGES_SUFFIX = "/v1/messages"
 # Versions are dates; the SDK's own constant moves (2.x sends a newer one than "2023-06-01"),
@@ -52,7 +50,6 @@ _VERSION_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 MIN_THINKING_BUDGET = 1024
 THINKING_TEXT = "Let me think about this request step by step before answering."
-_ERROR_MODEL_RE = re.compile(r"^sim-error-(\d{3})$")
 _WEATHER_RE = re.compile(r"\bweather\b", re.IGNORECASE)
 
 _TYPE_BY_STATUS = {
@@ -130,17 +127,16 @@ def _validate(body: dict[str, Any]) -> None:
         raise _invalid("model: Field required")
     if not isinstance(model, str) or not model:
         raise _invalid("model: Input should be a valid string")
-    match = _ERROR_MODEL_RE.match(model)
-    if match and 400 <= int(match.group(1)) <= 599:
-        status = int(match.group(1))
-        raise ApiError(status, f"Simulated error {status} (requested via model {model})")
+    status = wire.model_error(model)
+    if status is not None:
+        raise ApiError(status, wire.simulated_error(status, f"model {model}"))
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         raise _invalid("max_tokens: Field required")
     if not _is_int(max_tokens):
         raise _invalid("max_tokens: Input should be a valid integer")
-    if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise _invalid(f"max_tokens: must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}")
+    if not 1 <= max_tokens <= wire.MAX_TOKENS_LIMIT:
+        raise _invalid(f"max_tokens: must be between 1 and {wire.MAX_TOKENS_LIMIT}, got {max_tokens}")
     messages = body.get("messages")
     if messages is None:
         raise _invalid("messages: Field required")
@@ -468,27 +464,20 @@ class _Reply:
 
 @dataclass(frozen=True)
 class _Extra:
-    """The Anthropic-only knobs, on top of the shared ``Knobs``."""
+    """The Anthropic-only knobs, on top of the shared ``wire.Knobs``."""
 
     cache_creation: int = 0
     tool_call: bool = False
     reply_tokens: int = text.DEFAULT_REPLY_TOKENS
 
 
-def _header_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.headers.get(name)
-    if raw is None:
-        return default
-    if not raw.strip().isdigit() or not lo <= int(raw) <= hi:
-        raise _invalid(f"{name} must be an integer between {lo} and {hi}, got {raw!r}")
-    return int(raw)
-
-
 def _read_extra(request: web.Request) -> _Extra:
     return _Extra(
-        cache_creation=_header_int(request, "x-sim-cache-creation-tokens", 0, 0, MAX_TOKENS_LIMIT),
+        cache_creation=wire.header_int(request, "x-sim-cache-creation-tokens", 0, 0, wire.MAX_TOKENS_LIMIT),
         tool_call=request.headers.get("x-sim-tool-call") == "1",
-        reply_tokens=_header_int(request, "x-sim-reply-tokens", text.DEFAULT_REPLY_TOKENS, 1, MAX_TOKENS_LIMIT),
+        reply_tokens=wire.header_int(
+            request, "x-sim-reply-tokens", text.DEFAULT_REPLY_TOKENS, 1, wire.MAX_TOKENS_LIMIT
+        ),
     )
 
 
@@ -505,7 +494,7 @@ def _tool_block(body: dict[str, Any], extra: _Extra, last_user: str) -> _Block |
                   input=tool_input(tool["input_schema"]))
 
 
-def _reply(body: dict[str, Any], knobs: Knobs, extra: _Extra) -> _Reply:
+def _reply(body: dict[str, Any], knobs: wire.Knobs, extra: _Extra) -> _Reply:
     messages = body["messages"]
     prompt = prompt_tokens(body)
     cache_read = min(knobs.usage.cached_tokens, prompt)
@@ -590,7 +579,7 @@ def stream_events(reply: _Reply, chunks: int) -> Iterator[tuple[str, dict[str, A
     yield "message_stop", {"type": "message_stop"}
 
 
-async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamResponse:
+async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.StreamResponse:
     """``POST .../v1/messages``; every failure becomes an Anthropic-shaped error."""
     try:
         if request.method != "POST":
@@ -602,16 +591,11 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
             raise _invalid("anthropic-version: header is required")
         if not _VERSION_RE.fullmatch(version):
             raise _invalid(f"anthropic-version: {version!r} is not a valid version")
-        try:
-            knobs = read_knobs(request, settings)
-        except KnobError as exc:
-            raise _invalid(str(exc)) from None
+        knobs = wire.read_knobs(request, settings)
         extra = _read_extra(request)
-        if knobs.first_byte_delay > 0:
-            await asyncio.sleep(knobs.first_byte_delay)
+        await wire.wait_first_byte(knobs)
         if knobs.error_status is not None:
-            status = knobs.error_status
-            raise ApiError(status, f"Simulated error {status} (requested via x-sim-error header)")
+            raise ApiError(knobs.error_status, wire.simulated_error(knobs.error_status, "x-sim-error header"))
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
@@ -624,9 +608,11 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
         headers = {"request-id": request_id}
         if body.get("stream") is True:
             events = stream_events(reply, knobs.chunks)
-            return await write_named_events(request, knobs, settings, events, headers)
-        return json_reply(orjson.dumps(reply.message()), knobs.compress, headers)
+            return await wire.write_named_events(request, knobs, settings, events, headers)
+        return wire.json_reply(orjson.dumps(reply.message()), knobs.compress, headers)
     except ApiError as exc:
         return error_response(exc.status, exc.message, exc.error_type)
+    except wire.KnobError as exc:
+        return error_response(400, str(exc), "invalid_request_error")
     except web.HTTPException as exc:  # e.g. body larger than client_max_size
         return error_response(exc.status, exc.reason)

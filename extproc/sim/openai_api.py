@@ -27,7 +27,6 @@ Fault knobs (OpenAI API only), for testing what a gateway does when a provider m
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,19 +36,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.sim import text
-from extproc.sim.wire import (
-    MAX_TOKENS_LIMIT,
-    SETTINGS,
-    KnobError,
-    Knobs,
-    SimSettings,
-    UsageShape,
-    json_reply,
-    open_stream,
-    paced,
-    read_knobs,
-)
+from extproc.sim import text, wire
 
 DEMO_MODELS = ("demo-model", "demo-chat", "demo-embedding")
 DEFAULT_DIMENSIONS = 8
@@ -68,7 +55,6 @@ _GARBAGE_HTML = (
     b"<!DOCTYPE html>\n<html><head><title>500 Internal Server Error</title></head>\n"
     b"<body><h1>Internal Server Error</h1><p>nginx</p></body></html>\n"
 )
-_ERROR_MODEL_RE = re.compile(r"^sim-error-(\d{3})$")
 
 _ERROR_TYPES = {
     400: ("invalid_request_error", None),
@@ -102,11 +88,11 @@ def error_response(
 
 
 def _json(obj: Any, compress: str | None = None) -> web.Response:
-    return json_reply(orjson.dumps(obj), compress)
+    return wire.json_reply(orjson.dumps(obj), compress)
 
 
 def _simulated_error(status: int, how: str) -> ApiError:
-    return ApiError(status, f"Simulated error {status} (requested via {how})")
+    return ApiError(status, wire.simulated_error(status, how))
 
 
 def _parse_body(raw: bytes) -> dict[str, Any]:
@@ -123,9 +109,9 @@ def _require_model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
-    match = _ERROR_MODEL_RE.match(model)
-    if match and 400 <= int(match.group(1)) <= 599:
-        raise _simulated_error(int(match.group(1)), f"model {model}")
+    status = wire.model_error(model)
+    if status is not None:
+        raise _simulated_error(status, f"model {model}")
     return model
 
 
@@ -135,8 +121,8 @@ def _reply_tokens(body: dict[str, Any]) -> tuple[int, bool]:
         value = body.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOKENS_LIMIT:
-            raise ApiError(400, f"{key} must be an integer between 1 and {MAX_TOKENS_LIMIT}", param=key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= wire.MAX_TOKENS_LIMIT:
+            raise ApiError(400, f"{key} must be an integer between 1 and {wire.MAX_TOKENS_LIMIT}", param=key)
         return value, True
     return text.DEFAULT_REPLY_TOKENS, False
 
@@ -146,8 +132,8 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, shape: UsageShape | None = None) -> dict[str, Any]:
-    shape = shape or UsageShape()
+def _usage(prompt_tokens: int, completion_tokens: int, shape: wire.UsageShape | None = None) -> dict[str, Any]:
+    shape = shape or wire.UsageShape()
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -167,7 +153,7 @@ class _Reply:
     texts: list[str]
     finish_reason: str
     prompt_tokens: int
-    shape: UsageShape = field(default_factory=UsageShape)
+    shape: wire.UsageShape = field(default_factory=wire.UsageShape)
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -302,13 +288,13 @@ async def _stream(
     include_usage: bool,
     delay: float,
     usage_object: str,
-    knobs: Knobs | None = None,
+    knobs: wire.Knobs | None = None,
 ) -> web.StreamResponse:
     """Write each SSE event separately, so clients see chunks arrive over time."""
-    knobs = knobs or Knobs(1, 0, 0, None)
+    knobs = knobs or wire.Knobs(1, 0, 0, None)
     shape = knobs.usage
     headers = {"Content-Type": knobs.content_type or "text/event-stream", "Cache-Control": "no-cache"}
-    resp, compressor = await open_stream(request, knobs.compress, headers)
+    resp, compressor = await wire.open_stream(request, knobs.compress, headers)
     sent = 0
 
     async def send(data: bytes) -> None:
@@ -324,7 +310,7 @@ async def _stream(
     usage_inline = include_usage and shape.in_last_choice
     try:
         number = 0
-        async for event in paced(events_list, request, request.app[SETTINGS], delay):
+        async for event in wire.paced(events_list, request, request.app[wire.SETTINGS], delay):
             number += 1
             if include_usage:
                 event["usage"] = reply.usage if usage_inline and number == last else None
@@ -370,7 +356,7 @@ def _garbage_response(kind: str, status: int) -> web.StreamResponse:
     return web.Response(status=status, body=body, headers={"Content-Type": content_type})
 
 
-async def _apply_faults(request: web.Request, resp: web.StreamResponse, knobs: Knobs) -> web.StreamResponse:
+async def _apply_faults(request: web.Request, resp: web.StreamResponse, knobs: wire.Knobs) -> web.StreamResponse:
     """The fault knobs that change a finished, not yet sent, reply."""
     if not isinstance(resp, web.Response) or resp.prepared:
         return resp  # a stream applied its faults itself
@@ -392,7 +378,7 @@ async def _apply_faults(request: web.Request, resp: web.StreamResponse, knobs: K
     return resp
 
 
-async def chat_completions(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
+async def chat_completions(request: web.Request, body: dict[str, Any], knobs: wire.Knobs) -> web.StreamResponse:
     """``POST .../chat/completions``."""
     reply = _chat_reply(body, _require_model(body))
     reply.shape = knobs.usage
@@ -404,7 +390,7 @@ async def chat_completions(request: web.Request, body: dict[str, Any], knobs: Kn
     return _json(_without_usage(_chat_object(reply), knobs), compress=knobs.compress)
 
 
-async def completions(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
+async def completions(request: web.Request, body: dict[str, Any], knobs: wire.Knobs) -> web.StreamResponse:
     """``POST .../completions`` (legacy text completions)."""
     reply = _completion_reply(body, _require_model(body))
     reply.shape = knobs.usage
@@ -432,7 +418,7 @@ def _embedding_inputs(body: dict[str, Any]) -> list[tuple[str, int]]:
     )
 
 
-async def embeddings(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
+async def embeddings(request: web.Request, body: dict[str, Any], knobs: wire.Knobs) -> web.StreamResponse:
     """``POST .../embeddings``: deterministic unit vectors, float or base64."""
     model = _require_model(body)
     inputs = _embedding_inputs(body)
@@ -454,7 +440,7 @@ async def embeddings(request: web.Request, body: dict[str, Any], knobs: Knobs) -
     }, knobs), compress=knobs.compress)
 
 
-def _without_usage(obj: dict[str, Any], knobs: Knobs) -> dict[str, Any]:
+def _without_usage(obj: dict[str, Any], knobs: wire.Knobs) -> dict[str, Any]:
     if knobs.usage.omit:
         obj.pop("usage", None)
     return obj
@@ -464,7 +450,7 @@ def _model_object(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 1_700_000_000, "owned_by": "extproc-sim"}
 
 
-Handler = Callable[[web.Request, dict[str, Any], Knobs], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request, dict[str, Any], wire.Knobs], Awaitable[web.StreamResponse]]
 _POST_ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/chat/completions", chat_completions),
     ("/completions", completions),
@@ -472,19 +458,18 @@ _POST_ROUTES: tuple[tuple[str, Handler], ...] = (
 )
 
 
-async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamResponse:
+async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.StreamResponse:
     """Route by method and path suffix; turn every failure into an OpenAI error."""
     try:
-        knobs = read_knobs(request, settings)
-    except KnobError as exc:
+        knobs = wire.read_knobs(request, settings)
+    except wire.KnobError as exc:
         return error_response(400, str(exc))
     return await _apply_faults(request, await _answer(request, knobs), knobs)
 
 
-async def _answer(request: web.Request, knobs: Knobs) -> web.StreamResponse:
+async def _answer(request: web.Request, knobs: wire.Knobs) -> web.StreamResponse:
     try:
-        if knobs.first_byte_delay > 0:
-            await asyncio.sleep(knobs.first_byte_delay)
+        await wire.wait_first_byte(knobs)
         if knobs.reset_after == 0:
             await request.read()
             await _abort(request, sent=False)

@@ -22,6 +22,7 @@ A malformed knob raises ``KnobError``; each API answers it as its own 400.
 from __future__ import annotations
 
 import asyncio
+import re
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ MAX_CHUNKS = 10_000
 MAX_DELAY_MS = 600_000.0
 MAX_TOKENS_LIMIT = 1_000_000
 GARBAGE_KINDS = ("json", "sse", "html", "truncated-json", "truncated-sse")
+_ERROR_MODEL_RE = re.compile(r"^sim-error-(\d{3})$")
 
 
 @dataclass
@@ -102,6 +104,16 @@ def _header_number(request: web.Request, name: str, default: float, lo: float, h
     return value
 
 
+def header_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    """An API's own integer knob (header ``name``), ``default`` when absent."""
+    raw = request.headers.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or not lo <= int(raw) <= hi:
+        raise KnobError(f"{name} must be an integer between {lo} and {hi}, got {raw!r}")
+    return int(raw)
+
+
 def read_knobs(request: web.Request, settings: SimSettings) -> Knobs:
     """Merge ``x-sim-*`` headers over the server defaults (KnobError on bad values)."""
     chunks = _header_number(request, "x-sim-chunks", settings.chunks, 1, MAX_CHUNKS)
@@ -133,6 +145,25 @@ def read_knobs(request: web.Request, settings: SimSettings) -> Knobs:
         int(chunks), delay / 1000.0, first / 1000.0, error_status, usage, compress,
         reset_after=reset_after, garbage=garbage, content_type=request.headers.get("x-sim-content-type"),
     )
+
+
+async def wait_first_byte(knobs: Knobs) -> None:
+    """Hold back the whole reply for ``x-sim-first-byte-delay-ms``."""
+    if knobs.first_byte_delay > 0:
+        await asyncio.sleep(knobs.first_byte_delay)
+
+
+def model_error(model: str) -> int | None:
+    """The status (400-599) a model id ``sim-error-NNN`` asks every API to fail with."""
+    match = _ERROR_MODEL_RE.match(model)
+    status = int(match.group(1)) if match else 0
+    return status if 400 <= status <= 599 else None
+
+
+def simulated_error(status: int, how: str) -> str:
+    """The message of an error asked for by ``x-sim-error`` or a ``sim-error-NNN`` model,
+    the same in every API so tests can tell it from a real failure."""
+    return f"Simulated error {status} (requested via {how})"
 
 
 # -- compression ---------------------------------------------------------------------------------
