@@ -408,7 +408,7 @@ class _Block:
     @property
     def tokens(self) -> int:
         if self.type == "tool_use":
-            return text.count_tokens(self.name) + text.count_tokens(self.json_input)
+            return text.call_tokens(self.name, self.json_input)
         return text.count_tokens(self.text)
 
     @property

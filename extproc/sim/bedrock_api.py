@@ -375,7 +375,7 @@ def _block_tokens(block: dict[str, Any]) -> int:
         return text.count_tokens(block["text"])
     if isinstance(block.get("toolUse"), dict):
         use = block["toolUse"]
-        return text.count_tokens(str(use.get("name", ""))) + text.count_tokens(orjson.dumps(use.get("input")).decode())
+        return text.call_tokens(str(use.get("name", "")), orjson.dumps(use.get("input")).decode())
     if isinstance(block.get("toolResult"), dict):
         parts = [p for p in block["toolResult"].get("content") or [] if isinstance(p, dict)]
         return sum(text.count_tokens(p["text"] if isinstance(p.get("text"), str) else orjson.dumps(p).decode())

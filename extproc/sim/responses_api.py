@@ -427,7 +427,7 @@ class _Output:
     @property
     def tokens(self) -> int:
         if self.type == "function_call":
-            return text.count_tokens(self.name) + text.count_tokens(self.arguments)
+            return text.call_tokens(self.name, self.arguments)
         return text.count_tokens(self.text)
 
 
