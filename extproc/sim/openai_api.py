@@ -95,7 +95,8 @@ def _simulated_error(status: int, how: str) -> ApiError:
     return ApiError(status, wire.simulated_error(status, how))
 
 
-def _parse_body(raw: bytes) -> dict[str, Any]:
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or the 400 OpenAI answers (Chat, Completions, Responses)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -482,7 +483,7 @@ async def _answer(request: web.Request, knobs: wire.Knobs) -> web.StreamResponse
         if request.method == "POST":
             for suffix, handler in _POST_ROUTES:
                 if path.endswith(suffix):
-                    return await handler(request, _parse_body(await request.read()), knobs)
+                    return await handler(request, parse_body(await request.read()), knobs)
         elif request.method == "GET":
             if path.endswith("/models"):
                 return _json({"object": "list", "data": [_model_object(m) for m in DEMO_MODELS]})

@@ -56,7 +56,7 @@ from aiohttp import web
 
 from extproc.sim import text, wire
 from extproc.sim.anthropic_api import tool_input
-from extproc.sim.openai_api import ApiError, error_response
+from extproc.sim.openai_api import ApiError, error_response, parse_body
 
 RESPONSES_SUFFIX = "/responses"
 MIN_OUTPUT_TOKENS = 16  # the real API's minimum for max_output_tokens
@@ -667,13 +667,7 @@ def _json(body: bytes, knobs: wire.Knobs, request_id: str) -> web.Response:
 async def _create(
     request: web.Request, settings: wire.SimSettings, knobs: wire.Knobs, extra: _Extra
 ) -> web.StreamResponse:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise _invalid(f"We could not parse the JSON body of your request: {exc}") from None
-    if not isinstance(body, dict):
-        raise _invalid("The request body must be a JSON object.")
-    req = _validate(body)
+    req = _validate(parse_body(await request.read()))
     state = _state(settings)
     previous = None
     if req.previous is not None:
