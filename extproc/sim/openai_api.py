@@ -178,19 +178,29 @@ def _chat_reply(body: dict[str, Any], model: str) -> _Reply:
     )
 
 
+def _texts(value: Any, empty_ids: bool) -> list[tuple[str, int]] | None:
+    """A legacy ``prompt`` or embeddings ``input`` as (text, tokens) per item: a string, an
+    array of strings, one array of token ids or an array of them (ids stand in as their
+    decimal text); None if it is none of these. Completions accept an empty array of token
+    ids, embeddings (``empty_ids=False``) do not."""
+    if isinstance(value, str):
+        return [(value, text.count_tokens(value))]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return [(v, text.count_tokens(v)) for v in value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [(" ".join(map(str, value)), len(value))]
+        if all(isinstance(v, list) and (v or empty_ids) and all(isinstance(i, int) for i in v) for v in value):
+            return [(" ".join(map(str, v)), len(v)) for v in value]
+    return None
+
+
 def _prompts(body: dict[str, Any]) -> list[tuple[str, int]]:
     """Legacy ``prompt`` as (text to answer, prompt tokens) per choice."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return [(prompt, text.count_tokens(prompt))]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return [(p, text.count_tokens(p)) for p in prompt]
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return [(" ".join(map(str, prompt)), len(prompt))]
-        if all(isinstance(p, list) and all(isinstance(i, int) for i in p) for p in prompt):
-            return [(" ".join(map(str, p)), len(p)) for p in prompt]
-    raise ApiError(400, "prompt must be a string, an array of strings or an array of token ids", param="prompt")
+    prompts = _texts(body.get("prompt"), empty_ids=True)
+    if prompts is None:
+        raise ApiError(400, "prompt must be a string, an array of strings or an array of token ids", param="prompt")
+    return prompts
 
 
 def _completion_reply(body: dict[str, Any], model: str) -> _Reply:
@@ -404,19 +414,13 @@ async def completions(request: web.Request, body: dict[str, Any], knobs: wire.Kn
 def _embedding_inputs(body: dict[str, Any]) -> list[tuple[str, int]]:
     """``input`` as (seed text, token count) per item."""
     value = body.get("input")
-    if isinstance(value, str):
-        return [(value, text.count_tokens(value))]
-    if isinstance(value, list) and value:
-        if all(isinstance(v, str) for v in value):
-            return [(v, text.count_tokens(v)) for v in value]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return [(" ".join(map(str, value)), len(value))]
-        if all(isinstance(v, list) and v and all(isinstance(i, int) for i in v) for v in value):
-            return [(" ".join(map(str, v)), len(v)) for v in value]
-    raise ApiError(
-        400, "input must be a string, an array of strings or an array of token id arrays", param="input",
-        code="missing_required_parameter" if value is None else None,
-    )
+    inputs = _texts(value, empty_ids=False)
+    if inputs is None:
+        raise ApiError(
+            400, "input must be a string, an array of strings or an array of token id arrays", param="input",
+            code="missing_required_parameter" if value is None else None,
+        )
+    return inputs
 
 
 async def embeddings(request: web.Request, body: dict[str, Any], knobs: wire.Knobs) -> web.StreamResponse:
