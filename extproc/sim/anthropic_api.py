@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,27 +121,25 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _required(value: Any, path: str, valid: Callable[[Any], bool], expected: str) -> Any:
+    """``value`` if present and ``valid``, else the API's validation error in its own
+    pydantic style: ``PATH: Field required`` or ``PATH: Input should be EXPECTED``."""
+    if value is None:
+        raise _invalid(f"{path}: Field required")
+    if not valid(value):
+        raise _invalid(f"{path}: Input should be {expected}")
+    return value
+
+
 def _validate(body: dict[str, Any]) -> None:
-    model = body.get("model")
-    if model is None:
-        raise _invalid("model: Field required")
-    if not isinstance(model, str) or not model:
-        raise _invalid("model: Input should be a valid string")
+    model = _required(body.get("model"), "model", lambda v: isinstance(v, str) and v != "", "a valid string")
     status = wire.model_error(model)
     if status is not None:
         raise ApiError(status, wire.simulated_error(status, f"model {model}"))
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        raise _invalid("max_tokens: Field required")
-    if not _is_int(max_tokens):
-        raise _invalid("max_tokens: Input should be a valid integer")
+    max_tokens = _required(body.get("max_tokens"), "max_tokens", _is_int, "a valid integer")
     if not 1 <= max_tokens <= wire.MAX_TOKENS_LIMIT:
         raise _invalid(f"max_tokens: must be between 1 and {wire.MAX_TOKENS_LIMIT}, got {max_tokens}")
-    messages = body.get("messages")
-    if messages is None:
-        raise _invalid("messages: Field required")
-    if not isinstance(messages, list):
-        raise _invalid("messages: Input should be a valid list")
+    messages = _required(body.get("messages"), "messages", lambda v: isinstance(v, list), "a valid list")
     if not messages:
         raise _invalid("messages: at least one message is required")
     for i, message in enumerate(messages):
@@ -175,11 +173,10 @@ def _validate_message(message: Any, i: int, last: bool) -> None:
     role = message.get("role")
     if role not in ("user", "assistant"):
         raise _invalid(f"{where}.role: Input should be 'user' or 'assistant'")
-    content = message.get("content")
-    if content is None:
-        raise _invalid(f"{where}.content: Field required")
-    if not isinstance(content, str | list):
-        raise _invalid(f"{where}.content: Input should be a valid string or list of content blocks")
+    content = _required(
+        message.get("content"), f"{where}.content", lambda v: isinstance(v, str | list),
+        "a valid string or list of content blocks",
+    )
     if not content and not (last and role == "assistant"):
         raise _invalid(
             f"{where}: all messages must have non-empty content except for the optional final assistant message"
