@@ -6,7 +6,9 @@ API key) and ``anthropic-version`` header, validation errors in Anthropic's
 shape (``{"type": "error", "error": {...}}``), the JSON message, and the streamed
 event order (message_start, content_block_start, ping, content_block_delta*,
 content_block_stop, message_delta, message_stop). It validates on its own, sharing
-no code with the gateway's translation, so it can catch the gateway's mistakes.
+no code with the gateway's translation, so it can catch the gateway's mistakes; the
+one thing it takes from the gateway's side is data, Anthropic's documented error type
+per status (``schemas.anthropic.ERROR_TYPES_BY_STATUS``).
 
 The reply echoes the last user text like the OpenAI simulator's, or calls a tool
 when tools are offered and that text says "weather" (or ``tool_choice`` forces a
@@ -41,6 +43,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from extproc.schemas.anthropic import ERROR_TYPES_BY_STATUS  # Anthropic's documented table, not gateway logic
 from extproc.sim import text, wire
 
 MESSAGES_SUFFIX = "/v1/messages"
@@ -51,20 +54,6 @@ IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 MIN_THINKING_BUDGET = 1024
 THINKING_TEXT = "Let me think about this request step by step before answering."
 _WEATHER_RE = re.compile(r"\bweather\b", re.IGNORECASE)
-
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
 
 def matches(path: str) -> bool:
     """Is this a Messages API path (behind any base path)?"""
@@ -78,7 +67,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.error_type = error_type or _TYPE_BY_STATUS.get(
+        self.error_type = error_type or ERROR_TYPES_BY_STATUS.get(
             status, "api_error" if status >= 500 else "invalid_request_error"
         )
 
