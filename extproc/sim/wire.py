@@ -1,5 +1,5 @@
-"""What every simulated API shares: server settings, the ``x-sim-*`` knobs, compression
-and stream holds.
+"""What every simulated API shares: server settings, the ``x-sim-*`` knobs, and the
+plumbing that carries replies (compression, paced and held streams, JSON replies).
 
 Each API module (OpenAI, Anthropic Messages, Bedrock Converse, Responses) speaks its own
 wire format but reads the same knobs, so a test drives any of them the same way through a
