@@ -122,6 +122,21 @@ class StreamUsage:
 
 # -- native requests -----------------------------------------------------------------------------
 
+# The error type Anthropic documents for each HTTP status (https://docs.anthropic.com/en/api/errors).
+# Data, not logic: the gateway reads bodies with it and the simulator writes them with it.
+ERROR_TYPES_BY_STATUS: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
 
 def error_body(message: str, error_type: str) -> bytes:
     """Anthropic's error shape: ``{"type": "error", "error": {"type", "message"}}``."""

@@ -6,14 +6,16 @@ API key) and ``anthropic-version`` header, validation errors in Anthropic's
 shape (``{"type": "error", "error": {...}}``), the JSON message, and the streamed
 event order (message_start, content_block_start, ping, content_block_delta*,
 content_block_stop, message_delta, message_stop). It validates on its own, sharing
-no code with the gateway's translation, so it can catch the gateway's mistakes.
+no code with the gateway's translation, so it can catch the gateway's mistakes; the
+one thing it takes from the gateway's side is data, Anthropic's documented error type
+per status (``schemas.anthropic.ERROR_TYPES_BY_STATUS``).
 
 The reply echoes the last user text like the OpenAI simulator's, or calls a tool
 when tools are offered and that text says "weather" (or ``tool_choice`` forces a
 call), after a thinking block when ``thinking`` is enabled; ``max_tokens`` and
 ``stop_sequences`` cut it with the matching stop_reason.
 
-Knobs are the ``x-sim-*`` headers of the OpenAI simulator (``openai_api.read_knobs``:
+Knobs are the ``x-sim-*`` headers every simulated API reads (``wire.read_knobs``:
 chunks, delays, error, cached tokens, compression, hold) plus:
 
 * ``x-sim-cache-creation-tokens``: prompt tokens reported as cache writes;
@@ -31,27 +33,18 @@ name and JSON input.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from extproc.sim import text
-from extproc.sim.openai_api import (
-    _COMPRESSORS,  # shared so both APIs compress the same way
-    MAX_TOKENS_LIMIT,
-    ApiError as OpenAIKnobError,
-    Knobs,
-    SimSettings,
-    _wait_hold,  # shared so SimServer.release / hold_outcome work for both APIs
-    read_knobs,
-)
+from extproc.schemas.anthropic import ERROR_TYPES_BY_STATUS  # Anthropic's documented table, not gateway logic
+from extproc.sim import text, wire
 
 MESSAGES_SUFFIX = "/v1/messages"
 # Versions are dates; the SDK's own constant moves (2.x sends a newer one than "2023-06-01"),
@@ -60,22 +53,7 @@ _VERSION_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 MIN_THINKING_BUDGET = 1024
 THINKING_TEXT = "Let me think about this request step by step before answering."
-_ERROR_MODEL_RE = re.compile(r"^sim-error-(\d{3})$")
 _WEATHER_RE = re.compile(r"\bweather\b", re.IGNORECASE)
-
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
 
 def matches(path: str) -> bool:
     """Is this a Messages API path (behind any base path)?"""
@@ -89,7 +67,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.error_type = error_type or _TYPE_BY_STATUS.get(
+        self.error_type = error_type or ERROR_TYPES_BY_STATUS.get(
             status, "api_error" if status >= 500 else "invalid_request_error"
         )
 
@@ -132,28 +110,25 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _required(value: Any, path: str, valid: Callable[[Any], bool], expected: str) -> Any:
+    """``value`` if present and ``valid``, else the API's validation error in its own
+    pydantic style: ``PATH: Field required`` or ``PATH: Input should be EXPECTED``."""
+    if value is None:
+        raise _invalid(f"{path}: Field required")
+    if not valid(value):
+        raise _invalid(f"{path}: Input should be {expected}")
+    return value
+
+
 def _validate(body: dict[str, Any]) -> None:
-    model = body.get("model")
-    if model is None:
-        raise _invalid("model: Field required")
-    if not isinstance(model, str) or not model:
-        raise _invalid("model: Input should be a valid string")
-    match = _ERROR_MODEL_RE.match(model)
-    if match and 400 <= int(match.group(1)) <= 599:
-        status = int(match.group(1))
-        raise ApiError(status, f"Simulated error {status} (requested via model {model})")
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        raise _invalid("max_tokens: Field required")
-    if not _is_int(max_tokens):
-        raise _invalid("max_tokens: Input should be a valid integer")
-    if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise _invalid(f"max_tokens: must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}")
-    messages = body.get("messages")
-    if messages is None:
-        raise _invalid("messages: Field required")
-    if not isinstance(messages, list):
-        raise _invalid("messages: Input should be a valid list")
+    model = _required(body.get("model"), "model", lambda v: isinstance(v, str) and v != "", "a valid string")
+    status = wire.model_error(model)
+    if status is not None:
+        raise ApiError(status, wire.simulated_error(status, f"model {model}"))
+    max_tokens = _required(body.get("max_tokens"), "max_tokens", _is_int, "a valid integer")
+    if not 1 <= max_tokens <= wire.MAX_TOKENS_LIMIT:
+        raise _invalid(f"max_tokens: must be between 1 and {wire.MAX_TOKENS_LIMIT}, got {max_tokens}")
+    messages = _required(body.get("messages"), "messages", lambda v: isinstance(v, list), "a valid list")
     if not messages:
         raise _invalid("messages: at least one message is required")
     for i, message in enumerate(messages):
@@ -187,11 +162,10 @@ def _validate_message(message: Any, i: int, last: bool) -> None:
     role = message.get("role")
     if role not in ("user", "assistant"):
         raise _invalid(f"{where}.role: Input should be 'user' or 'assistant'")
-    content = message.get("content")
-    if content is None:
-        raise _invalid(f"{where}.content: Field required")
-    if not isinstance(content, str | list):
-        raise _invalid(f"{where}.content: Input should be a valid string or list of content blocks")
+    content = _required(
+        message.get("content"), f"{where}.content", lambda v: isinstance(v, str | list),
+        "a valid string or list of content blocks",
+    )
     if not content and not (last and role == "assistant"):
         raise _invalid(
             f"{where}: all messages must have non-empty content except for the optional final assistant message"
@@ -420,7 +394,7 @@ class _Block:
     @property
     def tokens(self) -> int:
         if self.type == "tool_use":
-            return text.count_tokens(self.name) + text.count_tokens(self.json_input)
+            return text.call_tokens(self.name, self.json_input)
         return text.count_tokens(self.text)
 
     @property
@@ -476,27 +450,20 @@ class _Reply:
 
 @dataclass(frozen=True)
 class _Extra:
-    """The Anthropic-only knobs, on top of the shared ``Knobs``."""
+    """The Anthropic-only knobs, on top of the shared ``wire.Knobs``."""
 
     cache_creation: int = 0
     tool_call: bool = False
     reply_tokens: int = text.DEFAULT_REPLY_TOKENS
 
 
-def _header_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.headers.get(name)
-    if raw is None:
-        return default
-    if not raw.strip().isdigit() or not lo <= int(raw) <= hi:
-        raise _invalid(f"{name} must be an integer between {lo} and {hi}, got {raw!r}")
-    return int(raw)
-
-
 def _read_extra(request: web.Request) -> _Extra:
     return _Extra(
-        cache_creation=_header_int(request, "x-sim-cache-creation-tokens", 0, 0, MAX_TOKENS_LIMIT),
+        cache_creation=wire.header_int(request, "x-sim-cache-creation-tokens", 0, 0, wire.MAX_TOKENS_LIMIT),
         tool_call=request.headers.get("x-sim-tool-call") == "1",
-        reply_tokens=_header_int(request, "x-sim-reply-tokens", text.DEFAULT_REPLY_TOKENS, 1, MAX_TOKENS_LIMIT),
+        reply_tokens=wire.header_int(
+            request, "x-sim-reply-tokens", text.DEFAULT_REPLY_TOKENS, 1, wire.MAX_TOKENS_LIMIT
+        ),
     )
 
 
@@ -513,7 +480,7 @@ def _tool_block(body: dict[str, Any], extra: _Extra, last_user: str) -> _Block |
                   input=tool_input(tool["input_schema"]))
 
 
-def _reply(body: dict[str, Any], knobs: Knobs, extra: _Extra) -> _Reply:
+def _reply(body: dict[str, Any], knobs: wire.Knobs, extra: _Extra) -> _Reply:
     messages = body["messages"]
     prompt = prompt_tokens(body)
     cache_read = min(knobs.usage.cached_tokens, prompt)
@@ -562,8 +529,6 @@ def _reply(body: dict[str, Any], knobs: Knobs, extra: _Extra) -> _Reply:
 # -- streaming -----------------------------------------------------------------------------------
 
 
-
-
 def stream_events(reply: _Reply, chunks: int) -> Iterator[tuple[str, dict[str, Any]] | None]:
     """The events of a streamed reply in the API's order; ``None`` marks a pause point."""
     yield "message_start", {"type": "message_start", "message": reply.message(streaming=True)}
@@ -600,49 +565,7 @@ def stream_events(reply: _Reply, chunks: int) -> Iterator[tuple[str, dict[str, A
     yield "message_stop", {"type": "message_stop"}
 
 
-async def _stream(
-    request: web.Request, reply: _Reply, knobs: Knobs, settings: SimSettings, request_id: str
-) -> web.StreamResponse:
-    """Write each event separately, so clients see them arrive over time."""
-    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               "request-id": request_id}
-    compressor = _COMPRESSORS[knobs.compress]() if knobs.compress else None
-    if knobs.compress:
-        headers["Content-Encoding"] = knobs.compress
-    resp = web.StreamResponse(headers=headers)
-    await resp.prepare(request)
-    hold = request.headers.get("x-sim-hold")
-    try:
-        for event in stream_events(reply, knobs.chunks):
-            if event is None:
-                if hold:
-                    await _wait_hold(settings, hold)
-                    hold = None
-                if knobs.chunk_delay > 0:
-                    await asyncio.sleep(knobs.chunk_delay)
-                continue
-            name, data = event
-            chunk = b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-            await resp.write(compressor.write(chunk) if compressor else chunk)
-        if compressor:
-            await resp.write(compressor.end())
-        await resp.write_eof()
-    except ConnectionError:
-        pass  # the client went away mid-stream
-    return resp
-
-
-def _json(obj: dict[str, Any], knobs: Knobs, request_id: str) -> web.Response:
-    body = orjson.dumps(obj)
-    headers = {"request-id": request_id}
-    if knobs.compress:
-        compressor = _COMPRESSORS[knobs.compress]()
-        body = compressor.write(body) + compressor.end()
-        headers["Content-Encoding"] = knobs.compress
-    return web.Response(body=body, content_type="application/json", headers=headers)
-
-
-async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamResponse:
+async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.StreamResponse:
     """``POST .../v1/messages``; every failure becomes an Anthropic-shaped error."""
     try:
         if request.method != "POST":
@@ -654,16 +577,11 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
             raise _invalid("anthropic-version: header is required")
         if not _VERSION_RE.fullmatch(version):
             raise _invalid(f"anthropic-version: {version!r} is not a valid version")
-        try:
-            knobs = read_knobs(request, settings)
-        except OpenAIKnobError as exc:
-            raise _invalid(exc.message) from None
+        knobs = wire.read_knobs(request, settings)
         extra = _read_extra(request)
-        if knobs.first_byte_delay > 0:
-            await asyncio.sleep(knobs.first_byte_delay)
+        await wire.wait_first_byte(knobs)
         if knobs.error_status is not None:
-            status = knobs.error_status
-            raise ApiError(status, f"Simulated error {status} (requested via x-sim-error header)")
+            raise ApiError(knobs.error_status, wire.simulated_error(knobs.error_status, "x-sim-error header"))
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
@@ -673,10 +591,14 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
         _validate(body)
         reply = _reply(body, knobs, extra)
         request_id = _request_id()
+        headers = {"request-id": request_id}
         if body.get("stream") is True:
-            return await _stream(request, reply, knobs, settings, request_id)
-        return _json(reply.message(), knobs, request_id)
+            events = stream_events(reply, knobs.chunks)
+            return await wire.write_named_events(request, knobs, settings, events, headers)
+        return wire.json_reply(orjson.dumps(reply.message()), knobs.compress, headers)
     except ApiError as exc:
         return error_response(exc.status, exc.message, exc.error_type)
+    except wire.KnobError as exc:
+        return error_response(400, str(exc), "invalid_request_error")
     except web.HTTPException as exc:  # e.g. body larger than client_max_size
         return error_response(exc.status, exc.reason)

@@ -22,7 +22,6 @@ A model id ``sim-error-NNN`` answers with that error status.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -45,8 +44,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.compat import HTTPHeaders
 from botocore.credentials import Credentials
 
-from extproc.sim import text
-from extproc.sim.openai_api import MAX_TOKENS_LIMIT, ApiError, Knobs, SimSettings, read_knobs
+from extproc.sim import text, wire
 
 SIM_AWS_ACCESS_KEY_ID = "AKIDSIMULATOR"
 SIM_AWS_SECRET_ACCESS_KEY = "sim/Secret+Access/Key0123456789EXAMPLEKEY"
@@ -69,7 +67,6 @@ _SIGNATURE_MISMATCH = (
     "Check your AWS Secret Access Key and signing method. Consult the service documentation for details."
 )
 _PATH_RE = re.compile(r"/model/(?P<model>.+)/(?P<op>converse|converse-stream)/?$")
-_ERROR_MODEL_RE = re.compile(r"^sim-error-(\d{3})$")
 _STREAM_EXCEPTION_RE = re.compile(r"^[a-z][A-Za-z]{1,63}Exception$")
 _IMAGE_FORMATS = frozenset({"png", "jpeg", "gif", "webp"})
 _PADDING = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -330,8 +327,8 @@ def _check_inference(body: dict[str, Any]) -> tuple[int, bool]:
     limit = config.get("maxTokens")
     if limit is None:
         return text.DEFAULT_REPLY_TOKENS, False
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_TOKENS_LIMIT:
-        raise _invalid(f"inferenceConfig.maxTokens must be an integer between 1 and {MAX_TOKENS_LIMIT}.")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= wire.MAX_TOKENS_LIMIT:
+        raise _invalid(f"inferenceConfig.maxTokens must be an integer between 1 and {wire.MAX_TOKENS_LIMIT}.")
     return limit, True
 
 
@@ -378,7 +375,7 @@ def _block_tokens(block: dict[str, Any]) -> int:
         return text.count_tokens(block["text"])
     if isinstance(block.get("toolUse"), dict):
         use = block["toolUse"]
-        return text.count_tokens(str(use.get("name", ""))) + text.count_tokens(orjson.dumps(use.get("input")).decode())
+        return text.call_tokens(str(use.get("name", "")), orjson.dumps(use.get("input")).decode())
     if isinstance(block.get("toolResult"), dict):
         parts = [p for p in block["toolResult"].get("content") or [] if isinstance(p, dict)]
         return sum(text.count_tokens(p["text"] if isinstance(p.get("text"), str) else orjson.dumps(p).decode())
@@ -465,7 +462,7 @@ class _Reply:
         return {"latencyMs": int((time.monotonic() - self.started) * 1000)}
 
 
-def _reply(request: web.Request, body: dict[str, Any], knobs: Knobs, raw: bytes) -> _Reply:
+def _reply(request: web.Request, body: dict[str, Any], knobs: wire.Knobs, raw: bytes) -> _Reply:
     started = time.monotonic()
     system = _check_system(body)
     messages = _check_messages(body)
@@ -491,20 +488,12 @@ def _reply(request: web.Request, body: dict[str, Any], knobs: Knobs, raw: bytes)
         stop_reason = "max_tokens" if capped else "end_turn"
     total_prompt = prompt_tokens(system, messages)
     cache_read = min(knobs.usage.cached_tokens, total_prompt)
-    cache_write = min(_cache_write_knob(request), total_prompt - cache_read)
+    cache_write_knob = wire.header_int(request, "x-sim-cache-write-tokens", 0, 0, wire.MAX_TOKENS_LIMIT)
+    cache_write = min(cache_write_knob, total_prompt - cache_read)
     return _Reply(
         blocks, stop_reason, total_prompt - cache_read - cache_write, sum(_block_tokens(b) for b in blocks),
         cache_read, cache_write, not knobs.usage.omit, started,
     )
-
-
-def _cache_write_knob(request: web.Request) -> int:
-    raw = request.headers.get("x-sim-cache-write-tokens")
-    if raw is None:
-        return 0
-    if not raw.strip().isdigit() or int(raw) > MAX_TOKENS_LIMIT:
-        raise _invalid(f"x-sim-cache-write-tokens must be an integer between 0 and {MAX_TOKENS_LIMIT}, got {raw!r}")
-    return int(raw)
 
 
 def _converse_json(reply: _Reply) -> web.Response:
@@ -515,9 +504,7 @@ def _converse_json(reply: _Reply) -> web.Response:
     }
     if reply.report_usage:
         out["usage"] = reply.usage()
-    return web.Response(
-        body=orjson.dumps(out), content_type="application/json", headers={"x-amzn-requestid": str(uuid.uuid4())}
-    )
+    return wire.json_reply(orjson.dumps(out), None, {"x-amzn-requestid": str(uuid.uuid4())})
 
 
 def _pad(payload: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -558,24 +545,15 @@ def _stream_exception_knob(request: web.Request) -> str | None:
 
 
 async def _converse_stream(
-    request: web.Request, reply: _Reply, knobs: Knobs, settings: SimSettings
+    request: web.Request, reply: _Reply, knobs: wire.Knobs, settings: wire.SimSettings
 ) -> web.StreamResponse:
     exception = _stream_exception_knob(request)
-    resp = web.StreamResponse(
-        headers={"Content-Type": "application/vnd.amazon.eventstream", "x-amzn-requestid": str(uuid.uuid4())}
+    resp, _ = await wire.open_stream(  # no compression: x-sim-compress is for the JSON APIs
+        request, None, {"Content-Type": "application/vnd.amazon.eventstream", "x-amzn-requestid": str(uuid.uuid4())}
     )
-    await resp.prepare(request)
-    hold = request.headers.get("x-sim-hold")
     try:
-        for frame in _stream_frames(reply, knobs.chunks):
-            if frame is None:
-                if hold:
-                    await _wait_hold(settings, hold)
-                    hold = None
-                if knobs.chunk_delay > 0:
-                    await asyncio.sleep(knobs.chunk_delay)
-                continue
-            event_type, data = frame
+        frames = _stream_frames(reply, knobs.chunks)
+        async for event_type, data in wire.paced(frames, request, settings, knobs.chunk_delay):
             await resp.write(data)
             if exception and event_type == "contentBlockDelta":
                 message = f"Simulated {exception} (requested via x-sim-stream-exception)"
@@ -592,14 +570,6 @@ async def _converse_stream(
     return resp
 
 
-async def _wait_hold(settings: SimSettings, name: str) -> None:
-    try:
-        await asyncio.wait_for(settings.hold(name).wait(), settings.hold_timeout_s)
-        settings.hold_outcomes[name] = "released"
-    except TimeoutError:
-        settings.hold_outcomes[name] = "timed_out"
-
-
 # -- routing ------------------------------------------------------------------------------
 
 
@@ -612,7 +582,7 @@ def _simulated_error(request: web.Request, status: int, how: str) -> BedrockErro
     error_type = request.headers.get("x-sim-error-type") or _ERROR_TYPES.get(
         status, "InternalServerException" if status >= 500 else "ValidationException"
     )
-    return BedrockError(status, error_type, f"Simulated error {status} (requested via {how})")
+    return BedrockError(status, error_type, wire.simulated_error(status, how))
 
 
 def _parse_body(raw: bytes) -> dict[str, Any]:
@@ -625,7 +595,7 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamResponse:
+async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.StreamResponse:
     """Verify the signature, then answer Converse or ConverseStream; every failure is a
     Bedrock-shaped error."""
     try:
@@ -635,23 +605,21 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
         match = _PATH_RE.search(request.raw_path.split("?", 1)[0])
         if request.method != "POST" or match is None:
             raise BedrockError(404, "UnknownOperationException", f"Unknown operation {request.method} {request.path}")
-        try:
-            knobs = read_knobs(request, settings)
-        except ApiError as exc:
-            raise _invalid(exc.message) from None
-        if knobs.first_byte_delay > 0:
-            await asyncio.sleep(knobs.first_byte_delay)
+        knobs = wire.read_knobs(request, settings)
+        await wire.wait_first_byte(knobs)
         if knobs.error_status is not None:
             raise _simulated_error(request, knobs.error_status, "x-sim-error header")
         model = unquote(match.group("model"))
-        error_model = _ERROR_MODEL_RE.match(model)
-        if error_model and 400 <= int(error_model.group(1)) <= 599:
-            raise _simulated_error(request, int(error_model.group(1)), f"model {model}")
+        status = wire.model_error(model)
+        if status is not None:
+            raise _simulated_error(request, status, f"model {model}")
         reply = _reply(request, _parse_body(raw_body), knobs, raw_body)
         if match.group("op") == "converse-stream":
             return await _converse_stream(request, reply, knobs, settings)
         return _converse_json(reply)
     except BedrockError as exc:
         return error_response(exc.status, exc.error_type, exc.message)
+    except wire.KnobError as exc:
+        return error_response(400, "ValidationException", str(exc))
     except web.HTTPException as exc:  # e.g. body larger than client_max_size
         return error_response(exc.status, "ValidationException", exc.reason)

@@ -2,16 +2,8 @@
 
 Routing matches on the path *suffix*, so the simulator answers behind any base
 path a gateway may add (``/v1``, ``/openai/v1``, ``/x/y``). Per-request knobs
-arrive as ``x-sim-*`` headers, so tests can drive the upstream through a gateway:
-
-* ``x-sim-chunks`` / ``x-sim-chunk-delay-ms`` / ``x-sim-first-byte-delay-ms``: stream
-  shape and pacing (content pieces, pause between them, pause before anything);
-* ``x-sim-error: STATUS``: answer with an OpenAI error of that status (400-599);
-* ``x-sim-cached-tokens``, ``x-sim-reasoning-tokens``, ``x-sim-usage-in-last-choice: 1``,
-  ``x-sim-no-usage: 1``: how usage is reported;
-* ``x-sim-compress: gzip|deflate|br``: compress the body;
-* ``x-sim-hold: NAME``: pause a stream after its first content chunk until
-  ``SimServer.release(NAME)``.
+arrive as ``x-sim-*`` headers (listed in ``wire``, shared by every simulated API), so
+tests can drive the upstream through a gateway.
 
 Fault knobs (OpenAI API only), for testing what a gateway does when a provider misbehaves:
 
@@ -35,28 +27,21 @@ Fault knobs (OpenAI API only), for testing what a gateway does when a provider m
 from __future__ import annotations
 
 import asyncio
-import re
-import zlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import brotli
 import orjson
 from aiohttp import web
 
-from extproc.sim import text
+from extproc.sim import text, wire
 
 DEMO_MODELS = ("demo-model", "demo-chat", "demo-embedding")
 DEFAULT_DIMENSIONS = 8
 MAX_DIMENSIONS = 4096
-MAX_CHUNKS = 10_000
-MAX_DELAY_MS = 600_000.0
-MAX_TOKENS_LIMIT = 1_000_000
 RESET_PAUSE_S = 0.5  # x-sim-reset-after-chunks: let sent bytes arrive before the RST
-GARBAGE_KINDS = ("json", "sse", "html", "truncated-json", "truncated-sse")
 _GARBAGE_JSON = b'{"id": "chatcmpl-garbage", "choices": [{"message": <<not json>> \x00 \xff\xfe'
 _GARBAGE_SSE = (
     b"data: {not json}\n\n"
@@ -70,7 +55,6 @@ _GARBAGE_HTML = (
     b"<!DOCTYPE html>\n<html><head><title>500 Internal Server Error</title></head>\n"
     b"<body><h1>Internal Server Error</h1><p>nginx</p></body></html>\n"
 )
-_ERROR_MODEL_RE = re.compile(r"^sim-error-(\d{3})$")
 
 _ERROR_TYPES = {
     400: ("invalid_request_error", None),
@@ -83,52 +67,6 @@ _ERROR_TYPES = {
     422: ("invalid_request_error", None),
     429: ("requests", "rate_limit_exceeded"),
 }
-
-
-@dataclass
-class SimSettings:
-    """Server-wide defaults; shared with the handlers so changes apply live."""
-
-    chunks: int = 8
-    chunk_delay_ms: float = 0.0
-    first_byte_delay_ms: float = 0.0
-    # Streams sent with `x-sim-hold: NAME` pause after their first content chunk until a
-    # test calls `SimServer.release(NAME)`: proof by causality (not timing) that a
-    # gateway forwards chunks as they come rather than at the end.
-    holds: dict[str, asyncio.Event] = field(default_factory=dict)
-    hold_outcomes: dict[str, str] = field(default_factory=dict)
-    hold_timeout_s: float = 10.0
-
-    def hold(self, name: str) -> asyncio.Event:
-        return self.holds.setdefault(name, asyncio.Event())
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """Effective per-request behaviour: server defaults overridden by headers."""
-
-    chunks: int
-    chunk_delay: float
-    first_byte_delay: float
-    error_status: int | None
-    usage: UsageShape = field(default_factory=lambda: UsageShape())
-    compress: str | None = None  # gzip, deflate or br
-    reset_after: int | None = None  # abort the connection after this many events (0: before the reply)
-    garbage: str | None = None  # one of GARBAGE_KINDS
-    content_type: str | None = None  # sent instead of the real Content-Type
-
-
-@dataclass(frozen=True)
-class UsageShape:
-    """How the simulator reports usage, so a gateway's accounting can be exercised."""
-
-    cached_tokens: int = 0  # reported in prompt_tokens_details (capped at prompt_tokens)
-    reasoning_tokens: int = 0  # reported in completion_tokens_details
-    in_last_choice: bool = False  # put usage on the finish chunk instead of a separate one
-    omit: bool = False  # never report usage, even when asked
-
-
-SETTINGS = web.AppKey("settings", SimSettings)
 
 
 class ApiError(Exception):
@@ -149,99 +87,16 @@ def error_response(
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
 
-def _json(obj: Any, status: int = 200, compress: str | None = None) -> web.Response:
-    body = orjson.dumps(obj)
-    if compress is None:
-        return web.Response(status=status, body=body, content_type="application/json")
-    compressor = _COMPRESSORS[compress]()
-    compressed = compressor.write(body) + compressor.end()
-    return web.Response(
-        status=status, body=compressed, content_type="application/json", headers={"Content-Encoding": compress}
-    )
-
-
-def _header_number(request: web.Request, name: str, default: float, lo: float, hi: float) -> float:
-    raw = request.headers.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ApiError(400, f"invalid {name} header: {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ApiError(400, f"{name} must be between {lo:g} and {hi:g}, got {raw!r}")
-    return value
-
-
-def read_knobs(request: web.Request, settings: SimSettings) -> Knobs:
-    """Merge ``x-sim-*`` headers over the server defaults (400 on bad values)."""
-    chunks = _header_number(request, "x-sim-chunks", settings.chunks, 1, MAX_CHUNKS)
-    delay = _header_number(request, "x-sim-chunk-delay-ms", settings.chunk_delay_ms, 0, MAX_DELAY_MS)
-    first = _header_number(request, "x-sim-first-byte-delay-ms", settings.first_byte_delay_ms, 0, MAX_DELAY_MS)
-    status = request.headers.get("x-sim-error")
-    error_status: int | None = None
-    if status is not None:
-        if not status.strip().isdigit() or not 400 <= int(status) <= 599:
-            raise ApiError(400, f"x-sim-error must be an HTTP status 400-599, got {status!r}")
-        error_status = int(status)
-    usage = UsageShape(
-        cached_tokens=int(_header_number(request, "x-sim-cached-tokens", 0, 0, MAX_TOKENS_LIMIT)),
-        reasoning_tokens=int(_header_number(request, "x-sim-reasoning-tokens", 0, 0, MAX_TOKENS_LIMIT)),
-        in_last_choice=request.headers.get("x-sim-usage-in-last-choice") == "1",
-        omit=request.headers.get("x-sim-no-usage") == "1",
-    )
-    compress = request.headers.get("x-sim-compress")
-    if compress is not None and compress not in _COMPRESSORS:
-        raise ApiError(400, f"x-sim-compress must be one of {', '.join(_COMPRESSORS)}, got {compress!r}")
-    reset = request.headers.get("x-sim-reset-after-chunks")
-    reset_after = None if reset is None else int(
-        _header_number(request, "x-sim-reset-after-chunks", 0, 0, MAX_CHUNKS)
-    )
-    garbage = request.headers.get("x-sim-garbage")
-    if garbage is not None and garbage not in GARBAGE_KINDS:
-        raise ApiError(400, f"x-sim-garbage must be one of {', '.join(GARBAGE_KINDS)}, got {garbage!r}")
-    return Knobs(
-        int(chunks), delay / 1000.0, first / 1000.0, error_status, usage, compress,
-        reset_after=reset_after, garbage=garbage, content_type=request.headers.get("x-sim-content-type"),
-    )
-
-
-class _GzipStream:
-    """Compresses each write so it can be decoded on arrival (sync flush per event)."""
-
-    def __init__(self, wbits: int) -> None:
-        self._inner = zlib.compressobj(wbits=wbits)
-
-    def write(self, data: bytes) -> bytes:
-        return self._inner.compress(data) + self._inner.flush(zlib.Z_SYNC_FLUSH)
-
-    def end(self) -> bytes:
-        return self._inner.flush(zlib.Z_FINISH)
-
-
-class _BrotliStream:
-    def __init__(self) -> None:
-        self._inner = brotli.Compressor()
-
-    def write(self, data: bytes) -> bytes:
-        return self._inner.process(data) + self._inner.flush()
-
-    def end(self) -> bytes:
-        return self._inner.finish()
-
-
-_COMPRESSORS: dict[str, Callable[[], _GzipStream | _BrotliStream]] = {
-    "gzip": lambda: _GzipStream(16 + zlib.MAX_WBITS),
-    "deflate": lambda: _GzipStream(zlib.MAX_WBITS),
-    "br": _BrotliStream,
-}
+def _json(obj: Any, compress: str | None = None) -> web.Response:
+    return wire.json_reply(orjson.dumps(obj), compress)
 
 
 def _simulated_error(status: int, how: str) -> ApiError:
-    return ApiError(status, f"Simulated error {status} (requested via {how})")
+    return ApiError(status, wire.simulated_error(status, how))
 
 
-def _parse_body(raw: bytes) -> dict[str, Any]:
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or the 400 OpenAI answers (Chat, Completions, Responses)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -255,9 +110,9 @@ def _require_model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
-    match = _ERROR_MODEL_RE.match(model)
-    if match and 400 <= int(match.group(1)) <= 599:
-        raise _simulated_error(int(match.group(1)), f"model {model}")
+    status = wire.model_error(model)
+    if status is not None:
+        raise _simulated_error(status, f"model {model}")
     return model
 
 
@@ -267,8 +122,8 @@ def _reply_tokens(body: dict[str, Any]) -> tuple[int, bool]:
         value = body.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOKENS_LIMIT:
-            raise ApiError(400, f"{key} must be an integer between 1 and {MAX_TOKENS_LIMIT}", param=key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= wire.MAX_TOKENS_LIMIT:
+            raise ApiError(400, f"{key} must be an integer between 1 and {wire.MAX_TOKENS_LIMIT}", param=key)
         return value, True
     return text.DEFAULT_REPLY_TOKENS, False
 
@@ -278,8 +133,8 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, shape: UsageShape | None = None) -> dict[str, Any]:
-    shape = shape or UsageShape()
+def _usage(prompt_tokens: int, completion_tokens: int, shape: wire.UsageShape | None = None) -> dict[str, Any]:
+    shape = shape or wire.UsageShape()
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -299,7 +154,7 @@ class _Reply:
     texts: list[str]
     finish_reason: str
     prompt_tokens: int
-    shape: UsageShape = field(default_factory=UsageShape)
+    shape: wire.UsageShape = field(default_factory=wire.UsageShape)
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -323,19 +178,29 @@ def _chat_reply(body: dict[str, Any], model: str) -> _Reply:
     )
 
 
+def _texts(value: Any, empty_ids: bool) -> list[tuple[str, int]] | None:
+    """A legacy ``prompt`` or embeddings ``input`` as (text, tokens) per item: a string, an
+    array of strings, one array of token ids or an array of them (ids stand in as their
+    decimal text); None if it is none of these. Completions accept an empty array of token
+    ids, embeddings (``empty_ids=False``) do not."""
+    if isinstance(value, str):
+        return [(value, text.count_tokens(value))]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return [(v, text.count_tokens(v)) for v in value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [(" ".join(map(str, value)), len(value))]
+        if all(isinstance(v, list) and (v or empty_ids) and all(isinstance(i, int) for i in v) for v in value):
+            return [(" ".join(map(str, v)), len(v)) for v in value]
+    return None
+
+
 def _prompts(body: dict[str, Any]) -> list[tuple[str, int]]:
     """Legacy ``prompt`` as (text to answer, prompt tokens) per choice."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return [(prompt, text.count_tokens(prompt))]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return [(p, text.count_tokens(p)) for p in prompt]
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return [(" ".join(map(str, prompt)), len(prompt))]
-        if all(isinstance(p, list) and all(isinstance(i, int) for i in p) for p in prompt):
-            return [(" ".join(map(str, p)), len(p)) for p in prompt]
-    raise ApiError(400, "prompt must be a string, an array of strings or an array of token ids", param="prompt")
+    prompts = _texts(body.get("prompt"), empty_ids=True)
+    if prompts is None:
+        raise ApiError(400, "prompt must be a string, an array of strings or an array of token ids", param="prompt")
+    return prompts
 
 
 def _completion_reply(body: dict[str, Any], model: str) -> _Reply:
@@ -434,18 +299,13 @@ async def _stream(
     include_usage: bool,
     delay: float,
     usage_object: str,
-    knobs: Knobs | None = None,
+    knobs: wire.Knobs | None = None,
 ) -> web.StreamResponse:
     """Write each SSE event separately, so clients see chunks arrive over time."""
-    knobs = knobs or Knobs(1, 0, 0, None)
+    knobs = knobs or wire.Knobs(1, 0, 0, None)
     shape = knobs.usage
     headers = {"Content-Type": knobs.content_type or "text/event-stream", "Cache-Control": "no-cache"}
-    compressor = _COMPRESSORS[knobs.compress]() if knobs.compress else None
-    if knobs.compress:
-        headers["Content-Encoding"] = knobs.compress
-    resp = web.StreamResponse(headers=headers)
-    await resp.prepare(request)
-
+    resp, compressor = await wire.open_stream(request, knobs.compress, headers)
     sent = 0
 
     async def send(data: bytes) -> None:
@@ -457,20 +317,14 @@ async def _stream(
 
     include_usage = include_usage and not shape.omit
     events_list = [e async for e in events]
-    last_data = max((i for i, e in enumerate(events_list) if e is not None), default=-1)
+    last = sum(e is not None for e in events_list)  # the number of the last chunk, counted from 1
     usage_inline = include_usage and shape.in_last_choice
-    hold = request.headers.get("x-sim-hold")
     try:
-        for index, event in enumerate(events_list):
-            if event is None:
-                if hold:
-                    await _wait_hold(request.app[SETTINGS], hold)
-                    hold = None
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                continue
+        number = 0
+        async for event in wire.paced(events_list, request, request.app[wire.SETTINGS], delay):
+            number += 1
             if include_usage:
-                event["usage"] = reply.usage if usage_inline and index == last_data else None
+                event["usage"] = reply.usage if usage_inline and number == last else None
             await send(b"data: " + orjson.dumps(event) + b"\n\n")
         if include_usage and not usage_inline:
             usage_chunk = {
@@ -513,7 +367,7 @@ def _garbage_response(kind: str, status: int) -> web.StreamResponse:
     return web.Response(status=status, body=body, headers={"Content-Type": content_type})
 
 
-async def _apply_faults(request: web.Request, resp: web.StreamResponse, knobs: Knobs) -> web.StreamResponse:
+async def _apply_faults(request: web.Request, resp: web.StreamResponse, knobs: wire.Knobs) -> web.StreamResponse:
     """The fault knobs that change a finished, not yet sent, reply."""
     if not isinstance(resp, web.Response) or resp.prepared:
         return resp  # a stream applied its faults itself
@@ -535,15 +389,7 @@ async def _apply_faults(request: web.Request, resp: web.StreamResponse, knobs: K
     return resp
 
 
-async def _wait_hold(settings: SimSettings, name: str) -> None:
-    try:
-        await asyncio.wait_for(settings.hold(name).wait(), settings.hold_timeout_s)
-        settings.hold_outcomes[name] = "released"
-    except TimeoutError:
-        settings.hold_outcomes[name] = "timed_out"
-
-
-async def chat_completions(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
+async def chat_completions(request: web.Request, body: dict[str, Any], knobs: wire.Knobs) -> web.StreamResponse:
     """``POST .../chat/completions``."""
     reply = _chat_reply(body, _require_model(body))
     reply.shape = knobs.usage
@@ -555,7 +401,7 @@ async def chat_completions(request: web.Request, body: dict[str, Any], knobs: Kn
     return _json(_without_usage(_chat_object(reply), knobs), compress=knobs.compress)
 
 
-async def completions(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
+async def completions(request: web.Request, body: dict[str, Any], knobs: wire.Knobs) -> web.StreamResponse:
     """``POST .../completions`` (legacy text completions)."""
     reply = _completion_reply(body, _require_model(body))
     reply.shape = knobs.usage
@@ -568,22 +414,16 @@ async def completions(request: web.Request, body: dict[str, Any], knobs: Knobs) 
 def _embedding_inputs(body: dict[str, Any]) -> list[tuple[str, int]]:
     """``input`` as (seed text, token count) per item."""
     value = body.get("input")
-    if isinstance(value, str):
-        return [(value, text.count_tokens(value))]
-    if isinstance(value, list) and value:
-        if all(isinstance(v, str) for v in value):
-            return [(v, text.count_tokens(v)) for v in value]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return [(" ".join(map(str, value)), len(value))]
-        if all(isinstance(v, list) and v and all(isinstance(i, int) for i in v) for v in value):
-            return [(" ".join(map(str, v)), len(v)) for v in value]
-    raise ApiError(
-        400, "input must be a string, an array of strings or an array of token id arrays", param="input",
-        code="missing_required_parameter" if value is None else None,
-    )
+    inputs = _texts(value, empty_ids=False)
+    if inputs is None:
+        raise ApiError(
+            400, "input must be a string, an array of strings or an array of token id arrays", param="input",
+            code="missing_required_parameter" if value is None else None,
+        )
+    return inputs
 
 
-async def embeddings(request: web.Request, body: dict[str, Any], knobs: Knobs) -> web.StreamResponse:
+async def embeddings(request: web.Request, body: dict[str, Any], knobs: wire.Knobs) -> web.StreamResponse:
     """``POST .../embeddings``: deterministic unit vectors, float or base64."""
     model = _require_model(body)
     inputs = _embedding_inputs(body)
@@ -605,7 +445,7 @@ async def embeddings(request: web.Request, body: dict[str, Any], knobs: Knobs) -
     }, knobs), compress=knobs.compress)
 
 
-def _without_usage(obj: dict[str, Any], knobs: Knobs) -> dict[str, Any]:
+def _without_usage(obj: dict[str, Any], knobs: wire.Knobs) -> dict[str, Any]:
     if knobs.usage.omit:
         obj.pop("usage", None)
     return obj
@@ -615,7 +455,7 @@ def _model_object(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 1_700_000_000, "owned_by": "extproc-sim"}
 
 
-Handler = Callable[[web.Request, dict[str, Any], Knobs], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request, dict[str, Any], wire.Knobs], Awaitable[web.StreamResponse]]
 _POST_ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/chat/completions", chat_completions),
     ("/completions", completions),
@@ -623,19 +463,18 @@ _POST_ROUTES: tuple[tuple[str, Handler], ...] = (
 )
 
 
-async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamResponse:
+async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.StreamResponse:
     """Route by method and path suffix; turn every failure into an OpenAI error."""
     try:
-        knobs = read_knobs(request, settings)
-    except ApiError as exc:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        knobs = wire.read_knobs(request, settings)
+    except wire.KnobError as exc:
+        return error_response(400, str(exc))
     return await _apply_faults(request, await _answer(request, knobs), knobs)
 
 
-async def _answer(request: web.Request, knobs: Knobs) -> web.StreamResponse:
+async def _answer(request: web.Request, knobs: wire.Knobs) -> web.StreamResponse:
     try:
-        if knobs.first_byte_delay > 0:
-            await asyncio.sleep(knobs.first_byte_delay)
+        await wire.wait_first_byte(knobs)
         if knobs.reset_after == 0:
             await request.read()
             await _abort(request, sent=False)
@@ -648,7 +487,7 @@ async def _answer(request: web.Request, knobs: Knobs) -> web.StreamResponse:
         if request.method == "POST":
             for suffix, handler in _POST_ROUTES:
                 if path.endswith(suffix):
-                    return await handler(request, _parse_body(await request.read()), knobs)
+                    return await handler(request, parse_body(await request.read()), knobs)
         elif request.method == "GET":
             if path.endswith("/models"):
                 return _json({"object": "list", "data": [_model_object(m) for m in DEMO_MODELS]})

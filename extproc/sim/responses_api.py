@@ -21,7 +21,7 @@ The reply echoes the last user text like the other simulators, or calls the firs
 function tool when tools are offered and that text says "weather" (or ``tool_choice``
 forces a call, or ``x-sim-tool-call: 1``).
 
-Knobs are the ``x-sim-*`` headers of the OpenAI simulator (``openai_api.read_knobs``:
+Knobs are the ``x-sim-*`` headers every simulated API reads (``wire.read_knobs``:
 chunks, delays, error, cached and reasoning tokens, no-usage, compression, hold) plus:
 
 * ``x-sim-reply-tokens``: the natural reply length (default ``text.DEFAULT_REPLY_TOKENS``);
@@ -42,7 +42,6 @@ and as ``output_tokens_details.reasoning_tokens``, as reasoning models report th
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import time
@@ -55,24 +54,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.sim import text
+from extproc.sim import text, wire
 from extproc.sim.anthropic_api import tool_input
-from extproc.sim.openai_api import (
-    _COMPRESSORS,  # shared so every API compresses the same way
-    MAX_TOKENS_LIMIT,
-    ApiError,
-    Knobs,
-    SimSettings,
-    _wait_hold,  # shared so SimServer.release / hold_outcome work for every API
-    error_response,
-    read_knobs,
-)
+from extproc.sim.openai_api import ApiError, error_response, parse_body
 
 RESPONSES_SUFFIX = "/responses"
 MIN_OUTPUT_TOKENS = 16  # the real API's minimum for max_output_tokens
 MAX_STORED = 20_000  # stored responses per simulator instance (oldest forgotten first)
 _PATH_RE = re.compile(r"/responses(?:/([^/]+))?/?$")
-_ERROR_MODEL_RE = re.compile(r"^sim-error-(\d{3})$")
 _WEATHER_RE = re.compile(r"\bweather\b", re.IGNORECASE)
 _TOOL_NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _FAILURE_CODE_RE = re.compile(r"[a-z0-9_]{1,64}")
@@ -118,7 +107,7 @@ class _State:
             self.stored.popitem(last=False)
 
 
-def _state(settings: SimSettings) -> _State:
+def _state(settings: wire.SimSettings) -> _State:
     """The instance's state, kept on its settings (one SimSettings per simulator instance)."""
     state = settings.__dict__.get("_responses_state")
     if state is None:
@@ -126,7 +115,7 @@ def _state(settings: SimSettings) -> _State:
     return state
 
 
-def stored_ids(settings: SimSettings) -> list[str]:
+def stored_ids(settings: wire.SimSettings) -> list[str]:
     """The ids of the responses this simulator instance stored, oldest first (for tests)."""
     return list(_state(settings).stored)
 
@@ -281,7 +270,7 @@ def _function_tools(tools: Any) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class _Extra:
-    """The Responses-only knobs, on top of the shared ``Knobs``."""
+    """The Responses-only knobs, on top of the shared ``wire.Knobs``."""
 
     reply_tokens: int = text.DEFAULT_REPLY_TOKENS
     tool_call: bool = False
@@ -289,12 +278,7 @@ class _Extra:
 
 
 def _read_extra(request: web.Request) -> _Extra:
-    raw = request.headers.get("x-sim-reply-tokens")
-    reply_tokens = text.DEFAULT_REPLY_TOKENS
-    if raw is not None:
-        if not raw.strip().isdigit() or not 1 <= int(raw) <= MAX_TOKENS_LIMIT:
-            raise _invalid(f"x-sim-reply-tokens must be an integer between 1 and {MAX_TOKENS_LIMIT}, got {raw!r}")
-        reply_tokens = int(raw)
+    reply_tokens = wire.header_int(request, "x-sim-reply-tokens", text.DEFAULT_REPLY_TOKENS, 1, wire.MAX_TOKENS_LIMIT)
     failure = request.headers.get("x-sim-stream-failure")
     if failure is not None and not _FAILURE_CODE_RE.fullmatch(failure):
         raise _invalid(f"x-sim-stream-failure must be an error code like server_error, got {failure!r}")
@@ -326,10 +310,9 @@ def _validate(body: dict[str, Any]) -> _Request:
         raise _invalid("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
     if not isinstance(model, str) or not model:
         raise _invalid_type("model", "a string", model)
-    match = _ERROR_MODEL_RE.match(model)
-    if match and 400 <= int(match.group(1)) <= 599:
-        status = int(match.group(1))
-        raise ApiError(status, f"Simulated error {status} (requested via model {model})")
+    status = wire.model_error(model)
+    if status is not None:
+        raise ApiError(status, wire.simulated_error(status, f"model {model}"))
     for key in ("stream", "store", "parallel_tool_calls", "background"):
         if body.get(key) is not None and not isinstance(body[key], bool):
             raise _invalid_type(key, "a boolean", body[key])
@@ -444,7 +427,7 @@ class _Output:
     @property
     def tokens(self) -> int:
         if self.type == "function_call":
-            return text.count_tokens(self.name) + text.count_tokens(self.arguments)
+            return text.call_tokens(self.name, self.arguments)
         return text.count_tokens(self.text)
 
 
@@ -552,10 +535,10 @@ def _prompt_text(req: _Request) -> str:
     return ""
 
 
-def _reply(req: _Request, knobs: Knobs, extra: _Extra, previous: _Stored | None) -> _Reply:
+def _reply(req: _Request, knobs: wire.Knobs, extra: _Extra, previous: _Stored | None) -> _Reply:
     input_tokens = _input_tokens(req) + (previous.context_tokens if previous else 0)
     reasoning = knobs.usage.reasoning_tokens
-    budget = req.max_output_tokens if req.max_output_tokens is not None else MAX_TOKENS_LIMIT
+    budget = req.max_output_tokens if req.max_output_tokens is not None else wire.MAX_TOKENS_LIMIT
     outputs: list[_Output] = []
     if reasoning:
         reasoning = min(reasoning, budget)
@@ -585,8 +568,6 @@ def _reply(req: _Request, knobs: Knobs, extra: _Extra, previous: _Stored | None)
 
 
 # -- streaming ---------------------------------------------------------------------------------------
-
-
 
 
 def _obfuscation(item_id: str, index: int, delta: str) -> str:
@@ -666,61 +647,27 @@ def _headers(request_id: str) -> dict[str, str]:
     return {"x-request-id": request_id, "openai-processing-ms": "1"}
 
 
-async def _stream(
-    request: web.Request, reply: _Reply, knobs: Knobs, extra: _Extra, settings: SimSettings, request_id: str
-) -> web.StreamResponse:
-    """Write each event separately, so clients see them arrive over time."""
-    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               **_headers(request_id)}
-    compressor = _COMPRESSORS[knobs.compress]() if knobs.compress else None
-    if knobs.compress:
-        headers["Content-Encoding"] = knobs.compress
-    resp = web.StreamResponse(headers=headers)
-    await resp.prepare(request)
-    hold = request.headers.get("x-sim-hold")
+def _numbered(events: Iterator[Event | None]) -> Iterator[Event | None]:
+    """The events with the ``sequence_number`` every streamed event carries, from 0."""
     sequence = 0
-    try:
-        for event in stream_events(reply, knobs.chunks, extra.stream_failure):
-            if event is None:
-                if hold:
-                    await _wait_hold(settings, hold)
-                    hold = None
-                if knobs.chunk_delay > 0:
-                    await asyncio.sleep(knobs.chunk_delay)
-                continue
-            name, data = event
-            data["sequence_number"] = sequence
+    for event in events:
+        if event is not None:
+            event[1]["sequence_number"] = sequence
             sequence += 1
-            chunk = b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-            await resp.write(compressor.write(chunk) if compressor else chunk)
-        if compressor:
-            await resp.write(compressor.end())
-        await resp.write_eof()
-    except ConnectionError:
-        pass  # the client went away mid-stream
-    return resp
+        yield event
 
 
-def _json(body: bytes, knobs: Knobs, request_id: str, status: int = 200) -> web.Response:
-    headers = _headers(request_id)
-    if knobs.compress:
-        compressor = _COMPRESSORS[knobs.compress]()
-        body = compressor.write(body) + compressor.end()
-        headers["Content-Encoding"] = knobs.compress
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+def _json(body: bytes, knobs: wire.Knobs, request_id: str) -> web.Response:
+    return wire.json_reply(body, knobs.compress, _headers(request_id))
 
 
 # -- handlers ----------------------------------------------------------------------------------------
 
 
-async def _create(request: web.Request, settings: SimSettings, knobs: Knobs, extra: _Extra) -> web.StreamResponse:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise _invalid(f"We could not parse the JSON body of your request: {exc}") from None
-    if not isinstance(body, dict):
-        raise _invalid("The request body must be a JSON object.")
-    req = _validate(body)
+async def _create(
+    request: web.Request, settings: wire.SimSettings, knobs: wire.Knobs, extra: _Extra
+) -> web.StreamResponse:
+    req = _validate(parse_body(await request.read()))
     state = _state(settings)
     previous = None
     if req.previous is not None:
@@ -739,7 +686,8 @@ async def _create(request: web.Request, settings: SimSettings, knobs: Knobs, ext
             body=orjson.dumps(final),
         ))
     if req.stream:
-        return await _stream(request, reply, knobs, extra, settings, request_id)
+        events = _numbered(stream_events(reply, knobs.chunks, extra.stream_failure))
+        return await wire.write_named_events(request, knobs, settings, events, _headers(request_id))
     return _json(orjson.dumps(final), knobs, request_id)
 
 
@@ -747,16 +695,14 @@ def _not_found(response_id: str) -> ApiError:
     return ApiError(404, f"Response with id '{response_id}' not found.", param=None, code=None)
 
 
-async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamResponse:
+async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.StreamResponse:
     """``POST .../responses``, ``GET`` / ``DELETE .../responses/{id}``; failures become OpenAI errors."""
     try:
-        knobs = read_knobs(request, settings)
+        knobs = wire.read_knobs(request, settings)
         extra = _read_extra(request)
-        if knobs.first_byte_delay > 0:
-            await asyncio.sleep(knobs.first_byte_delay)
+        await wire.wait_first_byte(knobs)
         if knobs.error_status is not None:
-            status = knobs.error_status
-            raise ApiError(status, f"Simulated error {status} (requested via x-sim-error header)")
+            raise ApiError(knobs.error_status, wire.simulated_error(knobs.error_status, "x-sim-error header"))
         match = _PATH_RE.search(request.path)
         assert match is not None, "dispatch called for a path matches() refuses"
         response_id = match.group(1)
@@ -778,5 +724,7 @@ async def dispatch(request: web.Request, settings: SimSettings) -> web.StreamRes
         raise ApiError(405, f"Method {request.method} not allowed for {request.path}; use GET or DELETE.")
     except ApiError as exc:
         return error_response(exc.status, exc.message, exc.param, exc.code)
+    except wire.KnobError as exc:
+        return error_response(400, str(exc))
     except web.HTTPException as exc:  # e.g. body larger than client_max_size
         return error_response(exc.status, exc.reason)

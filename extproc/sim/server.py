@@ -10,19 +10,21 @@ import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 from aiohttp import web
 
 from extproc.sim import anthropic_api, bedrock_api, responses_api
-from extproc.sim.openai_api import SETTINGS, SimSettings, dispatch, error_response
+from extproc.sim.openai_api import dispatch, error_response
+from extproc.sim.wire import SETTINGS, SimSettings
 
 MAX_RECORDED = 1000
 MAX_BODY_BYTES = 64 * 1024 * 1024  # long prompts in benchmarks exceed aiohttp's 1 MiB default
 SHUTDOWN_TIMEOUT_S = 0.5  # a simulator need not wait long for in-flight streams
 
 Recorder = Callable[["RecordedRequest"], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,21 @@ def create_app(settings: SimSettings, record: Recorder | None = None) -> web.App
     return app
 
 
+class _Setting(Generic[T]):
+    """A ``SimServer`` attribute kept on its ``SimSettings``, so setting it reaches the
+    running handlers (e.g. ``server.chunks = 3`` between test cases)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, server: SimServer, owner: type | None = None) -> T:
+        value: T = getattr(server.settings, self._name)
+        return value
+
+    def __set__(self, server: SimServer, value: T) -> None:
+        setattr(server.settings, self._name, value)
+
+
 class SimServer:
     """A local OpenAI-compatible upstream for demos, integration tests and benchmarks."""
 
@@ -96,21 +113,8 @@ class SimServer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    @property
-    def chunks(self) -> int:
-        return self.settings.chunks
-
-    @chunks.setter
-    def chunks(self, value: int) -> None:
-        self.settings.chunks = value
-
-    @property
-    def chunk_delay_ms(self) -> float:
-        return self.settings.chunk_delay_ms
-
-    @chunk_delay_ms.setter
-    def chunk_delay_ms(self, value: float) -> None:
-        self.settings.chunk_delay_ms = value
+    chunks = _Setting[int]()
+    chunk_delay_ms = _Setting[float]()
 
     @property
     def url(self) -> str:

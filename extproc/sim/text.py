@@ -44,6 +44,11 @@ def count_tokens(text: str) -> int:
     return sum(1 for _ in TOKEN_RE.finditer(text))
 
 
+def call_tokens(name: str, arguments: str) -> int:
+    """Output tokens of a tool call, in every simulated API: its name's plus its JSON arguments'."""
+    return count_tokens(name) + count_tokens(arguments)
+
+
 def content_text(content: Any) -> str:
     """Text of a message ``content``: a string, or the text parts of a list."""
     if isinstance(content, str):

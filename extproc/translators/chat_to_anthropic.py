@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from extproc.schemas.anthropic import MESSAGES_SUFFIX, UsageTracker, usage_from_anthropic
+from extproc.schemas.anthropic import ERROR_TYPES_BY_STATUS, MESSAGES_SUFFIX, UsageTracker, usage_from_anthropic
 from extproc.schemas.openai import STREAM_DONE, bad_request, max_output_tokens, sse_event, usage_object
 from extproc.sse import SSEDecoder, SSEEvent
 from extproc.translators.anthropic_messages import anthropic_headers
@@ -559,27 +559,14 @@ _OPENAI_ERRORS: dict[str, tuple[str, str | None]] = {
     "overloaded_error": ("server_error", "overloaded"),
     "api_error": ("server_error", None),
 }
-# HTTP status -> the Anthropic error type it documents, for bodies that name none.
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
 _MAX_ERROR_TEXT = 1000
 
 
 def _openai_error(anthropic_type: Any, status: int | None) -> tuple[str, str | None]:
     if isinstance(anthropic_type, str) and anthropic_type in _OPENAI_ERRORS:
         return _OPENAI_ERRORS[anthropic_type]
-    if status is not None and status in _TYPE_BY_STATUS:
-        return _OPENAI_ERRORS[_TYPE_BY_STATUS[status]]
+    if status is not None and status in ERROR_TYPES_BY_STATUS:  # a body that names no type
+        return _OPENAI_ERRORS[ERROR_TYPES_BY_STATUS[status]]
     if status is not None and status >= 500:
         return "server_error", None
     if isinstance(anthropic_type, str) and anthropic_type:

@@ -21,7 +21,7 @@ from extproc.schemas.anthropic import StreamUsage, usage_from_anthropic
 from extproc.schemas.openai import usage_object
 from extproc.sim import anthropic_api
 from extproc.sim import text as simtext
-from extproc.sim.openai_api import SimSettings
+from extproc.sim.wire import SimSettings
 from extproc.sse import SSEDecoder
 from extproc.translators.chat_to_anthropic import (
     AnthropicStreamTranslator,

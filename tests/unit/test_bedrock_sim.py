@@ -29,7 +29,7 @@ from extproc.sim.bedrock_api import (
     SIM_AWS_SESSION_SECRET_ACCESS_KEY,
     SIM_AWS_SESSION_TOKEN,
 )
-from extproc.sim.openai_api import SimSettings
+from extproc.sim.wire import SimSettings
 from extproc.translators.chat_to_bedrock import (
     chat_to_converse,
     converse_path,

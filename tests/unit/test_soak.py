@@ -157,9 +157,9 @@ def _sim_stream(chunks: int, max_tokens: int) -> tuple[list[str], str]:
 
     from aiohttp.test_utils import TestClient, TestServer
 
-    from extproc.sim.openai_api import SimSettings
-    from extproc.sim.server import create_app
     from extproc.sim import text as simtext
+    from extproc.sim.server import create_app
+    from extproc.sim.wire import SimSettings
 
     messages = soak.stream_messages(3, 8)
     body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "stream": True}
