@@ -17,12 +17,6 @@ from extproc.schemas import anthropic, openai
 from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.schemas.openai import RequestError
 
-# Anthropic's error type for each status (https://docs.anthropic.com/en/api/errors).
-_ANTHROPIC_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error",
-}
-
 GatewayError = RequestError | AnthropicRequestError
 
 
@@ -32,7 +26,8 @@ def anthropic_type(error: GatewayError) -> str:
         return "request_too_large"
     if isinstance(error, AnthropicRequestError):
         return error.error_type
-    return _ANTHROPIC_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+    return anthropic.ERROR_TYPES_BY_STATUS.get(
+        error.status, "api_error" if error.status >= 500 else "invalid_request_error")
 
 
 def error_body(client_api: ClientApi | None, error: GatewayError) -> bytes:

@@ -17,7 +17,7 @@ from extproc.schemas.openai import RequestError
 @pytest.mark.parametrize(("status", "expected"), [
     (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
     (404, "not_found_error"), (413, "request_too_large"), (429, "rate_limit_error"), (500, "api_error"),
-    (502, "api_error"), (529, "overloaded_error"), (422, "invalid_request_error"),
+    (502, "api_error"), (504, "timeout_error"), (529, "overloaded_error"), (422, "invalid_request_error"),
 ])
 def test_an_anthropic_client_gets_anthropics_type_for_the_status(status: int, expected: str) -> None:
     body = json.loads(error_body(ClientApi.ANTHROPIC_MESSAGES, RequestError(status, "no", "invalid_request_error")))
