@@ -372,12 +372,8 @@ class Exchange:
             # :path was decoded as Latin-1, so encoding it back the same way keeps every byte.
             (":path", self._upstream_path(target).encode("latin-1")),
         ]
-        credentials = target.auth.headers()
-        set_headers.extend(credentials)
-        # The client's own credentials never reach a provider; a client must not pick a fallback route.
-        remove = [h for h in CLIENT_CREDENTIAL_HEADERS if all(h != k for k, _ in credentials)] + [ROUTE_HEADER]
-        set_headers.extend(target.extra_headers)
-        return set_headers, remove
+        set_headers.extend(target.request_headers)  # credentials and the backend's configured headers
+        return set_headers, list(target.removed_client_headers)
 
     def _start_span(self, set_headers: list[tuple[str, bytes]], body: dict[str, Any]) -> int | None:
         """Start the request's span (child of the client's trace) and pass it upstream.

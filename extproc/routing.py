@@ -18,6 +18,7 @@ from pydantic import SecretStr
 
 from extproc.backend_auth import BackendAuth, auth_for
 from extproc.config import Backend, GatewayConfig, ModelMatch, Route, Schema
+from extproc.contract import CLIENT_CREDENTIAL_HEADERS, ROUTE_HEADER
 
 _CACHE_LIMIT = 4096
 
@@ -33,6 +34,12 @@ class BackendTarget:
     host: str  # server.address / server.port in telemetry
     port: int
     auth: BackendAuth  # the backend's credentials (extproc/backend_auth.py)
+    # The request stage's per-request header work, done once: what it sets for this
+    # backend (credentials, configured headers) and what it removes (the client's own
+    # credentials, except a header the backend's credentials overwrite; the fallback-route
+    # header a client must not pick).
+    request_headers: tuple[tuple[str, bytes], ...]
+    removed_client_headers: tuple[str, ...]
     model_name_override: str | None
     extra_headers: tuple[tuple[str, bytes], ...]
     # Not OpenAI's wire format or paths (Azure, Anthropic, Bedrock): the upstream stage
@@ -132,6 +139,9 @@ def _compile(route: Route, targets: dict[str, BackendTarget]) -> CompiledRoute:
 
 def _target(backend: Backend, auth: BackendAuth) -> BackendTarget:
     url = backend.url
+    extra_headers = tuple((k.lower(), v.encode()) for k, v in backend.headers.items())
+    credentials = auth.headers()
+    overwritten = {name for name, _ in credentials}
     return BackendTarget(
         name=backend.name,
         backend=backend,
@@ -141,6 +151,8 @@ def _target(backend: Backend, auth: BackendAuth) -> BackendTarget:
         port=url.port,
         auth=auth,
         model_name_override=backend.model_name_override,
-        extra_headers=tuple((k.lower(), v.encode()) for k, v in backend.headers.items()),
+        extra_headers=extra_headers,
+        request_headers=credentials + extra_headers,
+        removed_client_headers=(*(h for h in CLIENT_CREDENTIAL_HEADERS if h not in overwritten), ROUTE_HEADER),
         needs_upstream_stage=backend.schema_ is not Schema.openai,
     )
