@@ -11,7 +11,7 @@ import fnmatch
 import random
 import re
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 from pydantic import SecretStr
@@ -38,7 +38,7 @@ class BackendTarget:
     # backend (credentials, configured headers) and what it removes (the client's own
     # credentials, except a header the backend's credentials overwrite; the fallback-route
     # header a client must not pick).
-    request_headers: tuple[tuple[str, bytes], ...]
+    request_headers: tuple[tuple[str, bytes], ...] = field(repr=False)  # holds the key: never in a repr
     removed_client_headers: tuple[str, ...]
     model_name_override: str | None
     extra_headers: tuple[tuple[str, bytes], ...]
