@@ -13,7 +13,6 @@ import orjson
 import pytest
 from openinference.semconv.trace import (
     MessageAttributes,
-    MessageContentAttributes,
     SpanAttributes,
     ToolAttributes,
     ToolCallAttributes,
@@ -25,18 +24,21 @@ from extproc.telemetry import inputs
 from extproc.telemetry.outputs import AnthropicOutput, ResponsesOutput
 from extproc.telemetry.record import OutputMessage, ToolCall
 from extproc.usage import TokenUsage
-from tests.unit.test_tracing import Harness, make_record
+from tests.unit.test_tracing import (
+    CONTENT,
+    CONTENT_TEXT,
+    CONTENT_TYPE,
+    CONTENTS,
+    IMAGE_URL,
+    IN,
+    OUT,
+    ROLE,
+    TOOL_CALLS,
+    Harness,
+    make_record,
+)
 
-IN = SpanAttributes.LLM_INPUT_MESSAGES
-OUT = SpanAttributes.LLM_OUTPUT_MESSAGES
-ROLE = MessageAttributes.MESSAGE_ROLE
-CONTENT = MessageAttributes.MESSAGE_CONTENT
-CONTENTS = MessageAttributes.MESSAGE_CONTENTS
-TOOL_CALLS = MessageAttributes.MESSAGE_TOOL_CALLS
 TOOL_CALL_ID = MessageAttributes.MESSAGE_TOOL_CALL_ID
-CONTENT_TYPE = MessageContentAttributes.MESSAGE_CONTENT_TYPE
-CONTENT_TEXT = MessageContentAttributes.MESSAGE_CONTENT_TEXT
-IMAGE_URL = f"{MessageContentAttributes.MESSAGE_CONTENT_IMAGE}.image.url"
 CALL_ID = ToolCallAttributes.TOOL_CALL_ID
 CALL_NAME = ToolCallAttributes.TOOL_CALL_FUNCTION_NAME
 CALL_ARGS = ToolCallAttributes.TOOL_CALL_FUNCTION_ARGUMENTS_JSON
