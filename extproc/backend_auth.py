@@ -34,7 +34,6 @@ class BackendAuth:
     """No credentials: the backend needs none (a local model server, the demo)."""
 
     __slots__ = ()
-    signs_body = False  # True: the credential is a signature over the final request
 
     def headers(self) -> tuple[tuple[str, bytes], ...]:
         """The credential headers to set on every request to this backend."""
@@ -75,7 +74,6 @@ class SigV4(BackendAuth):
     """AWS Signature Version 4 (Bedrock): configured keys, or botocore's default chain."""
 
     __slots__ = ("region", "_keys")
-    signs_body = True
 
     def __init__(self, region: str, keys: AwsKeys | None) -> None:
         self.region = region

@@ -61,7 +61,7 @@ SPECS: dict[ClientApi, ClientApiSpec] = {spec.client_api: spec for spec in (
     ClientApiSpec(ClientApi.OPENAI_MODELS, Operation.models, "GET", "/models"),
     ClientApiSpec(ClientApi.OPENAI_RESPONSES, Operation.chat, "POST", "/responses",
                   response_shape=ResponseShape.responses),
-    ClientApiSpec(ClientApi.ANTHROPIC_MESSAGES, Operation.chat, "POST", "/v1/messages",
+    ClientApiSpec(ClientApi.ANTHROPIC_MESSAGES, Operation.chat, "POST", anthropic.MESSAGES_SUFFIX,
                   parse_request=anthropic.parse_request, response_shape=ResponseShape.anthropic),
 )}
 

@@ -41,7 +41,6 @@ class BackendTarget:
     request_headers: tuple[tuple[str, bytes], ...] = field(repr=False)  # holds the key: never in a repr
     removed_client_headers: tuple[str, ...]
     model_name_override: str | None
-    extra_headers: tuple[tuple[str, bytes], ...]
     # Not OpenAI's wire format or paths (Azure, Anthropic, Bedrock): the upstream stage
     # prepares each attempt for this backend (extproc/translators/), so the request stage
     # leaves path, model and credentials alone.
@@ -151,7 +150,6 @@ def _target(backend: Backend, auth: BackendAuth) -> BackendTarget:
         port=url.port,
         auth=auth,
         model_name_override=backend.model_name_override,
-        extra_headers=extra_headers,
         request_headers=credentials + extra_headers,
         removed_client_headers=(*(h for h in CLIENT_CREDENTIAL_HEADERS if h not in overwritten), ROUTE_HEADER),
         needs_upstream_stage=backend.schema_ is not Schema.openai,

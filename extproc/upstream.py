@@ -166,17 +166,15 @@ class UpstreamExchange:
         self._translator = translator_for(attempt, body["model"])
         upstream = self._translator.request(body, raw)
         path, new_body, headers = upstream.path, upstream.body, upstream.headers
-        headers.extend(target.extra_headers)
+        headers.extend(target.request_headers)  # a key's header and the backend's configured headers
         if self._translator.translates_response:
             headers.append(("accept-encoding", b"identity"))  # translation reads plain bytes
         auth = target.auth
-        if isinstance(auth, SigV4):
+        if isinstance(auth, SigV4):  # a signature over exactly these bytes
             keys = auth.keys_now()
             if keys is None:  # botocore's chain must find or refresh them first
                 return self._signed_when_ready(auth, target, path, new_body, headers, raw)
             headers += auth.sign(self._url(target, path), new_body, keys)
-        else:
-            headers.extend(auth.headers())
         return self._request_body_response(target, path, new_body, headers, raw)
 
     async def _signed_when_ready(

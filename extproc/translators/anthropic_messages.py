@@ -8,8 +8,9 @@ from extproc.schemas import anthropic
 from extproc.translators.base import Translator, UpstreamRequest
 
 
-def anthropic_headers(attempt_version: str) -> list[tuple[str, bytes]]:
-    return [("content-type", b"application/json"), ("anthropic-version", attempt_version.encode())]
+def anthropic_headers(version: str) -> list[tuple[str, bytes]]:
+    """What every request to Anthropic carries besides its key."""
+    return [("content-type", b"application/json"), ("anthropic-version", version.encode())]
 
 
 class AnthropicMessages(Translator):

@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import quote
 
 from extproc.translators.base import Translator, UpstreamRequest
-from extproc.translators.openai_compatible import SUFFIXES
+from extproc.client_apis import SPECS
 
 
 class AzureOpenAI(Translator):
@@ -15,6 +15,6 @@ class AzureOpenAI(Translator):
         attempt = self.attempt
         backend = attempt.target.backend
         deployment = quote(backend.deployment or attempt.model, safe="")
-        suffix = SUFFIXES[attempt.client_api]
+        suffix = SPECS[attempt.client_api].suffix
         path = f"{attempt.target.path_prefix}/openai/deployments/{deployment}{suffix}?api-version={backend.api_version}"
         return UpstreamRequest(path, self.body_with_model(body, raw), [("content-type", b"application/json")])

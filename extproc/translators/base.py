@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from extproc.contract import ClientApi
+from extproc.schemas import openai
 
 if TYPE_CHECKING:
     from extproc.routing import BackendTarget
@@ -70,8 +71,6 @@ class Translator:
 
     def body_with_model(self, body: dict[str, Any], raw: bytes) -> bytes:
         """The client's body with the backend's model name (the same bytes if unchanged)."""
-        from extproc.schemas import openai
-
         if self.attempt.model == body["model"]:
             return raw
         return openai.with_updates(raw, body, {"model": self.attempt.model})

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.contract import ClientApi
+from extproc.client_apis import SPECS
 from extproc.translators.base import Translator, UpstreamRequest
-
-# Where each OpenAI API lives under a backend's base URL (".../v1").
-SUFFIXES = {
-    ClientApi.OPENAI_CHAT: "/chat/completions",
-    ClientApi.OPENAI_COMPLETIONS: "/completions",
-    ClientApi.OPENAI_EMBEDDINGS: "/embeddings",
-    ClientApi.OPENAI_RESPONSES: "/responses",
-}
 
 
 class OpenAICompatible(Translator):
     def request(self, body: dict[str, Any], raw: bytes) -> UpstreamRequest:
         attempt = self.attempt
-        path = attempt.target.path_prefix + SUFFIXES[attempt.client_api]
+        path = attempt.target.path_prefix + SPECS[attempt.client_api].suffix
         return UpstreamRequest(path, self.body_with_model(body, raw), [("content-type", b"application/json")])
