@@ -120,6 +120,11 @@ class Backend(StrictModel):
     )
     aws: AwsSettings | None = None
     model_name_override: str | None = None
+    strip_model_prefix: str | None = Field(
+        default=None,
+        description="clients name this backend's models with this prefix (e.g. groq/), which is removed "
+        "before the request reaches the backend; model_name_override, when set, wins",
+    )
     headers: dict[str, str] = Field(default_factory=dict)
     request_timeout_seconds: float = Field(default=0, ge=0, description="whole-request limit; 0 = none (long streams)")
     # 600 s: what the OpenAI and Anthropic SDKs wait by default; reasoning models can think
@@ -171,7 +176,7 @@ class Backend(StrictModel):
             raise ValueError("the path must be ASCII without spaces (percent-encode other characters)")
         return value.rstrip("/")
 
-    @field_validator("model_name_override")
+    @field_validator("model_name_override", "strip_model_prefix")
     @classmethod
     def _clean_override(cls, value: str | None) -> str | None:
         if value is not None and (not value.strip() or any(c in value for c in "\r\n\0")):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from extproc.config import LoadedConfig, parse_config, resolve_secrets
@@ -20,6 +21,47 @@ DEMO_SOURCE = "<built-in demo>"  # LoadedConfig.source of the demo; is_demo() ch
 # Bedrock model ids start with the provider (or a cross-region inference prefix).
 BEDROCK_MODEL_PREFIXES = ("anthropic.", "amazon.", "meta.", "mistral.", "cohere.", "ai21.", "deepseek.", "qwen.",
                           "writer.", "us.", "eu.", "apac.", "global.")
+
+
+@dataclass(frozen=True, slots=True)
+class CompatibleCloud:
+    """An OpenAI-compatible provider `extproc run` configures from its SDK's usual key
+    variable; clients name its models `<name>/<model>` (the prefix is removed upstream)."""
+
+    name: str
+    key_variable: str | None  # None: no key (a local server), configured from url_variable alone
+    base_url: str
+    url_variable: str | None = None  # overrides base_url when set
+    url_suffix: str = ""  # appended to url_variable's value (Ollama's OLLAMA_HOST has no /v1)
+
+
+COMPATIBLE_CLOUDS = (
+    CompatibleCloud("groq", "GROQ_API_KEY", "https://api.groq.com/openai/v1", "GROQ_BASE_URL"),
+    CompatibleCloud("mistral", "MISTRAL_API_KEY", "https://api.mistral.ai/v1"),
+    CompatibleCloud("deepseek", "DEEPSEEK_API_KEY", "https://api.deepseek.com"),
+    CompatibleCloud("together", "TOGETHER_API_KEY", "https://api.together.xyz/v1", "TOGETHER_BASE_URL"),
+    CompatibleCloud("openrouter", "OPENROUTER_API_KEY", "https://openrouter.ai/api/v1"),
+    CompatibleCloud("ollama", None, "http://127.0.0.1:11434/v1", "OLLAMA_HOST", "/v1"),
+)
+
+
+def _compatible_cloud_backend(cloud: CompatibleCloud, env: Mapping[str, str]) -> dict[str, Any] | None:
+    """The cloud's backend when its variable is set, else None."""
+    if cloud.key_variable is not None and not env.get(cloud.key_variable):
+        return None
+    url = env.get(cloud.url_variable) if cloud.url_variable else None
+    if cloud.key_variable is None and not url:
+        return None
+    if url:
+        url = url.rstrip("/")
+        if "://" not in url:  # OLLAMA_HOST may be host:port alone
+            url = f"http://{url}"
+        url += cloud.url_suffix if not url.endswith(cloud.url_suffix) else ""
+    backend: dict[str, Any] = {"name": cloud.name, "schema": "openai", "base_url": url or cloud.base_url,
+                               "strip_model_prefix": f"{cloud.name}/"}
+    if cloud.key_variable is not None:
+        backend["api_key"] = {"env": cloud.key_variable}
+    return backend
 
 
 def _aws_region(env: Mapping[str, str]) -> str | None:
@@ -39,7 +81,8 @@ def config_from_environment(environ: Mapping[str, str] | None = None, demo_port:
     ANTHROPIC_API_KEY (+ ANTHROPIC_BASE_URL, without /v1 as in the anthropic SDK) for
     `claude-*`; AZURE_OPENAI_API_KEY + AZURE_OPENAI_ENDPOINT + OPENAI_API_VERSION
     (default route, or OpenAI's fallback when both are set); AWS credentials + AWS_REGION
-    for Bedrock model ids. Base URLs keep any path prefix they carry. With no provider
+    for Bedrock model ids; for each of COMPATIBLE_CLOUDS its key (Ollama: OLLAMA_HOST) for
+    models named `<cloud>/<model>`. Base URLs keep any path prefix they carry. With no provider
     variable set, the built-in demo backend (extproc.sim) answers, offline.
     """
     env = os.environ if environ is None else environ
@@ -66,6 +109,12 @@ def config_from_environment(environ: Mapping[str, str] | None = None, demo_port:
                          "base_url": env["AZURE_OPENAI_ENDPOINT"],
                          "api_version": env.get("OPENAI_API_VERSION") or "2024-10-21"})
         default.append({"name": "azure", "priority": len(default)})  # OpenAI's fallback when both are set
+    for cloud in COMPATIBLE_CLOUDS:
+        backend = _compatible_cloud_backend(cloud, env)
+        if backend is not None:
+            backends.append(backend)
+            routes.append({"name": cloud.name, "match": {"prefix": f"{cloud.name}/"},
+                           "backends": [{"name": cloud.name}]})
     if not backends:
         config = parse_config(demo_config_data(demo_port), DEMO_SOURCE)
         return LoadedConfig(config=config, source=DEMO_SOURCE)

@@ -303,7 +303,7 @@ class Exchange:
             override = None
         else:
             set_headers, remove = self._upstream_headers(target, parsed.model)
-            override = target.model_name_override
+            override = target.model_for(parsed.model)
         if route.timeout_ms is not None:
             # Added after Envoy stripped clients' x-envoy-* headers, so only the route sets it.
             set_headers.append((TIMEOUT_HEADER, route.timeout_ms))
@@ -560,7 +560,7 @@ class Exchange:
             operation=endpoint.operation.value,
             provider=PROVIDER_NAMES[target.backend.schema_],
             request_model=self.model,
-            backend_model=target.model_name_override or self.model,
+            backend_model=target.model_for(self.model),
             response_model=observer.response_model,
             backend=target.name,
             route=route.name,

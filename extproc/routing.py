@@ -41,10 +41,21 @@ class BackendTarget:
     request_headers: tuple[tuple[str, bytes], ...] = field(repr=False)  # holds the key: never in a repr
     removed_client_headers: tuple[str, ...]
     model_name_override: str | None
+    strip_model_prefix: str | None
     # Not OpenAI's wire format or paths (Azure, Anthropic, Bedrock): the upstream stage
     # prepares each attempt for this backend (extproc/translators/), so the request stage
     # leaves path, model and credentials alone.
     needs_upstream_stage: bool = False
+
+    def model_for(self, client_model: str) -> str:
+        """The name this backend knows the client's model by: the override, else the
+        client's name without the backend's prefix (`groq/llama-3.3-70b` -> `llama-3.3-70b`)."""
+        if self.model_name_override is not None:
+            return self.model_name_override
+        prefix = self.strip_model_prefix
+        if prefix is not None and client_model.startswith(prefix) and len(client_model) > len(prefix):
+            return client_model[len(prefix):]
+        return client_model
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +161,7 @@ def _target(backend: Backend, auth: BackendAuth) -> BackendTarget:
         port=url.port,
         auth=auth,
         model_name_override=backend.model_name_override,
+        strip_model_prefix=backend.strip_model_prefix,
         request_headers=credentials + extra_headers,
         removed_client_headers=(*(h for h in CLIENT_CREDENTIAL_HEADERS if h not in overwritten), ROUTE_HEADER),
         needs_upstream_stage=backend.schema_ is not Schema.openai,

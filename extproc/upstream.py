@@ -158,7 +158,7 @@ class UpstreamExchange:
             raise openai.bad_request("The request body is not valid JSON.") from None
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise openai.bad_request("The request body must be a JSON object with a 'model' field.")
-        self.model = target.model_name_override or body["model"]
+        self.model = target.model_for(body["model"])
         self.stream = body.get("stream") is True
         options = body.get("stream_options")
         self.include_usage = isinstance(options, dict) and options.get("include_usage") is True

@@ -34,13 +34,15 @@ def clouds(sim_a: SimServer, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     backends: list[dict[str, Any]] = []
     routes: list[dict[str, Any]] = []
     for name, (path, model, var) in PROVIDERS.items():
-        backend: dict[str, Any] = {"name": name, "schema": "openai", "base_url": sim_a.url + path}
+        backend: dict[str, Any] = {"name": name, "schema": "openai", "base_url": sim_a.url + path,
+                                   "strip_model_prefix": f"{name}/"}
         if var:
             backend["api_key"] = {"env": var}
         if name == "openrouter":  # OpenRouter's optional attribution headers, set per backend
             backend["headers"] = {"HTTP-Referer": "https://gateway.example", "X-Title": "extproc"}
         backends.append(backend)
         routes.append({"name": name, "match": {"model": [model]}, "backends": [{"name": name}]})
+        routes.append({"name": f"{name}-prefixed", "match": {"prefix": f"{name}/"}, "backends": [{"name": name}]})
     config = {"backends": backends, "routes": routes}
     with running_gateway(config, tmp_path_factory.mktemp("clouds"), env=KEYS) as gw:
         yield gw
@@ -80,3 +82,26 @@ def test_each_provider_is_reached_on_its_own_path_with_its_key(
     assert entry["backend_name"] == name and entry["status"] == 200
     assert (entry["input_tokens"], entry["output_tokens"], entry["total_tokens"]) == (
         usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+
+
+@pytest.mark.parametrize("name", ["groq", "openrouter", "ollama"])
+def test_a_provider_prefixed_model_reaches_the_provider_without_the_prefix(
+    clouds: RunningGateway, sim_a: SimServer, name: str
+) -> None:
+    """`extproc run` names these clouds' models `<cloud>/<model>` (as LiteLLM does): the
+    prefix picks the backend and is removed before the provider sees the model."""
+    path, model, _ = PROVIDERS[name]
+    request_id = f"prefixed-{name}-{uuid.uuid4().hex[:8]}"
+    client = openai.OpenAI(base_url=clouds.base_url, api_key="client-key", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model=f"{name}/{model}", messages=USER, stream=True, extra_headers={"x-request-id": request_id}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert all(c.usage is None for c in chunks)  # usage was not asked for: the forced usage event is hidden
+
+    sent = next(r for r in reversed(sim_a.requests) if r.headers.get("x-request-id") == request_id)
+    assert sent.path == f"{path}/chat/completions" and sent.json["model"] == model
+    entry = clouds.wait_access_log(lambda e: e.get("request_id") == request_id)
+    assert (entry["backend_name"], entry["route_name"]) == (name, f"{name}-prefixed")
+    assert (entry["request_model"], entry["model_name_override"]) == (f"{name}/{model}", model)
+    assert entry["input_tokens"] > 0 and entry["output_tokens"] > 0
+    assert entry["total_tokens"] == entry["input_tokens"] + entry["output_tokens"]

@@ -21,6 +21,7 @@ from extproc.config import (
     resolve_secrets,
 )
 from extproc.config_defaults import config_from_environment, is_demo
+from extproc.routing import Router
 
 SECRET = "sk-live-7f3a9c-DO-NOT-LEAK"
 
@@ -698,3 +699,63 @@ def test_aws_keys_from_config_are_resolved_as_secrets() -> None:
     with pytest.raises(ConfigError) as info:
         resolve_secrets(config, {"MY_AK": "AKIDX"}, "<test>")
     assert "backends[0].aws.secret_access_key" in str(info.value)
+
+
+# -- OpenAI-compatible clouds from the environment --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variables", "name", "base_url", "client_model", "backend_model"),
+    [
+        ({"GROQ_API_KEY": SECRET}, "groq", "https://api.groq.com/openai/v1",
+         "groq/llama-3.3-70b-versatile", "llama-3.3-70b-versatile"),
+        ({"MISTRAL_API_KEY": SECRET}, "mistral", "https://api.mistral.ai/v1",
+         "mistral/mistral-large-latest", "mistral-large-latest"),
+        ({"DEEPSEEK_API_KEY": SECRET}, "deepseek", "https://api.deepseek.com", "deepseek/deepseek-chat",
+         "deepseek-chat"),
+        ({"TOGETHER_API_KEY": SECRET, "TOGETHER_BASE_URL": "http://proxy:8080/together/v1/"}, "together",
+         "http://proxy:8080/together/v1", "together/meta-llama/Llama-3.3-70B-Instruct-Turbo",
+         "meta-llama/Llama-3.3-70B-Instruct-Turbo"),
+        ({"OPENROUTER_API_KEY": SECRET}, "openrouter", "https://openrouter.ai/api/v1",
+         "openrouter/anthropic/claude-sonnet-4", "anthropic/claude-sonnet-4"),
+        ({"OLLAMA_HOST": "127.0.0.1:11434"}, "ollama", "http://127.0.0.1:11434/v1", "ollama/llama3.2:3b",
+         "llama3.2:3b"),
+    ],
+)
+def test_compatible_cloud_keys_serve_prefixed_models(
+    variables: dict[str, str], name: str, base_url: str, client_model: str, backend_model: str
+) -> None:
+    """Each cloud's SDK variable gives a backend; clients name its models `<cloud>/<model>`
+    and the backend is asked for the model without that prefix."""
+    loaded = config_from_environment(variables)
+    backend = loaded.config.backend(name)
+    assert backend.base_url == base_url
+    if name == "ollama":
+        assert backend.api_key is None and name not in loaded.secrets
+    else:
+        assert loaded.secrets[name].get_secret_value() == SECRET
+    assert SECRET not in repr(loaded)
+    route, target = Router(loaded.config, loaded.secrets).select(client_model) or (None, None)
+    assert route is not None and target is not None and target.name == name
+    assert target.model_for(client_model) == backend_model
+    assert Router(loaded.config, loaded.secrets).select("gpt-4o-mini") is None  # no default route: unrouted
+
+
+def test_strip_model_prefix_leaves_other_names_and_yields_to_the_override() -> None:
+    data = {
+        "backends": [
+            {"name": "g", "base_url": "http://127.0.0.1:1/v1", "strip_model_prefix": "groq/"},
+            {"name": "o", "base_url": "http://127.0.0.1:2/v1", "strip_model_prefix": "groq/",
+             "model_name_override": "fixed"},
+        ],
+        "routes": [{"name": "g", "match": {"prefix": "groq/"}, "backends": [{"name": "g"}]},
+                   {"name": "r", "default": True, "backends": [{"name": "o"}]}],
+    }
+    router = Router(parse_config(data, "gw.yaml"), {})
+    g, o = router.targets["g"], router.targets["o"]
+    assert g.model_for("groq/llama") == "llama"
+    assert g.model_for("llama") == "llama"  # without the prefix: as sent
+    assert g.model_for("groq/") == "groq/"  # nothing would be left: as sent
+    assert o.model_for("groq/llama") == "fixed"
+    bad = {**data, "backends": [{"name": "g", "base_url": "http://127.0.0.1:1/v1", "strip_model_prefix": " "}]}
+    assert "strip_model_prefix" in error_of(bad)
