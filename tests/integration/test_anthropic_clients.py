@@ -202,6 +202,43 @@ def test_what_the_backend_cannot_express_is_an_anthropic_400(
     assert _entry(gateway, "oa-400")["status"] == 400
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_use_round_trip_on_an_openai_backend(
+    client: anthropic.Anthropic, gateway: RunningGateway, sim: SimServer, stream: bool
+) -> None:
+    question = {"role": "user", "content": "What is the weather in Paris?"}
+    request_id = f"oa-tool-{stream}"
+    kwargs: Any = {"model": "gpt-tools", "max_tokens": 64, "messages": [question], "tools": [WEATHER_TOOL],
+                   "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+                   "extra_headers": {"x-request-id": request_id}}
+    if stream:
+        with client.messages.stream(**kwargs) as events:
+            first = events.get_final_message()
+    else:
+        first = client.messages.create(**kwargs)
+    sent = sim.requests[-1].json
+    assert sent["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city", "parameters": WEATHER_TOOL["input_schema"]}}]
+    assert sent["tool_choice"] == "auto" and sent["parallel_tool_calls"] is False
+    assert first.stop_reason == "tool_use" and first.content[0].type == "text"
+    (use,) = [b for b in first.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.input == {"city": "Paris"} and use.id.startswith("call_")
+    entry = _entry(gateway, request_id)
+    assert (int(entry["input_tokens"]), int(entry["output_tokens"])) == (
+        first.usage.input_tokens, first.usage.output_tokens)
+
+    answer = client.messages.create(
+        model="gpt-tools", max_tokens=32, tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        messages=[question, {"role": "assistant", "content": [b.model_dump() for b in first.content]},  # type: ignore[misc]
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Sunny"}]}],
+    )
+    assert answer.stop_reason == "max_tokens" and _texts(answer)  # the simulator caps at max_tokens
+    sent = sim.requests[-1].json["messages"]
+    assert sent[1]["tool_calls"] == [{"id": use.id, "type": "function",
+                                      "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]
+    assert sent[2] == {"role": "tool", "tool_call_id": use.id, "content": "Sunny"}
+
+
 # -- a Bedrock backend -----------------------------------------------------------------------------
 
 
