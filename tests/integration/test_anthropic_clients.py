@@ -48,10 +48,14 @@ def gateway(sim: SimServer, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             {"name": "bedrock", "schema": "aws_bedrock", "base_url": sim.url,
              "aws": {"region": "us-east-1", "access_key_id": {"env": "T_AWS_AK"},
                      "secret_access_key": {"env": "T_AWS_SK"}}},
+            # Always 503 (the simulator fails models named sim-error-NNN): a backend that is down.
+            {"name": "failing", "schema": "openai", "base_url": sim.base_url, "model_name_override": "sim-error-503"},
         ],
         "routes": [
             {"name": "gpt", "match": {"glob": "gpt-*"}, "backends": [{"name": "oa"}]},
             {"name": "bedrock", "match": {"prefix": "anthropic."}, "backends": [{"name": "bedrock"}]},
+            {"name": "resilient", "match": {"model": "resilient-any"},
+             "backends": [{"name": "failing"}, {"name": "bedrock", "priority": 1}]},
         ],
     }
     env = {"T_OPENAI_KEY": OPENAI_KEY, "T_AWS_AK": SIM_AWS_ACCESS_KEY_ID, "T_AWS_SK": SIM_AWS_SECRET_ACCESS_KEY}
@@ -310,3 +314,22 @@ def test_bedrock_error_is_the_anthropic_sdks_own_exception(client: anthropic.Ant
     body = info.value.body
     assert isinstance(body, dict) and body["error"]["type"] == "rate_limit_error" and body["error"]["message"]
     assert _entry(gateway, "br-429")["status"] == 429
+
+
+# -- fallback across schemas ---------------------------------------------------------------------
+
+
+def test_fallback_from_an_openai_backend_to_bedrock_translates_each_attempt(
+    client: anthropic.Anthropic, gateway: RunningGateway, sim: SimServer
+) -> None:
+    message = client.messages.create(model="resilient-any", max_tokens=9, messages=USER,
+                                     extra_headers={"x-request-id": "fb-any-1"})
+    first, second = sim.requests[-2], sim.requests[-1]
+    assert first.path == "/v1/chat/completions" and first.json["model"] == "sim-error-503"
+    assert first.json["messages"] == USER and first.headers.get("authorization") is None  # no key configured
+    assert second.path.endswith("/converse") and second.headers["authorization"].startswith("AWS4-HMAC-SHA256 ")
+    assert message.content[0].type == "text" and message.content[0].text
+    entry = _entry(gateway, "fb-any-1")
+    assert entry["backend_name"] == "bedrock" and entry["status"] == 200
+    assert (int(entry["input_tokens"]), int(entry["output_tokens"])) == (
+        message.usage.input_tokens, message.usage.output_tokens)
