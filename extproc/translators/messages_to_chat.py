@@ -59,12 +59,15 @@ def messages_to_chat(body: dict[str, Any], model: str, limit_field: str = "max_t
     if isinstance(thinking, dict) and thinking.get("type") not in (None, "disabled"):
         raise _invalid("thinking: extended thinking is not supported by this model's backend "
                        "(it speaks the OpenAI chat API); remove `thinking` or disable it.")
+    messages, limit = body.get("messages"), body.get("max_tokens")
+    if not isinstance(messages, list) or not messages:  # the request stage checked; a fallback attempt re-reads
+        raise _invalid("messages: at least one message is required")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise _invalid("max_tokens: Input should be a positive integer")
     out: dict[str, Any] = {"model": model, "messages": _system(body.get("system"))}
-    messages = body.get("messages")
-    assert isinstance(messages, list)  # parse_request checked it
     for i, message in enumerate(messages):
         out["messages"].extend(_message(message, f"messages.{i}"))
-    out[limit_field] = body["max_tokens"]
+    out[limit_field] = limit
     for key in ("temperature", "top_p"):
         value = body.get(key)
         if value is not None:

@@ -187,6 +187,10 @@ def test_openai_backend_error_is_the_anthropic_sdks_own_exception(
     entry = _entry(gateway, "oa-429")
     assert entry["status"] == 429 and entry["input_tokens"] in (None, "-", "")
 
+    with pytest.raises(anthropic.RateLimitError), client.messages.stream(
+            model="gpt-stream", max_tokens=8, messages=USER, extra_headers={"x-sim-error": "429"}) as stream:
+        stream.get_final_message()
+
     with pytest.raises(anthropic.InternalServerError) as server_error:
         client.messages.create(model="gpt-json", max_tokens=8, messages=USER, extra_headers={"x-sim-error": "500"})
     assert server_error.value.status_code == 500 and server_error.value.body["error"]["type"] == "api_error"  # type: ignore[index]
