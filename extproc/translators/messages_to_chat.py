@@ -594,7 +594,7 @@ class MessagesViaChat(Translator):
 
     def stream_translator(self) -> StreamTranslator | None:
         outer = ChatToMessagesStream(self.attempt.model, self._stops)
-        inner = self._chat.stream_translator() if self._chat.translates_response else None
+        inner = self._chat.stream_translator()  # None: the backend streams OpenAI chunks itself
         return outer if inner is None else _Chained(inner, outer)
 
     def whole_response(self, status: int, body: bytes, error_type: str | None) -> bytes:
