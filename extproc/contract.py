@@ -31,6 +31,9 @@ MODEL_HEADER: Final = "x-ai-eg-model"  # the model the client asked for, for Env
 # that served an attempt (set by the upstream stage, read and removed by the request stage).
 BACKEND_HEADER: Final = "x-ai-eg-backend"
 ROUTE_HEADER: Final = "x-ai-eg-route"  # a route with fallbacks: Envoy picks the backend per attempt
+# With x-ai-eg-backend: this request needs the upstream stage (a translated pair, e.g. an
+# Anthropic client on an OpenAI backend), which an OpenAI backend's own cluster skips.
+STAGE_HEADER: Final = "x-ai-eg-stage"
 TIMEOUT_HEADER: Final = "x-envoy-upstream-rq-timeout-ms"  # a route's own request timeout
 MCP_SESSION_HEADER: Final = "mcp-session-id"
 RATELIMIT_RESET_HEADER: Final = "x-ratelimit-reset"  # Envoy's local rate limit: seconds until a token

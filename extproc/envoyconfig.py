@@ -23,6 +23,7 @@ from extproc.contract import (
     MODEL_HEADER,
     PROCESSOR_DETAILS_PREFIX,
     ROUTE_HEADER,
+    STAGE_HEADER,
     UPSTREAM_HOST_ATTRIBUTE,
     Meta,
 )
@@ -74,6 +75,11 @@ def duration(seconds: float) -> str:
 
 def cluster_name(backend: str) -> str:
     return f"backend-{backend}"
+
+
+def staged_cluster_name(backend: str) -> str:
+    """An OpenAI backend's second cluster, with the upstream stage (translated client APIs)."""
+    return f"staged-{backend}"
 
 
 def route_cluster_name(route: str) -> str:
@@ -301,8 +307,19 @@ def _backend_route(backend: Backend) -> dict[str, Any]:
         "name": f"backend-{backend.name}",
         "match": {"prefix": "/", "headers": [{"name": BACKEND_HEADER, "string_match": {"exact": backend.name}}]},
         "route": action,
-        "request_headers_to_remove": [MODEL_HEADER, BACKEND_HEADER],
+        "request_headers_to_remove": [MODEL_HEADER, BACKEND_HEADER, STAGE_HEADER],
     }
+
+
+def _staged_route(backend: Backend) -> dict[str, Any]:
+    """An OpenAI backend's cluster has no upstream stage (the fast path); a request that
+    needs one there (an Anthropic client, translated) carries x-ai-eg-stage and goes to
+    the same backend through its staged cluster."""
+    route = _backend_route(backend)
+    route["name"] = f"staged-{backend.name}"
+    route["match"]["headers"].append({"name": STAGE_HEADER, "present_match": True})
+    route["route"]["cluster"] = staged_cluster_name(backend.name)
+    return route
 
 
 def _fallback_route(config: GatewayConfig, route: Route) -> dict[str, Any]:
@@ -378,7 +395,14 @@ def _tls_socket(host: str, ca_file: str, alpn: list[str]) -> dict[str, Any]:
     }
 
 
-def _backend_cluster(config: GatewayConfig, backend: Backend, ca_file: str) -> dict[str, Any]:
+def _staged_cluster(config: GatewayConfig, backend: Backend, ca_file: str) -> dict[str, Any]:
+    """An OpenAI backend once more, with the upstream stage (see _staged_route)."""
+    cluster = _backend_cluster(config, backend, ca_file, staged=True)
+    cluster["name"] = cluster["load_assignment"]["cluster_name"] = staged_cluster_name(backend.name)
+    return cluster
+
+
+def _backend_cluster(config: GatewayConfig, backend: Backend, ca_file: str, staged: bool = False) -> dict[str, Any]:
     url = backend.url
     endpoint = {"endpoint": {"address": _socket_address(url.host, url.port)}, "metadata": _endpoint_metadata(backend)}
     cluster: dict[str, Any] = {
@@ -393,7 +417,7 @@ def _backend_cluster(config: GatewayConfig, backend: Backend, ca_file: str) -> d
         options: dict[str, Any] = {"auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}
     else:
         options = {"explicit_http_config": {"http_protocol_options": {}}}
-    if backend.schema_ is not Schema.openai:
+    if staged or backend.schema_ is not Schema.openai:
         options["http_filters"] = _upstream_stage_filters(config)
     cluster["typed_extension_protocol_options"] = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {"@type": _HTTP_OPTIONS, **options}
@@ -577,7 +601,9 @@ def _mcp_routes(config: GatewayConfig) -> list[dict[str, Any]]:
 
 def routes(config: GatewayConfig) -> list[dict[str, Any]]:
     fallback = [_fallback_route(config, r) for r in config.routes if r.has_fallback]
-    return [*_mcp_routes(config), *fallback, *(_backend_route(b) for b in config.backends), _no_backend_route(config)]
+    staged = [_staged_route(b) for b in config.backends if b.schema_ is Schema.openai]
+    return [*_mcp_routes(config), *fallback, *staged, *(_backend_route(b) for b in config.backends),
+            _no_backend_route(config)]
 
 
 def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict[str, Any]]:
@@ -585,6 +611,7 @@ def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict
     out = [
         _processor_cluster(workers),
         *(_backend_cluster(config, b, ca_file) for b in config.backends),
+        *(_staged_cluster(config, b, ca_file) for b in config.backends if b.schema_ is Schema.openai),
         *(_fallback_cluster(config, r, ca_file) for r in config.routes if r.has_fallback),
     ]
     if config.mcp is not None:

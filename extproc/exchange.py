@@ -36,6 +36,7 @@ from extproc.contract import (
     RATELIMIT_RESET_HEADER,
     RETRY_AFTER_HEADER,
     ROUTE_HEADER,
+    STAGE_HEADER,
     TIMEOUT_HEADER,
     ClientApi,
     Meta,
@@ -294,9 +295,12 @@ class Exchange:
         self.route, self.target = selection
         route, target = self.route, self.target
         self.stream = parsed.stream and self.endpoint.streams
-        self.staged = route.fallback or target.needs_upstream_stage
-        if not route.fallback and (client_api, target.backend.schema_) not in translators.REGISTRY:
+        served_by = translators.REGISTRY.get((client_api, target.backend.schema_))
+        if not route.fallback and served_by is None:
             raise translators.unserved(client_api, target, parsed.model)  # before any upstream cost
+        # This stage does itself what OpenAICompatible does (path, model, key); every other
+        # pair (another wire format, path or API) is prepared per attempt by the upstream stage.
+        self.staged = route.fallback or served_by is not translators.OpenAICompatible
 
         if self.staged:
             set_headers, remove = self._staged_headers(route, target, parsed.model)
@@ -358,11 +362,15 @@ class Exchange:
         self, route: CompiledRoute, target: BackendTarget, model: str
     ) -> tuple[list[tuple[str, bytes]], list[str]]:
         """Only where Envoy goes: the upstream stage sets path, model and credentials per attempt."""
-        where = (ROUTE_HEADER, route.name.encode()) if route.fallback else (BACKEND_HEADER, target.name.encode())
-        # The routing header not set here is removed: a client must not pick it (Envoy
+        if route.fallback:
+            where = [(ROUTE_HEADER, route.name.encode())]
+            other = [BACKEND_HEADER, STAGE_HEADER]
+        else:  # the stage header picks the backend's staged cluster where it has one (OpenAI's)
+            where = [(BACKEND_HEADER, target.name.encode()), (STAGE_HEADER, b"1")]
+            other = [ROUTE_HEADER]
+        # The routing headers not set here are removed: a client must not pick them (Envoy
         # matches fallback routes by x-ai-eg-route first).
-        other = BACKEND_HEADER if route.fallback else ROUTE_HEADER
-        return [(MODEL_HEADER, model.encode()), where], [*CLIENT_CREDENTIAL_HEADERS, other]
+        return [(MODEL_HEADER, model.encode()), *where], [*CLIENT_CREDENTIAL_HEADERS, *other]
 
     def _upstream_headers(self, target: BackendTarget, model: str) -> tuple[list[tuple[str, bytes]], list[str]]:
         """Where Envoy sends the request and with whose credentials: (headers to set, to remove)."""

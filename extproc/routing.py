@@ -17,8 +17,8 @@ from itertools import accumulate
 from pydantic import SecretStr
 
 from extproc.backend_auth import BackendAuth, auth_for
-from extproc.config import Backend, GatewayConfig, ModelMatch, Route, Schema
-from extproc.contract import CLIENT_CREDENTIAL_HEADERS, ROUTE_HEADER
+from extproc.config import Backend, GatewayConfig, ModelMatch, Route
+from extproc.contract import CLIENT_CREDENTIAL_HEADERS, ROUTE_HEADER, STAGE_HEADER
 
 _CACHE_LIMIT = 4096
 
@@ -36,16 +36,12 @@ class BackendTarget:
     auth: BackendAuth  # the backend's credentials (extproc/backend_auth.py)
     # The request stage's per-request header work, done once: what it sets for this
     # backend (credentials, configured headers) and what it removes (the client's own
-    # credentials, except a header the backend's credentials overwrite; the fallback-route
-    # header a client must not pick).
+    # credentials, except a header the backend's credentials overwrite; the routing
+    # headers a client must not pick).
     request_headers: tuple[tuple[str, bytes], ...] = field(repr=False)  # holds the key: never in a repr
     removed_client_headers: tuple[str, ...]
     model_name_override: str | None
     strip_model_prefix: str | None
-    # Not OpenAI's wire format or paths (Azure, Anthropic, Bedrock): the upstream stage
-    # prepares each attempt for this backend (extproc/translators/), so the request stage
-    # leaves path, model and credentials alone.
-    needs_upstream_stage: bool = False
 
     def model_for(self, client_model: str) -> str:
         """The name this backend knows the client's model by: the override, else the
@@ -163,6 +159,6 @@ def _target(backend: Backend, auth: BackendAuth) -> BackendTarget:
         model_name_override=backend.model_name_override,
         strip_model_prefix=backend.strip_model_prefix,
         request_headers=credentials + extra_headers,
-        removed_client_headers=(*(h for h in CLIENT_CREDENTIAL_HEADERS if h not in overwritten), ROUTE_HEADER),
-        needs_upstream_stage=backend.schema_ is not Schema.openai,
+        removed_client_headers=(
+            *(h for h in CLIENT_CREDENTIAL_HEADERS if h not in overwritten), ROUTE_HEADER, STAGE_HEADER),
     )

@@ -5,6 +5,11 @@ path a gateway may add (``/v1``, ``/openai/v1``, ``/x/y``). Per-request knobs
 arrive as ``x-sim-*`` headers (listed in ``wire``, shared by every simulated API), so
 tests can drive the upstream through a gateway.
 
+Chat replies call a tool when function tools are offered and the last user text says
+"weather" (or ``tool_choice`` forces a call, or ``x-sim-tool-call: 1``), unless the
+last message is a tool's answer: a short text, then the call (id and name, then its
+arguments in two pieces when streamed), with finish_reason ``tool_calls``.
+
 Fault knobs (OpenAI API only), for testing what a gateway does when a provider misbehaves:
 
 * ``x-sim-reset-after-chunks: N``: abort the TCP connection (RST, no clean end). ``0``:
@@ -37,6 +42,7 @@ import orjson
 from aiohttp import web
 
 from extproc.sim import text, wire
+from extproc.sim.bedrock_api import _sample_input as sample_tool_input
 
 DEMO_MODELS = ("demo-model", "demo-chat", "demo-embedding")
 DEFAULT_DIMENSIONS = 8
@@ -155,13 +161,38 @@ class _Reply:
     finish_reason: str
     prompt_tokens: int
     shape: wire.UsageShape = field(default_factory=wire.UsageShape)
+    tool_call: dict[str, Any] | None = None  # chat only: the first choice calls this tool
 
     @property
     def usage(self) -> dict[str, Any]:
-        return _usage(self.prompt_tokens, sum(text.count_tokens(t) for t in self.texts), self.shape)
+        output = sum(text.count_tokens(t) for t in self.texts)
+        if self.tool_call is not None:
+            function = self.tool_call["function"]
+            output += text.count_tokens(function["name"]) + text.count_tokens(function["arguments"])
+        return _usage(self.prompt_tokens, output, self.shape)
 
 
-def _chat_reply(body: dict[str, Any], model: str) -> _Reply:
+def _tool_call(body: dict[str, Any], messages: list[dict[str, Any]], forced: bool) -> dict[str, Any] | None:
+    """A call of an offered function tool when the prompt asks about the weather (or
+    ``tool_choice`` / ``x-sim-tool-call: 1`` forces one), unless a tool just answered."""
+    tools = [t["function"] for t in body.get("tools") or () if isinstance(t, dict) and isinstance(t.get("function"), dict)
+             and isinstance(t["function"].get("name"), str)]
+    if not tools or messages[-1].get("role") == "tool" or body.get("tool_choice") == "none":
+        return None
+    choice = body.get("tool_choice")
+    chosen = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    forced = forced or choice == "required" or chosen is not None
+    if not forced and "weather" not in text.last_user_text(messages).lower():
+        return None
+    spec = next((t for t in tools if t["name"] == chosen), None) or next(
+        (t for t in tools if "weather" in t["name"].lower()), tools[0])
+    schema = spec.get("parameters") if isinstance(spec.get("parameters"), dict) else {}
+    arguments = orjson.dumps(sample_tool_input(schema)).decode()
+    call_id = "call_" + uuid.uuid5(uuid.NAMESPACE_OID, orjson.dumps(messages).decode()).hex[:24]
+    return {"id": call_id, "type": "function", "function": {"name": spec["name"], "arguments": arguments}}
+
+
+def _chat_reply(body: dict[str, Any], model: str, force_tool: bool = False) -> _Reply:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty array", param="messages", code="missing_required_parameter")
@@ -171,6 +202,13 @@ def _chat_reply(body: dict[str, Any], model: str) -> _Reply:
     n = body.get("n") or 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
         raise ApiError(400, "n must be an integer between 1 and 128", param="n")
+    call = _tool_call(body, messages, force_tool) if n == 1 else None
+    if call is not None:
+        return _Reply(
+            f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time()),
+            [f"I will use the {call['function']['name']} tool to answer that."], "tool_calls",
+            text.count_message_tokens(messages), tool_call=call,
+        )
     reply = text.reply_text(text.last_user_text(messages), tokens)
     return _Reply(
         f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time()), [reply] * n,
@@ -218,7 +256,8 @@ def _chat_object(reply: _Reply) -> dict[str, Any]:
         "choices": [
             {
                 "index": i, "logprobs": None, "finish_reason": reply.finish_reason,
-                "message": {"role": "assistant", "content": t, "refusal": None},
+                "message": {"role": "assistant", "content": t, "refusal": None,
+                            **({"tool_calls": [reply.tool_call]} if reply.tool_call and i == 0 else {})},
             }
             for i, t in enumerate(reply.texts)
         ],
@@ -247,12 +286,35 @@ def _chat_events(reply: _Reply, chunks: int) -> AsyncIterator[dict[str, Any] | N
             "choices": [{"index": i, "delta": d, "logprobs": None, "finish_reason": finish}],
         }
 
-    return _stream_shape(
+    events = _stream_shape(
         reply, chunks,
         first=lambda i: delta(i, {"role": "assistant", "content": "", "refusal": None}),
         piece=lambda i, s: delta(i, {"content": s}),
         last=lambda i: delta(i, {}, reply.finish_reason),
     )
+    if reply.tool_call is None:
+        return events
+    call, function = reply.tool_call, reply.tool_call["function"]
+    half = len(function["arguments"]) // 2
+    calls = [  # as OpenAI streams a call: id and name first, then the arguments in pieces
+        delta(0, {"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                  "function": {"name": function["name"], "arguments": ""}}]}),
+        delta(0, {"tool_calls": [{"index": 0, "function": {"arguments": function["arguments"][:half]}}]}),
+        delta(0, {"tool_calls": [{"index": 0, "function": {"arguments": function["arguments"][half:]}}]}),
+    ]
+    return _before_finish(events, calls)
+
+
+async def _before_finish(
+    events: AsyncIterator[dict[str, Any] | None], extra: list[dict[str, Any]]
+) -> AsyncIterator[dict[str, Any] | None]:
+    """The events, with `extra` chunks just before the first finishing chunk."""
+    async for event in events:
+        if event is not None and any(c.get("finish_reason") for c in event["choices"]) and extra:
+            for chunk in extra:
+                yield chunk
+            extra = []
+        yield event
 
 
 def _completion_events(reply: _Reply, chunks: int) -> AsyncIterator[dict[str, Any] | None]:
@@ -391,7 +453,7 @@ async def _apply_faults(request: web.Request, resp: web.StreamResponse, knobs: w
 
 async def chat_completions(request: web.Request, body: dict[str, Any], knobs: wire.Knobs) -> web.StreamResponse:
     """``POST .../chat/completions``."""
-    reply = _chat_reply(body, _require_model(body))
+    reply = _chat_reply(body, _require_model(body), request.headers.get("x-sim-tool-call") == "1")
     reply.shape = knobs.usage
     if body.get("stream") is True:
         events = _chat_events(reply, knobs.chunks)

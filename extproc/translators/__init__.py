@@ -17,12 +17,16 @@ from extproc.translators.azure_openai import AzureOpenAI
 from extproc.translators.base import Attempt, StreamTranslator, Translator, UpstreamRequest
 from extproc.translators.chat_to_anthropic import ChatToAnthropic
 from extproc.translators.chat_to_bedrock import ChatToBedrock
+from extproc.translators.messages_to_chat import via_chat
 from extproc.translators.openai_compatible import OpenAICompatible
 
 if TYPE_CHECKING:
     from extproc.routing import BackendTarget
 
-__all__ = ["REGISTRY", "Attempt", "StreamTranslator", "Translator", "UpstreamRequest", "translator_for", "unserved"]
+__all__ = [
+    "REGISTRY", "Attempt", "OpenAICompatible", "StreamTranslator", "Translator", "UpstreamRequest", "translator_for",
+    "unserved",
+]
 
 REGISTRY: dict[tuple[ClientApi, Schema], Callable[[Attempt], Translator]] = {
     (ClientApi.OPENAI_CHAT, Schema.openai): OpenAICompatible,
@@ -35,6 +39,10 @@ REGISTRY: dict[tuple[ClientApi, Schema], Callable[[Attempt], Translator]] = {
     (ClientApi.ANTHROPIC_MESSAGES, Schema.anthropic): AnthropicMessages,
     (ClientApi.OPENAI_CHAT, Schema.anthropic): ChatToAnthropic,
     (ClientApi.OPENAI_CHAT, Schema.aws_bedrock): ChatToBedrock,
+    # Anthropic Messages clients on any schema that serves OpenAI chat: through its chat translator.
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.openai): via_chat(OpenAICompatible),
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.azure_openai): via_chat(AzureOpenAI),
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.aws_bedrock): via_chat(ChatToBedrock),
 }
 
 _OFFERED = {

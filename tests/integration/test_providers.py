@@ -245,8 +245,9 @@ def test_anthropic_sdk_native_json_and_stream(providers: RunningGateway, sim: Si
 
 def test_anthropic_sdk_errors_come_in_anthropic_shape(providers: RunningGateway) -> None:
     gateway = anthropic.Anthropic(base_url=f"{providers.url}/anthropic", api_key=CLIENT_KEY, max_retries=0)
-    with pytest.raises(anthropic.BadRequestError) as info:  # an OpenAI-only model: no Messages API behind it
-        gateway.messages.create(model="azure-gpt", max_tokens=8, messages=USER)
+    with pytest.raises(anthropic.BadRequestError) as info:  # an Azure model, translated: no extended thinking
+        gateway.messages.create(model="azure-gpt", max_tokens=64, messages=USER,
+                                thinking={"type": "enabled", "budget_tokens": 32})
     assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "invalid_request_error"
     with pytest.raises(anthropic.NotFoundError):
         gateway.messages.create(model="no-such-model", max_tokens=8, messages=USER)
@@ -364,3 +365,18 @@ def test_unsupported_api_for_a_translated_backend_is_a_clear_400(client: openai.
         client.embeddings.create(model="claude-embed", input="hi")
     assert "embeddings" in str(info.value)
 
+
+
+def test_anthropic_sdk_on_azure_openai(providers: RunningGateway, sim: SimServer) -> None:
+    gateway = anthropic.Anthropic(base_url=f"{providers.url}/anthropic", api_key=CLIENT_KEY, max_retries=0)
+    message = gateway.messages.create(model="azure-gpt", max_tokens=10, messages=USER,
+                                      extra_headers={"x-request-id": "az-anthropic-1"})
+    sent = sim.requests[-1]
+    assert sent.path == "/openai/deployments/azure-gpt/chat/completions"
+    assert sent.query == "api-version=2024-10-21" and sent.headers["api-key"] == AZURE_KEY
+    assert sent.json["max_completion_tokens"] == 10  # Azure: the field its reasoning models take
+    assert message.content[0].type == "text" and message.content[0].text
+    entry = _entry(providers, "az-anthropic-1")
+    assert (int(entry["input_tokens"]), int(entry["output_tokens"])) == (
+        message.usage.input_tokens, message.usage.output_tokens)
+    assert entry["backend_name"] == "azure"

@@ -13,6 +13,7 @@ import envoy.extensions.access_loggers.filters.cel.v3.cel_pb2  # noqa: F401
 import envoy.extensions.access_loggers.stream.v3.stream_pb2  # noqa: F401
 import envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2  # noqa: F401
 import envoy.extensions.filters.http.router.v3.router_pb2  # noqa: F401
+import envoy.extensions.filters.http.upstream_codec.v3.upstream_codec_pb2  # noqa: F401
 import envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2  # noqa: F401
 import envoy.extensions.resource_monitors.downstream_connections.v3.downstream_connections_pb2  # noqa: F401
 import envoy.extensions.transport_sockets.tls.v3.tls_pb2  # noqa: F401
@@ -80,6 +81,7 @@ def backend_route(bootstrap: dict[str, Any], name: str) -> dict[str, Any]:
         r
         for r in all_routes(bootstrap)
         if {"name": "x-ai-eg-backend", "string_match": {"exact": name}} in r["match"].get("headers", [])
+        and not r["name"].startswith("staged-")
     ]
     assert len(matching) == 1, matching
     return matching[0]
@@ -168,7 +170,8 @@ def test_backend_routes_come_before_any_catch_all() -> None:
     routes = all_routes(render(CONFIG))
     header_routes = [i for i, r in enumerate(routes) if r["match"].get("headers")]
     other_routes = [i for i, r in enumerate(routes) if not r["match"].get("headers")]
-    assert len(header_routes) == len(CONFIG.backends)
+    openai = [b for b in CONFIG.backends if b.schema_.value == "openai"]
+    assert len(header_routes) == len(CONFIG.backends) + len(openai)  # + each OpenAI backend's staged route
     assert all(i < j for i in header_routes for j in other_routes)
 
 
@@ -306,7 +309,8 @@ def as_bootstrap(bootstrap: dict[str, Any]) -> bootstrap_pb2.Bootstrap:
 )
 def test_render_parses_as_envoy_bootstrap(config: GatewayConfig) -> None:
     parsed = as_bootstrap(render(config))
-    assert len(parsed.static_resources.clusters) == len(config.backends) + 1
+    openai = [b for b in config.backends if b.schema_.value == "openai"]
+    assert len(parsed.static_resources.clusters) == len(config.backends) + len(openai) + 1
 
 
 timeouts = st.floats(min_value=0.001, max_value=10_000_000, allow_nan=False).map(lambda v: round(v, 3))
@@ -429,6 +433,22 @@ def test_only_translated_backends_get_the_upstream_stage() -> None:
     assert ext_proc["mutation_rules"] == {"allow_all_routing": True}
     # OpenAI backends on single-priority routes keep the one-stage fast path.
     assert "http_filters" not in clusters["backend-oa"]["typed_extension_protocol_options"][options]
+    # ... and a staged twin for the clients that need translation (an Anthropic client).
+    staged = clusters["staged-oa"]
+    assert staged["load_assignment"] == {**clusters["backend-oa"]["load_assignment"], "cluster_name": "staged-oa"}
+    assert staged["typed_extension_protocol_options"][options]["http_filters"] == claude["http_filters"]
+    assert "staged-claude" not in clusters
+
+
+def test_the_stage_header_sends_a_request_to_an_openai_backends_staged_cluster() -> None:
+    routes = _by_name(render(_providers())["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]["route_config"]["virtual_hosts"][0]["routes"])
+    names = list(routes)
+    staged, plain = routes["staged-oa"], routes["backend-oa"]
+    assert names.index("staged-oa") < names.index("backend-oa")  # Envoy takes the first match
+    assert staged["match"]["headers"] == [*plain["match"]["headers"], {"name": "x-ai-eg-stage", "present_match": True}]
+    assert staged["route"] == {**plain["route"], "cluster": "staged-oa"}
+    assert "x-ai-eg-stage" in staged["request_headers_to_remove"]
 
 
 def test_fallback_route_is_one_cluster_by_priority_with_a_retry_policy() -> None:

@@ -137,6 +137,33 @@ def test_chat_streaming_with_usage(client: openai.OpenAI, sim: SimServer) -> Non
     assert raw[-1]["choices"] == [] and raw[-1]["usage"]["total_tokens"] > 0
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_chat_tool_calls_json_and_stream_agree(client: openai.OpenAI) -> None:
+    asked = [{"role": "user", "content": "What is the weather in Paris?"}]
+    full = client.chat.completions.create(model="m", messages=asked, tools=[WEATHER])
+    (call,) = full.choices[0].message.tool_calls or []
+    assert full.choices[0].finish_reason == "tool_calls" and full.choices[0].message.content
+    assert call.function.name == "get_weather" and orjson.loads(call.function.arguments) == {"city": "Paris"}
+    chunks = list(client.chat.completions.create(model="m", messages=asked, tools=[WEATHER], stream=True,
+                                                 stream_options={"include_usage": True}))
+    deltas = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or ()]
+    assert deltas[0].id == call.id and deltas[0].function and deltas[0].function.name == "get_weather"
+    assert "".join(t.function.arguments or "" for t in deltas if t.function) == call.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert chunks[-1].usage == full.usage
+    answered = [*asked, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": "Sunny"}]
+    after = client.chat.completions.create(model="m", messages=answered, tools=[WEATHER])
+    assert after.choices[0].message.tool_calls is None and after.choices[0].finish_reason == "stop"
+    plain = client.chat.completions.create(model="m", messages=MESSAGES, tools=[WEATHER])
+    assert plain.choices[0].message.tool_calls is None
+    forced = client.chat.completions.create(model="m", messages=MESSAGES, tools=[WEATHER], tool_choice="required")
+    assert forced.choices[0].message.tool_calls
+
+
 def test_delay_headers_are_accepted_and_chunks_all_arrive(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="m", messages=MESSAGES, stream=True,

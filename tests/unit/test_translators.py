@@ -13,9 +13,9 @@ from extproc.config import LoadedConfig, Schema, parse_config, resolve_secrets
 from extproc.contract import ClientApi
 from extproc.routing import BackendTarget
 from extproc.runtime import Runtime
-from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.schemas.openai import RequestError
-from extproc.translators import REGISTRY, Attempt, translator_for
+from extproc.schemas.anthropic import AnthropicRequestError
+from extproc.translators import REGISTRY, Attempt, translator_for, unserved
 
 
 def _targets() -> dict[Schema, BackendTarget]:
@@ -55,6 +55,10 @@ EXPECTED_PATHS = {
     (ClientApi.ANTHROPIC_MESSAGES, Schema.anthropic): "/prefix/v1/messages",
     (ClientApi.OPENAI_CHAT, Schema.anthropic): "/prefix/v1/messages",
     (ClientApi.OPENAI_CHAT, Schema.aws_bedrock): "/model/backend-model/converse",
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.openai): "/v1/chat/completions",
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.azure_openai):
+        "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21",
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.aws_bedrock): "/model/backend-model/converse",
 }
 
 
@@ -95,8 +99,6 @@ def test_bedrock_streams_ask_for_the_event_stream() -> None:
 
 
 @pytest.mark.parametrize(("client_api", "schema", "error", "words"), [
-    (ClientApi.ANTHROPIC_MESSAGES, Schema.openai, AnthropicRequestError, "does not speak the Anthropic Messages API"),
-    (ClientApi.ANTHROPIC_MESSAGES, Schema.aws_bedrock, AnthropicRequestError, "use /v1/chat/completions"),
     (ClientApi.OPENAI_EMBEDDINGS, Schema.anthropic, RequestError, "does not offer embeddings"),
     (ClientApi.OPENAI_RESPONSES, Schema.aws_bedrock, RequestError, "does not offer the Responses API"),
     (ClientApi.OPENAI_COMPLETIONS, Schema.aws_bedrock, RequestError, "does not offer legacy completions"),
@@ -115,3 +117,28 @@ def test_translated_errors_come_back_in_openais_shape() -> None:
     body = b'{"type":"error","error":{"type":"overloaded_error","message":"busy"}}'
     error = json.loads(translator.whole_response(529, body, None))["error"]
     assert error["message"] == "busy" and error["type"] and "code" in error
+
+
+def test_an_anthropic_client_on_a_schema_nobody_serves_gets_anthropics_400() -> None:
+    error = unserved(ClientApi.ANTHROPIC_MESSAGES, TARGETS[Schema.openai], "client-model")
+    assert isinstance(error, AnthropicRequestError)
+    assert error.status == 400 and error.error_type == "invalid_request_error"
+
+
+def test_anthropic_clients_reach_openai_backends_through_a_chat_request() -> None:
+    body = {**CHAT, "stream": True, "stop_sequences": ["END"]}
+    translator = translator_for(_attempt(ClientApi.ANTHROPIC_MESSAGES, Schema.openai, stream=True), "m")
+    sent = json.loads(translator.request(body, orjson.dumps(body)).body)
+    assert sent["model"] == "backend-model" and sent["messages"] == [{"role": "user", "content": "hi"}]
+    # OpenAI's own API: max_completion_tokens (its reasoning models refuse max_tokens)
+    assert sent["max_completion_tokens"] == 5 and "max_tokens" not in sent
+    assert sent["stream_options"] == {"include_usage": True} and sent["stop"] == ["END"]
+
+
+def test_anthropic_clients_on_bedrock_get_converse_and_anthropic_errors_back() -> None:
+    translator = translator_for(_attempt(ClientApi.ANTHROPIC_MESSAGES, Schema.aws_bedrock), "m")
+    sent = json.loads(translator.request(CHAT, orjson.dumps(CHAT)).body)
+    assert sent["messages"] == [{"role": "user", "content": [{"text": "hi"}]}]
+    assert sent["inferenceConfig"]["maxTokens"] == 5
+    error = json.loads(translator.whole_response(429, b'{"message":"slow down"}', "ThrottlingException:http://x"))
+    assert error == {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}

@@ -194,7 +194,6 @@ async def test_bedrock_attempt_without_any_credentials_is_a_503_in_openai_shape(
 @pytest.mark.parametrize(("backend", "client_api", "shape"), [
     ("claude", "openai.embeddings", "openai"),
     ("br", "openai.completions", "openai"),
-    ("oa", "anthropic.messages", "anthropic"),
 ])
 def test_an_api_the_backend_cannot_serve_is_a_400_in_the_clients_shape(backend: str, client_api: str, shape: str) -> None:
     _, response = attempt(backend, {"model": "m", "input": "x", "messages": [], "max_tokens": 1}, client_api)
@@ -205,6 +204,19 @@ def test_an_api_the_backend_cannot_serve_is_a_400_in_the_clients_shape(backend: 
         assert body["error"]["type"] == "invalid_request_error"
     else:
         assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+
+
+def test_an_anthropic_client_on_an_openai_backend_gets_a_chat_request_or_anthropics_400() -> None:
+    _, response = attempt("oa", CHAT, "anthropic.messages")
+    headers, _, body = mutation(response)
+    assert headers[":path"].endswith(b"/chat/completions") and body is not None
+    assert json.loads(body)["messages"] == CHAT["messages"]
+    for bad in ({**CHAT, "thinking": {"type": "enabled", "budget_tokens": 9}}, {**CHAT, "messages": []},
+                {"model": "m", "messages": "x"}, {**CHAT, "max_tokens": "many"}):
+        _, response = attempt("oa", bad, "anthropic.messages")
+        reply = response.immediate_response
+        assert reply.status.code == 400
+        assert json.loads(reply.body)["error"]["type"] == "invalid_request_error"
 
 
 def test_translated_json_reply_and_error_come_back_in_openai_shape() -> None:
