@@ -17,6 +17,8 @@ from extproc.translators.azure_openai import AzureOpenAI
 from extproc.translators.base import Attempt, StreamTranslator, Translator, UpstreamRequest
 from extproc.translators.chat_to_anthropic import ChatToAnthropic
 from extproc.translators.chat_to_bedrock import ChatToBedrock
+from extproc.translators.chat_to_gemini import ChatToGemini
+from extproc.translators.embeddings_to_gemini import EmbeddingsToGemini
 from extproc.translators.openai_compatible import OpenAICompatible
 
 if TYPE_CHECKING:
@@ -35,6 +37,8 @@ REGISTRY: dict[tuple[ClientApi, Schema], Callable[[Attempt], Translator]] = {
     (ClientApi.ANTHROPIC_MESSAGES, Schema.anthropic): AnthropicMessages,
     (ClientApi.OPENAI_CHAT, Schema.anthropic): ChatToAnthropic,
     (ClientApi.OPENAI_CHAT, Schema.aws_bedrock): ChatToBedrock,
+    (ClientApi.OPENAI_CHAT, Schema.gemini): ChatToGemini,
+    (ClientApi.OPENAI_EMBEDDINGS, Schema.gemini): EmbeddingsToGemini,
 }
 
 _OFFERED = {
@@ -59,6 +63,12 @@ def unserved(client_api: ClientApi, target: BackendTarget, client_model: str) ->
         return anthropic.AnthropicRequestError(
             400, f"The model `{client_model}` is served by a backend that does not speak the Anthropic "
             "Messages API; use /v1/chat/completions for it.", "invalid_request_error")
+    if schema is Schema.gemini:
+        what = _OFFERED.get(client_api, "this API")
+        return openai.bad_request(
+            f"The backend {target.name} (gemini) does not offer {what}; it serves chat completions and "
+            "embeddings. Route this model to an OpenAI-compatible backend."
+        )
     if schema in (Schema.anthropic, Schema.aws_bedrock):
         what = _OFFERED.get(client_api, "this API")
         return openai.bad_request(
