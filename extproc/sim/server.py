@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 from aiohttp import web
 
-from extproc.sim import anthropic_api, bedrock_api, responses_api
+from extproc.sim import anthropic_api, bedrock_api, gemini_api, responses_api
 from extproc.sim.openai_api import dispatch, error_response
 from extproc.sim.wire import SETTINGS, SimSettings
 
@@ -78,6 +78,8 @@ def create_app(settings: SimSettings, record: Recorder | None = None) -> web.App
             return await anthropic_api.dispatch(request, settings)
         if bedrock_api.matches(request.path):
             return await bedrock_api.dispatch(request, settings)
+        if gemini_api.matches(request.path):
+            return await gemini_api.dispatch(request, settings)
         if responses_api.matches(request.path):
             return await responses_api.dispatch(request, settings)
         return await dispatch(request, settings)
