@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from extproc.sim import text, wire
 
 _METHOD_RE = re.compile(r"/models/(?P<model>[^/:]+):(?P<method>[A-Za-z]+)$")
 _LIST_RE = re.compile(r"/v1(?:beta|alpha)?/models$")
+_OWN_LIST_RE = re.compile(r"/v1(?:beta|alpha)/models$")  # /v1/models is also OpenAI's: told apart by the key
 _WEATHER_RE = re.compile(r"\bweather\b", re.IGNORECASE)
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
 DEFAULT_DIMENSIONS = 768
@@ -67,9 +68,12 @@ _SCHEMA_TYPES = frozenset({"STRING", "NUMBER", "INTEGER", "BOOLEAN", "ARRAY", "O
 _PART_KINDS = frozenset({"text", "inlineData", "fileData", "functionCall", "functionResponse"})
 
 
-def matches(path: str) -> bool:
-    """Is this a Gemini API path (behind any base path)?"""
-    return _METHOD_RE.search(path) is not None or _LIST_RE.search(path) is not None
+def matches(path: str, headers: Mapping[str, str] | None = None) -> bool:
+    """Is this a Gemini API path (behind any base path)? ``GET /v1/models`` is Gemini's
+    only when it comes with a Google key (OpenAI's clients list models there too)."""
+    if _METHOD_RE.search(path) is not None or _OWN_LIST_RE.search(path) is not None:
+        return True
+    return _LIST_RE.search(path) is not None and headers is not None and "x-goog-api-key" in headers
 
 
 class ApiError(Exception):

@@ -78,7 +78,7 @@ def create_app(settings: SimSettings, record: Recorder | None = None) -> web.App
             return await anthropic_api.dispatch(request, settings)
         if bedrock_api.matches(request.path):
             return await bedrock_api.dispatch(request, settings)
-        if gemini_api.matches(request.path):
+        if gemini_api.matches(request.path, request.headers):
             return await gemini_api.dispatch(request, settings)
         if responses_api.matches(request.path):
             return await responses_api.dispatch(request, settings)

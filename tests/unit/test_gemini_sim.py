@@ -12,7 +12,7 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from extproc.sim import SimServer
+from extproc.sim import SimServer, gemini_api
 from extproc.sim import text as simtext
 
 PROMPT = "Why is the sky blue?"
@@ -168,3 +168,13 @@ def test_validation_errors(sim: SimServer, body: dict[str, Any], words: str) -> 
     reply = httpx.post(f"{sim.url}/v1beta/models/gemini-2.0-flash:generateContent", json=body,
                        headers={"x-goog-api-key": "k"})
     assert reply.status_code == 400 and words in reply.json()["error"]["message"]
+
+
+def test_matches_only_gemini_paths() -> None:
+    assert gemini_api.matches("/v1beta/models/gemini-2.0-flash:generateContent")
+    assert gemini_api.matches("/prefix/v1/projects/p/locations/l/publishers/google/models/m:streamGenerateContent")
+    assert gemini_api.matches("/v1beta/models")
+    assert gemini_api.matches("/v1/models", {"x-goog-api-key": "k"})
+    assert not gemini_api.matches("/v1/models")  # OpenAI's models list
+    assert not gemini_api.matches("/v1/models/demo-model")
+    assert not gemini_api.matches("/model/anthropic.claude-3:0/converse")
