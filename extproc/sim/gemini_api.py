@@ -6,7 +6,9 @@ event a whole GenerateContentResponse), ``embedContent``, ``batchEmbedContents``
 google-genai SDK can tell: the key in ``x-goog-api-key`` (or ``?key=``), errors as
 ``{"error": {"code", "message", "status"}}``, the API's refusal of unknown fields (in
 the request, generationConfig and function parameter schemas), of a function response
-turn that does not follow a function call turn, and of schema types Gemini lacks. It
+turn that does not follow a function call turn, of schema types Gemini lacks, and (for
+Gemini 3 and later models) of a current-turn function call that does not come back with
+the thoughtSignature the model gave it. It
 validates on its own, sharing no code with the gateway's translation.
 
 The reply echoes the last user text like the other simulators, or calls a function when
@@ -31,6 +33,8 @@ thoughtsTokenCount (``x-sim-reasoning-tokens``) adds to the total.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import uuid
 from collections.abc import Iterator, Mapping
@@ -48,6 +52,7 @@ _OWN_LIST_RE = re.compile(r"/v1(?:beta|alpha)/models$")  # /v1/models is also Op
 _WEATHER_RE = re.compile(r"\bweather\b", re.IGNORECASE)
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
 DEFAULT_DIMENSIONS = 768
+SKIP_SIGNATURE = "skip_thought_signature_validator"  # Google's documented stand-in
 MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.0-flash", "text-embedding-004")
 _STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                  409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
@@ -166,6 +171,47 @@ def _field(obj: dict[str, Any], name: str, default: Any = None) -> Any:
 
 def _kind_count(content: dict[str, Any], kind: str) -> int:
     return sum(1 for p in content["parts"] if kind in p)
+
+
+def signs_calls(model: str) -> bool:
+    """Gemini 3 and later sign their function calls and want the signature back."""
+    match = re.match(r"gemini-(\d+)", model)
+    return match is not None and int(match.group(1)) >= 3
+
+
+def thought_signature(call: dict[str, Any]) -> str:
+    """The simulator's opaque signature of a call: deterministic, so it can be checked."""
+    digest = hashlib.blake2b(orjson.dumps([call["name"], call.get("args") or {}]), digest_size=48).digest()
+    return base64.b64encode(b"sim-thought:" + digest).decode()
+
+
+def _bytes(value: Any) -> bytes | None:
+    """A proto JSON bytes field: base64 in either alphabet (the SDK sends the URL-safe one)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value.replace("-", "+").replace("_", "/"), validate=True)
+    except ValueError:  # binascii.Error is a ValueError
+        return None
+
+
+def _validate_signatures(contents: list[dict[str, Any]]) -> None:
+    """Every model turn since the last user text must sign its first function call, with
+    the signature the simulator gave it or Google's documented skip value."""
+    start = 0
+    for i, content in enumerate(contents):
+        if content.get("role", "user") == "user" and any("text" in p for p in content["parts"]):
+            start = i
+    for i, content in enumerate(contents[start:], start):
+        calls = [p for p in content["parts"] if "functionCall" in p]
+        if content.get("role") != "model" or not calls:
+            continue
+        signature = calls[0].get("thoughtSignature")
+        if signature is None:
+            raise _invalid(f"Function call is missing a thought_signature in functionCall parts. This is required "
+                           f"for tools to work correctly (contents[{i}]).")
+        if signature != SKIP_SIGNATURE and _bytes(signature) != _bytes(thought_signature(calls[0]["functionCall"])):
+            raise _invalid(f"Corrupted thought signature (contents[{i}]).")
 
 
 def _validate(body: dict[str, Any]) -> None:
@@ -392,7 +438,9 @@ def _reply(body: dict[str, Any], model: str, knobs: wire.Knobs, request: web.Req
         allowed = calling.get("allowedFunctionNames") or [declarations[0]["name"]]
         declaration = next(d for d in declarations if d["name"] == allowed[0])
         schema = declaration.get("parameters") or _field(declaration, "parametersJsonSchema")
-        parts = [{"functionCall": {"name": declaration["name"], "args": function_args(schema)}}]
+        call = {"name": declaration["name"], "args": function_args(schema)}
+        parts = [{"functionCall": call, "thoughtSignature": thought_signature(call)} if signs_calls(model)
+                 else {"functionCall": call}]
     else:
         length = min(reply_tokens, budget)
         reply = text.reply_text(last_user, length)
@@ -527,6 +575,8 @@ async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.Stre
             raise _invalid("Invalid JSON payload received. The body must be a JSON object.")
         if method in ("generateContent", "streamGenerateContent"):
             _validate(body)
+            if signs_calls(model):
+                _validate_signatures(body["contents"])
             reply = _reply(body, model, knobs, request)
             if method == "streamGenerateContent":
                 if request.query.get("alt") != "sse":

@@ -41,6 +41,50 @@ def generate_method(stream: bool) -> str:
     return "streamGenerateContent?alt=sse" if stream else "generateContent"
 
 
+# -- thought signatures ------------------------------------------------------------------------
+# Gemini 3 models attach an opaque thoughtSignature to a function call and refuse the next
+# request unless that call comes back with it. OpenAI's history has no place for it but
+# the tool call id, which clients send back verbatim: the id carries the signature (as
+# base64url, so the id stays [A-Za-z0-9_-] and other providers accept it too).
+
+_CALL_ID = re.compile(r"call_[0-9a-f]{24}__([A-Za-z0-9_-]+)")
+# Google's documented stand-in for a call whose signature is unknown (history written by
+# another model, or by a client that made up its own ids).
+SKIP_SIGNATURE = "skip_thought_signature_validator"
+_SIGNING_MODEL = re.compile(r"(?:^|/)gemini-(\d+)")
+
+
+def call_id(signature: Any) -> str:
+    """A fresh OpenAI tool call id, carrying Gemini's thought signature if there is one."""
+    base = f"call_{uuid.uuid4().hex[:24]}"
+    if not isinstance(signature, str) or not signature:
+        return base
+    try:  # proto JSON bytes: standard base64, or the URL-safe alphabet (which the SDK sends)
+        raw = base64.b64decode(signature.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError):
+        return base  # not base64: Gemini's signatures always are
+    return f"{base}__{base64.urlsafe_b64encode(raw).decode().rstrip('=')}"
+
+
+def signature_of(tool_call_id: str) -> str | None:
+    """The thought signature a tool call id carries (standard base64, as Gemini sent it)."""
+    match = _CALL_ID.fullmatch(tool_call_id)
+    if match is None:
+        return None
+    packed = match.group(1)
+    try:
+        raw = base64.urlsafe_b64decode(packed + "=" * (-len(packed) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return base64.b64encode(raw).decode()
+
+
+def requires_signatures(model: str) -> bool:
+    """Gemini 3 and later refuse a current-turn function call without its signature."""
+    match = _SIGNING_MODEL.search(model)
+    return match is not None and int(match.group(1)) >= 3
+
+
 # -- OpenAI chat request -> GenerateContentRequest ---------------------------------------------
 
 _DATA_URL = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),(.*)", re.DOTALL)
@@ -55,10 +99,11 @@ _SCHEMA_KEYS = frozenset({
 _SCHEMA_TYPES = frozenset({"string", "number", "integer", "boolean", "array", "object"})
 
 
-def chat_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
+def chat_to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     """An OpenAI chat-completions request as a Gemini GenerateContentRequest body.
 
-    The model and streaming go in the path. Raises RequestError (400) for what Gemini
+    The model and streaming go in the path; ``model`` decides whether function calls
+    need a thought signature. Raises RequestError (400) for what Gemini
     cannot express, rather than letting the backend answer in a shape the client cannot read.
     """
     messages = body.get("messages")
@@ -78,7 +123,7 @@ def chat_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
         if role == "user":
             gemini_role, parts = "user", _user_parts(message.get("content"), f"{where}.content")
         elif role == "assistant":
-            gemini_role, parts = "model", _model_parts(message, where, call_names)
+            gemini_role, parts = "model", _model_parts(message, where, call_names, requires_signatures(model))
         elif role == "tool":
             gemini_role, parts = "user", [_function_response(message, where, call_names)]
         else:
@@ -180,7 +225,9 @@ def _image_part(url: Any, where: str) -> dict[str, Any]:
     return {"inlineData": {"mimeType": mime, "data": data}}
 
 
-def _model_parts(message: dict[str, Any], where: str, call_names: dict[str, str]) -> list[dict[str, Any]]:
+def _model_parts(
+    message: dict[str, Any], where: str, call_names: dict[str, str], signed: bool
+) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = [{"text": t} for t in _texts(message.get("content"), f"{where}.content") if t]
     calls = message.get("tool_calls")
     if calls is None:
@@ -196,7 +243,14 @@ def _model_parts(message: dict[str, Any], where: str, call_names: dict[str, str]
         if not isinstance(name, str) or not name:
             raise bad_request(f"{here}.function.name must be a non-empty string.", param=here)
         call_names[call["id"]] = name
-        parts.append({"functionCall": {"name": name, "args": _arguments(function.get("arguments"), here)}})
+        part: dict[str, Any] = {"functionCall": {"name": name, "args": _arguments(function.get("arguments"), here)}}
+        signature = signature_of(call["id"])
+        if signature is not None:
+            part["thoughtSignature"] = signature
+        parts.append(part)
+    calls_parts = [p for p in parts if "functionCall" in p]
+    if signed and calls_parts and not any("thoughtSignature" in p for p in calls_parts):
+        calls_parts[0]["thoughtSignature"] = SKIP_SIGNATURE  # only a parallel call's first part is signed
     return parts
 
 
@@ -426,11 +480,11 @@ def usage_from_gemini(meta: Any) -> TokenUsage | None:
     )
 
 
-def tool_call(call: dict[str, Any]) -> dict[str, Any]:
-    """A functionCall part as an OpenAI tool call, with Gemini's id or a fresh one."""
-    call_id = call.get("id")
+def tool_call(part: dict[str, Any]) -> dict[str, Any]:
+    """A functionCall part as an OpenAI tool call; its id carries the part's thought signature."""
+    call = part["functionCall"]
     return {
-        "id": call_id if isinstance(call_id, str) and call_id else f"call_{uuid.uuid4().hex[:24]}",
+        "id": call_id(part.get("thoughtSignature")),
         "type": "function",
         "function": {"name": str(call.get("name") or ""), "arguments": orjson.dumps(call.get("args") or {}).decode()},
     }
@@ -463,7 +517,7 @@ def gemini_to_chat(response: Any, model: str) -> dict[str, Any]:
             if not isinstance(part, dict):
                 continue
             if isinstance(part.get("functionCall"), dict):
-                calls.append(tool_call(part["functionCall"]))
+                calls.append(tool_call(part))
             elif isinstance(part.get("text"), str):
                 (thoughts if part.get("thought") is True else texts).append(part["text"])
         message: dict[str, Any] = {
@@ -576,7 +630,7 @@ class ChatToGemini(Translator):
         return model_path(self.attempt.target.path_prefix, model, generate_method(stream))
 
     def request(self, body: dict[str, Any], raw: bytes) -> UpstreamRequest:
-        translated = chat_to_gemini(body)
+        translated = chat_to_gemini(body, self.attempt.model)
         self._candidates = (translated.get("generationConfig") or {}).get("candidateCount", 1)
         return UpstreamRequest(self.path(self.attempt.model, self.attempt.stream), orjson.dumps(translated),
                                [("content-type", b"application/json")])

@@ -130,7 +130,7 @@ class GeminiStreamTranslator:
             if not isinstance(part, dict):
                 continue
             if isinstance(part.get("functionCall"), dict):
-                call = {"index": self._calls[index], **tool_call(part["functionCall"])}
+                call = {"index": self._calls[index], **tool_call(part)}
                 self._calls[index] += 1
                 out.append(self._chunk(index, {"tool_calls": [call]}))
             elif isinstance(part.get("text"), str) and part["text"]:

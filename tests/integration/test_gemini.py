@@ -181,18 +181,19 @@ def test_stream_without_usage_asked_still_accounts_and_hides_usage(
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_tool_call_round_trip(client: openai.OpenAI, sim: SimServer, stream: bool) -> None:
+@pytest.mark.parametrize("model", ["gemini-2.5-flash", "gemini-3-pro"])  # Gemini 3 signs its calls
+def test_tool_call_round_trip(client: openai.OpenAI, sim: SimServer, stream: bool, model: str) -> None:
     messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
     if stream:
         chunks = list(client.chat.completions.create(
-            model="gemini-tools", messages=messages, tools=[WEATHER_TOOL], stream=True))
+            model=model, messages=messages, tools=[WEATHER_TOOL], stream=True))
         calls = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
         assert len(calls) == 1 and calls[0].id and calls[0].function
         call_id, name, arguments = calls[0].id, calls[0].function.name, calls[0].function.arguments or ""
         assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
             "tool_calls"]
     else:
-        completion = client.chat.completions.create(model="gemini-tools", messages=messages, tools=[WEATHER_TOOL],
+        completion = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL],
                                                     tool_choice="required")
         assert completion.choices[0].finish_reason == "tool_calls"
         call = completion.choices[0].message.tool_calls[0]  # type: ignore[index]
@@ -206,10 +207,12 @@ def test_tool_call_round_trip(client: openai.OpenAI, sim: SimServer, stream: boo
             {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
         {"role": "tool", "tool_call_id": call_id, "content": '{"forecast": "sunny"}'},
     ]
-    final = client.chat.completions.create(model="gemini-tools", messages=messages, tools=[WEATHER_TOOL])
+    # The simulator refuses a Gemini 3 call that comes back without the signature it gave.
+    final = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
     assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content
     sent = sim.requests[-1].json["contents"]
-    assert sent[1] == {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]}
+    assert sent[1]["parts"][0]["functionCall"] == {"name": "get_weather", "args": {"city": "Paris"}}
+    assert ("thoughtSignature" in sent[1]["parts"][0]) == (model == "gemini-3-pro")
     assert sent[2] == {"role": "user", "parts": [
         {"functionResponse": {"name": "get_weather", "response": {"forecast": "sunny"}}}]}
 

@@ -178,3 +178,22 @@ def test_matches_only_gemini_paths() -> None:
     assert not gemini_api.matches("/v1/models")  # OpenAI's models list
     assert not gemini_api.matches("/v1/models/demo-model")
     assert not gemini_api.matches("/model/anthropic.claude-3:0/converse")
+
+
+def test_gemini_3_signs_calls_and_wants_the_signature_back(client: genai.Client) -> None:
+    config = types.GenerateContentConfig(tools=[get_weather])
+    # The SDK's own loop replays the model's parts verbatim, signature included.
+    assert client.models.generate_content(model="gemini-3-pro", contents="weather in Rome?", config=config).text
+    call = types.Part(function_call=types.FunctionCall(name="get_weather", args={"city": "Rome"}))
+    history = [
+        types.Content(role="user", parts=[types.Part(text="weather in Rome?")]),
+        types.Content(role="model", parts=[call]),
+        types.Content(role="user", parts=[types.Part(function_response=types.FunctionResponse(
+            name="get_weather", response={"result": "sunny"}))]),
+    ]
+    manual = types.GenerateContentConfig(tools=[get_weather], http_options=types.HttpOptions(
+        retry_options=types.HttpRetryOptions(attempts=1)))
+    with pytest.raises(errors.ClientError) as info:
+        client.models.generate_content(model="gemini-3-pro", contents=history, config=manual)
+    assert "missing a thought_signature" in (info.value.message or "")
+    assert client.models.generate_content(model="gemini-2.5-flash", contents=history, config=manual).text

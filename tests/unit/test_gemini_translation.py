@@ -30,6 +30,7 @@ from extproc.translators.chat_to_gemini import (
     model_path,
     usage_from_gemini,
 )
+from extproc.translators import chat_to_gemini as chat_to_gemini_module
 from extproc.translators.embeddings_to_gemini import embeddings_to_gemini, gemini_to_embeddings
 from extproc.translators.gemini_stream import GeminiStreamTranslator
 
@@ -430,3 +431,61 @@ def test_bad_embeddings_requests(body: dict[str, Any], words: str) -> None:
     with pytest.raises(RequestError) as info:
         embeddings_to_gemini({"model": "e", **body}, "e")
     assert info.value.status == 400 and words in info.value.message
+
+
+# -- thought signatures ------------------------------------------------------------------------
+
+
+def test_the_tool_call_id_carries_the_thought_signature() -> None:
+    signature = base64.b64encode(bytes(range(250, 256)) + b"\xfb\xff" * 40).decode()  # has + and /
+    assert "+" in signature or "/" in signature
+    call_id = chat_to_gemini_module.call_id(signature)
+    assert call_id.startswith("call_") and all(c.isalnum() or c in "_-" for c in call_id)
+    assert chat_to_gemini_module.signature_of(call_id) == signature
+    plain = chat_to_gemini_module.call_id(None)
+    assert len(plain) == 29 and chat_to_gemini_module.signature_of(plain) is None
+    assert chat_to_gemini_module.signature_of("toolu_01abc") is None
+
+
+def _history(call_ids: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"role": "user", "content": "weather in Paris and Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": i, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}} for i in call_ids]},
+        *({"role": "tool", "tool_call_id": i, "content": "sunny"} for i in call_ids),
+    ]
+
+
+def test_signatures_go_back_on_their_calls_and_gemini_3_gets_the_skip_value() -> None:
+    signed = chat_to_gemini_module.call_id(base64.b64encode(b"opaque").decode())
+    parts = chat_to_gemini({"model": "m", "messages": _history([signed, "call_b"])}, "gemini-3-pro")["contents"][1]
+    assert parts["parts"][0]["thoughtSignature"] == base64.b64encode(b"opaque").decode()
+    assert "thoughtSignature" not in parts["parts"][1]  # only a parallel call's first part is signed
+    foreign = chat_to_gemini({"model": "m", "messages": _history(["toolu_1", "toolu_2"])}, "gemini-3-flash")
+    assert [p.get("thoughtSignature") for p in foreign["contents"][1]["parts"]] == [
+        chat_to_gemini_module.SKIP_SIGNATURE, None]
+    older = chat_to_gemini({"model": "m", "messages": _history(["toolu_1"])}, "gemini-2.5-pro")
+    assert "thoughtSignature" not in older["contents"][1]["parts"][0]
+
+
+def test_signed_round_trip_through_the_simulator(sim: SimServer) -> None:
+    ask = [{"role": "user", "content": "weather in Paris?"}]
+    path = model_path("/v1beta", "gemini-3-pro", "generateContent")
+
+    def send(messages: list[Any]) -> dict[str, Any]:
+        body = chat_to_gemini({"model": "m", "messages": messages, "tools": [WEATHER]}, "gemini-3-pro")
+        reply = httpx.post(f"{sim.url}{path}", json=body, headers={"x-goog-api-key": "k"})
+        assert reply.status_code == 200, reply.text
+        return gemini_to_chat(reply.json(), "m")
+
+    message = send(ask)["choices"][0]["message"]
+    assert chat_to_gemini_module.signature_of(message["tool_calls"][0]["id"])
+    call = message["tool_calls"][0]
+    answer = send([*ask, message, {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}])
+    assert answer["choices"][0]["message"]["content"]
+    tampered = {**message, "tool_calls": [{**call, "id": call["id"][:-4] + "AAAA"}]}
+    body = chat_to_gemini({"model": "m", "tools": [WEATHER], "messages": [
+        *ask, tampered, {"role": "tool", "tool_call_id": tampered["tool_calls"][0]["id"], "content": "x"}]},
+        "gemini-3-pro")
+    refused = httpx.post(f"{sim.url}{path}", json=body, headers={"x-goog-api-key": "k"})
+    assert refused.status_code == 400 and "Corrupted thought signature" in refused.json()["error"]["message"]
