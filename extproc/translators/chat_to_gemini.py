@@ -109,6 +109,12 @@ def chat_to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty array.", param="messages")
+    for legacy in ("functions", "function_call"):
+        if body.get(legacy) is not None:
+            raise bad_request(f"'{legacy}' is deprecated and not translated for Gemini models; use 'tools' and "
+                              "'tool_choice'.", param=legacy)
+    if body.get("logprobs") is True:
+        raise bad_request("logprobs are not translated for Gemini models.", param="logprobs")
     system: list[str] = []
     contents: list[dict[str, Any]] = []
     call_names: dict[str, str] = {}  # tool call id -> function name (functionResponse needs the name)
@@ -149,7 +155,7 @@ def chat_to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     tool_config = _tool_config(body.get("tool_choice"), {d["name"] for d in declarations})
     if tool_config is not None:
         out["toolConfig"] = tool_config
-    generation = _generation_config(body)
+    generation = _generation_config(body, model)
     if generation:
         out["generationConfig"] = generation
     return out
@@ -381,8 +387,30 @@ def _number(body: dict[str, Any], key: str) -> float | None:
     return value
 
 
-def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
+# reasoning_effort -> Gemini 2.5's thinkingBudget (tokens), as Google's own OpenAI layer maps it
+_THINKING_BUDGETS = {"none": 0, "minimal": 0, "low": 1024, "medium": 8192, "high": 24576}
+_THINKING_LEVELS = {"none": "MINIMAL", "minimal": "MINIMAL", "low": "LOW", "medium": "MEDIUM", "high": "HIGH",
+                    "xhigh": "XHIGH"}
+
+
+def _thinking(effort: Any, model: str) -> dict[str, Any] | None:
+    """reasoning_effort as thinkingConfig: a level for Gemini 3 and later, a budget before."""
+    if effort is None:
+        return None
+    if requires_signatures(model):  # the same generations: Gemini 3+ think in levels
+        if effort in _THINKING_LEVELS:
+            return {"thinkingLevel": _THINKING_LEVELS[effort]}
+    elif effort in _THINKING_BUDGETS:
+        return {"thinkingBudget": _THINKING_BUDGETS[effort]}
+    raise bad_request("'reasoning_effort' must be 'none', 'minimal', 'low', 'medium' or 'high'.",
+                      param="reasoning_effort")
+
+
+def _generation_config(body: dict[str, Any], model: str) -> dict[str, Any]:
     config: dict[str, Any] = {}
+    thinking = _thinking(body.get("reasoning_effort"), model)
+    if thinking is not None:
+        config["thinkingConfig"] = thinking
     for key, field in (("temperature", "temperature"), ("top_p", "topP"),
                        ("presence_penalty", "presencePenalty"), ("frequency_penalty", "frequencyPenalty")):
         value = _number(body, key)

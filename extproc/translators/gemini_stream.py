@@ -3,7 +3,8 @@
 Each Gemini event is a whole GenerateContentResponse holding the next piece of each
 candidate, usageMetadata (the last one is the whole request's) and, at its end, the
 finishReason. Gemini sends no end-of-stream event: the stream is complete when every
-candidate has finished and the usage came with it, or else at the end of the body.
+candidate has finished and the usage counting the output came with it, or else at the end
+of the body.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class GeminiStreamTranslator:
             self._started = True
             self.id = completion_id(response.get("responseId"))
         self.model = model_name(response, self.model)
-        usage = usage_from_gemini(response.get("usageMetadata"))
+        meta = response.get("usageMetadata")
+        usage = usage_from_gemini(meta)
         if usage is not None:
             self.usage = usage
         candidates = response.get("candidates")
@@ -115,7 +117,9 @@ class GeminiStreamTranslator:
             for index in range(self.candidates):  # the prompt was blocked: nothing will be generated
                 out.append(self._chunk(index, {"role": "assistant", "content": ""}, "content_filter"))
                 self._finished.add(index)
-        if len(self._finished) >= self.candidates and usage is not None:
+        # Done when every candidate finished and this event's usage counts the output (mid-stream
+        # usage has the prompt only); else the end of the body ends the stream (finish).
+        if len(self._finished) >= self.candidates and isinstance(meta, dict) and "candidatesTokenCount" in meta:
             self._end(out)
 
     def _on_candidate(self, position: int, candidate: dict[str, Any], out: list[bytes]) -> None:

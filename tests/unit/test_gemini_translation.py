@@ -489,3 +489,36 @@ def test_signed_round_trip_through_the_simulator(sim: SimServer) -> None:
         "gemini-3-pro")
     refused = httpx.post(f"{sim.url}{path}", json=body, headers={"x-goog-api-key": "k"})
     assert refused.status_code == 400 and "Corrupted thought signature" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("model", "effort", "thinking"), [
+    ("gemini-2.5-flash", "none", {"thinkingBudget": 0}),
+    ("gemini-2.5-pro", "medium", {"thinkingBudget": 8192}),
+    ("gemini-3-pro-preview", "low", {"thinkingLevel": "LOW"}),
+    ("models/gemini-3-flash", "minimal", {"thinkingLevel": "MINIMAL"}),
+])
+def test_reasoning_effort_becomes_the_thinking_config(model: str, effort: str, thinking: dict[str, Any]) -> None:
+    body = {"model": "m", "messages": USER, "reasoning_effort": effort}
+    assert chat_to_gemini(body, model)["generationConfig"] == {"thinkingConfig": thinking}
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    ({"reasoning_effort": "extreme"}, "'reasoning_effort'"),
+    ({"functions": [{"name": "f"}]}, "use 'tools'"),
+    ({"function_call": "auto"}, "use 'tools'"),
+    ({"logprobs": True}, "logprobs"),
+])
+def test_what_gemini_cannot_take_is_refused(extra: dict[str, Any], words: str) -> None:
+    assert words in _refused({"messages": USER, **extra}).message
+
+
+def test_stream_waits_for_the_usage_that_counts_the_output() -> None:
+    translator = GeminiStreamTranslator("m", True)
+    finished = (b'data: {"candidates": [{"content": {"parts": [{"text": "Hi"}]}, "finishReason": "STOP"}], '
+                b'"usageMetadata": {"promptTokenCount": 5, "totalTokenCount": 5}}\r\n\r\n')
+    assert b"[DONE]" not in translator.feed(finished)  # the prompt's count only: the output's may follow
+    usage = b'data: {"usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 1, "totalTokenCount": 6}}\r\n\r\n'
+    out = translator.feed(usage)
+    assert out.endswith(b"data: [DONE]\n\n") and translator.finish() == b""
+    last = orjson.loads(SSEDecoder().feed(out)[0].data)
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 1
