@@ -8,6 +8,7 @@ official google-genai SDK, so "exact" means what the provider reported.
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from extproc.sim import SimServer
 from extproc.sim import text as simtext
 from tests.integration.harness import RunningGateway, running_gateway
+from tests.otlp_receiver import OtlpReceiver
 
 GEMINI_KEY = "AIza-gemini-backend-key-31ff"
 OPENAI_KEY = "sk-openai-backend-key-9911"
@@ -44,7 +46,15 @@ def sim() -> Iterator[SimServer]:
 
 
 @pytest.fixture(scope="module")
-def gateway(sim: SimServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as otlp:
+        yield otlp
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    sim: SimServer, receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningGateway]:
     config = {
         "backends": [
             {"name": "gemini", "schema": "gemini", "base_url": f"{sim.url}/v1beta",
@@ -63,7 +73,9 @@ def gateway(sim: SimServer, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         ],
         "usage": {"estimate_when_missing": True},  # embeddings: Gemini reports no tokens
     }
-    env = {"T_GEMINI_KEY": GEMINI_KEY, "T_OPENAI_KEY": OPENAI_KEY}
+    env = {"T_GEMINI_KEY": GEMINI_KEY, "T_OPENAI_KEY": OPENAI_KEY, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "100",
+           "OTEL_METRIC_EXPORT_INTERVAL": "60000"}
     with running_gateway(config, tmp_path_factory.mktemp("gemini"), env=env) as running:
         yield running
 
@@ -143,6 +155,21 @@ def test_json_reply_with_exact_usage_in_response_log_and_metrics(
     labels = {"gen_ai_request_model": "gemini-json", "gen_ai_provider_name": "gcp.gemini"}
     assert _metric_sum(gateway, "gen_ai_client_token_usage", "_sum", gen_ai_token_type="input", **labels) == prompt
     assert _metric_sum(gateway, "gen_ai_client_token_usage", "_sum", gen_ai_token_type="output", **labels) == output
+
+
+def test_span_names_google_and_carries_the_exact_usage(client: openai.OpenAI, receiver: OtlpReceiver) -> None:
+    trace_id = secrets.token_hex(16)
+    completion = client.chat.completions.create(
+        model="gemini-traced", messages=USER, max_tokens=8,
+        extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+    attributes = receiver.wait_for_span(lambda s: s.trace_id == trace_id).attributes
+    assert attributes["llm.provider"] == "google"
+    assert attributes["llm.model_name"] == "gemini-traced"
+    assert attributes["llm.output_messages.0.message.content"] == completion.choices[0].message.content
+    usage = completion.usage
+    assert usage is not None
+    assert attributes["llm.token_count.prompt"] == usage.prompt_tokens
+    assert attributes["llm.token_count.completion"] == usage.completion_tokens
 
 
 def test_stream_with_usage(client: openai.OpenAI, gateway: RunningGateway, sim: SimServer) -> None:
