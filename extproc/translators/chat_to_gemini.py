@@ -19,7 +19,13 @@ from urllib.parse import quote, urlsplit
 
 import orjson
 
-from extproc.schemas.openai import as_count, bad_request, error_body, max_output_tokens, usage_object
+from extproc.schemas.openai import (
+    as_count,
+    bad_request,
+    error_body,
+    max_output_tokens,
+    usage_object,
+)
 from extproc.translators.base import StreamTranslator, Translator, UpstreamRequest
 from extproc.usage import TokenUsage
 

@@ -22,6 +22,7 @@ from extproc.schemas.openai import RequestError
 from extproc.sim import SimServer
 from extproc.sim import text as simtext
 from extproc.sse import SSEDecoder
+from extproc.translators import chat_to_gemini as chat_to_gemini_module
 from extproc.translators.chat_to_gemini import (
     chat_to_gemini,
     error_to_openai,
@@ -30,8 +31,10 @@ from extproc.translators.chat_to_gemini import (
     model_path,
     usage_from_gemini,
 )
-from extproc.translators import chat_to_gemini as chat_to_gemini_module
-from extproc.translators.embeddings_to_gemini import embeddings_to_gemini, gemini_to_embeddings
+from extproc.translators.embeddings_to_gemini import (
+    embeddings_to_gemini,
+    gemini_to_embeddings,
+)
 from extproc.translators.gemini_stream import GeminiStreamTranslator
 
 PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
