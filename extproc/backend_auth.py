@@ -3,9 +3,9 @@
 Built once per config (with the backend's routing target) and used by both stages, so a
 credential is put on a request in one place whatever the path: a plain key in a header
 (OpenAI's bearer token, Azure's `api-key`, Anthropic's `x-api-key`, Gemini's
-`x-goog-api-key`) or an AWS SigV4 signature over the final body. Keys live only inside these objects; their reprs say
-`<redacted>`. Finding or refreshing AWS credentials never runs on the event loop
-(`aws_credentials.ChainCredentials` does it in a thread).
+`x-goog-api-key`) or an AWS SigV4 signature over the final body. Keys live only inside
+these objects; their reprs say `<redacted>`. Finding or refreshing AWS credentials never
+runs on the event loop (`aws_credentials.ChainCredentials` does it in a thread).
 """
 
 from __future__ import annotations
