@@ -19,7 +19,8 @@ call); ``maxOutputTokens`` and ``stopSequences`` cut it with the matching finish
 Knobs: the ``x-sim-*`` headers every simulated API reads (``wire.read_knobs``: chunks,
 delays, error, cached tokens, reasoning tokens, no usage, compression, hold) plus
 ``x-sim-tool-call: 1`` (call the first function even without "weather") and
-``x-sim-reply-tokens``. A key starting with ``invalid`` is refused as Gemini refuses a
+``x-sim-reply-tokens``, and ``x-sim-stream-error: STATUS`` (a stream fails with an error
+event after its first piece). A key starting with ``invalid`` is refused as Gemini refuses a
 bad key (400, reason API_KEY_INVALID); a model ``sim-error-NNN`` fails with NNN.
 
 Token rule (deterministic, see ``text``): the prompt is the tokens of the system
@@ -457,8 +458,10 @@ def _reply(body: dict[str, Any], model: str, knobs: wire.Knobs, request: web.Req
     )
 
 
-def stream_events(reply: _Reply, chunks: int) -> Iterator[dict[str, Any] | None]:
-    """The streamed responses; ``None`` marks a pause point."""
+def stream_events(reply: _Reply, chunks: int, fail: int | None = None) -> Iterator[dict[str, Any] | None]:
+    """The streamed responses; ``None`` marks a pause point. ``fail``: after the first
+    event, an error event with that status ends the stream (how Gemini reports a failure
+    once the 200 went out)."""
     if "functionCall" in reply.parts[0]:  # Gemini sends a call whole, in one event
         yield reply.response(reply.parts, finish=True)
         return
@@ -466,6 +469,10 @@ def stream_events(reply: _Reply, chunks: int) -> Iterator[dict[str, Any] | None]
     for i, piece in enumerate(pieces):
         if i:
             yield None
+        if i and fail is not None:
+            yield {"error": {"code": fail, "message": wire.simulated_error(fail, "x-sim-stream-error header"),
+                             "status": _STATUS_NAMES.get(fail, "INTERNAL")}}
+            return
         last = i == len(pieces) - 1
         yield reply.response([{"text": piece}], finish=last, final_usage=last)
 
@@ -581,7 +588,8 @@ async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.Stre
             if method == "streamGenerateContent":
                 if request.query.get("alt") != "sse":
                     raise _invalid("The simulator streams only as SSE (?alt=sse), as the SDKs ask.")
-                return await _write_stream(request, knobs, settings, stream_events(reply, knobs.chunks))
+                fail = wire.header_int(request, "x-sim-stream-error", 0, 400, 599) or None
+                return await _write_stream(request, knobs, settings, stream_events(reply, knobs.chunks, fail))
             return wire.json_reply(orjson.dumps(reply.response(reply.parts, finish=True)), knobs.compress)
         if method == "embedContent":
             return wire.json_reply(orjson.dumps({"embedding": _embedding(body, "")}), knobs.compress)

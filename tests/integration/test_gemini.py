@@ -279,6 +279,20 @@ def test_backend_errors_in_openai_shape(
     assert GEMINI_KEY not in output
 
 
+def test_errors_of_streams_before_and_after_the_start(client: openai.OpenAI, gateway: RunningGateway) -> None:
+    with pytest.raises(openai.RateLimitError) as info:  # before any byte: the whole error, translated
+        client.chat.completions.create(model="gemini-err", messages=USER, stream=True,
+                                       extra_headers={"x-sim-error": "429", "x-request-id": "gem-err-stream"})
+    assert isinstance(info.value.body, dict) and info.value.body.get("code") == "rate_limit_exceeded"
+    assert _entry(gateway, "gem-err-stream")["status"] == 429
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as midway:  # after the 200: an error event ends the stream
+        for chunk in client.chat.completions.create(model="gemini-err", messages=USER, stream=True,
+                                                    extra_headers={"x-sim-stream-error": "503"}):
+            received.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(received) and "x-sim-stream-error" in str(midway.value)
+
+
 def test_bad_request_is_refused_before_the_backend(client: openai.OpenAI, sim: SimServer) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="gemini-x", messages=[{"role": "user", "content": [

@@ -525,3 +525,13 @@ def test_stream_waits_for_the_usage_that_counts_the_output() -> None:
     assert out.endswith(b"data: [DONE]\n\n") and translator.finish() == b""
     last = orjson.loads(SSEDecoder().feed(out)[0].data)
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 1
+
+
+def test_a_stream_failing_midway_ends_in_an_openai_error_event(sim: SimServer) -> None:
+    raw = _send(sim, _chat(), stream=True, **{"x-sim-stream-error": "503"}).content
+    events = SSEDecoder().feed(_translate(raw, [5] * (len(raw) // 5)))
+    payloads = [orjson.loads(e.data) for e in events]
+    assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert payloads[-1]["error"]["type"] == "server_error" and payloads[-1]["error"]["code"] == "service_unavailable"
+    assert "x-sim-stream-error" in payloads[-1]["error"]["message"]
+    assert all(e.data != b"[DONE]" for e in events)
