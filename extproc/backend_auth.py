@@ -2,10 +2,10 @@
 
 Built once per config (with the backend's routing target) and used by both stages, so a
 credential is put on a request in one place whatever the path: a plain key in a header
-(OpenAI's bearer token, Azure's `api-key`, Anthropic's `x-api-key`) or an AWS SigV4
-signature over the final body. Keys live only inside these objects; their reprs say
-`<redacted>`. Finding or refreshing AWS credentials never runs on the event loop
-(`aws_credentials.ChainCredentials` does it in a thread).
+(OpenAI's bearer token, Azure's `api-key`, Anthropic's `x-api-key`, Gemini's
+`x-goog-api-key`) or an AWS SigV4 signature over the final body. Keys live only inside
+these objects; their reprs say `<redacted>`. Finding or refreshing AWS credentials never
+runs on the event loop (`aws_credentials.ChainCredentials` does it in a thread).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # not use, since a header set for an earlier attempt (another backend) is still there.
 CREDENTIAL_HEADERS = (
     "authorization", "x-api-key", "api-key", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256",
-    "proxy-authorization",
+    "proxy-authorization", "x-goog-api-key",
 )
 
 
@@ -68,6 +68,11 @@ def azure_key(key: SecretStr) -> HeaderKey:
 def anthropic_key(key: SecretStr) -> HeaderKey:
     """Anthropic: `x-api-key: <key>`."""
     return HeaderKey("x-api-key", key)
+
+
+def google_key(key: SecretStr) -> HeaderKey:
+    """Google AI Studio's Gemini API: `x-goog-api-key: <key>` (as the google-genai SDK sends it)."""
+    return HeaderKey("x-goog-api-key", key)
 
 
 class SigV4(BackendAuth):
@@ -112,6 +117,8 @@ def auth_for(backend: Backend, secrets: Mapping[str, SecretStr]) -> BackendAuth:
         return azure_key(key)
     if backend.schema_ is Schema.anthropic:
         return anthropic_key(key)
+    if backend.schema_ is Schema.gemini:
+        return google_key(key)
     return bearer(key)
 
 

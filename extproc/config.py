@@ -69,6 +69,7 @@ def _telemetry_header(value: str | None) -> str | None:
 RESERVED_METADATA_KEYS = BUILTIN_KEYS | REQUEST_METADATA_KEYS  # cost keys may not reuse them
 
 MCP_TOOL_CALL_KEY = Meta.MCP_TOOL_CALL  # the cost a tool budget charges: 1 per call
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"  # Google AI Studio's Gemini API
 AWS_SECRET_SEPARATOR = "/aws."  # LoadedConfig.secrets key for a backend's AWS keys: "<backend>/aws.<field>"
 
 
@@ -80,6 +81,7 @@ class Schema(str, Enum):
     anthropic = "anthropic"
     aws_bedrock = "aws_bedrock"
     azure_openai = "azure_openai"
+    gemini = "gemini"
 
 
 class AwsSettings(StrictModel):
@@ -108,10 +110,12 @@ class Backend(StrictModel):
         validate_default=True,
         description="openai: https://api.openai.com/v1 (includes /v1); anthropic: https://api.anthropic.com "
         "(no /v1, as in the anthropic SDK); azure_openai: https://RESOURCE.openai.azure.com; aws_bedrock: "
-        "default https://bedrock-runtime.REGION.amazonaws.com",
+        "default https://bedrock-runtime.REGION.amazonaws.com; gemini: default "
+        "https://generativelanguage.googleapis.com/v1beta (includes the API version)",
     )
     api_key: SecretRef | None = Field(
-        default=None, description="openai: Bearer token; anthropic: x-api-key; azure_openai: api-key header"
+        default=None,
+        description="openai: Bearer token; anthropic: x-api-key; azure_openai: api-key header; gemini: x-goog-api-key",
     )
     anthropic_version: str = Field(default="2023-06-01", pattern=r"^\d{4}-\d{2}-\d{2}$")
     api_version: str | None = Field(default=None, description="azure_openai: the api-version query parameter")
@@ -135,7 +139,9 @@ class Backend(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _bedrock_default_url(cls, data: Any) -> Any:
+    def _default_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("schema") == "gemini" and not data.get("base_url"):
+            return {**data, "base_url": GEMINI_BASE_URL}
         if isinstance(data, dict) and data.get("schema") == "aws_bedrock" and not data.get("base_url"):
             region = (data.get("aws") or {}).get("region") if isinstance(data.get("aws"), dict) else None
             if isinstance(region, str) and region:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.config import LoadedConfig, parse_config, resolve_secrets
+from extproc.config import GEMINI_BASE_URL, LoadedConfig, parse_config, resolve_secrets
 
 DEMO_BACKEND = "demo"
 DEMO_PORT = 1976
@@ -74,6 +74,22 @@ def _aws_credentials_present(env: Mapping[str, str]) -> bool:
     return bool((env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")) or env.get("AWS_PROFILE"))
 
 
+def _gemini_backend(env: Mapping[str, str]) -> dict[str, Any] | None:
+    """A Gemini API backend from the google-genai SDK's variables: GOOGLE_API_KEY, else
+    GEMINI_API_KEY (the SDK's own order); GOOGLE_GEMINI_BASE_URL without the version, which
+    GOOGLE_GENAI_API_VERSION may name (default v1beta)."""
+    key_var = next((v for v in ("GOOGLE_API_KEY", "GEMINI_API_KEY") if env.get(v)), None)
+    if key_var is None:
+        return None
+    backend: dict[str, Any] = {"name": "gemini", "schema": "gemini", "api_key": {"env": key_var}}
+    base = env.get("GOOGLE_GEMINI_BASE_URL")
+    version = env.get("GOOGLE_GENAI_API_VERSION")
+    if base or version:
+        root = (base or GEMINI_BASE_URL.rsplit("/", 1)[0]).rstrip("/")
+        backend["base_url"] = f"{root}/{'v1beta' if version in (None, '', 'beta') else version}"
+    return backend
+
+
 def config_from_environment(environ: Mapping[str, str] | None = None, demo_port: int = DEMO_PORT) -> LoadedConfig:
     """The config `extproc run` uses when given none, from each official SDK's variables.
 
@@ -81,7 +97,8 @@ def config_from_environment(environ: Mapping[str, str] | None = None, demo_port:
     ANTHROPIC_API_KEY (+ ANTHROPIC_BASE_URL, without /v1 as in the anthropic SDK) for
     `claude-*`; AZURE_OPENAI_API_KEY + AZURE_OPENAI_ENDPOINT + OPENAI_API_VERSION
     (default route, or OpenAI's fallback when both are set); AWS credentials + AWS_REGION
-    for Bedrock model ids; for each of COMPATIBLE_CLOUDS its key (Ollama: OLLAMA_HOST) for
+    for Bedrock model ids; GOOGLE_API_KEY or GEMINI_API_KEY (+ GOOGLE_GEMINI_BASE_URL) for
+    `gemini-*`; for each of COMPATIBLE_CLOUDS its key (Ollama: OLLAMA_HOST) for
     models named `<cloud>/<model>`. Base URLs keep any path prefix they carry. With no provider
     variable set, the built-in demo backend (extproc.sim) answers, offline.
     """
@@ -93,6 +110,10 @@ def config_from_environment(environ: Mapping[str, str] | None = None, demo_port:
         backends.append({"name": "anthropic", "schema": "anthropic", "api_key": {"env": "ANTHROPIC_API_KEY"},
                          "base_url": env.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"})
         routes.append({"name": "anthropic", "match": {"glob": "claude-*"}, "backends": [{"name": "anthropic"}]})
+    gemini = _gemini_backend(env)
+    if gemini is not None:
+        backends.append(gemini)
+        routes.append({"name": "gemini", "match": {"glob": "gemini-*"}, "backends": [{"name": "gemini"}]})
     region = _aws_region(env)
     if region and _aws_credentials_present(env):
         backends.append({"name": "bedrock", "schema": "aws_bedrock", "aws": {"region": region}})

@@ -39,7 +39,9 @@ MCP_SESSION_HEADER: Final = "mcp-session-id"
 RATELIMIT_RESET_HEADER: Final = "x-ratelimit-reset"  # Envoy's local rate limit: seconds until a token
 RETRY_AFTER_HEADER: Final = "retry-after"
 # Credentials a client may send to the gateway; none of them may reach a provider.
-CLIENT_CREDENTIAL_HEADERS: Final = ("authorization", "x-api-key", "api-key", "proxy-authorization", "cookie")
+CLIENT_CREDENTIAL_HEADERS: Final = (
+    "authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "x-goog-api-key",
+)
 
 # -- Envoy attributes (ext_proc `request_attributes` / `response_attributes`) ------
 

@@ -76,6 +76,7 @@ PROVIDER_NAMES = {
     Schema.anthropic: "anthropic",
     Schema.aws_bedrock: "aws.bedrock",
     Schema.azure_openai: "azure.ai.openai",
+    Schema.gemini: "gcp.gemini",
 }
 
 _BACKGROUND: set[asyncio.Future[Any]] = set()  # fire-and-forget writes, referenced until done

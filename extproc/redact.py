@@ -51,6 +51,7 @@ _CREDENTIAL_HEADERS = frozenset({
     "proxy-authorization",
     "x-api-key",
     "api-key",
+    "x-goog-api-key",
     "cookie",
     "set-cookie",
     "x-amz-security-token",

@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 from aiohttp import web
 
-from extproc.sim import anthropic_api, bedrock_api, responses_api
+from extproc.sim import anthropic_api, bedrock_api, gemini_api, responses_api
 from extproc.sim.openai_api import dispatch, error_response
 from extproc.sim.wire import SETTINGS, SimSettings
 
@@ -67,7 +67,7 @@ def _recording_middleware(record: Recorder) -> Any:
 
 def create_app(settings: SimSettings, record: Recorder | None = None) -> web.Application:
     """The simulator as an aiohttp app: one catch-all route that routes by path suffix
-    (OpenAI, Anthropic Messages and Bedrock Converse, each in its own module)."""
+    (OpenAI, Anthropic Messages, Bedrock Converse, Gemini and Responses, each in its own module)."""
     middlewares = [_recording_middleware(record)] if record is not None else []
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
@@ -78,6 +78,8 @@ def create_app(settings: SimSettings, record: Recorder | None = None) -> web.App
             return await anthropic_api.dispatch(request, settings)
         if bedrock_api.matches(request.path):
             return await bedrock_api.dispatch(request, settings)
+        if gemini_api.matches(request.path, request.headers):
+            return await gemini_api.dispatch(request, settings)
         if responses_api.matches(request.path):
             return await responses_api.dispatch(request, settings)
         return await dispatch(request, settings)

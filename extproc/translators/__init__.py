@@ -18,6 +18,8 @@ from extproc.translators.base import Attempt, StreamTranslator, Translator, Upst
 from extproc.translators.chat_to_anthropic import ChatToAnthropic
 from extproc.translators.chat_to_bedrock import ChatToBedrock
 from extproc.translators.messages_to_chat import via_chat
+from extproc.translators.chat_to_gemini import ChatToGemini
+from extproc.translators.embeddings_to_gemini import EmbeddingsToGemini
 from extproc.translators.openai_compatible import OpenAICompatible
 
 if TYPE_CHECKING:
@@ -43,6 +45,9 @@ REGISTRY: dict[tuple[ClientApi, Schema], Callable[[Attempt], Translator]] = {
     (ClientApi.ANTHROPIC_MESSAGES, Schema.openai): via_chat(OpenAICompatible),
     (ClientApi.ANTHROPIC_MESSAGES, Schema.azure_openai): via_chat(AzureOpenAI),
     (ClientApi.ANTHROPIC_MESSAGES, Schema.aws_bedrock): via_chat(ChatToBedrock),
+    (ClientApi.OPENAI_CHAT, Schema.gemini): ChatToGemini,
+    (ClientApi.OPENAI_EMBEDDINGS, Schema.gemini): EmbeddingsToGemini,
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.gemini): via_chat(ChatToGemini),
 }
 
 _OFFERED = {
@@ -67,6 +72,12 @@ def unserved(client_api: ClientApi, target: BackendTarget, client_model: str) ->
         return anthropic.AnthropicRequestError(
             400, f"The model `{client_model}` is served by a backend that does not speak the Anthropic "
             "Messages API; use /v1/chat/completions for it.", "invalid_request_error")
+    if schema is Schema.gemini:
+        what = _OFFERED.get(client_api, "this API")
+        return openai.bad_request(
+            f"The backend {target.name} (gemini) does not offer {what}; it serves chat completions and "
+            "embeddings. Route this model to an OpenAI-compatible backend."
+        )
     if schema in (Schema.anthropic, Schema.aws_bedrock):
         what = _OFFERED.get(client_api, "this API")
         return openai.bad_request(

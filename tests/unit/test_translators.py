@@ -27,6 +27,7 @@ def _targets() -> dict[Schema, BackendTarget]:
             {"name": "claude", "schema": "anthropic", "base_url": "https://api.anthropic.com/prefix"},
             {"name": "br", "schema": "aws_bedrock", "base_url": "https://bedrock-runtime.us-east-1.amazonaws.com",
              "aws": {"region": "us-east-1"}},
+            {"name": "gem", "schema": "gemini", "base_url": "https://generativelanguage.googleapis.com/v1beta"},
         ],
         "routes": [{"name": "r", "default": True, "backends": [{"name": "oa"}]}],
     })
@@ -59,6 +60,9 @@ EXPECTED_PATHS = {
     (ClientApi.ANTHROPIC_MESSAGES, Schema.azure_openai):
         "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21",
     (ClientApi.ANTHROPIC_MESSAGES, Schema.aws_bedrock): "/model/backend-model/converse",
+    (ClientApi.OPENAI_CHAT, Schema.gemini): "/v1beta/models/backend-model:generateContent",
+    (ClientApi.OPENAI_EMBEDDINGS, Schema.gemini): "/v1beta/models/backend-model:batchEmbedContents",
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.gemini): "/v1beta/models/backend-model:generateContent",
 }
 
 
@@ -79,11 +83,12 @@ def test_each_pair_builds_the_backends_request(client_api: ClientApi, schema: Sc
     assert request.path == EXPECTED_PATHS[(client_api, schema)]
     sent = json.loads(request.body)
     if translator.translates_response:  # another API: a translated body, and the answer read back
-        assert sent != body and translator.stream_translator() is not None
+        assert sent != body
+        assert (translator.stream_translator() is not None) == (client_api is ClientApi.OPENAI_CHAT)
     else:  # the same API: the client's body, with the backend's model name
         assert sent == {**body, "model": "backend-model"}
     assert ("content-type", b"application/json") in request.headers
-    assert not any(name in ("authorization", "x-api-key", "api-key") for name, _ in request.headers)  # backend_auth's job
+    assert not any(name in ("authorization", "x-api-key", "api-key", "x-goog-api-key") for name, _ in request.headers)  # backend_auth's job
 
 
 def test_a_same_api_pair_sends_the_clients_bytes_when_the_model_is_unchanged() -> None:
@@ -103,6 +108,7 @@ def test_bedrock_streams_ask_for_the_event_stream() -> None:
     (ClientApi.OPENAI_RESPONSES, Schema.aws_bedrock, RequestError, "does not offer the Responses API"),
     (ClientApi.OPENAI_COMPLETIONS, Schema.aws_bedrock, RequestError, "does not offer legacy completions"),
     (ClientApi.OPENAI_RESPONSES, Schema.azure_openai, RequestError, "cannot serve this API"),
+    (ClientApi.OPENAI_COMPLETIONS, Schema.gemini, RequestError, "does not offer legacy completions; it serves chat"),
 ])
 def test_a_pair_nobody_serves_is_a_400_in_the_clients_api(
     client_api: ClientApi, schema: Schema, error: type[Exception], words: str
@@ -110,6 +116,11 @@ def test_a_pair_nobody_serves_is_a_400_in_the_clients_api(
     with pytest.raises(error) as raised:
         translator_for(_attempt(client_api, schema), "client-model")
     assert raised.value.status == 400 and words in raised.value.message  # type: ignore[attr-defined]
+
+
+def test_gemini_streams_ask_for_sse() -> None:
+    request = translator_for(_attempt(ClientApi.OPENAI_CHAT, Schema.gemini, stream=True), "m").request(CHAT, b"{}")
+    assert request.path == "/v1beta/models/backend-model:streamGenerateContent?alt=sse"
 
 
 def test_translated_errors_come_back_in_openais_shape() -> None:
