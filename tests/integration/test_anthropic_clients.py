@@ -17,6 +17,8 @@ import boto3
 import httpx
 import openai
 import pytest
+from google import genai
+from google.genai import types
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.sim import SimServer
@@ -25,6 +27,7 @@ from tests.integration.harness import RunningGateway, running_gateway
 
 OPENAI_KEY = "sk-openai-backend-31cd"
 CLIENT_KEY = "sk-client-of-the-gateway"
+GEMINI_KEY = "AIza-gemini-backend-77"
 BEDROCK_MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
 USER = [{"role": "user", "content": "Tell me about the sea"}]
 WEATHER_TOOL = {
@@ -48,17 +51,19 @@ def gateway(sim: SimServer, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             {"name": "bedrock", "schema": "aws_bedrock", "base_url": sim.url,
              "aws": {"region": "us-east-1", "access_key_id": {"env": "T_AWS_AK"},
                      "secret_access_key": {"env": "T_AWS_SK"}}},
+            {"name": "gem", "schema": "gemini", "base_url": f"{sim.url}/v1beta", "api_key": {"env": "T_GEMINI_KEY"}},
             # Always 503 (the simulator fails models named sim-error-NNN): a backend that is down.
             {"name": "failing", "schema": "openai", "base_url": sim.base_url, "model_name_override": "sim-error-503"},
         ],
         "routes": [
             {"name": "gpt", "match": {"glob": "gpt-*"}, "backends": [{"name": "oa"}]},
             {"name": "bedrock", "match": {"prefix": "anthropic."}, "backends": [{"name": "bedrock"}]},
+            {"name": "gemini", "match": {"glob": "gemini-*"}, "backends": [{"name": "gem"}]},
             {"name": "resilient", "match": {"model": "resilient-any"},
              "backends": [{"name": "failing"}, {"name": "bedrock", "priority": 1}]},
         ],
     }
-    env = {"T_OPENAI_KEY": OPENAI_KEY, "T_AWS_AK": SIM_AWS_ACCESS_KEY_ID, "T_AWS_SK": SIM_AWS_SECRET_ACCESS_KEY}
+    env = {"T_GEMINI_KEY": GEMINI_KEY, "T_OPENAI_KEY": OPENAI_KEY, "T_AWS_AK": SIM_AWS_ACCESS_KEY_ID, "T_AWS_SK": SIM_AWS_SECRET_ACCESS_KEY}
     with running_gateway(config, tmp_path_factory.mktemp("anthropic-clients"), env=env) as running:
         yield running
 
@@ -337,3 +342,45 @@ def test_fallback_from_an_openai_backend_to_bedrock_translates_each_attempt(
     assert entry["backend_name"] == "bedrock" and entry["status"] == 200
     assert (int(entry["input_tokens"]), int(entry["output_tokens"])) == (
         message.usage.input_tokens, message.usage.output_tokens)
+
+
+# -- a Gemini backend (the same chat translator OpenAI clients use, composed) -----------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_message_and_stream_from_gemini_with_exact_usage(
+    client: anthropic.Anthropic, gateway: RunningGateway, sim: SimServer, stream: bool
+) -> None:
+    request_id = f"gemini-{'stream' if stream else 'json'}"
+    kwargs: dict[str, Any] = {"model": "gemini-2.5-flash", "messages": USER, "max_tokens": 40,
+                              "extra_headers": {"x-request-id": request_id}}
+    if stream:
+        with client.messages.stream(**kwargs) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**kwargs)
+
+    sent = sim.requests[-1]
+    suffix = ":streamGenerateContent" if stream else ":generateContent"
+    assert sent.path == f"/v1beta/models/gemini-2.5-flash{suffix}"
+    assert sent.headers["x-goog-api-key"] == GEMINI_KEY and CLIENT_KEY not in str(sent.headers)
+
+    direct = genai.Client(api_key="direct", http_options=types.HttpOptions(base_url=sim.url, api_version="v1beta"))
+    expected = direct.models.generate_content(
+        model="gemini-2.5-flash", contents=USER[0]["content"], config=types.GenerateContentConfig(max_output_tokens=40))
+    usage = expected.usage_metadata
+    assert usage is not None and usage.prompt_token_count and usage.candidates_token_count
+    assert _texts(message) == expected.text
+    assert message.usage.input_tokens == usage.prompt_token_count
+    output = usage.candidates_token_count + (usage.thoughts_token_count or 0)
+    assert message.usage.output_tokens == output
+    entry = _entry(gateway, request_id)
+    assert entry["backend_name"] == "gem" and entry["status"] == 200
+    assert _tokens(entry) == (usage.prompt_token_count, output, usage.prompt_token_count + output)
+
+
+def test_gemini_error_is_the_anthropic_sdks_own_exception(client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.RateLimitError) as info:
+        client.messages.create(model="gemini-2.5-flash", messages=USER, max_tokens=10,
+                               extra_headers={"x-sim-error": "429"})
+    assert info.value.status_code == 429 and info.value.body["type"] == "error"
