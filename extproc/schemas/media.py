@@ -1,0 +1,54 @@
+"""Usage in the responses of OpenAI's image and audio APIs, and of rerank APIs.
+
+Images (gpt-image models) and token-billed transcriptions (gpt-4o-transcribe) report
+`usage` {input_tokens, output_tokens, total_tokens} in the JSON body, or in the last
+event of a stream (`image_generation.completed`, `transcript.text.done`); whisper's
+`{"type": "duration", "seconds": N}` and dall-e's missing usage are not tokens, so
+nothing is accounted for them. Rerank answers in Cohere's v2 shape, whose
+`meta.tokens.input_tokens` (or `meta.billed_units.input_tokens`) is what it read;
+vLLM and Jina put `usage.total_tokens` (or `prompt_tokens`) instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.schemas.openai import as_count
+from extproc.schemas.responses import usage_from_response
+from extproc.usage import TokenUsage
+
+
+def media_usage(body: dict[str, Any]) -> TokenUsage | None:
+    """The tokens of an image or audio answer (a JSON body or a stream event), if it has any."""
+    usage = body.get("usage")
+    if not isinstance(usage, dict) or usage.get("type") == "duration" or "input_tokens" not in usage:
+        return None
+    return usage_from_response(usage)
+
+
+def rerank_usage(body: dict[str, Any]) -> TokenUsage | None:
+    """The tokens a rerank read, all of them input."""
+    meta = body.get("meta")
+    if isinstance(meta, dict):
+        for key in ("tokens", "billed_units"):
+            counts = meta.get(key)
+            if isinstance(counts, dict) and "input_tokens" in counts:
+                tokens = as_count(counts.get("input_tokens"))
+                return TokenUsage(input_tokens=tokens, total_tokens=tokens)
+    usage = body.get("usage")
+    if isinstance(usage, dict):
+        tokens = as_count(usage.get("prompt_tokens")) or as_count(usage.get("total_tokens"))
+        return TokenUsage(input_tokens=tokens, total_tokens=tokens)
+    return None
+
+
+def is_stream_end(event: dict[str, Any]) -> bool:
+    """The last event of an image or transcription stream (it carries the usage)."""
+    kind = event.get("type")
+    return kind in ("image_generation.completed", "transcript.text.done")
+
+
+def is_stream_output(event: dict[str, Any]) -> bool:
+    """An event that carries generated output (for time to first output)."""
+    kind = event.get("type")
+    return kind in ("image_generation.partial_image", "image_generation.completed", "transcript.text.delta")
