@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 from aiohttp import web
 
-from extproc.sim import anthropic_api, bedrock_api, gemini_api, responses_api
+from extproc.sim import anthropic_api, bedrock_api, gemini_api, media_api, rerank_api, responses_api
 from extproc.sim.openai_api import dispatch, error_response
 from extproc.sim.wire import SETTINGS, SimSettings
 
@@ -82,6 +82,10 @@ def create_app(settings: SimSettings, record: Recorder | None = None) -> web.App
             return await gemini_api.dispatch(request, settings)
         if responses_api.matches(request.path):
             return await responses_api.dispatch(request, settings)
+        if media_api.matches(request.path):
+            return await media_api.dispatch(request, settings)
+        if rerank_api.matches(request.path):
+            return await rerank_api.dispatch(request, settings)
         return await dispatch(request, settings)
 
     app.router.add_route("*", "/{tail:.*}", handle)
