@@ -94,8 +94,8 @@ SPECS: dict[ClientApi, ClientApiSpec] = {spec.client_api: spec for spec in (
 # Client APIs whose errors take Anthropic's shape (extproc/client_errors.py).
 ANTHROPIC_APIS = frozenset({ClientApi.ANTHROPIC_MESSAGES, ClientApi.ANTHROPIC_COUNT_TOKENS})
 
-# Client paths as the openai and anthropic SDKs send them (the openai SDK's base URL ends
-# in /v1; the anthropic SDK's base URL is the gateway's /anthropic).
+# Client paths as the openai, anthropic and cohere SDKs send them (the openai SDK's base URL
+# ends in /v1; the anthropic SDK's base URL is the gateway's /anthropic; cohere's is the gateway).
 ENDPOINTS: dict[str, ClientApiSpec] = {
     "/v1/chat/completions": SPECS[ClientApi.OPENAI_CHAT],
     "/v1/completions": SPECS[ClientApi.OPENAI_COMPLETIONS],
@@ -107,7 +107,8 @@ ENDPOINTS: dict[str, ClientApiSpec] = {
     "/v1/audio/transcriptions": SPECS[ClientApi.OPENAI_TRANSCRIPTIONS],
     "/v1/audio/translations": SPECS[ClientApi.OPENAI_TRANSLATIONS],
     "/v1/audio/speech": SPECS[ClientApi.OPENAI_SPEECH],
-    "/v1/rerank": SPECS[ClientApi.RERANK],
+    "/v1/rerank": SPECS[ClientApi.RERANK],  # vLLM's and Jina's path
+    "/v2/rerank": SPECS[ClientApi.RERANK],  # Cohere's (the cohere SDK's base URL is the gateway)
     "/v1/responses/input_tokens": SPECS[ClientApi.OPENAI_INPUT_TOKENS],
     "/anthropic/v1/messages/count_tokens": SPECS[ClientApi.ANTHROPIC_COUNT_TOKENS],
 }
