@@ -2,7 +2,8 @@
 
 Images (gpt-image models) and token-billed transcriptions (gpt-4o-transcribe) report
 `usage` {input_tokens, output_tokens, total_tokens} in the JSON body, or in the last
-event of a stream (`image_generation.completed`, `transcript.text.done`); whisper's
+event of a stream (`image_generation.completed`, `transcript.text.done`, and
+`speech.audio.done` of speech asked with `stream_format: sse`); whisper's
 `{"type": "duration", "seconds": N}` and dall-e's missing usage are not tokens, so
 nothing is accounted for them. Rerank answers in Cohere's v2 shape, whose
 `meta.tokens.input_tokens` (or `meta.billed_units.input_tokens`) is what it read;
@@ -45,10 +46,11 @@ def rerank_usage(body: dict[str, Any]) -> TokenUsage | None:
 def is_stream_end(event: dict[str, Any]) -> bool:
     """The last event of an image or transcription stream (it carries the usage)."""
     kind = event.get("type")
-    return kind in ("image_generation.completed", "transcript.text.done")
+    return kind in ("image_generation.completed", "transcript.text.done", "speech.audio.done")
 
 
 def is_stream_output(event: dict[str, Any]) -> bool:
     """An event that carries generated output (for time to first output)."""
     kind = event.get("type")
-    return kind in ("image_generation.partial_image", "image_generation.completed", "transcript.text.delta")
+    return kind in ("image_generation.partial_image", "image_generation.completed", "transcript.text.delta",
+                    "speech.audio.delta")

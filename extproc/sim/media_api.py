@@ -17,6 +17,9 @@
   events, then ``transcript.text.done`` with the usage.
 * ``POST .../audio/speech`` (JSON): ``audio/mpeg`` bytes derived from the input,
   streamed in ``x-sim-chunks`` chunks (no usage: OpenAI reports none for speech files).
+  ``stream_format: sse`` (gpt-4o-mini-tts only): ``speech.audio.delta`` events with the
+  audio in base64, then ``speech.audio.done`` with usage {input_tokens (the input's),
+  output_tokens (``SPEECH_BYTES_PER_TOKEN`` bytes of audio each), total_tokens}.
 
 Failures are OpenAI-shaped errors; ``x-sim-error`` and ``sim-error-NNN`` models work as
 for the other OpenAI endpoints.
@@ -70,7 +73,7 @@ async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.Stre
         if path.endswith(_IMAGE_SUFFIX):
             return await _images(request, parse_body(raw), knobs, settings)
         if path.endswith(_SPEECH_SUFFIX):
-            return await _speech(request, parse_body(raw), knobs)
+            return await _speech(request, parse_body(raw), knobs, settings)
         form = _form(request.headers.get("content-type", ""), raw)
         return await _audio_text(request, form, knobs, settings, translate=path.endswith(_TRANSLATIONS_SUFFIX))
     except ApiError as exc:
@@ -227,14 +230,20 @@ async def _transcript_stream(
 # -- audio out: speech ---------------------------------------------------------------------------
 
 
-async def _speech(request: web.Request, body: dict[str, Any], knobs: wire.Knobs) -> web.StreamResponse:
-    _model(body.get("model"))
+async def _speech(
+    request: web.Request, body: dict[str, Any], knobs: wire.Knobs, settings: wire.SimSettings
+) -> web.StreamResponse:
+    model = _model(body.get("model"))
     spoken = body.get("input")
     if not isinstance(spoken, str) or not spoken:
         raise ApiError(400, "input must be a non-empty string", param="input")
     if not isinstance(body.get("voice"), str):
         raise ApiError(400, "you must provide a voice parameter", param="voice", code="missing_required_parameter")
     audio = speech_bytes(spoken)
+    if body.get("stream_format") == "sse":
+        if not model.startswith("gpt-4o"):
+            raise ApiError(400, f"stream_format 'sse' is not supported for model {model}.", param="stream_format")
+        return await _speech_events(request, spoken, audio, knobs, settings)
     resp = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
     await resp.prepare(request)
     step = max(1, -(-len(audio) // knobs.chunks))
@@ -242,6 +251,22 @@ async def _speech(request: web.Request, body: dict[str, Any], knobs: wire.Knobs)
         await resp.write(audio[start:start + step])
     await resp.write_eof()
     return resp
+
+
+async def _speech_events(
+    request: web.Request, spoken: str, audio: bytes, knobs: wire.Knobs, settings: wire.SimSettings
+) -> web.StreamResponse:
+    def events() -> Any:
+        step = max(1, -(-len(audio) // knobs.chunks))
+        for start in range(0, len(audio), step):
+            yield None
+            yield "speech.audio.delta", {"type": "speech.audio.delta",
+                                         "audio": base64.b64encode(audio[start:start + step]).decode()}
+        input_tokens, output_tokens = text.count_tokens(spoken), len(audio) // SPEECH_BYTES_PER_TOKEN
+        yield "speech.audio.done", {"type": "speech.audio.done", "usage": {
+            "input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens}}
+
+    return await wire.write_named_events(request, knobs, settings, events(), {})
 
 
 def speech_bytes(spoken: str) -> bytes:

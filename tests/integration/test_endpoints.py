@@ -341,6 +341,21 @@ def test_speech_streams_the_audio_through_untouched(
     assert int(entry["bytes_sent"]) >= len(audio)
 
 
+def test_speech_as_events_is_accounted_from_its_last_event(
+    client: openai.OpenAI, gateway: RunningGateway
+) -> None:
+    rid = _rid()
+    with client.audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts", voice="alloy", input="Hello from the gateway", stream_format="sse",
+        extra_headers={"x-request-id": rid},
+    ) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    done = events[-1]
+    assert done["type"] == "speech.audio.done"
+    usage = done["usage"]
+    assert _tokens(_entry(gateway, rid)) == (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"])
+
+
 # -- rerank --------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterator
 
 import anthropic
@@ -90,6 +91,19 @@ def test_speech_streams_audio_bytes(client: openai.OpenAI) -> None:
     with client.audio.speech.with_streaming_response.create(model="tts-1", voice="alloy", input="Hello there") as r:
         assert r.headers["content-type"] == "audio/mpeg"
         assert b"".join(r.iter_bytes()) == media_api.speech_bytes("Hello there")
+
+
+def test_speech_as_events_ends_with_the_usage(client: openai.OpenAI) -> None:
+    with client.audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts", voice="alloy", input="Hello there", stream_format="sse") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert {e["type"] for e in events[:-1]} == {"speech.audio.delta"}
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert audio == media_api.speech_bytes("Hello there")
+    assert events[-1] == {"type": "speech.audio.done", "usage": {
+        "input_tokens": 2, "output_tokens": len(audio) // media_api.SPEECH_BYTES_PER_TOKEN,
+        "total_tokens": 2 + len(audio) // media_api.SPEECH_BYTES_PER_TOKEN}}
 
 
 def test_media_errors_are_openai_errors(client: openai.OpenAI) -> None:
