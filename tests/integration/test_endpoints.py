@@ -273,19 +273,29 @@ def test_translation(client: openai.OpenAI, gateway: RunningGateway, sim: SimSer
     assert entry["status"] == 200 and entry["request_model"] == "whisper-1"
 
 
+@pytest.mark.parametrize("model", ["house-transcriber", "resilient-transcriber"])
 def test_a_25_mb_upload_with_the_model_overridden(
-    client: openai.OpenAI, gateway: RunningGateway, sim: SimServer
+    client: openai.OpenAI, gateway: RunningGateway, sim: SimServer, model: str
 ) -> None:
     """OpenAI's limit is 25 MB; with limits.max_request_body_bytes above it the whole
-    upload goes through Envoy's buffer and the processor, and the backend gets every byte."""
+    upload goes through Envoy's buffer and the processor (and, on a route with fallback,
+    the upstream stage of each attempt), and the backend gets every byte."""
     audio = hashlib.sha256(b"seed").digest() * (25 * 1024 * 1024 // 32)
     rid = _rid()
-    result = client.audio.transcriptions.create(model="house-transcriber", file=("long.wav", audio),
+    result = client.audio.transcriptions.create(model=model, file=("long.wav", audio),
                                                 extra_headers={"x-request-id": rid})
     assert result.text == f"Transcribed {len(audio)} bytes of long.wav ({hashlib.sha256(audio).hexdigest()[:16]})."
     assert result.usage is not None and result.usage.type == "tokens"
     entry = _entry(gateway, rid)
     assert entry["status"] == 200 and int(entry["input_tokens"]) == result.usage.input_tokens
+
+
+def test_an_upload_over_the_limit_is_a_413_in_openais_shape(client: openai.OpenAI, sim: SimServer) -> None:
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.audio.transcriptions.create(model="whisper-1", file=("huge.wav", b"\0" * (UPLOAD_LIMIT + 1)))
+    assert raised.value.status_code == 413
+    assert raised.value.body["code"] == "request_too_large"  # type: ignore[index]
+    assert sim.requests == []
 
 
 def test_a_multipart_fallback_sends_the_form_to_each_backend(
