@@ -106,3 +106,17 @@ def test_bad_forms_are_400s(body: bytes, content_type: str, words: str) -> None:
         parse_form(body, content_type)
     assert raised.value.status == 400 and raised.value.error_type == "invalid_request_error"
     assert words in raised.value.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([
+    b"--B", b"\r\n", b"--", b"Content-Disposition: form-data; name=\"model\"", b"; filename=\"f\"", b"\r\n\r\n",
+    b"whisper-1", b"\xff", b"\0", b":", b"--B--", b"X-A: b", b"\r",
+]), max_size=30))
+def test_any_bytes_are_a_form_or_a_400(pieces: list[bytes]) -> None:
+    try:
+        form = parse_form(b"".join(pieces), "multipart/form-data; boundary=B")
+    except RequestError as exc:
+        assert exc.status == 400
+    else:
+        assert form.model
