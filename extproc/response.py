@@ -295,6 +295,12 @@ class ResponseObserver:
         if not end or self.complete:
             return
         self.complete = True
+        if self._usage_of is media.media_usage and self.status < 400 and len(self._json) > media.LARGE_BODY:
+            usage = media.usage_near_end(bytes(self._json[-media.TAIL_BYTES:]))
+            if usage is not None:  # images in base64: not parsed for the few bytes of usage
+                self._json = None
+                self.usage = media.media_usage({"usage": usage})
+                return
         body = orjson.loads(self._json)
         self._json = None
         if not isinstance(body, dict):

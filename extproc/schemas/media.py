@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from extproc.schemas.openai import as_count
 from extproc.schemas.responses import usage_from_response
 from extproc.usage import TokenUsage
@@ -25,6 +27,37 @@ def media_usage(body: dict[str, Any]) -> TokenUsage | None:
     if not isinstance(usage, dict) or usage.get("type") == "duration" or "input_tokens" not in usage:
         return None
     return usage_from_response(usage)
+
+
+# A JSON answer larger than this (images in base64: megabytes each) is not parsed whole
+# for its usage: OpenAI puts `usage` after `data`, so its object is read from the last
+# TAIL_BYTES alone (33 MB of images take orjson ~50 ms, the tail microseconds).
+LARGE_BODY = 1024 * 1024
+TAIL_BYTES = 4096
+_USAGE_KEY = b'"usage":'
+
+
+def usage_near_end(tail: bytes) -> dict[str, Any] | None:
+    """The top-level `usage` object when it is whole in `tail` (the body's last bytes);
+    None when it is not there or not plainly readable (the caller parses the whole body)."""
+    at = tail.rfind(_USAGE_KEY)
+    if at <= 0 or tail[at - 1:at] == b"\\":
+        return None
+    start = tail.find(b"{", at)
+    if start < 0 or tail[at + len(_USAGE_KEY):start].strip():
+        return None
+    end, depth = start, 0
+    for end in range(start, len(tail)):
+        depth += {0x7B: 1, 0x7D: -1}.get(tail[end], 0)
+        if depth == 0:
+            break
+    else:
+        return None
+    try:
+        usage = orjson.loads(tail[start:end + 1])
+    except orjson.JSONDecodeError:
+        return None
+    return usage if isinstance(usage, dict) else None
 
 
 def rerank_usage(body: dict[str, Any]) -> TokenUsage | None:

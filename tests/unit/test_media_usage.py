@@ -13,7 +13,7 @@ from extproc.usage import TokenUsage
 
 def observe(shape: ResponseShape, body: bytes, content_type: str = "application/json", status: int = 200,
             chunk: int = 7) -> ResponseObserver:
-    observer = ResponseObserver(strip_usage=False, collect_text=False, max_json_bytes=1 << 20, shape=shape)
+    observer = ResponseObserver(strip_usage=False, collect_text=False, max_json_bytes=64 << 20, shape=shape)
     kind = observer.on_headers(status, content_type, "")
     assert kind is not BodyKind.none
     pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)] or [b""]
@@ -96,3 +96,24 @@ def test_audio_bodies_are_not_read() -> None:
     observer = ResponseObserver(strip_usage=False, collect_text=False, max_json_bytes=1024, shape=ResponseShape.media)
     assert observer.on_headers(200, "audio/mpeg", "") is BodyKind.none
     assert observer.on_headers(200, "text/plain; charset=utf-8", "") is BodyKind.none  # text, srt
+
+
+BIG_IMAGE = "A" * (2 * 1024 * 1024)  # base64 of a large image
+
+
+def test_a_large_image_answer_is_read_for_usage_from_its_end_alone() -> None:
+    body = orjson.dumps({"created": 1, "data": [{"b64_json": BIG_IMAGE}], "usage": GPT_IMAGE["usage"]})
+    assert observe(ResponseShape.media, body, chunk=1 << 16).usage == TokenUsage(50, 4160, 4210)
+    # Not JSON before the tail, so only the end can have been read.
+    broken = b'{"created": 1, "data": [' + b"x" * len(BIG_IMAGE) + body[body.index(b"]"):]
+    assert observe(ResponseShape.media, broken, chunk=1 << 16).usage == TokenUsage(50, 4160, 4210)
+
+
+@pytest.mark.parametrize("body", [
+    {"usage": GPT_IMAGE["usage"], "created": 1, "data": [{"b64_json": BIG_IMAGE}]},  # usage first
+    # after the usage, a text that quotes a usage object: not mistaken for it
+    {"created": 1, "data": [{"b64_json": BIG_IMAGE}], "usage": GPT_IMAGE["usage"],
+     "revised_prompt": 'a sign reading "usage": {"input_tokens": 1}'},
+])
+def test_a_large_image_answer_without_a_plain_usage_at_its_end_is_parsed_whole(body: dict[str, object]) -> None:
+    assert observe(ResponseShape.media, orjson.dumps(body), chunk=1 << 16).usage == TokenUsage(50, 4160, 4210)
