@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from extproc.client_apis import SPECS
 from extproc.config import LoadedConfig, Schema, parse_config, resolve_secrets
 from extproc.contract import ClientApi
 from extproc.routing import BackendTarget
@@ -106,7 +107,7 @@ def test_each_pair_builds_the_backends_request(client_api: ClientApi, schema: Sc
     sent = json.loads(request.body)
     if translator.translates_response:  # another API: a translated body, and the answer read back
         assert sent != body
-        assert (translator.stream_translator() is not None) == (client_api is ClientApi.OPENAI_CHAT)
+        assert (translator.stream_translator() is not None) == SPECS[client_api].streams
     else:  # the same API: the client's body, with the backend's model name
         assert sent == {**body, "model": "backend-model"}
     assert ("content-type", b"application/json") in request.headers
