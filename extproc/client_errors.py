@@ -12,6 +12,7 @@ from __future__ import annotations
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import protocol
+from extproc.client_apis import ANTHROPIC_APIS
 from extproc.contract import ClientApi
 from extproc.schemas import anthropic, openai
 from extproc.schemas.anthropic import AnthropicRequestError
@@ -31,7 +32,7 @@ def anthropic_type(error: GatewayError) -> str:
 
 
 def error_body(client_api: ClientApi | None, error: GatewayError) -> bytes:
-    if client_api is ClientApi.ANTHROPIC_MESSAGES:
+    if client_api in ANTHROPIC_APIS:
         return anthropic.error_body(error.message, anthropic_type(error))
     if isinstance(error, AnthropicRequestError):  # an Anthropic-side check, told to an OpenAI client
         return openai.error_body(error.status, error.message, error.error_type)

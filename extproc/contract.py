@@ -21,6 +21,13 @@ class ClientApi(StrEnum):
     OPENAI_MODELS = "openai.models"
     OPENAI_RESPONSES = "openai.responses"
     ANTHROPIC_MESSAGES = "anthropic.messages"
+    OPENAI_IMAGES = "openai.images"
+    OPENAI_TRANSCRIPTIONS = "openai.audio.transcriptions"
+    OPENAI_TRANSLATIONS = "openai.audio.translations"
+    OPENAI_SPEECH = "openai.audio.speech"
+    RERANK = "cohere.rerank"  # Cohere's v2 rerank shape, which vLLM, Jina and others serve too
+    OPENAI_INPUT_TOKENS = "openai.responses.input_tokens"
+    ANTHROPIC_COUNT_TOKENS = "anthropic.count_tokens"
 
 
 # -- headers ----------------------------------------------------------------------

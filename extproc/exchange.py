@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import budgets, protocol
 from extproc.accounting import end_of_response_metadata
-from extproc.client_apis import ENDPOINTS, MODEL_PATH_PREFIX, ClientApiSpec
+from extproc.client_apis import ANTHROPIC_APIS, ENDPOINTS, MODEL_PATH_PREFIX, ClientApiSpec, ResponseShape
 from extproc.client_errors import error_reply
 from extproc.config import Schema
 from extproc.estimate import estimate_usage
@@ -49,7 +49,7 @@ from extproc.redact import redact_headers
 from extproc.response import BodyKind, ResponseObserver
 from extproc.routing import BackendTarget, CompiledRoute
 from extproc.runtime import Runtime
-from extproc.schemas import anthropic, openai, responses
+from extproc.schemas import anthropic, forms, openai, responses
 from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.schemas.openai import Operation, RequestError
 from extproc import translators
@@ -79,6 +79,9 @@ PROVIDER_NAMES = {
     Schema.gemini: "gcp.gemini",
 }
 
+# APIs whose missing usage the opt-in estimate fills in (text in, text out).
+_ESTIMATED = frozenset({ResponseShape.openai, ResponseShape.responses})
+
 _BACKGROUND: set[asyncio.Future[Any]] = set()  # fire-and-forget writes, referenced until done
 
 
@@ -89,7 +92,7 @@ class Exchange:
         "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
         "route", "target", "stream", "session_id", "tenant", "observer", "finished", "processor_seconds",
         "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved", "staged",
-        "affinity", "_stored", "mcp", "done",
+        "affinity", "_stored", "mcp", "done", "content_type",
     )
 
     def __init__(
@@ -128,6 +131,7 @@ class Exchange:
         # Envoy will send nothing this stream still needs: the processor ends the stream
         # after its next answer (see server.ExternalProcessor.Process).
         self.done = False
+        self.content_type = ""  # the request's, for a multipart/form-data body's boundary
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message; a bug here becomes a clean error, never a dead stream."""
@@ -195,6 +199,8 @@ class Exchange:
         if length is not None and length.isdigit() and int(length) > limit:
             raise openai.too_large(limit)
         self.session_id = header_text(headers.get(self.runtime.session_id_header))
+        if endpoint.form:
+            self.content_type = headers.get("content-type", b"").decode("latin-1")
         if self.runtime.tenancy is not None:
             self.tenant = tenant_of(headers, self.runtime.tenancy, self.runtime.tenant_keys)
         if self.telemetry is not None:
@@ -260,11 +266,11 @@ class Exchange:
         if len(message.body) > limit:
             raise openai.too_large(limit)
         assert self.endpoint is not None
-        parsed = self.endpoint.parse_request(message.body)
+        parsed = self.endpoint.parse(message.body, self.content_type)
         self.model = parsed.model
         selection = runtime.router.select(parsed.model)
         if selection is None:
-            if self.endpoint.client_api is ClientApi.ANTHROPIC_MESSAGES:
+            if self.endpoint.client_api in ANTHROPIC_APIS:
                 raise AnthropicRequestError(404, f"model: {parsed.model} is not served by this gateway", "not_found_error")
             raise openai.model_not_found(parsed.model)
         if self.endpoint.client_api is ClientApi.OPENAI_RESPONSES:
@@ -324,11 +330,15 @@ class Exchange:
             # The extra usage event is removed on the way back; that needs plain bytes.
             set_headers.append(("accept-encoding", b"identity"))
         common = ep.CommonResponse(clear_route_cache=True)
-        if updates:  # first: a body that cannot be rewritten is refused before anything starts
+        if updates and self.endpoint.form:  # only the model value changes; the file's bytes stay
+            new_body = forms.with_model(message.body, parsed, updates["model"])
+            common.body_mutation.body = new_body
+            set_headers.append(("content-length", str(len(new_body)).encode()))
+        elif updates:  # first: a body that cannot be rewritten is refused before anything starts
             new_body = openai.with_updates(message.body, parsed.body, updates)
             common.body_mutation.body = new_body
             set_headers.append(("content-length", str(len(new_body)).encode()))
-        if runtime.estimate_when_missing and client_api is not ClientApi.ANTHROPIC_MESSAGES:
+        if runtime.estimate_when_missing and self.endpoint.response_shape in _ESTIMATED:
             self._prompt = (openai.prompt_text(parsed.body), len(parsed.body.get("messages") or ()) or 1)
         content_chars = self._start_span(set_headers, parsed.body)
         self.observer = ResponseObserver(
@@ -354,7 +364,8 @@ class Exchange:
             request_metadata[Meta.MODEL_NAME_OVERRIDE] = override or parsed.model
             request_metadata[Meta.BACKEND_NAME] = target.name
         if runtime.reserve_budgets:
-            self._reserved = openai.reserve_estimate(len(message.body), parsed.body)
+            # A form's bytes are mostly a file: no measure of tokens (usage is charged at the end).
+            self._reserved = 0 if self.endpoint.form else openai.reserve_estimate(len(message.body), parsed.body)
             request_metadata[budgets.RESERVE_KEY] = self._reserved
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(request_metadata))
         return response

@@ -10,6 +10,7 @@ the chunk: SSE is decoded incrementally, JSON is parsed once at the end.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -17,7 +18,7 @@ import orjson
 
 from extproc.client_apis import ResponseShape
 from extproc.decoding import ChunkDecoder, decoder_for
-from extproc.schemas import anthropic, openai, responses
+from extproc.schemas import anthropic, media, openai, responses
 from extproc.sse import SSEDecoder, SSEEvent
 from extproc.telemetry.outputs import AnthropicOutput, OutputAssembler, ResponsesOutput
 from extproc.telemetry.record import OutputMessage
@@ -42,7 +43,7 @@ class ResponseObserver:
         "status", "kind", "usage", "response_model", "error_type", "first_output_at", "last_output_at",
         "complete", "strip_usage", "_decoder", "_sse", "_json", "_json_limit", "_output_text", "_broken",
         "_expected_bytes", "_received_bytes", "_decoded_bytes", "_messages", "_max_chars", "_anthropic",
-        "_responses", "response_id", "_assembler",
+        "_responses", "response_id", "_assembler", "_usage_of",
     )
 
     def __init__(
@@ -86,6 +87,8 @@ class ResponseObserver:
         self.response_id: str | None = None  # the Responses API id (for state affinity)
         # Output messages of the Anthropic and Responses APIs (for traces): their own shapes.
         self._assembler: OutputAssembler | None = None
+        # Images, audio, rerank and token counts: usage read by their own rule (None: none counted).
+        self._usage_of: Callable[[dict[str, Any]], TokenUsage | None] | None = _USAGE_READERS.get(shape)
         if collect_output_chars and (anthropic_api or responses_api):
             assembler = AnthropicOutput if anthropic_api else ResponsesOutput
             self._assembler = assembler(collect_output_chars)
@@ -197,7 +200,8 @@ class ResponseObserver:
         not [DONE], the model known, no content kept. A byte test, so the events of a
         long stream that arrive together are not all parsed."""
         return (
-            self._anthropic is None and self._responses is None and self.response_model is not None
+            self._anthropic is None and self._responses is None and self._usage_of is None
+            and self.response_model is not None
             and self._messages is None and self._output_text is None and data != _DONE
             and b'"error"' not in data and (b'"usage":' not in data or b'"usage":null' in data)
         )
@@ -208,6 +212,9 @@ class ResponseObserver:
             return True
         if self._responses is not None:
             self._read_named_event(self._responses, event, now)
+            return True
+        if self._usage_of is not None:
+            self._read_media_event(self._usage_of, event, now)
             return True
         if event.data == _DONE:
             self.complete = True
@@ -239,6 +246,21 @@ class ResponseObserver:
             if self._output_text is not None:
                 self._output_text.append(openai.stream_chunk_text(chunk))
         return not (self.strip_usage and openai.is_usage_only_chunk(chunk))
+
+    def _read_media_event(self, usage_of: Callable[[dict[str, Any]], TokenUsage | None], event: SSEEvent,
+                          now: float) -> None:
+        """An image or transcription stream's event: output as it comes, usage at its end."""
+        data = orjson.loads(event.data)
+        if not isinstance(data, dict):
+            return
+        self.usage = usage_of(data) or self.usage
+        if "error" in data:
+            self.error_type = openai.error_type_of(data) or self.error_type
+        if media.is_stream_output(data):
+            if self.first_output_at is None:
+                self.first_output_at = now
+            self.last_output_at = now
+        self.complete = self.complete or media.is_stream_end(data)
 
     def _read_named_event(self, reader: anthropic.StreamUsage | responses.StreamReader, event: SSEEvent, now: float) -> None:
         """An event of an API whose stream names its events (Anthropic Messages, the
@@ -273,12 +295,24 @@ class ResponseObserver:
         if not end or self.complete:
             return
         self.complete = True
+        if self._usage_of is media.media_usage and self.status < 400 and len(self._json) > media.LARGE_BODY:
+            usage = media.usage_near_end(bytes(self._json[-media.TAIL_BYTES:]))
+            if usage is not None:  # images in base64: not parsed for the few bytes of usage
+                self._json = None
+                self.usage = media.media_usage({"usage": usage})
+                return
         body = orjson.loads(self._json)
         self._json = None
         if not isinstance(body, dict):
             return
         if isinstance(body.get("model"), str):
             self.response_model = body["model"]
+        if self._usage_of is not None:
+            if self.status >= 400:
+                self.error_type = openai.error_type_of(body)  # OpenAI's and Anthropic's error shapes alike
+            else:
+                self.usage = self._usage_of(body)
+            return
         if self._responses is not None:
             self.response_id, model, self.usage = responses.response_fields(body)
             self.response_model = model or self.response_model
@@ -303,6 +337,17 @@ class ResponseObserver:
             self._output_text.append(_message_text(body))
         if self._messages is not None:
             self._messages = dict(enumerate(openai.output_from_body(body, self._max_chars)))
+
+
+def _uncharged(body: dict[str, Any]) -> TokenUsage | None:
+    return None
+
+
+_USAGE_READERS: dict[ResponseShape, Callable[[dict[str, Any]], TokenUsage | None]] = {
+    ResponseShape.media: media.media_usage,
+    ResponseShape.rerank: media.rerank_usage,
+    ResponseShape.unmetered: _uncharged,  # a token count is not usage (README: "More endpoints")
+}
 
 
 def _message_text(body: dict[str, Any]) -> str:

@@ -50,7 +50,8 @@ from extproc.client_errors import error_reply
 from extproc.protocol import Answer
 from extproc.routing import BackendTarget
 from extproc.runtime import Runtime
-from extproc.schemas import anthropic, openai
+from extproc.client_apis import SPECS
+from extproc.schemas import anthropic, forms, openai
 from extproc.schemas.openai import RequestError
 from extproc.translators import Attempt, StreamTranslator, Translator, translator_for
 
@@ -85,7 +86,7 @@ class UpstreamExchange:
     """One attempt of one request, against the backend Envoy picked for it."""
 
     __slots__ = ("runtime", "target", "client_api", "stream", "include_usage", "model", "_translator", "_stream",
-                 "_status", "_error_type", "done")
+                 "_status", "_error_type", "done", "_content_type")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -99,6 +100,7 @@ class UpstreamExchange:
         self._status = 0
         self._error_type: str | None = None  # Bedrock's x-amzn-errortype
         self.done = False  # Envoy will send nothing more this attempt needs (the processor then ends the stream)
+        self._content_type = ""  # a multipart/form-data request's (its boundary)
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message: a response, or a coroutine when the answer must wait (the
@@ -146,23 +148,30 @@ class UpstreamExchange:
         forwarded = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
         if forwarded is not None and Meta.CLIENT_API in forwarded.fields:
             self.client_api = ClientApi(forwarded.fields[Meta.CLIENT_API].string_value)
+        if SPECS[self.client_api].form:  # the boundary of a multipart body
+            content_type = protocol.header_map(request.request_headers).get("content-type", b"")
+            self._content_type = content_type.decode("latin-1")
         return protocol.CONTINUE_REQUEST_HEADERS
 
     def on_request_body(self, message: ep.HttpBody) -> Answer:
         target = self.target
         assert target is not None
         raw = message.body  # one read: protobuf hands out a new bytes object per access
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise openai.bad_request("The request body is not valid JSON.") from None
+        form = forms.parse_form(raw, self._content_type) if SPECS[self.client_api].form else None
+        if form is not None:
+            body = form.body
+        else:
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise openai.bad_request("The request body is not valid JSON.") from None
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise openai.bad_request("The request body must be a JSON object with a 'model' field.")
         self.model = target.model_for(body["model"])
-        self.stream = body.get("stream") is True
+        self.stream = body.get("stream") is True or (form is not None and form.stream)
         options = body.get("stream_options")
         self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        attempt = Attempt(target, self.client_api, self.model, self.stream, self.include_usage)
+        attempt = Attempt(target, self.client_api, self.model, self.stream, self.include_usage, form)
         self._translator = translator_for(attempt, body["model"])
         upstream = self._translator.request(body, raw)
         path, new_body, headers = upstream.path, upstream.body, upstream.headers

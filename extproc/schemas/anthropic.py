@@ -22,6 +22,7 @@ from extproc.schemas.openai import MAX_MODEL_LENGTH, ParsedRequest, as_count, js
 from extproc.usage import TokenUsage
 
 MESSAGES_SUFFIX = "/v1/messages"
+COUNT_TOKENS_SUFFIX = "/v1/messages/count_tokens"
 
 # -- usage -------------------------------------------------------------------------------------
 
@@ -164,8 +165,29 @@ def _invalid(message: str) -> AnthropicRequestError:
 def parse_request(raw: bytes) -> ParsedRequest:
     """Parse a native Messages request once; 400 for what the API would reject anyway
     (messages in the API's own ``field: problem`` style)."""
-    body = json_object(
-        raw, _invalid, "The request body is empty; expected a JSON object with model, messages and max_tokens.")
+    body, model = _model_and_messages(
+        raw, "The request body is empty; expected a JSON object with model, messages and max_tokens.")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        raise _invalid("max_tokens: Field required")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise _invalid("max_tokens: Input should be a valid integer")
+    if max_tokens < 1:
+        raise _invalid("max_tokens: Input should be greater than or equal to 1")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("stream: Input should be a valid boolean")
+    return ParsedRequest(body=body, model=model, stream=stream is True)
+
+
+def parse_count_tokens(raw: bytes) -> ParsedRequest:
+    """A count_tokens request: a Messages request without max_tokens, never streamed."""
+    body, model = _model_and_messages(raw, "The request body is empty; expected a JSON object with model and messages.")
+    return ParsedRequest(body=body, model=model, stream=False)
+
+
+def _model_and_messages(raw: bytes, empty: str) -> tuple[dict[str, Any], str]:
+    body = json_object(raw, _invalid, empty)
     model = body.get("model")
     if model is None or model == "":
         raise _invalid("model: Field required")
@@ -180,14 +202,4 @@ def parse_request(raw: bytes) -> ParsedRequest:
         raise _invalid("messages: Input should be a valid list")
     if not messages:
         raise _invalid("messages: at least one message is required")
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        raise _invalid("max_tokens: Field required")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise _invalid("max_tokens: Input should be a valid integer")
-    if max_tokens < 1:
-        raise _invalid("max_tokens: Input should be greater than or equal to 1")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _invalid("stream: Input should be a valid boolean")
-    return ParsedRequest(body=body, model=model, stream=stream is True)
+    return body, model

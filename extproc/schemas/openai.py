@@ -17,12 +17,17 @@ from extproc.usage import TokenUsage
 
 
 class Operation(str, Enum):
-    """What a client asked for; the value is the OpenTelemetry gen_ai.operation.name."""
+    """What a client asked for; the value is the OpenTelemetry gen_ai.operation.name
+    (a well-known value where one applies; `rerank` and `count_tokens` have none)."""
 
     chat = "chat"
     completion = "text_completion"
     embeddings = "embeddings"
     models = "models"
+    # Multimodal generation: images, transcriptions and translations, speech.
+    generate_content = "generate_content"
+    rerank = "rerank"
+    count_tokens = "count_tokens"  # not generation: routed and observed, never charged
 
 
 class RequestError(Exception):
@@ -106,7 +111,12 @@ def json_object(raw: bytes, invalid: Callable[[str], Exception], empty: str) -> 
 def parse_request(raw: bytes) -> ParsedRequest:
     """Parse the JSON body once; raise RequestError (400) for anything a backend would reject."""
     body = json_object(raw, bad_request, "The request body is empty; expected a JSON object with a 'model' field.")
-    model = body.get("model")
+    model = valid_model(body.get("model"))
+    return ParsedRequest(body=body, model=model, stream=body.get("stream") is True)
+
+
+def valid_model(model: Any) -> str:
+    """The request's model; 400 unless it is a short printable string."""
     if model is None or model == "":
         raise bad_request("you must provide a model parameter", param="model", code="missing_required_parameter")
     if not isinstance(model, str):
@@ -115,7 +125,7 @@ def parse_request(raw: bytes) -> ParsedRequest:
         raise bad_request(
             f"'model' must be at most {MAX_MODEL_LENGTH} printable characters.", param="model", code="invalid_value"
         )
-    return ParsedRequest(body=body, model=model, stream=body.get("stream") is True)
+    return model
 
 
 # A run of 19+ digits may be an integer outside [-2**63, 2**64), which orjson reads as a float.

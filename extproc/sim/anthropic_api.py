@@ -1,4 +1,5 @@
-"""aiohttp handler that speaks the Anthropic Messages API (``POST .../v1/messages``).
+"""aiohttp handler that speaks the Anthropic Messages API (``POST .../v1/messages``, and
+``.../v1/messages/count_tokens``).
 
 Faithful where a gateway or the official ``anthropic`` SDK can tell: required
 credentials (``x-api-key``, or ``Authorization: Bearer`` as anthropic SDK 2.x sends an
@@ -47,6 +48,7 @@ from extproc.schemas.anthropic import ERROR_TYPES_BY_STATUS  # Anthropic's docum
 from extproc.sim import text, wire
 
 MESSAGES_SUFFIX = "/v1/messages"
+COUNT_TOKENS_SUFFIX = "/v1/messages/count_tokens"  # {"input_tokens": the prompt's tokens}
 # Versions are dates; the SDK's own constant moves (2.x sends a newer one than "2023-06-01"),
 # and the simulator cannot know the real list, so any well-formed date is accepted.
 _VERSION_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -57,7 +59,7 @@ _WEATHER_RE = re.compile(r"\bweather\b", re.IGNORECASE)
 
 def matches(path: str) -> bool:
     """Is this a Messages API path (behind any base path)?"""
-    return path.rstrip("/").endswith(MESSAGES_SUFFIX)
+    return path.rstrip("/").endswith((MESSAGES_SUFFIX, COUNT_TOKENS_SUFFIX))
 
 
 class ApiError(Exception):
@@ -588,10 +590,13 @@ async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.Stre
             raise _invalid(f"There was an error parsing the body of your request: {exc}") from None
         if not isinstance(body, dict):
             raise _invalid("The request body must be a JSON object.")
-        _validate(body)
-        reply = _reply(body, knobs, extra)
         request_id = _request_id()
         headers = {"request-id": request_id}
+        if request.path.rstrip("/").endswith(COUNT_TOKENS_SUFFIX):
+            _validate({**body, "max_tokens": 1})  # a Messages request without max_tokens
+            return wire.json_reply(orjson.dumps({"input_tokens": prompt_tokens(body)}), knobs.compress, headers)
+        _validate(body)
+        reply = _reply(body, knobs, extra)
         if body.get("stream") is True:
             events = stream_events(reply, knobs.chunks)
             return await wire.write_named_events(request, knobs, settings, events, headers)

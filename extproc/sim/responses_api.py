@@ -706,6 +706,10 @@ async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.Stre
         match = _PATH_RE.search(request.path)
         assert match is not None, "dispatch called for a path matches() refuses"
         response_id = match.group(1)
+        if response_id == "input_tokens" and request.method == "POST":  # POST /responses/input_tokens
+            tokens = _input_tokens(_validate(parse_body(await request.read())))
+            body = orjson.dumps({"object": "response.input_tokens", "input_tokens": tokens})
+            return _json(body, knobs, "req_" + uuid.uuid4().hex)
         if response_id is None:
             if request.method != "POST":
                 raise ApiError(405, f"Method {request.method} not allowed for {request.path}; use POST.")

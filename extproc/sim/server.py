@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 from aiohttp import web
 
-from extproc.sim import anthropic_api, bedrock_api, gemini_api, responses_api
+from extproc.sim import anthropic_api, bedrock_api, gemini_api, media_api, rerank_api, responses_api
 from extproc.sim.openai_api import dispatch, error_response
 from extproc.sim.wire import SETTINGS, SimSettings
 
@@ -67,7 +67,8 @@ def _recording_middleware(record: Recorder) -> Any:
 
 def create_app(settings: SimSettings, record: Recorder | None = None) -> web.Application:
     """The simulator as an aiohttp app: one catch-all route that routes by path suffix
-    (OpenAI, Anthropic Messages, Bedrock Converse, Gemini and Responses, each in its own module)."""
+    (OpenAI, Anthropic Messages, Bedrock Converse, Gemini, the Responses API, OpenAI's images
+    and audio, Cohere-style rerank, each in its own module)."""
     middlewares = [_recording_middleware(record)] if record is not None else []
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
@@ -82,6 +83,10 @@ def create_app(settings: SimSettings, record: Recorder | None = None) -> web.App
             return await gemini_api.dispatch(request, settings)
         if responses_api.matches(request.path):
             return await responses_api.dispatch(request, settings)
+        if media_api.matches(request.path):
+            return await media_api.dispatch(request, settings)
+        if rerank_api.matches(request.path):
+            return await rerank_api.dispatch(request, settings)
         return await dispatch(request, settings)
 
     app.router.add_route("*", "/{tail:.*}", handle)

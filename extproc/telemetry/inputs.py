@@ -36,6 +36,8 @@ RESPONSES: Final = ClientApi.OPENAI_RESPONSES
 INPUT_FIELDS: Final[dict[str, frozenset[str]]] = {
     ANTHROPIC_MESSAGES: frozenset({"system", "messages"}),
     RESPONSES: frozenset({"instructions", "input"}),
+    ClientApi.ANTHROPIC_COUNT_TOKENS: frozenset({"system", "messages"}),
+    ClientApi.RERANK: frozenset({"query", "documents"}),
 }
 
 Message = dict[str, Any]
@@ -194,5 +196,7 @@ def _responses_part(part: Any) -> dict[str, Any] | None:
 
 _READERS: Final[dict[str, Callable[[dict[str, Any]], tuple[list[Message], int] | None]]] = {
     ANTHROPIC_MESSAGES: _anthropic,
+    ClientApi.ANTHROPIC_COUNT_TOKENS: _anthropic,
     RESPONSES: _responses,
+    ClientApi.OPENAI_INPUT_TOKENS: _responses,
 }

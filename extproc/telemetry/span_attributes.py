@@ -33,6 +33,7 @@ from openinference.instrumentation.config import (
 )
 from openinference.semconv.trace import (
     ChoiceAttributes,
+    DocumentAttributes,
     EmbeddingAttributes,
     ImageAttributes,
     MessageAttributes,
@@ -42,6 +43,7 @@ from openinference.semconv.trace import (
     OpenInferenceMimeTypeValues,
     OpenInferenceSpanKindValues,
     PromptAttributes,
+    RerankerAttributes,
     SpanAttributes,
     ToolAttributes,
     ToolCallAttributes,
@@ -52,6 +54,7 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
+from extproc.contract import ClientApi
 from extproc.telemetry.inputs import ANTHROPIC_MESSAGES, INPUT_FIELDS, RESPONSES, input_messages
 from extproc.telemetry.record import OutputMessage, RequestRecord
 
@@ -60,6 +63,7 @@ __all__ = ["apply_record"]
 # Operations (gen_ai.operation.name) whose spans differ from chat ones.
 _EMBEDDINGS = "embeddings"
 _COMPLETIONS = "text_completion"
+_RERANK = "rerank"
 
 # Caps on repeated things recorded from one request.
 MAX_MESSAGES: Final = 500
@@ -79,6 +83,7 @@ _NOT_INVOCATION_PARAMETERS: Final = frozenset({"messages", "prompt", "input", "m
 # client API -> OpenInference llm.system (the family of the API the client spoke); others: openai
 _SYSTEMS: Final[dict[str, str]] = {
     ANTHROPIC_MESSAGES: OpenInferenceLLMSystemValues.ANTHROPIC.value,
+    ClientApi.ANTHROPIC_COUNT_TOKENS: OpenInferenceLLMSystemValues.ANTHROPIC.value,
 }
 _OPENAI_SYSTEM: Final = OpenInferenceLLMSystemValues.OPENAI.value
 
@@ -135,6 +140,7 @@ def apply_record(
     builder = _Attributes(config, max_content_chars, max_attributes)
     embeddings = record.operation == _EMBEDDINGS
     completions = record.operation == _COMPLETIONS
+    rerank = record.operation == _RERANK
     model = record.response_model or record.backend_model or record.request_model
     body = record.request_body if isinstance(record.request_body, dict) else None
 
@@ -144,6 +150,13 @@ def apply_record(
         fixed(SpanAttributes.OPENINFERENCE_SPAN_KIND, OpenInferenceSpanKindValues.EMBEDDING.value)
         if model:
             fixed(SpanAttributes.EMBEDDING_MODEL_NAME, model)
+    elif rerank:
+        fixed(SpanAttributes.OPENINFERENCE_SPAN_KIND, OpenInferenceSpanKindValues.RERANKER.value)
+        if model:
+            fixed(RerankerAttributes.RERANKER_MODEL_NAME, model)
+        top_n = body.get("top_n") if body is not None else None
+        if isinstance(top_n, int) and not isinstance(top_n, bool):
+            fixed(RerankerAttributes.RERANKER_TOP_K, top_n)
     else:
         fixed(SpanAttributes.OPENINFERENCE_SPAN_KIND, OpenInferenceSpanKindValues.LLM.value)
         if model:
@@ -160,7 +173,7 @@ def apply_record(
     if usage is not None:
         fixed(SpanAttributes.LLM_TOKEN_COUNT_PROMPT, usage.input_tokens)
         fixed(SpanAttributes.LLM_TOKEN_COUNT_TOTAL, usage.total_tokens)
-        if not embeddings:
+        if not embeddings and not rerank:
             fixed(SpanAttributes.LLM_TOKEN_COUNT_COMPLETION, usage.output_tokens)
         if usage.cached_input_tokens:
             fixed(SpanAttributes.LLM_TOKEN_COUNT_PROMPT_DETAILS_CACHE_READ, usage.cached_input_tokens)
@@ -211,6 +224,12 @@ def apply_record(
         elif completions:
             for i, text in enumerate(_texts(body.get("prompt"))):
                 key = f"{SpanAttributes.LLM_PROMPTS}.{i}.{PromptAttributes.PROMPT_TEXT}"
+                builder.group([(key, builder.cut(text))])
+        elif rerank:
+            if isinstance(body.get("query"), str):
+                builder.group([(RerankerAttributes.RERANKER_QUERY, builder.cut(body["query"]))])
+            for i, text in enumerate(_texts(body.get("documents"))):
+                key = f"{RerankerAttributes.RERANKER_INPUT_DOCUMENTS}.{i}.{DocumentAttributes.DOCUMENT_CONTENT}"
                 builder.group([(key, builder.cut(text))])
         else:
             for i, tool in enumerate(_tools(body)):

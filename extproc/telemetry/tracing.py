@@ -61,6 +61,13 @@ SPAN_NAMES: Final[dict[str, str]] = {
 API_SPAN_NAMES: Final[dict[str, str]] = {
     ClientApi.ANTHROPIC_MESSAGES: "Messages",
     ClientApi.OPENAI_RESPONSES: "Response",
+    ClientApi.ANTHROPIC_COUNT_TOKENS: "MessageTokensCount",
+    ClientApi.OPENAI_INPUT_TOKENS: "InputTokenCount",
+    ClientApi.OPENAI_IMAGES: "ImagesResponse",
+    ClientApi.OPENAI_TRANSCRIPTIONS: "Transcription",
+    ClientApi.OPENAI_TRANSLATIONS: "Translation",
+    ClientApi.OPENAI_SPEECH: "Speech",
+    ClientApi.RERANK: "Rerank",
 }
 SPAN_KIND: Final = SpanKind.INTERNAL
 

@@ -48,11 +48,25 @@ REGISTRY: dict[tuple[ClientApi, Schema], Callable[[Attempt], Translator]] = {
     (ClientApi.OPENAI_CHAT, Schema.gemini): ChatToGemini,
     (ClientApi.OPENAI_EMBEDDINGS, Schema.gemini): EmbeddingsToGemini,
     (ClientApi.ANTHROPIC_MESSAGES, Schema.gemini): via_chat(ChatToGemini),
+    (ClientApi.OPENAI_IMAGES, Schema.openai): OpenAICompatible,
+    (ClientApi.OPENAI_TRANSCRIPTIONS, Schema.openai): OpenAICompatible,
+    (ClientApi.OPENAI_TRANSLATIONS, Schema.openai): OpenAICompatible,
+    (ClientApi.OPENAI_SPEECH, Schema.openai): OpenAICompatible,
+    (ClientApi.RERANK, Schema.openai): OpenAICompatible,
+    (ClientApi.OPENAI_INPUT_TOKENS, Schema.openai): OpenAICompatible,
+    (ClientApi.OPENAI_IMAGES, Schema.azure_openai): AzureOpenAI,
+    (ClientApi.OPENAI_TRANSCRIPTIONS, Schema.azure_openai): AzureOpenAI,
+    (ClientApi.OPENAI_TRANSLATIONS, Schema.azure_openai): AzureOpenAI,
+    (ClientApi.OPENAI_SPEECH, Schema.azure_openai): AzureOpenAI,
+    (ClientApi.ANTHROPIC_COUNT_TOKENS, Schema.anthropic): AnthropicMessages,
 }
 
 _OFFERED = {
     ClientApi.OPENAI_EMBEDDINGS: "embeddings", ClientApi.OPENAI_COMPLETIONS: "legacy completions",
-    ClientApi.OPENAI_RESPONSES: "the Responses API",
+    ClientApi.OPENAI_RESPONSES: "the Responses API", ClientApi.OPENAI_IMAGES: "image generation",
+    ClientApi.OPENAI_TRANSCRIPTIONS: "audio transcriptions", ClientApi.OPENAI_TRANSLATIONS: "audio translations",
+    ClientApi.OPENAI_SPEECH: "speech", ClientApi.RERANK: "rerank",
+    ClientApi.OPENAI_INPUT_TOKENS: "input token counts",
 }
 
 
@@ -72,16 +86,19 @@ def unserved(client_api: ClientApi, target: BackendTarget, client_model: str) ->
         return anthropic.AnthropicRequestError(
             400, f"The model `{client_model}` is served by a backend that does not speak the Anthropic "
             "Messages API; use /v1/chat/completions for it.", "invalid_request_error")
+    if client_api is ClientApi.ANTHROPIC_COUNT_TOKENS:
+        return anthropic.AnthropicRequestError(
+            400, f"The model `{client_model}` is served by a backend that does not count tokens with the "
+            "Anthropic API.", "invalid_request_error")
+    what = _OFFERED.get(client_api, "this API")
     if schema is Schema.gemini:
-        what = _OFFERED.get(client_api, "this API")
         return openai.bad_request(
             f"The backend {target.name} (gemini) does not offer {what}; it serves chat completions and "
             "embeddings. Route this model to an OpenAI-compatible backend."
         )
     if schema in (Schema.anthropic, Schema.aws_bedrock):
-        what = _OFFERED.get(client_api, "this API")
         return openai.bad_request(
             f"The backend {target.name} ({schema.value}) does not offer {what}; "
             "route this model to an OpenAI-compatible backend."
         )
-    return openai.bad_request(f"The backend {target.name} cannot serve this API.")
+    return openai.bad_request(f"The backend {target.name} ({schema.value}) does not offer {what}.")

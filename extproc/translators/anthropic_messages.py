@@ -1,10 +1,10 @@
-"""The Anthropic Messages API to Anthropic: the same API on both sides."""
+"""The Anthropic Messages API (and its token count) to Anthropic: the same API on both sides."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from extproc.schemas import anthropic
+from extproc.client_apis import SPECS
 from extproc.translators.base import Translator, UpstreamRequest
 
 
@@ -16,5 +16,5 @@ def anthropic_headers(version: str) -> list[tuple[str, bytes]]:
 class AnthropicMessages(Translator):
     def request(self, body: dict[str, Any], raw: bytes) -> UpstreamRequest:
         target = self.attempt.target
-        return UpstreamRequest(target.path_prefix + anthropic.MESSAGES_SUFFIX, self.body_with_model(body, raw),
+        return UpstreamRequest(target.path_prefix + SPECS[self.attempt.client_api].suffix, self.body_with_model(body, raw),
                                anthropic_headers(target.backend.anthropic_version))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from extproc.translators.base import Translator, UpstreamRequest
+from extproc.translators.base import Translator, UpstreamRequest, content_type
 from extproc.client_apis import SPECS
 
 
@@ -15,6 +15,6 @@ class AzureOpenAI(Translator):
         attempt = self.attempt
         backend = attempt.target.backend
         deployment = quote(backend.deployment or attempt.model, safe="")
-        suffix = SPECS[attempt.client_api].suffix
-        path = f"{attempt.target.path_prefix}/openai/deployments/{deployment}{suffix}?api-version={backend.api_version}"
-        return UpstreamRequest(path, self.body_with_model(body, raw), [("content-type", b"application/json")])
+        spec = SPECS[attempt.client_api]
+        path = f"{attempt.target.path_prefix}/openai/deployments/{deployment}{spec.suffix}?api-version={backend.api_version}"
+        return UpstreamRequest(path, self.body_with_model(body, raw), content_type(spec))

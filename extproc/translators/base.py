@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from extproc.contract import ClientApi
-from extproc.schemas import openai
+from extproc.schemas import forms, openai
+from extproc.schemas.forms import FormRequest
 
 if TYPE_CHECKING:
+    from extproc.client_apis import ClientApiSpec
     from extproc.routing import BackendTarget
 
 
@@ -27,6 +29,7 @@ class Attempt:
     model: str  # the model the backend is asked for (the target's override, else the client's)
     stream: bool
     include_usage: bool  # the client asked for the usage event (stream_options.include_usage)
+    form: FormRequest | None = None  # a multipart/form-data body, as read (else the body is JSON)
 
 
 @dataclass(slots=True)
@@ -70,7 +73,15 @@ class Translator:
         return body
 
     def body_with_model(self, body: dict[str, Any], raw: bytes) -> bytes:
-        """The client's body with the backend's model name (the same bytes if unchanged)."""
+        """The client's body with the backend's model name (the same bytes if unchanged);
+        of a multipart form, only the model value is replaced."""
         if self.attempt.model == body["model"]:
             return raw
+        if self.attempt.form is not None:
+            return forms.with_model(raw, self.attempt.form, self.attempt.model)
         return openai.with_updates(raw, body, {"model": self.attempt.model})
+
+
+def content_type(spec: ClientApiSpec) -> list[tuple[str, bytes]]:
+    """The API's request content type; a form keeps the client's (its boundary)."""
+    return [] if spec.form else [("content-type", b"application/json")]

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.client_apis import SPECS
-from extproc.translators.base import Translator, UpstreamRequest
+from extproc.translators.base import Translator, UpstreamRequest, content_type
 
 
 class OpenAICompatible(Translator):
     def request(self, body: dict[str, Any], raw: bytes) -> UpstreamRequest:
         attempt = self.attempt
-        path = attempt.target.path_prefix + SPECS[attempt.client_api].suffix
-        return UpstreamRequest(path, self.body_with_model(body, raw), [("content-type", b"application/json")])
+        spec = SPECS[attempt.client_api]
+        return UpstreamRequest(attempt.target.path_prefix + spec.suffix, self.body_with_model(body, raw),
+                               content_type(spec))

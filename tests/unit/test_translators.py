@@ -14,6 +14,7 @@ from extproc.config import LoadedConfig, Schema, parse_config, resolve_secrets
 from extproc.contract import ClientApi
 from extproc.routing import BackendTarget
 from extproc.runtime import Runtime
+from extproc.schemas.forms import FormRequest, parse_form
 from extproc.schemas.openai import RequestError
 from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.translators import REGISTRY, Attempt, translator_for, unserved
@@ -44,7 +45,14 @@ BODIES: dict[ClientApi, dict[str, Any]] = {
     ClientApi.OPENAI_EMBEDDINGS: {"model": "client-model", "input": "hi"},
     ClientApi.OPENAI_RESPONSES: {"model": "client-model", "input": "hi"},
     ClientApi.ANTHROPIC_MESSAGES: CHAT,
+    ClientApi.ANTHROPIC_COUNT_TOKENS: {"model": "client-model", "messages": [{"role": "user", "content": "hi"}]},
+    ClientApi.OPENAI_IMAGES: {"model": "client-model", "prompt": "a cat"},
+    ClientApi.OPENAI_SPEECH: {"model": "client-model", "input": "hi", "voice": "alloy"},
+    ClientApi.RERANK: {"model": "client-model", "query": "q", "documents": ["a", "b"]},
+    ClientApi.OPENAI_INPUT_TOKENS: {"model": "client-model", "input": "hi"},
 }
+FORM_APIS = (ClientApi.OPENAI_TRANSCRIPTIONS, ClientApi.OPENAI_TRANSLATIONS)
+AZURE = "/openai/deployments/gpt4o-prod"
 # (pair) -> (path, what the body must hold for the backend)
 EXPECTED_PATHS = {
     (ClientApi.OPENAI_CHAT, Schema.openai): "/v1/chat/completions",
@@ -64,18 +72,32 @@ EXPECTED_PATHS = {
     (ClientApi.OPENAI_CHAT, Schema.gemini): "/v1beta/models/backend-model:generateContent",
     (ClientApi.OPENAI_EMBEDDINGS, Schema.gemini): "/v1beta/models/backend-model:batchEmbedContents",
     (ClientApi.ANTHROPIC_MESSAGES, Schema.gemini): "/v1beta/models/backend-model:generateContent",
+    (ClientApi.OPENAI_IMAGES, Schema.openai): "/v1/images/generations",
+    (ClientApi.OPENAI_TRANSCRIPTIONS, Schema.openai): "/v1/audio/transcriptions",
+    (ClientApi.OPENAI_TRANSLATIONS, Schema.openai): "/v1/audio/translations",
+    (ClientApi.OPENAI_SPEECH, Schema.openai): "/v1/audio/speech",
+    (ClientApi.RERANK, Schema.openai): "/v1/rerank",
+    (ClientApi.OPENAI_INPUT_TOKENS, Schema.openai): "/v1/responses/input_tokens",
+    (ClientApi.OPENAI_IMAGES, Schema.azure_openai): AZURE + "/images/generations?api-version=2024-10-21",
+    (ClientApi.OPENAI_TRANSCRIPTIONS, Schema.azure_openai): AZURE + "/audio/transcriptions?api-version=2024-10-21",
+    (ClientApi.OPENAI_TRANSLATIONS, Schema.azure_openai): AZURE + "/audio/translations?api-version=2024-10-21",
+    (ClientApi.OPENAI_SPEECH, Schema.azure_openai): AZURE + "/audio/speech?api-version=2024-10-21",
+    (ClientApi.ANTHROPIC_COUNT_TOKENS, Schema.anthropic): "/prefix/v1/messages/count_tokens",
 }
+FORM = (b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nclient-model\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+        b'RIFF\x00\xff model \r\n--XyZ--\r\n')
 
 
-def _attempt(client_api: ClientApi, schema: Schema, stream: bool = False) -> Attempt:
-    return Attempt(TARGETS[schema], client_api, "backend-model", stream, include_usage=False)
+def _attempt(client_api: ClientApi, schema: Schema, stream: bool = False, form: FormRequest | None = None) -> Attempt:
+    return Attempt(TARGETS[schema], client_api, "backend-model", stream, include_usage=False, form=form)
 
 
 def test_every_registered_pair_is_checked_here() -> None:
     assert set(REGISTRY) == set(EXPECTED_PATHS)
 
 
-@pytest.mark.parametrize(("client_api", "schema"), sorted(EXPECTED_PATHS))
+@pytest.mark.parametrize(("client_api", "schema"), sorted(p for p in EXPECTED_PATHS if p[0] not in FORM_APIS))
 def test_each_pair_builds_the_backends_request(client_api: ClientApi, schema: Schema) -> None:
     body = BODIES[client_api]
     raw = orjson.dumps(body)
@@ -90,6 +112,16 @@ def test_each_pair_builds_the_backends_request(client_api: ClientApi, schema: Sc
         assert sent == {**body, "model": "backend-model"}
     assert ("content-type", b"application/json") in request.headers
     assert not any(name in ("authorization", "x-api-key", "api-key", "x-goog-api-key") for name, _ in request.headers)  # backend_auth's job
+
+
+@pytest.mark.parametrize(("client_api", "schema"), sorted(p for p in EXPECTED_PATHS if p[0] in FORM_APIS))
+def test_a_form_pair_replaces_only_the_model_value(client_api: ClientApi, schema: Schema) -> None:
+    form = parse_form(FORM, "multipart/form-data; boundary=XyZ")
+    translator = translator_for(_attempt(client_api, schema, form=form), form.model)
+    request = translator.request(form.body, FORM)
+    assert request.path == EXPECTED_PATHS[(client_api, schema)]
+    assert request.body == FORM.replace(b"client-model", b"backend-model")
+    assert request.headers == []  # the client's content-type (its boundary) goes on unchanged
 
 
 def test_a_same_api_pair_sends_the_clients_bytes_when_the_model_is_unchanged() -> None:
@@ -108,8 +140,12 @@ def test_bedrock_streams_ask_for_the_event_stream() -> None:
     (ClientApi.OPENAI_EMBEDDINGS, Schema.anthropic, RequestError, "does not offer embeddings"),
     (ClientApi.OPENAI_RESPONSES, Schema.aws_bedrock, RequestError, "does not offer the Responses API"),
     (ClientApi.OPENAI_COMPLETIONS, Schema.aws_bedrock, RequestError, "does not offer legacy completions"),
-    (ClientApi.OPENAI_RESPONSES, Schema.azure_openai, RequestError, "cannot serve this API"),
     (ClientApi.OPENAI_COMPLETIONS, Schema.gemini, RequestError, "does not offer legacy completions; it serves chat"),
+    (ClientApi.OPENAI_RESPONSES, Schema.azure_openai, RequestError, "does not offer the Responses API"),
+    (ClientApi.RERANK, Schema.azure_openai, RequestError, "does not offer rerank"),
+    (ClientApi.OPENAI_IMAGES, Schema.anthropic, RequestError, "does not offer image generation"),
+    (ClientApi.OPENAI_TRANSCRIPTIONS, Schema.aws_bedrock, RequestError, "does not offer audio transcriptions"),
+    (ClientApi.ANTHROPIC_COUNT_TOKENS, Schema.openai, AnthropicRequestError, "does not count tokens"),
 ])
 def test_a_pair_nobody_serves_is_a_400_in_the_clients_api(
     client_api: ClientApi, schema: Schema, error: type[Exception], words: str
