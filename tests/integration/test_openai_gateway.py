@@ -198,7 +198,7 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
 
 
 def test_unknown_path_is_404(gateway: RunningGateway) -> None:
-    response = httpx.post(f"{gateway.base_url}/images/generations", json={"model": "model-a"}, timeout=30)
+    response = httpx.post(f"{gateway.base_url}/fine_tuning/jobs", json={"model": "model-a"}, timeout=30)
     _assert_openai_error(response, 404, "unknown_url")
     response = httpx.get(f"{gateway.url}/", timeout=30)
     _assert_openai_error(response, 404, "unknown_url")

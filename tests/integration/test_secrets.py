@@ -241,7 +241,7 @@ def _drive(http: httpx.Client, observed: Observed) -> None:
         _send(http, gateway, "400 not json", "/v1/chat/completions", content=b"{not json"),
         _send(http, gateway, "400 no model", "/v1/chat/completions", body={"messages": USER}),
         _send(http, gateway, "404 model", "/v1/chat/completions", body=_chat("no-such-model")),
-        _send(http, gateway, "404 path", "/v1/images/generations", body={"model": "gpt-4o-mini"}),
+        _send(http, gateway, "404 path", "/v1/fine_tuning/jobs", body={"model": "gpt-4o-mini"}),
         _send(http, gateway, "413", "/v1/chat/completions", body=_chat("gpt-4o-mini", content="x" * (BODY_LIMIT + 1))),
     ]
     assert [e.status for e in made] == [400, 400, 404, 404, 413], made
