@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -71,6 +72,7 @@ RESERVED_METADATA_KEYS = BUILTIN_KEYS | REQUEST_METADATA_KEYS  # cost keys may n
 MCP_TOOL_CALL_KEY = Meta.MCP_TOOL_CALL  # the cost a tool budget charges: 1 per call
 GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"  # Google AI Studio's Gemini API
 AWS_SECRET_SEPARATOR = "/aws."  # LoadedConfig.secrets key for a backend's AWS keys: "<backend>/aws.<field>"
+VERTEX_CREDENTIALS_SUFFIX = "/vertex.credentials"  # LoadedConfig.secrets key of a backend's Google credential JSON
 
 
 class Schema(str, Enum):
@@ -82,6 +84,7 @@ class Schema(str, Enum):
     aws_bedrock = "aws_bedrock"
     azure_openai = "azure_openai"
     gemini = "gemini"
+    gcp_vertex_ai = "gcp_vertex_ai"
 
 
 class AwsSettings(StrictModel):
@@ -100,6 +103,40 @@ class AwsSettings(StrictModel):
         return self
 
 
+def vertex_host(region: str) -> str:
+    """The Vertex AI API host Google documents for a region (as the anthropic SDK picks it)."""
+    if region == "global":
+        return "aiplatform.googleapis.com"
+    if region in ("us", "eu"):  # multi-region endpoints
+        return f"aiplatform.{region}.rep.googleapis.com"
+    return f"{region}-aiplatform.googleapis.com"
+
+
+class VertexSettings(StrictModel):
+    """Google Cloud Vertex AI: where the models run and how the gateway gets its access
+    tokens. With neither `credentials_file` nor `credentials`, google-auth's application
+    default credentials are used (GOOGLE_APPLICATION_CREDENTIALS, gcloud's file, the
+    metadata server)."""
+
+    project: Annotated[str, Field(pattern=r"^[a-z][a-z0-9.:-]{2,61}[a-z0-9]$", description="the project id")]
+    region: Annotated[str, Field(pattern=r"^(global|[a-z]+(-[a-z]+)*\d*)$")]
+    credentials_file: Path | None = Field(
+        default=None, description="a credential JSON file (service-account key, or any google-auth JSON)"
+    )
+    credentials: SecretRef | None = Field(default=None, description="the same JSON, from an env var or file")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VertexSettings:
+        if self.credentials_file is not None and self.credentials is not None:
+            raise ValueError("set 'credentials_file' or 'credentials', not both (neither: application default)")
+        return self
+
+    def credentials_ref(self) -> SecretRef | None:
+        if self.credentials_file is not None:
+            return SecretRef(file=self.credentials_file)
+        return self.credentials
+
+
 class Backend(StrictModel):
     """An upstream LLM API endpoint."""
 
@@ -111,7 +148,8 @@ class Backend(StrictModel):
         description="openai: https://api.openai.com/v1 (includes /v1); anthropic: https://api.anthropic.com "
         "(no /v1, as in the anthropic SDK); azure_openai: https://RESOURCE.openai.azure.com; aws_bedrock: "
         "default https://bedrock-runtime.REGION.amazonaws.com; gemini: default "
-        "https://generativelanguage.googleapis.com/v1beta (includes the API version)",
+        "https://generativelanguage.googleapis.com/v1beta (includes the API version); gcp_vertex_ai: "
+        "default https://REGION-aiplatform.googleapis.com (no /v1)",
     )
     api_key: SecretRef | None = Field(
         default=None,
@@ -123,6 +161,7 @@ class Backend(StrictModel):
         default=None, description="azure_openai: deployment name (default: the model the backend is asked for)"
     )
     aws: AwsSettings | None = None
+    vertex: VertexSettings | None = None
     model_name_override: str | None = None
     strip_model_prefix: str | None = Field(
         default=None,
@@ -146,6 +185,11 @@ class Backend(StrictModel):
             region = (data.get("aws") or {}).get("region") if isinstance(data.get("aws"), dict) else None
             if isinstance(region, str) and region:
                 return {**data, "base_url": f"https://bedrock-runtime.{region}.amazonaws.com"}
+        if isinstance(data, dict) and data.get("schema") == "gcp_vertex_ai" and not data.get("base_url"):
+            vertex = data.get("vertex")
+            region = vertex.get("region") if isinstance(vertex, dict) else None
+            if isinstance(region, str) and region:
+                return {**data, "base_url": f"https://{vertex_host(region)}"}
         return data
 
     @model_validator(mode="after")
@@ -158,6 +202,14 @@ class Backend(StrictModel):
                 raise ValueError("aws_bedrock signs with AWS credentials ('aws'), not 'api_key'")
         elif self.aws is not None:
             raise ValueError("'aws' is only for aws_bedrock backends")
+        if schema is Schema.gcp_vertex_ai:
+            if self.vertex is None:
+                raise ValueError("a gcp_vertex_ai backend needs 'vertex: {project: ..., region: ...}'")
+            if self.api_key is not None:
+                raise ValueError("gcp_vertex_ai uses Google access tokens ('vertex.credentials_file' or "
+                                 "application default credentials), not 'api_key'")
+        elif self.vertex is not None:
+            raise ValueError("'vertex' is only for gcp_vertex_ai backends")
         if schema is Schema.azure_openai:
             if not self.api_version:
                 raise ValueError("an azure_openai backend needs 'api_version' (e.g. 2024-10-21)")
@@ -172,7 +224,7 @@ class Backend(StrictModel):
     @classmethod
     def _valid_url(cls, value: str) -> str:
         if not value:
-            raise ValueError("required (aws_bedrock backends default it from aws.region)")
+            raise ValueError("required (aws_bedrock and gcp_vertex_ai backends default it from their region)")
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host, e.g. https://api.openai.com/v1")
@@ -630,8 +682,38 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str], source: s
                 (f"{backend.name}{AWS_SECRET_SEPARATOR}{field}", f"aws.{field}", getattr(backend.aws, field))
                 for field in ("access_key_id", "secret_access_key", "session_token")
             ]
+        if backend.vertex is not None:
+            field = "vertex.credentials_file" if backend.vertex.credentials_file else "vertex.credentials"
+            fields.append((backend.name + VERTEX_CREDENTIALS_SUFFIX, field, backend.vertex.credentials_ref()))
         refs += [(key, f"backends[{i}].{field}", ref) for key, field, ref in fields if ref is not None]
-    return resolve_secret_refs(refs, environ, f"{source}: cannot resolve credentials")
+    secrets = resolve_secret_refs(refs, environ, f"{source}: cannot resolve credentials", multiline=_is_json_secret)
+    for i, backend in enumerate(config.backends):
+        if (json_text := secrets.get(backend.name + VERTEX_CREDENTIALS_SUFFIX)) is not None:
+            _check_google_credentials(json_text.get_secret_value(), f"{source}: backends[{i}].vertex")
+    return secrets
+
+
+def _is_json_secret(key: str) -> bool:
+    """A credential JSON file spans lines; other secrets travel in a header and may not."""
+    return key.endswith(VERTEX_CREDENTIALS_SUFFIX)
+
+
+def _check_google_credentials(text: str, where: str) -> None:
+    """Refuse at load what google-auth could never use; the message names no value."""
+    try:
+        info = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ConfigError(f"{where}: the credentials are not JSON (expected a Google credential file)") from None
+    kind = info.get("type") if isinstance(info, dict) else None
+    if kind not in ("service_account", "authorized_user"):
+        raise ConfigError(f"{where}: the credentials must be a service-account key or an authorized-user file "
+                          f"(type {kind!r}); for other kinds use application default credentials")
+    assert isinstance(info, dict)
+    needed = ("client_email", "private_key", "token_uri") if kind == "service_account" else (
+        "client_id", "client_secret", "refresh_token")
+    missing = [k for k in needed if not isinstance(info.get(k), str)]
+    if missing:
+        raise ConfigError(f"{where}: the {kind} credentials lack {', '.join(missing)}")
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, with_secrets: bool = True) -> LoadedConfig:

@@ -10,7 +10,7 @@ the gateway config back.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -61,8 +61,9 @@ class SecretRef(StrictModel):
     def describe(self) -> str:
         return f"env var {self.env}" if self.env else f"file {self.file}"
 
-    def resolve(self, environ: Mapping[str, str]) -> SecretStr:
-        """Read the secret now; the error names where we looked, never the value."""
+    def resolve(self, environ: Mapping[str, str], multiline: bool = False) -> SecretStr:
+        """Read the secret now; the error names where we looked, never the value.
+        `multiline`: a document such as a credential JSON file, never put in a header."""
         if self.env is not None:
             value = environ.get(self.env, "").strip()
             if not value:
@@ -77,13 +78,14 @@ class SecretRef(StrictModel):
             if not value:
                 raise ValueError(f"secret file {self.file} is empty")
         # It travels in a header: a line break or NUL inside would break or split it.
-        if any(c in value for c in "\r\n\0"):
+        if not multiline and any(c in value for c in "\r\n\0"):
             raise ValueError(f"the secret from {self.describe()} contains a line break or NUL character")
         return SecretStr(value)
 
 
 def resolve_secret_refs(
-    refs: Iterable[tuple[_K, str, SecretRef]], environ: Mapping[str, str], failure: str
+    refs: Iterable[tuple[_K, str, SecretRef]], environ: Mapping[str, str], failure: str,
+    multiline: Callable[[_K], bool] | None = None,
 ) -> dict[_K, SecretStr]:
     """Resolve (key, field path, reference) triples into key -> secret.
 
@@ -94,7 +96,7 @@ def resolve_secret_refs(
     problems: list[str] = []
     for key, where, ref in refs:
         try:
-            resolved[key] = ref.resolve(environ)
+            resolved[key] = ref.resolve(environ, multiline is not None and multiline(key))
         except ValueError as exc:
             problems.append(f"  {where}: {exc}")
     if problems:

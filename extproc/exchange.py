@@ -77,6 +77,7 @@ PROVIDER_NAMES = {
     Schema.aws_bedrock: "aws.bedrock",
     Schema.azure_openai: "azure.ai.openai",
     Schema.gemini: "gcp.gemini",
+    Schema.gcp_vertex_ai: "gcp.vertex_ai",
 }
 
 # APIs whose missing usage the opt-in estimate fills in (text in, text out).

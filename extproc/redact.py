@@ -24,6 +24,8 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+import orjson
+
 from extproc.contract import GATEWAY_HEADER_PREFIX
 
 if TYPE_CHECKING:
@@ -231,12 +233,30 @@ def _format_exception(exc_info: object) -> str:
     return text.removesuffix("\n")
 
 
+_GOOGLE_SECRET_FIELDS = ("private_key", "private_key_id", "refresh_token", "client_secret")
+
+
+def _google_credential_secrets(text: str) -> list[str]:
+    """The secret values inside a Google credential JSON (its key, refresh token...)."""
+    if not text.startswith("{"):
+        return []
+    try:
+        info = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(info, dict):
+        return []
+    return [value for name in _GOOGLE_SECRET_FIELDS if isinstance(value := info.get(name), str)]
+
+
 def config_secrets(loaded: LoadedConfig, environ: Mapping[str, str] | None = None) -> set[str]:
     """Every secret the gateway holds for `loaded`: each resolved backend credential, each
-    tenancy API key, and AWS keys botocore's chain would take from the environment for a
-    Bedrock backend that names none."""
+    tenancy API key, the secret fields of a Google credential JSON, and AWS keys botocore's
+    chain would take from the environment for a Bedrock backend that names none."""
     env = os.environ if environ is None else environ
     found = {secret.get_secret_value() for secret in loaded.secrets.values()}
+    for secret in loaded.secrets.values():
+        found.update(_google_credential_secrets(secret.get_secret_value()))
     tenancy = loaded.config.tenancy
     if tenancy is not None:
         for entry in tenancy.api_keys:

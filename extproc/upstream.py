@@ -12,9 +12,10 @@ Per attempt: request body -> the backend's wire format, path, host, credentials
 (SigV4 for Bedrock, computed over the final body); response headers -> the served
 backend's name for the request stage, and for translated APIs the response body
 (JSON, errors, event streams) back to the client's API, chunk by chunk. Answers are
-immediate, except a Bedrock attempt whose credentials botocore's chain must still find
-or refresh: that answer is a coroutine the server awaits, so the event loop keeps
-serving other streams meanwhile (extproc/aws_credentials.py).
+immediate, except an attempt whose credentials must still be found or refreshed
+(botocore's chain for Bedrock, a Google access token for Vertex AI: `DeferredAuth`):
+that answer is a coroutine the server awaits, so the event loop keeps serving other
+streams meanwhile (extproc/aws_credentials.py, extproc/gcp_credentials.py).
 
 Envoy facts this relies on (checked with Envoy 1.40): header mutations made in one
 attempt are still there in the next (the router reuses the header map) while the body
@@ -35,7 +36,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import text_format
 
 from extproc import protocol
-from extproc.backend_auth import CREDENTIAL_HEADERS, SigV4
+from extproc.backend_auth import CREDENTIAL_HEADERS, DeferredAuth
 from extproc.contract import (
     ATTRIBUTES_KEY,
     BACKEND_HEADER,
@@ -179,21 +180,21 @@ class UpstreamExchange:
         if self._translator.translates_response:
             headers.append(("accept-encoding", b"identity"))  # translation reads plain bytes
         auth = target.auth
-        if isinstance(auth, SigV4):  # a signature over exactly these bytes
-            keys = auth.keys_now()
-            if keys is None:  # botocore's chain must find or refresh them first
+        if isinstance(auth, DeferredAuth):  # e.g. a signature over exactly these bytes
+            credentials = auth.now()
+            if credentials is None:  # they must be found or refreshed first, off the loop
                 return self._signed_when_ready(auth, target, path, new_body, headers, raw)
-            headers += auth.sign(self._url(target, path), new_body, keys)
+            headers += auth.headers_for(self._url(target, path), new_body, credentials)
         return self._request_body_response(target, path, new_body, headers, raw)
 
     async def _signed_when_ready(
-        self, auth: SigV4, target: BackendTarget, path: str, body: bytes, headers: list[tuple[str, bytes]], raw: bytes
+        self, auth: DeferredAuth[Any], target: BackendTarget, path: str, body: bytes,
+        headers: list[tuple[str, bytes]], raw: bytes,
     ) -> ep.ProcessingResponse:
-        keys = await auth.keys()
-        if keys is None:
-            raise RequestError(503, f"No AWS credentials are available to sign requests for {target.name}.",
-                               "server_error", "backend_credentials_missing")
-        headers += auth.sign(self._url(target, path), body, keys)
+        credentials = await auth.wait()
+        if credentials is None:
+            raise RequestError(503, auth.unavailable(target.name), "server_error", "backend_credentials_missing")
+        headers += auth.headers_for(self._url(target, path), body, credentials)
         return self._request_body_response(target, path, body, headers, raw)
 
     @staticmethod
