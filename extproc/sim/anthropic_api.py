@@ -567,18 +567,50 @@ def stream_events(reply: _Reply, chunks: int) -> Iterator[tuple[str, dict[str, A
     yield "message_stop", {"type": "message_stop"}
 
 
-async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.StreamResponse:
-    """``POST .../v1/messages``; every failure becomes an Anthropic-shaped error."""
+@dataclass(frozen=True)
+class VertexCall:
+    """A Messages call through Vertex AI: the model and method come from the path."""
+
+    model: str
+    streaming_method: bool  # streamRawPredict (else rawPredict)
+
+
+VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
+_VERTEX_VERSION_RE = re.compile(r"(vertex-)?\d{4}-\d{2}-\d{2}")
+
+
+def _vertex_body(body: dict[str, Any], vertex: VertexCall) -> dict[str, Any]:
+    """Vertex's convention: the version in the body, the model in the path only."""
+    version = body.get("anthropic_version")
+    if version is None:
+        raise _invalid("anthropic_version: Field required")
+    # Google documents vertex-2023-10-16; anthropic SDK 2.x sends its API version date.
+    if not isinstance(version, str) or not _VERTEX_VERSION_RE.fullmatch(version):
+        raise _invalid(f"anthropic_version: Input should be '{VERTEX_ANTHROPIC_VERSION}' or a version date")
+    if "model" in body:
+        raise _invalid("model: Extra inputs are not permitted")
+    if (body.get("stream") is True) != vertex.streaming_method:
+        raise _invalid("stream: use streamRawPredict for stream: true and rawPredict otherwise")
+    rest = {k: v for k, v in body.items() if k != "anthropic_version"}
+    return {**rest, "model": vertex.model}
+
+
+async def dispatch(
+    request: web.Request, settings: wire.SimSettings, vertex: VertexCall | None = None
+) -> web.StreamResponse:
+    """``POST .../v1/messages``, or with `vertex` the same model behind Vertex AI's
+    rawPredict (authenticated by the caller); every failure becomes an Anthropic-shaped error."""
     try:
         if request.method != "POST":
             raise ApiError(405, f"Method {request.method} not allowed for {request.path}; use POST.")
-        if not _has_credentials(request):
-            raise ApiError(401, "x-api-key header is required", "authentication_error")
-        version = request.headers.get("anthropic-version")
-        if not version:
-            raise _invalid("anthropic-version: header is required")
-        if not _VERSION_RE.fullmatch(version):
-            raise _invalid(f"anthropic-version: {version!r} is not a valid version")
+        if vertex is None:
+            if not _has_credentials(request):
+                raise ApiError(401, "x-api-key header is required", "authentication_error")
+            version = request.headers.get("anthropic-version")
+            if not version:
+                raise _invalid("anthropic-version: header is required")
+            if not _VERSION_RE.fullmatch(version):
+                raise _invalid(f"anthropic-version: {version!r} is not a valid version")
         knobs = wire.read_knobs(request, settings)
         extra = _read_extra(request)
         await wire.wait_first_byte(knobs)
@@ -590,6 +622,8 @@ async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.Stre
             raise _invalid(f"There was an error parsing the body of your request: {exc}") from None
         if not isinstance(body, dict):
             raise _invalid("The request body must be a JSON object.")
+        if vertex is not None:
+            body = _vertex_body(body, vertex)
         request_id = _request_id()
         headers = {"request-id": request_id}
         if request.path.rstrip("/").endswith(COUNT_TOKENS_SUFFIX):

@@ -15,8 +15,18 @@ from typing import Any, Generic, TypeVar
 import orjson
 from aiohttp import web
 
-from extproc.sim import anthropic_api, bedrock_api, gemini_api, media_api, rerank_api, responses_api
+from extproc.sim import (
+    anthropic_api,
+    bedrock_api,
+    gemini_api,
+    google_auth,
+    media_api,
+    rerank_api,
+    responses_api,
+    vertex_api,
+)
 from extproc.sim.openai_api import dispatch, error_response
+from extproc.sim.google_auth import GoogleAccounts
 from extproc.sim.wire import SETTINGS, SimSettings
 
 MAX_RECORDED = 1000
@@ -75,6 +85,10 @@ def create_app(settings: SimSettings, record: Recorder | None = None) -> web.App
 
     async def handle(request: web.Request) -> web.StreamResponse:
         # One simulator speaks every provider's API, told apart by path as the real ones are.
+        if vertex_api.matches(request.path):
+            return await vertex_api.dispatch(request, settings)
+        if request.path == google_auth.TOKEN_PATH:
+            return await google_auth.token_endpoint(request, settings.google)
         if anthropic_api.matches(request.path):
             return await anthropic_api.dispatch(request, settings)
         if bedrock_api.matches(request.path):
@@ -122,6 +136,7 @@ class SimServer:
 
     chunks = _Setting[int]()
     chunk_delay_ms = _Setting[float]()
+    google = _Setting[GoogleAccounts]()  # Google service accounts and the tokens issued to them
 
     @property
     def url(self) -> str:

@@ -32,6 +32,8 @@ import brotli
 import orjson
 from aiohttp import web
 
+from extproc.sim.google_auth import GoogleAccounts
+
 T = TypeVar("T")
 
 MAX_CHUNKS = 10_000
@@ -54,6 +56,7 @@ class SimSettings:
     holds: dict[str, asyncio.Event] = field(default_factory=dict)
     hold_outcomes: dict[str, str] = field(default_factory=dict)
     hold_timeout_s: float = 10.0
+    google: GoogleAccounts = field(default_factory=GoogleAccounts)  # Google's token endpoint and tokens
 
     def hold(self, name: str) -> asyncio.Event:
         return self.holds.setdefault(name, asyncio.Event())

@@ -21,6 +21,7 @@ from extproc.translators.messages_to_chat import via_chat
 from extproc.translators.chat_to_gemini import ChatToGemini
 from extproc.translators.embeddings_to_gemini import EmbeddingsToGemini
 from extproc.translators.openai_compatible import OpenAICompatible
+from extproc.translators.vertex import chat_on_vertex, messages_on_vertex
 
 if TYPE_CHECKING:
     from extproc.routing import BackendTarget
@@ -59,6 +60,8 @@ REGISTRY: dict[tuple[ClientApi, Schema], Callable[[Attempt], Translator]] = {
     (ClientApi.OPENAI_TRANSLATIONS, Schema.azure_openai): AzureOpenAI,
     (ClientApi.OPENAI_SPEECH, Schema.azure_openai): AzureOpenAI,
     (ClientApi.ANTHROPIC_COUNT_TOKENS, Schema.anthropic): AnthropicMessages,
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.gcp_vertex_ai): messages_on_vertex,
+    (ClientApi.OPENAI_CHAT, Schema.gcp_vertex_ai): chat_on_vertex,
 }
 
 _OFFERED = {
@@ -96,7 +99,7 @@ def unserved(client_api: ClientApi, target: BackendTarget, client_model: str) ->
             f"The backend {target.name} (gemini) does not offer {what}; it serves chat completions and "
             "embeddings. Route this model to an OpenAI-compatible backend."
         )
-    if schema in (Schema.anthropic, Schema.aws_bedrock):
+    if schema in (Schema.anthropic, Schema.aws_bedrock, Schema.gcp_vertex_ai):
         return openai.bad_request(
             f"The backend {target.name} ({schema.value}) does not offer {what}; "
             "route this model to an OpenAI-compatible backend."

@@ -30,6 +30,7 @@ def _targets() -> dict[Schema, BackendTarget]:
             {"name": "br", "schema": "aws_bedrock", "base_url": "https://bedrock-runtime.us-east-1.amazonaws.com",
              "aws": {"region": "us-east-1"}},
             {"name": "gem", "schema": "gemini", "base_url": "https://generativelanguage.googleapis.com/v1beta"},
+            {"name": "vx", "schema": "gcp_vertex_ai", "vertex": {"project": "my-proj", "region": "us-east5"}},
         ],
         "routes": [{"name": "r", "default": True, "backends": [{"name": "oa"}]}],
     })
@@ -83,14 +84,27 @@ EXPECTED_PATHS = {
     (ClientApi.OPENAI_TRANSLATIONS, Schema.azure_openai): AZURE + "/audio/translations?api-version=2024-10-21",
     (ClientApi.OPENAI_SPEECH, Schema.azure_openai): AZURE + "/audio/speech?api-version=2024-10-21",
     (ClientApi.ANTHROPIC_COUNT_TOKENS, Schema.anthropic): "/prefix/v1/messages/count_tokens",
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.gcp_vertex_ai):
+        "/v1/projects/my-proj/locations/us-east5/publishers/anthropic/models/claude-backend@2025:rawPredict",
+    (ClientApi.OPENAI_CHAT, Schema.gcp_vertex_ai):
+        "/v1/projects/my-proj/locations/us-east5/publishers/anthropic/models/claude-backend@2025:rawPredict",
+}
+# The model each backend is asked for (Vertex serves Claude models as Anthropic's).
+MODELS = {Schema.gcp_vertex_ai: "claude-backend@2025"}
+# Same-API pairs whose backend takes the body in its own convention.
+SENT_BODIES = {
+    (ClientApi.ANTHROPIC_MESSAGES, Schema.gcp_vertex_ai): {
+        **{k: v for k, v in CHAT.items() if k != "model"}, "anthropic_version": "vertex-2023-10-16"},
 }
 FORM = (b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nclient-model\r\n'
         b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'
         b'RIFF\x00\xff model \r\n--XyZ--\r\n')
 
 
-def _attempt(client_api: ClientApi, schema: Schema, stream: bool = False, form: FormRequest | None = None) -> Attempt:
-    return Attempt(TARGETS[schema], client_api, "backend-model", stream, include_usage=False, form=form)
+def _attempt(client_api: ClientApi, schema: Schema, stream: bool = False, form: FormRequest | None = None,
+             model: str | None = None) -> Attempt:
+    return Attempt(TARGETS[schema], client_api, model or MODELS.get(schema, "backend-model"), stream,
+                   include_usage=False, form=form)
 
 
 def test_every_registered_pair_is_checked_here() -> None:
@@ -109,7 +123,7 @@ def test_each_pair_builds_the_backends_request(client_api: ClientApi, schema: Sc
         assert sent != body
         assert (translator.stream_translator() is not None) == SPECS[client_api].streams
     else:  # the same API: the client's body, with the backend's model name
-        assert sent == {**body, "model": "backend-model"}
+        assert sent == SENT_BODIES.get((client_api, schema), {**body, "model": "backend-model"})
     assert ("content-type", b"application/json") in request.headers
     assert not any(name in ("authorization", "x-api-key", "api-key", "x-goog-api-key") for name, _ in request.headers)  # backend_auth's job
 
@@ -146,6 +160,7 @@ def test_bedrock_streams_ask_for_the_event_stream() -> None:
     (ClientApi.OPENAI_IMAGES, Schema.anthropic, RequestError, "does not offer image generation"),
     (ClientApi.OPENAI_TRANSCRIPTIONS, Schema.aws_bedrock, RequestError, "does not offer audio transcriptions"),
     (ClientApi.ANTHROPIC_COUNT_TOKENS, Schema.openai, AnthropicRequestError, "does not count tokens"),
+    (ClientApi.OPENAI_EMBEDDINGS, Schema.gcp_vertex_ai, RequestError, "does not offer embeddings"),
 ])
 def test_a_pair_nobody_serves_is_a_400_in_the_clients_api(
     client_api: ClientApi, schema: Schema, error: type[Exception], words: str
@@ -190,3 +205,18 @@ def test_anthropic_clients_on_bedrock_get_converse_and_anthropic_errors_back() -
     assert sent["inferenceConfig"]["maxTokens"] == 5
     error = json.loads(translator.whole_response(429, b'{"message":"slow down"}', "ThrottlingException:http://x"))
     assert error == {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+
+
+def test_vertex_streams_use_stream_raw_predict() -> None:
+    for client_api in (ClientApi.ANTHROPIC_MESSAGES, ClientApi.OPENAI_CHAT):
+        body = {**CHAT, "stream": True}
+        request = translator_for(_attempt(client_api, Schema.gcp_vertex_ai, stream=True), "m").request(body, b"{}")
+        assert request.path.endswith("/publishers/anthropic/models/claude-backend@2025:streamRawPredict")
+        sent = json.loads(request.body)
+        assert sent["stream"] is True and "model" not in sent and sent["anthropic_version"] == "vertex-2023-10-16"
+
+
+def test_vertex_refuses_google_models_to_anthropic_clients() -> None:
+    with pytest.raises(AnthropicRequestError) as raised:
+        translator_for(_attempt(ClientApi.ANTHROPIC_MESSAGES, Schema.gcp_vertex_ai, model="gemini-2.5-flash"), "m")
+    assert raised.value.status == 400 and "use /v1/chat/completions" in raised.value.message

@@ -1,0 +1,65 @@
+"""Vertex AI's publisher-model endpoints, simulated: Google's auth in front of the
+Anthropic (and Gemini) simulators.
+
+Paths as Google serves them (any API version, `v1` or `v1beta1`):
+
+    /v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model}:rawPredict
+    /v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model}:streamRawPredict
+
+Every call must carry `Authorization: Bearer <token>` with a token the simulated token
+endpoint issued (``google_auth``) for the cloud-platform scope; else Google's 401/403 in
+Google's error shape (`{"error": {"code", "message", "status"}}`). Past that gate, Claude
+models are the Anthropic simulator with Vertex's body convention (`anthropic_version:
+vertex-2023-10-16` in the body, no `model`: it is in the path), so their replies, streams
+and model errors are Anthropic's own, as on Vertex.
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+from aiohttp import web
+
+from extproc.sim import anthropic_api, wire
+from extproc.sim.google_auth import CLOUD_PLATFORM_SCOPE
+
+_PATH_RE = re.compile(
+    r"/v1(?:beta1)?/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
+    r"/publishers/(?P<publisher>[^/]+)/models/(?P<model>[^/:]+):(?P<method>[A-Za-z]+)$"
+)
+_STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 405: "METHOD_NOT_ALLOWED"}
+_ANTHROPIC_METHODS = {"rawPredict": False, "streamRawPredict": True}
+
+
+def matches(path: str) -> bool:
+    """Is this a Vertex AI publisher-model path (behind any base path)?"""
+    return _PATH_RE.search(path) is not None
+
+
+def google_error(status: int, message: str) -> web.Response:
+    """Google's API error body (`google.rpc.Status` as JSON)."""
+    body = {"error": {"code": status, "message": message, "status": _STATUS_NAMES.get(status, "UNKNOWN")}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.StreamResponse:
+    found = _PATH_RE.search(request.path)
+    assert found is not None  # matches() said so
+    issued = settings.google.token_of(request.headers.get("authorization"))
+    if issued is None:
+        return google_error(401, "Request had invalid authentication credentials. Expected OAuth 2 access token, "
+                            "login cookie or other valid authentication credential.")
+    if CLOUD_PLATFORM_SCOPE not in issued.scopes:
+        return google_error(403, "Request had insufficient authentication scopes.")
+    if request.method != "POST":
+        return google_error(405, f"Method {request.method} is not allowed; use POST.")
+    publisher, model, method = found["publisher"], found["model"], found["method"]
+    if publisher == "anthropic":
+        streaming = _ANTHROPIC_METHODS.get(method)
+        if streaming is None:
+            return google_error(404, f"Method {method} is not served for publisher model {model}.")
+        return await anthropic_api.dispatch(request, settings, anthropic_api.VertexCall(model, streaming))
+    return google_error(404, f"Publisher Model `projects/{found['project']}/locations/{found['location']}/"
+                        f"publishers/{publisher}/models/{model}` was not found.")

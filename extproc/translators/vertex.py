@@ -1,0 +1,94 @@
+"""Vertex AI (`gcp_vertex_ai`): Google's and Anthropic's models behind Google's endpoints.
+
+Vertex serves each model under its publisher:
+
+    {base}/v1/projects/{project}/locations/{region}/publishers/{publisher}/models/{model}:{method}
+
+Which publisher serves a model: `claude-*` is Anthropic's, anything else Google's
+(Gemini). Claude on Vertex is Anthropic's Messages API with two changes, as the
+anthropic SDK's AnthropicVertex client makes them: the model moves from the body to the
+path, and the version moves from the `anthropic-version` header into the body
+(`"anthropic_version": "vertex-2023-10-16"`); `rawPredict` answers JSON and
+`streamRawPredict` Anthropic's event stream, both in Anthropic's own shapes. So the
+Anthropic client API passes through, and OpenAI chat reuses ChatToAnthropic's
+translation. Credentials (a Google access token) are backend_auth's business.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from extproc.schemas import anthropic, openai
+from extproc.translators.base import Attempt, Translator, UpstreamRequest
+from extproc.translators.chat_to_anthropic import ChatToAnthropic, chat_to_messages
+
+VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
+_JSON = [("content-type", b"application/json")]
+
+
+def publisher_of(model: str) -> str:
+    """The Vertex publisher serving `model`: Anthropic's Claude models, else Google's."""
+    return "anthropic" if model.startswith("claude") else "google"
+
+
+def model_path(attempt: Attempt, publisher: str, method: str) -> str:
+    """The publisher model's path on the backend (its base URL's path first)."""
+    target = attempt.target
+    vertex = target.backend.vertex
+    assert vertex is not None  # the config requires it for gcp_vertex_ai
+    model = quote(attempt.model, safe="@")
+    return (f"{target.path_prefix}/v1/projects/{vertex.project}/locations/{vertex.region}"
+            f"/publishers/{publisher}/models/{model}:{method}")
+
+
+def _claude_method(stream: bool) -> str:
+    return "streamRawPredict" if stream else "rawPredict"
+
+
+def vertex_body(messages: dict[str, Any]) -> bytes:
+    """A Messages request in Vertex's convention: no model, the version in the body."""
+    body = {k: v for k, v in messages.items() if k != "model"}
+    body["anthropic_version"] = VERTEX_ANTHROPIC_VERSION
+    return orjson.dumps(body)
+
+
+class AnthropicOnVertex(Translator):
+    """The Anthropic Messages API to Claude on Vertex: the same API, Vertex's path and body."""
+
+    def request(self, body: dict[str, Any], raw: bytes) -> UpstreamRequest:
+        attempt = self.attempt
+        return UpstreamRequest(model_path(attempt, "anthropic", _claude_method(attempt.stream)), vertex_body(body),
+                               list(_JSON))
+
+
+class ChatToAnthropicOnVertex(ChatToAnthropic):
+    """OpenAI chat to Claude on Vertex: ChatToAnthropic's translation both ways (Google's
+    own errors, `{"error": {"code", "message", "status"}}`, read as any error is)."""
+
+    def request(self, body: dict[str, Any], raw: bytes) -> UpstreamRequest:
+        attempt = self.attempt
+        messages = chat_to_messages(body, attempt.model)
+        return UpstreamRequest(model_path(attempt, "anthropic", _claude_method(attempt.stream)), vertex_body(messages),
+                               list(_JSON))
+
+
+def messages_on_vertex(attempt: Attempt) -> Translator:
+    """The Anthropic client API reaches Claude models only."""
+    if publisher_of(attempt.model) != "anthropic":
+        raise anthropic.AnthropicRequestError(
+            400, f"The model `{attempt.model}` is served on Vertex AI by Google, not Anthropic; use "
+            "/v1/chat/completions for it.", "invalid_request_error")
+    return AnthropicOnVertex(attempt)
+
+
+def chat_on_vertex(attempt: Attempt) -> Translator:
+    """OpenAI chat to whichever publisher serves the model."""
+    if publisher_of(attempt.model) == "anthropic":
+        return ChatToAnthropicOnVertex(attempt)
+    raise openai.bad_request(
+        f"The model `{attempt.model}` is a Google model on Vertex AI ({attempt.target.name}), which this gateway "
+        "does not serve yet; Claude models (claude-*) are served."
+    )
