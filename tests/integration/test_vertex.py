@@ -1,0 +1,227 @@
+"""Vertex AI (`gcp_vertex_ai`) through real Envoy: Claude for the anthropic and openai SDKs.
+
+The gateway's credentials are a service-account key generated here whose `token_uri`
+is the simulator's token endpoint; the simulator checks the key's JWT signature against
+the public key registered with it, and its Vertex paths accept only tokens it issued.
+So "authenticated" means the processor really ran google-auth's flow with the configured
+key. Expected token counts come from asking the simulator directly with the anthropic
+SDK's AnthropicVertex client: what the provider reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+import pytest
+from google.auth.transport.requests import Request
+from google.oauth2 import service_account
+
+from extproc.sim import SimServer
+from extproc.sim.google_auth import service_account_key
+from tests.integration.harness import RunningGateway, free_port, running_gateway
+
+PROJECT = "sim-project"
+REGION = "us-east5"
+MODEL = "claude-sonnet-4@20250514"
+EMAIL = "gateway@sim-project.iam.gserviceaccount.com"
+CLIENT_KEY = "sk-client-of-the-gateway-vx"
+USER = [{"role": "user", "content": "Tell me about the sea"}]
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimServer]:
+    with SimServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def key(sim: SimServer) -> dict[str, Any]:
+    info, public_pem = service_account_key(EMAIL, f"{sim.url}/token", PROJECT)
+    sim.google.register(EMAIL, public_pem)
+    return info
+
+
+@pytest.fixture(scope="module")
+def vertex(sim: SimServer, key: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    tmp = tmp_path_factory.mktemp("vertex")
+    key_file = tmp / "sa.json"
+    key_file.write_text(orjson.dumps(key, option=orjson.OPT_INDENT_2).decode())
+    unknown, _ = service_account_key("stranger@sim-project.iam.gserviceaccount.com", f"{sim.url}/token")
+    unreachable, _ = service_account_key(EMAIL, f"http://127.0.0.1:{free_port()}/token")
+    settings = {"project": PROJECT, "region": REGION}
+    config = {
+        "backends": [
+            {"name": "vertex", "schema": "gcp_vertex_ai", "base_url": sim.url,
+             "vertex": {**settings, "credentials_file": str(key_file)}},
+            # Keys the token endpoint refuses (not registered), or cannot be reached for.
+            {"name": "vertex-refused", "schema": "gcp_vertex_ai", "base_url": sim.url,
+             "vertex": {**settings, "credentials": {"env": "T_REFUSED_KEY"}}},
+            {"name": "vertex-no-endpoint", "schema": "gcp_vertex_ai", "base_url": sim.url,
+             "vertex": {**settings, "credentials": {"env": "T_UNREACHABLE_KEY"}}},
+        ],
+        "routes": [
+            {"name": "refused", "match": {"model": "claude-refused"}, "backends": [{"name": "vertex-refused"}]},
+            {"name": "no-endpoint", "match": {"model": "claude-no-endpoint"},
+             "backends": [{"name": "vertex-no-endpoint"}]},
+            {"name": "claude", "match": {"glob": "claude-*"}, "backends": [{"name": "vertex"}]},
+            {"name": "gemini", "match": {"glob": "gemini-*"}, "backends": [{"name": "vertex"}]},
+        ],
+    }
+    env = {"T_REFUSED_KEY": orjson.dumps(unknown).decode(), "T_UNREACHABLE_KEY": orjson.dumps(unreachable).decode()}
+    with running_gateway(config, tmp, env=env) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+def client(vertex: RunningGateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=vertex.base_url, api_key=CLIENT_KEY, max_retries=0, timeout=30)
+
+
+@pytest.fixture
+def claude(vertex: RunningGateway) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=f"{vertex.url}/anthropic", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _fresh(sim: SimServer) -> None:
+    sim.clear()
+
+
+def _direct(sim: SimServer, key: dict[str, Any], **kwargs: Any) -> anthropic.types.Message:
+    """What Vertex itself reports for this request (the simulator is deterministic)."""
+    credentials = service_account.Credentials.from_service_account_info(
+        key, scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    credentials.refresh(Request())
+    direct = anthropic.AnthropicVertex(region=REGION, project_id=PROJECT, access_token=credentials.token,
+                                       base_url=f"{sim.url}/v1", max_retries=0)
+    return direct.messages.create(model=MODEL, **kwargs)
+
+
+def _entry(gateway: RunningGateway, request_id: str) -> dict[str, Any]:
+    return gateway.wait_access_log(lambda e: e.get("request_id") == request_id)
+
+
+def _tokens(entry: dict[str, Any]) -> tuple[int, int, int]:
+    return int(entry["input_tokens"]), int(entry["output_tokens"]), int(entry["total_tokens"])
+
+
+def _assert_issued_bearer(sim: SimServer) -> None:
+    """The last request reached Vertex with a token the endpoint issued for the key, and
+    none of the client's credentials."""
+    sent = sim.requests[-1]
+    scheme, _, token = sent.headers["authorization"].partition(" ")
+    assert scheme == "Bearer" and sim.google.issued[token].client_email == EMAIL
+    assert CLIENT_KEY not in str(sent.headers) and "x-api-key" not in sent.headers
+
+
+def test_openai_sdk_json_with_exact_usage(client: openai.OpenAI, vertex: RunningGateway, sim: SimServer,
+                                          key: dict[str, Any]) -> None:
+    completion = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "Be brief."}, *USER], max_tokens=12,
+        extra_headers={"x-request-id": "vx-json-1", "x-sim-cached-tokens": "3"},
+    )
+    assert completion.choices[0].message.content and completion.model == MODEL
+    _assert_issued_bearer(sim)
+    sent = sim.requests[-1]
+    assert sent.path == f"/v1/projects/{PROJECT}/locations/{REGION}/publishers/anthropic/models/{MODEL}:rawPredict"
+    assert sent.json["anthropic_version"] == "vertex-2023-10-16" and "model" not in sent.json
+    assert sent.json["system"] == "Be brief." and sent.json["max_tokens"] == 12
+
+    direct = _direct(sim, key, system="Be brief.", messages=USER, max_tokens=12,
+                     extra_headers={"x-sim-cached-tokens": "3"})
+    prompt = direct.usage.input_tokens + 3
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (prompt, direct.usage.output_tokens)
+    entry = _entry(vertex, "vx-json-1")
+    assert _tokens(entry) == (prompt, direct.usage.output_tokens, prompt + direct.usage.output_tokens)
+    assert int(entry["cached_input_tokens"]) == 3
+    assert entry["backend_name"] == "vertex" and entry["status"] == 200
+
+
+def test_openai_sdk_stream_with_exact_usage(client: openai.OpenAI, vertex: RunningGateway, sim: SimServer,
+                                            key: dict[str, Any]) -> None:
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=20, stream=True, stream_options={"include_usage": True},
+        extra_headers={"x-request-id": "vx-stream-1", "x-sim-chunks": "5"},
+    ))
+    _assert_issued_bearer(sim)
+    assert sim.requests[-1].path.endswith(f"/models/{MODEL}:streamRawPredict")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    direct = _direct(sim, key, messages=USER, max_tokens=20)
+    assert text == "".join(b.text for b in direct.content if b.type == "text")
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (direct.usage.input_tokens, direct.usage.output_tokens)
+    entry = _entry(vertex, "vx-stream-1")
+    assert _tokens(entry)[:2] == (direct.usage.input_tokens, direct.usage.output_tokens)
+    assert entry["backend_name"] == "vertex"
+
+
+def test_anthropic_sdk_json_and_stream(claude: anthropic.Anthropic, vertex: RunningGateway, sim: SimServer,
+                                       key: dict[str, Any]) -> None:
+    message = claude.messages.create(model=MODEL, max_tokens=16, messages=USER,
+                                     extra_headers={"x-request-id": "vx-native-1", "x-sim-cached-tokens": "4"})
+    assert message.type == "message" and message.content[0].type == "text"
+    _assert_issued_bearer(sim)
+    sent = sim.requests[-1]
+    assert sent.path.endswith(f"/models/{MODEL}:rawPredict") and "anthropic-version" not in sent.headers
+    assert sent.json == {"max_tokens": 16, "messages": USER, "anthropic_version": "vertex-2023-10-16"}
+    direct = _direct(sim, key, messages=USER, max_tokens=16, extra_headers={"x-sim-cached-tokens": "4"})
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (
+        direct.usage.input_tokens, direct.usage.output_tokens)
+    entry = _entry(vertex, "vx-native-1")
+    assert int(entry["input_tokens"]) == direct.usage.input_tokens + 4
+    assert int(entry["cached_input_tokens"]) == 4 and int(entry["output_tokens"]) == direct.usage.output_tokens
+
+    with claude.messages.stream(model=MODEL, max_tokens=16, messages=USER,
+                                extra_headers={"x-request-id": "vx-native-2"}) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    _assert_issued_bearer(sim)
+    assert sim.requests[-1].path.endswith(f"/models/{MODEL}:streamRawPredict")
+    assert text and text == "".join(b.text for b in final.content if b.type == "text")
+    entry = _entry(vertex, "vx-native-2")
+    assert (int(entry["input_tokens"]), int(entry["output_tokens"])) == (
+        final.usage.input_tokens, final.usage.output_tokens)
+
+
+def test_errors_come_in_each_clients_shape(client: openai.OpenAI, claude: anthropic.Anthropic,
+                                           vertex: RunningGateway) -> None:
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model=MODEL, messages=USER,
+                                       extra_headers={"x-sim-error": "429", "x-request-id": "vx-429"})
+    body = limited.value.body
+    assert isinstance(body, dict) and body.get("code") == "rate_limit_exceeded" and body.get("message")
+    assert _entry(vertex, "vx-429")["status"] == 429
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        claude.messages.create(model=MODEL, max_tokens=0, messages=USER)
+    assert bad.value.body["type"] == "error" and bad.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.BadRequestError) as gemini:  # a Google model has no Messages API
+        claude.messages.create(model="gemini-2.5-flash", max_tokens=8, messages=USER)
+    assert gemini.value.body["type"] == "error" and "/v1/chat/completions" in gemini.value.body["error"]["message"]
+
+
+@pytest.mark.parametrize("model", ["claude-refused", "claude-no-endpoint"])
+def test_a_token_failure_is_a_clear_503_and_the_gateway_keeps_serving(
+    client: openai.OpenAI, claude: anthropic.Anthropic, vertex: RunningGateway, sim: SimServer, model: str
+) -> None:
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model=model, messages=USER, extra_headers={"x-request-id": f"vx-{model}"})
+    assert failed.value.status_code == 503
+    body = failed.value.body
+    assert isinstance(body, dict) and body["code"] == "backend_credentials_missing"
+    assert "Google Cloud access token" in body["message"]
+    with pytest.raises(anthropic.InternalServerError) as native:
+        claude.messages.create(model=model, max_tokens=8, messages=USER)
+    assert native.value.status_code == 503 and native.value.body["type"] == "error"
+    assert not any(r.path.startswith("/v1/projects") for r in sim.requests)  # nothing went to Vertex
+    vertex.wait_stderr(lambda line: "could not be obtained" in line)
+    logs = "\n".join(vertex.stdout_lines + vertex.stderr_lines)
+    assert "BEGIN PRIVATE KEY" not in logs and "ya29." not in logs
+
+    ok = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=5)  # still serving
+    assert ok.choices[0].message.content
