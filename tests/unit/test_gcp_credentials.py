@@ -17,7 +17,13 @@ from typing import Any
 import orjson
 import pytest
 
-from extproc.gcp_credentials import MIN_VALIDITY_S, REFRESH_WINDOW_S, GoogleTokens, json_loader
+from extproc.gcp_credentials import (
+    MIN_VALIDITY_S,
+    REFRESH_WINDOW_S,
+    GoogleTokens,
+    application_default,
+    json_loader,
+)
 from extproc.sim.google_auth import service_account_key
 from extproc.sim.server import SimServer
 
@@ -155,3 +161,18 @@ async def test_a_service_account_key_gets_a_token_the_endpoint_issued(caplog: py
             assert await GoogleTokens(json_loader(orjson.dumps(other).decode()), "backend bad").get() is None
         assert "backend bad" in caplog.text and "Invalid JWT Signature" in caplog.text
         assert other["private_key"] not in caplog.text and "BEGIN PRIVATE KEY" not in caplog.text
+
+
+async def test_application_default_credentials_come_from_google_auths_lookup(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No key in the config: google-auth's own lookup (here GOOGLE_APPLICATION_CREDENTIALS),
+    run in the refresh thread like the token call."""
+    async with SimServer() as sim:
+        info, public_pem = service_account_key("adc@sim-project.iam.gserviceaccount.com", f"{sim.url}/token")
+        sim.google.register(info["client_email"], public_pem)
+        key_file = tmp_path / "adc.json"
+        key_file.write_bytes(orjson.dumps(info))
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
+        token = await GoogleTokens(application_default, "application default credentials").get()
+        assert token is not None and sim.google.issued[token].client_email == info["client_email"]

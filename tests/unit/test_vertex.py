@@ -217,3 +217,13 @@ async def test_no_token_is_a_503_in_the_clients_shape(client_api: str, shape: st
         else:
             assert body["type"] == "error" and "Google Cloud access token" in body["error"]["message"]
         assert info["private_key"] not in reply.body.decode()
+
+
+def test_the_keys_inside_a_credential_json_are_scrubbed_from_logs() -> None:
+    from extproc.redact import config_secrets
+
+    info, _ = service_account_key(EMAIL, "https://oauth2.googleapis.com/token")
+    config = config_of(vertex_backend(credentials={"env": "SA"}))
+    loaded = LoadedConfig(config=config, source="t", secrets=resolve_secrets(config, {"SA": json.dumps(info)}, "t"))
+    secrets = config_secrets(loaded, {})
+    assert info["private_key"] in secrets and info["private_key_id"] in secrets
