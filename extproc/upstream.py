@@ -87,7 +87,7 @@ class UpstreamExchange:
     """One attempt of one request, against the backend Envoy picked for it."""
 
     __slots__ = ("runtime", "target", "client_api", "stream", "include_usage", "model", "_translator", "_stream",
-                 "_status", "_error_type", "done", "_content_type")
+                 "_status", "_error_type", "_reads", "done", "_content_type")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -100,6 +100,7 @@ class UpstreamExchange:
         self._stream: StreamTranslator | None = None  # a successful stream being translated
         self._status = 0
         self._error_type: str | None = None  # Bedrock's x-amzn-errortype
+        self._reads = False  # this attempt's answer is read and rewritten into the client's API
         self.done = False  # Envoy will send nothing more this attempt needs (the processor then ends the stream)
         self._content_type = ""  # a multipart/form-data request's (its boundary)
 
@@ -177,7 +178,7 @@ class UpstreamExchange:
         upstream = self._translator.request(body, raw)
         path, new_body, headers = upstream.path, upstream.body, upstream.headers
         headers.extend(target.request_headers)  # a key's header and the backend's configured headers
-        if self._translator.translates_response:
+        if self._translator.translates_response or self._translator.translates_errors:
             headers.append(("accept-encoding", b"identity"))  # translation reads plain bytes
         auth = target.auth
         if isinstance(auth, DeferredAuth):  # e.g. a signature over exactly these bytes
@@ -232,7 +233,9 @@ class UpstreamExchange:
         set_headers: list[tuple[str, bytes]] = [(BACKEND_HEADER, target.name.encode())]
         response = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
         translator = self._translator
-        if translator is None or not translator.translates_response or message.end_of_stream:
+        self._reads = translator is not None and (
+            translator.translates_response or (translator.translates_errors and self._status >= 300))
+        if translator is None or not self._reads or message.end_of_stream:
             response.response_headers.response.header_mutation.CopyFrom(protocol.header_mutation(set_headers))
             self.done = True  # the body is not read (this filter's body mode is NONE)
             return response
@@ -249,7 +252,7 @@ class UpstreamExchange:
 
     def on_response_body(self, message: ep.HttpBody) -> ep.ProcessingResponse:
         translator = self._translator
-        if translator is None or not translator.translates_response:
+        if translator is None or not self._reads:
             return protocol.CONTINUE_RESPONSE_BODY
         if self._stream is not None:
             out = self._stream.feed(message.body) if message.body else b""

@@ -12,6 +12,10 @@ Google's error shape (`{"error": {"code", "message", "status"}}`). Past that gat
 models are the Anthropic simulator with Vertex's body convention (`anthropic_version:
 vertex-2023-10-16` in the body, no `model`: it is in the path), so their replies, streams
 and model errors are Anthropic's own, as on Vertex.
+
+Knob: ``x-sim-vertex-error: STATUS`` makes Google's front end answer that error itself
+(in Google's shape, e.g. 429 RESOURCE_EXHAUSTED for a project's quota), as Vertex does
+before any model sees the request.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ _PATH_RE = re.compile(
     r"/publishers/(?P<publisher>[^/]+)/models/(?P<model>[^/:]+):(?P<method>[A-Za-z]+)$"
 )
 _STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                 405: "METHOD_NOT_ALLOWED"}
+                 405: "METHOD_NOT_ALLOWED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
 _ANTHROPIC_METHODS = {"rawPredict": False, "streamRawPredict": True}
 
 
@@ -56,6 +60,12 @@ async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.Stre
     if request.method != "POST":
         return google_error(405, f"Method {request.method} is not allowed; use POST.")
     publisher, model, method = found["publisher"], found["model"], found["method"]
+    knob = request.headers.get("x-sim-vertex-error", "")
+    if knob:
+        status = int(knob) if knob.isdigit() and 400 <= int(knob) <= 599 else 400
+        return google_error(status, f"Quota exceeded for aiplatform.googleapis.com/online_prediction_requests_per_"
+                            f"base_model with base model: {model}." if status == 429 else
+                            f"The simulated Vertex front end failed with {status} (x-sim-vertex-error).")
     if publisher == "anthropic":
         streaming = _ANTHROPIC_METHODS.get(method)
         if streaming is None:

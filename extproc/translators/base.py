@@ -56,6 +56,7 @@ class Translator:
     rewritten if the backend serves it under another name) and the answer is untouched."""
 
     translates_response = False  # True: the answer is read and rewritten into the client's API
+    translates_errors = False  # True: only error answers are (the same API in another error shape)
 
     def __init__(self, attempt: Attempt) -> None:
         self.attempt = attempt

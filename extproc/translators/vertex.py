@@ -56,12 +56,36 @@ def vertex_body(messages: dict[str, Any]) -> bytes:
 
 
 class AnthropicOnVertex(Translator):
-    """The Anthropic Messages API to Claude on Vertex: the same API, Vertex's path and body."""
+    """The Anthropic Messages API to Claude on Vertex: the same API, Vertex's path and body.
+    Replies pass through; an error Google's front end answered itself (auth, quota, an
+    unknown model) is put in Anthropic's shape, as the model's own errors already are."""
+
+    translates_errors = True
 
     def request(self, body: dict[str, Any], raw: bytes) -> UpstreamRequest:
         attempt = self.attempt
         return UpstreamRequest(model_path(attempt, "anthropic", _claude_method(attempt.stream)), vertex_body(body),
                                list(_JSON))
+
+    def whole_response(self, status: int, body: bytes, error_type: str | None) -> bytes:
+        return google_error_to_anthropic(status, body)
+
+
+def google_error_to_anthropic(status: int, body: bytes) -> bytes:
+    """Google's `{"error": {"code", "message", "status"}}` as Anthropic's error; any other
+    body (Anthropic's own error) as it came. Never raises."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and parsed.get("type") == "error":
+        return body
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str) or not message:
+        message = f"Vertex AI answered with HTTP status {status}."
+    error_type = anthropic.ERROR_TYPES_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return anthropic.error_body(message, error_type)
 
 
 class ChatToAnthropicOnVertex(ChatToAnthropic):

@@ -200,6 +200,17 @@ def test_errors_come_in_each_clients_shape(client: openai.OpenAI, claude: anthro
     with pytest.raises(anthropic.BadRequestError) as bad:
         claude.messages.create(model=MODEL, max_tokens=0, messages=USER)
     assert bad.value.body["type"] == "error" and bad.value.body["error"]["type"] == "invalid_request_error"
+    # Google's front end answering itself (a project's quota), in Google's shape upstream.
+    with pytest.raises(openai.RateLimitError) as quota:
+        client.chat.completions.create(model=MODEL, messages=USER, extra_headers={"x-sim-vertex-error": "429"})
+    assert isinstance(quota.value.body, dict) and "Quota exceeded" in quota.value.body["message"]
+    with pytest.raises(anthropic.RateLimitError) as native_quota:
+        claude.messages.create(model=MODEL, max_tokens=8, messages=USER,
+                               extra_headers={"x-sim-vertex-error": "429", "x-request-id": "vx-quota"})
+    assert native_quota.value.body["type"] == "error"
+    assert native_quota.value.body["error"]["type"] == "rate_limit_error"
+    assert "Quota exceeded" in native_quota.value.body["error"]["message"]
+    assert _entry(vertex, "vx-quota")["status"] == 429
     with pytest.raises(anthropic.BadRequestError) as gemini:  # a Google model has no Messages API
         claude.messages.create(model="gemini-2.5-flash", max_tokens=8, messages=USER)
     assert gemini.value.body["type"] == "error" and "/v1/chat/completions" in gemini.value.body["error"]["message"]

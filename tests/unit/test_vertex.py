@@ -13,6 +13,8 @@ import anthropic
 import httpx
 import orjson
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.auth.transport.requests import Request
 from google.oauth2 import service_account
@@ -227,3 +229,54 @@ def test_the_keys_inside_a_credential_json_are_scrubbed_from_logs() -> None:
     loaded = LoadedConfig(config=config, source="t", secrets=resolve_secrets(config, {"SA": json.dumps(info)}, "t"))
     secrets = config_secrets(loaded, {})
     assert info["private_key"] in secrets and info["private_key_id"] in secrets
+
+
+def _response_headers(status: int) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=":status", raw_value=str(status).encode()),
+        base_pb2.HeaderValue(key="content-type", raw_value=b"application/json")])))
+
+
+GOOGLE_429 = orjson.dumps({"error": {"code": 429, "message": "Quota exceeded for aiplatform.googleapis.com.",
+                                     "status": "RESOURCE_EXHAUSTED"}})
+
+
+async def test_anthropic_replies_pass_and_googles_own_errors_come_in_anthropics_shape() -> None:
+    async with SimServer() as sim:
+        info, public_pem = service_account_key(EMAIL, f"{sim.url}/token")
+        sim.google.register(EMAIL, public_pem)
+        runtime = vertex_runtime(sim, info)
+        for client_api in ("anthropic.messages", "openai.chat"):
+            answer = start_attempt(runtime, CHAT, client_api)
+            if not isinstance(answer, ep.ProcessingResponse):
+                answer = await answer
+            assert (b"accept-encoding", b"identity") in [
+                (h.header.key.encode(), h.header.raw_value) for h in answer.request_body.response.header_mutation.set_headers]
+
+        ok = UpstreamExchange(runtime)
+        ok.handle(headers_message("vx", "anthropic.messages"))
+        ok.handle(ep.ProcessingRequest(request_body=ep.HttpBody(body=orjson.dumps(CHAT), end_of_stream=True)))
+        passed = ok.handle(_response_headers(200))
+        assert ok.done and not passed.HasField("mode_override")  # a success is not read
+
+        for client_api in ("anthropic.messages", "openai.chat"):
+            failed = UpstreamExchange(runtime)
+            failed.handle(headers_message("vx", client_api))
+            failed.handle(ep.ProcessingRequest(request_body=ep.HttpBody(body=orjson.dumps(CHAT), end_of_stream=True)))
+            assert failed.handle(_response_headers(429)).mode_override.response_body_mode == (
+                processing_mode_pb2.ProcessingMode.BUFFERED)
+            out = failed.handle(ep.ProcessingRequest(response_body=ep.HttpBody(body=GOOGLE_429, end_of_stream=True)))
+            error = orjson.loads(out.response_body.response.body_mutation.body)
+            if client_api == "anthropic.messages":
+                assert error == {"type": "error", "error": {"type": "rate_limit_error",
+                                                            "message": "Quota exceeded for aiplatform.googleapis.com."}}
+            else:
+                assert error["error"]["code"] == "rate_limit_exceeded" and "Quota exceeded" in error["error"]["message"]
+
+
+def test_anthropics_own_errors_pass_as_they_are() -> None:
+    from extproc.translators.vertex import google_error_to_anthropic
+
+    own = b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'
+    assert google_error_to_anthropic(529, own) is own
+    assert orjson.loads(google_error_to_anthropic(502, b"<html>bad gateway</html>"))["error"]["type"] == "api_error"
