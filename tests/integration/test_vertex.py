@@ -57,6 +57,10 @@ def vertex(sim: SimServer, key: dict[str, Any], tmp_path_factory: pytest.TempPat
         "backends": [
             {"name": "vertex", "schema": "gcp_vertex_ai", "base_url": sim.url,
              "vertex": {**settings, "credentials_file": str(key_file)}},
+            # Always 503 (the simulator fails models named sim-error-NNN): an OpenAI backend that is down.
+            {"name": "failing", "schema": "openai", "base_url": sim.base_url, "model_name_override": "sim-error-503"},
+            {"name": "vertex-fallback", "schema": "gcp_vertex_ai", "base_url": sim.url, "model_name_override": MODEL,
+             "vertex": {**settings, "credentials_file": str(key_file)}},
             # Keys the token endpoint refuses (not registered), or cannot be reached for.
             {"name": "vertex-refused", "schema": "gcp_vertex_ai", "base_url": sim.url,
              "vertex": {**settings, "credentials": {"env": "T_REFUSED_KEY"}}},
@@ -67,6 +71,8 @@ def vertex(sim: SimServer, key: dict[str, Any], tmp_path_factory: pytest.TempPat
             {"name": "refused", "match": {"model": "claude-refused"}, "backends": [{"name": "vertex-refused"}]},
             {"name": "no-endpoint", "match": {"model": "claude-no-endpoint"},
              "backends": [{"name": "vertex-no-endpoint"}]},
+            {"name": "resilient", "match": {"model": "resilient"},
+             "backends": [{"name": "failing"}, {"name": "vertex-fallback", "priority": 1}]},
             {"name": "claude", "match": {"glob": "claude-*"}, "backends": [{"name": "vertex"}]},
             {"name": "gemini", "match": {"glob": "gemini-*"}, "backends": [{"name": "vertex"}]},
         ],
@@ -236,3 +242,17 @@ def test_a_token_failure_is_a_clear_503_and_the_gateway_keeps_serving(
 
     ok = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=5)  # still serving
     assert ok.choices[0].message.content
+
+
+def test_fallback_from_a_failing_openai_backend_to_vertex(client: openai.OpenAI, vertex: RunningGateway,
+                                                         sim: SimServer) -> None:
+    completion = client.chat.completions.create(model="resilient", messages=USER, max_tokens=10,
+                                                extra_headers={"x-request-id": "vx-fallback"})
+    assert completion.choices[0].message.content
+    failed, served = [r for r in sim.requests if r.path != "/token"][-2:]  # a worker may fetch its token between
+    assert failed.path == "/v1/chat/completions" and failed.json["model"] == "sim-error-503"
+    assert served.path.endswith(f"/models/{MODEL}:rawPredict")
+    _assert_issued_bearer(sim)
+    entry = _entry(vertex, "vx-fallback")
+    assert entry["backend_name"] == "vertex-fallback" and entry["status"] == 200
+    assert int(entry["output_tokens"]) == completion.usage.completion_tokens  # type: ignore[union-attr]
