@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import orjson
 import pytest
 from google.auth.transport.requests import Request
 from google.oauth2 import service_account
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.sim import SimServer
 from extproc.sim.google_auth import service_account_key
@@ -115,6 +117,13 @@ def _tokens(entry: dict[str, Any]) -> tuple[int, int, int]:
     return int(entry["input_tokens"]), int(entry["output_tokens"]), int(entry["total_tokens"])
 
 
+def _metric_sum(gateway: RunningGateway, family: str, suffix: str, **labels: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{gateway.processor_admin_port}/metrics", timeout=10).text
+    return sum(sample.value for metric in text_string_to_metric_families(text) if metric.name.startswith(family)
+               for sample in metric.samples
+               if sample.name.endswith(suffix) and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
 def _assert_issued_bearer(sim: SimServer) -> None:
     """The last request reached Vertex with a token the endpoint issued for the key, and
     none of the client's credentials."""
@@ -146,6 +155,8 @@ def test_openai_sdk_json_with_exact_usage(client: openai.OpenAI, vertex: Running
     assert _tokens(entry) == (prompt, direct.usage.output_tokens, prompt + direct.usage.output_tokens)
     assert int(entry["cached_input_tokens"]) == 3
     assert entry["backend_name"] == "vertex" and entry["status"] == 200
+    assert _metric_sum(vertex, "gen_ai_client_token_usage", "_sum", gen_ai_provider_name="gcp.vertex_ai",
+                       gen_ai_request_model=MODEL, gen_ai_token_type="output") >= direct.usage.output_tokens
 
 
 def test_openai_sdk_stream_with_exact_usage(client: openai.OpenAI, vertex: RunningGateway, sim: SimServer,
