@@ -557,10 +557,12 @@ def _check_key(request: web.Request) -> None:
                          "domain": "googleapis.com"}])
 
 
-async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.StreamResponse:
-    """Every Gemini method; each failure becomes a Gemini-shaped error."""
+async def dispatch(request: web.Request, settings: wire.SimSettings, vertex: bool = False) -> web.StreamResponse:
+    """Every Gemini method; each failure becomes a Gemini-shaped error. `vertex`: behind
+    Vertex AI, whose front end (``vertex_api``) already checked the caller's token."""
     try:
-        _check_key(request)
+        if not vertex:
+            _check_key(request)
         knobs = wire.read_knobs(request, settings)
         if _LIST_RE.search(request.path) and request.method == "GET":
             return wire.json_reply(orjson.dumps(_models_list()), knobs.compress)

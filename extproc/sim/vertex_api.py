@@ -1,17 +1,20 @@
 """Vertex AI's publisher-model endpoints, simulated: Google's auth in front of the
-Anthropic (and Gemini) simulators.
+Anthropic and Gemini simulators.
 
 Paths as Google serves them (any API version, `v1` or `v1beta1`):
 
     /v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model}:rawPredict
     /v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model}:streamRawPredict
+    /v1/projects/{project}/locations/{location}/publishers/google/models/{model}:generateContent
+    /v1/projects/{project}/locations/{location}/publishers/google/models/{model}:streamGenerateContent?alt=sse
 
 Every call must carry `Authorization: Bearer <token>` with a token the simulated token
 endpoint issued (``google_auth``) for the cloud-platform scope; else Google's 401/403 in
 Google's error shape (`{"error": {"code", "message", "status"}}`). Past that gate, Claude
 models are the Anthropic simulator with Vertex's body convention (`anthropic_version:
 vertex-2023-10-16` in the body, no `model`: it is in the path), so their replies, streams
-and model errors are Anthropic's own, as on Vertex.
+and model errors are Anthropic's own, as on Vertex; Google's models are the Gemini
+simulator (the same GenerateContent JSON on Vertex), without its API-key check.
 
 Knob: ``x-sim-vertex-error: STATUS`` makes Google's front end answer that error itself
 (in Google's shape, e.g. 429 RESOURCE_EXHAUSTED for a project's quota), as Vertex does
@@ -25,7 +28,7 @@ import re
 import orjson
 from aiohttp import web
 
-from extproc.sim import anthropic_api, wire
+from extproc.sim import anthropic_api, gemini_api, wire
 from extproc.sim.google_auth import CLOUD_PLATFORM_SCOPE
 
 _PATH_RE = re.compile(
@@ -35,6 +38,7 @@ _PATH_RE = re.compile(
 _STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                  405: "METHOD_NOT_ALLOWED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
 _ANTHROPIC_METHODS = {"rawPredict": False, "streamRawPredict": True}
+_GEMINI_METHODS = frozenset({"generateContent", "streamGenerateContent", "countTokens"})
 
 
 def matches(path: str) -> bool:
@@ -71,5 +75,7 @@ async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.Stre
         if streaming is None:
             return google_error(404, f"Method {method} is not served for publisher model {model}.")
         return await anthropic_api.dispatch(request, settings, anthropic_api.VertexCall(model, streaming))
+    if publisher == "google" and method in _GEMINI_METHODS:
+        return await gemini_api.dispatch(request, settings, vertex=True)
     return google_error(404, f"Publisher Model `projects/{found['project']}/locations/{found['location']}/"
                         f"publishers/{publisher}/models/{model}` was not found.")

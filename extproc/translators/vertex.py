@@ -5,7 +5,9 @@ Vertex serves each model under its publisher:
     {base}/v1/projects/{project}/locations/{region}/publishers/{publisher}/models/{model}:{method}
 
 Which publisher serves a model: `claude-*` is Anthropic's, anything else Google's
-(Gemini). Claude on Vertex is Anthropic's Messages API with two changes, as the
+(Gemini). Gemini on Vertex is the Gemini API's GenerateContent under Vertex's path, so
+OpenAI chat reuses ChatToGemini's translation. Claude on Vertex is Anthropic's Messages
+API with two changes, as the
 anthropic SDK's AnthropicVertex client makes them: the model moves from the body to the
 path, and the version moves from the `anthropic-version` header into the body
 (`"anthropic_version": "vertex-2023-10-16"`); `rawPredict` answers JSON and
@@ -21,9 +23,10 @@ from urllib.parse import quote
 
 import orjson
 
-from extproc.schemas import anthropic, openai
+from extproc.schemas import anthropic
 from extproc.translators.base import Attempt, Translator, UpstreamRequest
 from extproc.translators.chat_to_anthropic import ChatToAnthropic, chat_to_messages
+from extproc.translators.chat_to_gemini import ChatToGemini, generate_method, model_id
 
 VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
 _JSON = [("content-type", b"application/json")]
@@ -34,12 +37,12 @@ def publisher_of(model: str) -> str:
     return "anthropic" if model.startswith("claude") else "google"
 
 
-def model_path(attempt: Attempt, publisher: str, method: str) -> str:
+def model_path(attempt: Attempt, publisher: str, method: str, model: str | None = None) -> str:
     """The publisher model's path on the backend (its base URL's path first)."""
     target = attempt.target
     vertex = target.backend.vertex
     assert vertex is not None  # the config requires it for gcp_vertex_ai
-    model = quote(attempt.model, safe="@")
+    model = quote(model or attempt.model, safe="@")
     return (f"{target.path_prefix}/v1/projects/{vertex.project}/locations/{vertex.region}"
             f"/publishers/{publisher}/models/{model}:{method}")
 
@@ -99,6 +102,13 @@ class ChatToAnthropicOnVertex(ChatToAnthropic):
                                list(_JSON))
 
 
+class ChatToGeminiOnVertex(ChatToGemini):
+    """OpenAI chat to Gemini on Vertex: ChatToGemini's translation, Vertex's path."""
+
+    def path(self, model: str, stream: bool) -> str:
+        return model_path(self.attempt, "google", generate_method(stream), model_id(model))
+
+
 def messages_on_vertex(attempt: Attempt) -> Translator:
     """The Anthropic client API reaches Claude models only."""
     if publisher_of(attempt.model) != "anthropic":
@@ -112,7 +122,4 @@ def chat_on_vertex(attempt: Attempt) -> Translator:
     """OpenAI chat to whichever publisher serves the model."""
     if publisher_of(attempt.model) == "anthropic":
         return ChatToAnthropicOnVertex(attempt)
-    raise openai.bad_request(
-        f"The model `{attempt.model}` is a Google model on Vertex AI ({attempt.target.name}), which this gateway "
-        "does not serve yet; Claude models (claude-*) are served."
-    )
+    return ChatToGeminiOnVertex(attempt)

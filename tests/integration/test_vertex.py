@@ -18,7 +18,9 @@ import httpx
 import openai
 import orjson
 import pytest
+from google import genai
 from google.auth.transport.requests import Request
+from google.genai import types as genai_types
 from google.oauth2 import service_account
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,6 +34,7 @@ MODEL = "claude-sonnet-4@20250514"
 EMAIL = "gateway@sim-project.iam.gserviceaccount.com"
 CLIENT_KEY = "sk-client-of-the-gateway-vx"
 USER = [{"role": "user", "content": "Tell me about the sea"}]
+GEMINI = "gemini-2.0-flash"
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +231,9 @@ def test_errors_come_in_each_clients_shape(client: openai.OpenAI, claude: anthro
     assert native_quota.value.body["error"]["type"] == "rate_limit_error"
     assert "Quota exceeded" in native_quota.value.body["error"]["message"]
     assert _entry(vertex, "vx-quota")["status"] == 429
+    with pytest.raises(openai.BadRequestError) as gemini_error:  # Gemini's own validation, in OpenAI's shape
+        client.chat.completions.create(model=GEMINI, messages=USER, extra_headers={"x-sim-error": "400"})
+    assert isinstance(gemini_error.value.body, dict) and gemini_error.value.body.get("message")
     with pytest.raises(anthropic.BadRequestError) as gemini:  # a Google model has no Messages API
         claude.messages.create(model="gemini-2.5-flash", max_tokens=8, messages=USER)
     assert gemini.value.body["type"] == "error" and "/v1/chat/completions" in gemini.value.body["error"]["message"]
@@ -267,3 +273,44 @@ def test_fallback_from_a_failing_openai_backend_to_vertex(client: openai.OpenAI,
     entry = _entry(vertex, "vx-fallback")
     assert entry["backend_name"] == "vertex-fallback" and entry["status"] == 200
     assert int(entry["output_tokens"]) == completion.usage.completion_tokens  # type: ignore[union-attr]
+
+
+# -- Gemini on Vertex -----------------------------------------------------------------------------
+
+
+def _direct_gemini(sim: SimServer, key: dict[str, Any], text: str, max_tokens: int) -> Any:
+    """What Vertex itself reports, asked with google-genai's Vertex client."""
+    credentials = service_account.Credentials.from_service_account_info(
+        key, scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    direct = genai.Client(vertexai=True, project=PROJECT, location=REGION, credentials=credentials,
+                          http_options=genai_types.HttpOptions(base_url=sim.url))
+    return direct.models.generate_content(
+        model=GEMINI, contents=text, config=genai_types.GenerateContentConfig(max_output_tokens=max_tokens))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_sdk_served_by_gemini_on_vertex_with_exact_usage(
+    client: openai.OpenAI, vertex: RunningGateway, sim: SimServer, key: dict[str, Any], stream: bool
+) -> None:
+    request_id = f"vx-gemini-{stream}"
+    if stream:
+        chunks = list(client.chat.completions.create(
+            model=GEMINI, messages=USER, max_tokens=20, stream=True, stream_options={"include_usage": True},
+            extra_headers={"x-request-id": request_id}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        usage = chunks[-1].usage
+    else:
+        completion = client.chat.completions.create(model=GEMINI, messages=USER, max_tokens=20,
+                                                     extra_headers={"x-request-id": request_id})
+        text, usage = completion.choices[0].message.content or "", completion.usage
+    _assert_issued_bearer(sim)
+    method = "streamGenerateContent" if stream else "generateContent"
+    sent = sim.requests[-1]
+    assert sent.path == f"/v1/projects/{PROJECT}/locations/{REGION}/publishers/google/models/{GEMINI}:{method}"
+    assert "x-goog-api-key" not in sent.headers
+    direct = _direct_gemini(sim, key, USER[0]["content"], 20)
+    assert text == direct.text
+    expected = (direct.usage_metadata.prompt_token_count, direct.usage_metadata.candidates_token_count)
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == expected
+    entry = _entry(vertex, request_id)
+    assert _tokens(entry)[:2] == expected and entry["backend_name"] == "vertex"

@@ -220,3 +220,11 @@ def test_vertex_refuses_google_models_to_anthropic_clients() -> None:
     with pytest.raises(AnthropicRequestError) as raised:
         translator_for(_attempt(ClientApi.ANTHROPIC_MESSAGES, Schema.gcp_vertex_ai, model="gemini-2.5-flash"), "m")
     assert raised.value.status == 400 and "use /v1/chat/completions" in raised.value.message
+
+
+def test_vertex_serves_other_models_as_googles_gemini() -> None:
+    attempt = _attempt(ClientApi.OPENAI_CHAT, Schema.gcp_vertex_ai, stream=True, model="gemini-2.5-flash")
+    request = translator_for(attempt, "m").request(CHAT, b"{}")
+    assert request.path == ("/v1/projects/my-proj/locations/us-east5/publishers/google/models/"
+                            "gemini-2.5-flash:streamGenerateContent?alt=sse")
+    assert json.loads(request.body)["contents"][0]["role"] == "user"

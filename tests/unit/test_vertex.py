@@ -16,7 +16,9 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google import genai
 from google.auth.transport.requests import Request
+from google.genai import types as genai_types
 from google.oauth2 import service_account
 
 from extproc.config import ConfigError, LoadedConfig, parse_config, resolve_secrets
@@ -280,3 +282,63 @@ def test_anthropics_own_errors_pass_as_they_are() -> None:
     own = b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'
     assert google_error_to_anthropic(529, own) is own
     assert orjson.loads(google_error_to_anthropic(502, b"<html>bad gateway</html>"))["error"]["type"] == "api_error"
+
+
+# -- Gemini on Vertex -----------------------------------------------------------------------------
+
+GEMINI = "gemini-2.0-flash"
+GEMINI_PROMPT = "Why is the sky blue?"
+GEMINI_PROMPT_TOKENS = 10  # 4 overhead + "Why is the sky blue ?" (the Gemini simulator's rule)
+
+
+def vertex_genai(sim: SimServer) -> genai.Client:
+    """google-genai's Vertex client with service-account credentials whose token the simulator issues."""
+    info, public_pem = service_account_key(EMAIL, f"{sim.url}/token")
+    sim.google.register(EMAIL, public_pem)
+    credentials = service_account.Credentials.from_service_account_info(info, scopes=[SCOPE])
+    return genai.Client(vertexai=True, project=PROJECT, location=REGION, credentials=credentials,
+                        http_options=genai_types.HttpOptions(base_url=sim.url))
+
+
+def test_genai_vertex_client_text_and_stream_with_exact_usage(sim: SimServer) -> None:
+    client = vertex_genai(sim)
+    response = client.models.generate_content(model=GEMINI, contents=GEMINI_PROMPT)
+    assert response.text == simtext.reply_text(GEMINI_PROMPT, simtext.DEFAULT_REPLY_TOKENS)
+    usage = response.usage_metadata
+    assert usage is not None
+    assert (usage.prompt_token_count, usage.candidates_token_count) == (
+        GEMINI_PROMPT_TOKENS, simtext.DEFAULT_REPLY_TOKENS)
+    sent = sim.requests[-1]
+    assert f"/projects/{PROJECT}/locations/{REGION}/publishers/google/models/{GEMINI}:generateContent" in sent.path
+    token = sent.headers["authorization"].removeprefix("Bearer ")
+    assert sim.google.issued[token].client_email == EMAIL and "x-goog-api-key" not in sent.headers
+
+    chunks = list(client.models.generate_content_stream(model=GEMINI, contents=GEMINI_PROMPT))
+    assert "".join(c.text or "" for c in chunks) == response.text
+    last = chunks[-1].usage_metadata
+    assert last is not None and last.candidates_token_count == simtext.DEFAULT_REPLY_TOKENS
+    assert sim.requests[-1].path.endswith(f"/models/{GEMINI}:streamGenerateContent")
+    assert sim.requests[-1].query == "alt=sse"
+
+
+def test_genai_vertex_client_without_a_token_is_refused(sim: SimServer) -> None:
+    vertex_genai(sim)
+    url = f"{sim.url}/v1/projects/{PROJECT}/locations/{REGION}/publishers/google/models/{GEMINI}:generateContent"
+    refused = httpx.post(url, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+                         headers={"x-goog-api-key": "an-ai-studio-key"})  # Vertex takes no API key here
+    assert refused.status_code == 401 and refused.json()["error"]["status"] == "UNAUTHENTICATED"
+
+
+async def test_a_gemini_attempt_goes_to_googles_publisher_path() -> None:
+    async with SimServer() as sim:
+        info, public_pem = service_account_key(EMAIL, f"{sim.url}/token")
+        sim.google.register(EMAIL, public_pem)
+        runtime = vertex_runtime(sim, info)
+        answer = start_attempt(runtime, {**CHAT, "model": GEMINI, "stream": True}, "openai.chat")
+        if not isinstance(answer, ep.ProcessingResponse):
+            answer = await answer
+        headers, _, body = mutation(answer)
+        assert headers[":path"] == (f"/v1/projects/{PROJECT}/locations/{REGION}/publishers/google/models/"
+                                    f"{GEMINI}:streamGenerateContent?alt=sse").encode()
+        assert headers["authorization"].startswith(b"Bearer ya29.")
+        assert body is not None and json.loads(body)["contents"][0]["parts"][0]["text"] == MESSAGES[0]["content"]
