@@ -67,7 +67,9 @@ def json_loader(text: str) -> Loader:
         info = orjson.loads(text)
         kind = info.get("type")
         if kind == "service_account":
-            from google.oauth2 import service_account  # loaded only by workers with a Vertex backend
+            from google.oauth2 import (
+                service_account,  # loaded only by workers with a Vertex backend
+            )
 
             return service_account.Credentials.from_service_account_info(info, scopes=SCOPES)
         if kind == "authorized_user":
@@ -180,7 +182,7 @@ class GoogleTokens:
         expiry = credentials.expiry  # naive UTC, google-auth's convention
         if expiry is None:
             return token, DEFAULT_LIFETIME_S
-        now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+        now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
         return token, (expiry - now).total_seconds()
 
 

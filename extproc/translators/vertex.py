@@ -6,7 +6,8 @@ Vertex serves each model under its publisher:
 
 Which publisher serves a model: `claude-*` is Anthropic's, anything else Google's
 (Gemini). Gemini on Vertex is the Gemini API's GenerateContent under Vertex's path, so
-OpenAI chat reuses ChatToGemini's translation. Claude on Vertex is Anthropic's Messages
+OpenAI chat reuses ChatToGemini's translation (and Anthropic clients reach it through
+chat, as on the `gemini` schema). Claude on Vertex is Anthropic's Messages
 API with two changes, as the
 anthropic SDK's AnthropicVertex client makes them: the model moves from the body to the
 path, and the version moves from the `anthropic-version` header into the body
@@ -27,6 +28,7 @@ from extproc.schemas import anthropic
 from extproc.translators.base import Attempt, Translator, UpstreamRequest
 from extproc.translators.chat_to_anthropic import ChatToAnthropic, chat_to_messages
 from extproc.translators.chat_to_gemini import ChatToGemini, generate_method, model_id
+from extproc.translators.messages_to_chat import MessagesViaChat
 
 VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
 _JSON = [("content-type", b"application/json")]
@@ -110,12 +112,11 @@ class ChatToGeminiOnVertex(ChatToGemini):
 
 
 def messages_on_vertex(attempt: Attempt) -> Translator:
-    """The Anthropic client API reaches Claude models only."""
-    if publisher_of(attempt.model) != "anthropic":
-        raise anthropic.AnthropicRequestError(
-            400, f"The model `{attempt.model}` is served on Vertex AI by Google, not Anthropic; use "
-            "/v1/chat/completions for it.", "invalid_request_error")
-    return AnthropicOnVertex(attempt)
+    """Anthropic clients: Claude natively; Google's models through OpenAI chat (as on the
+    gemini schema)."""
+    if publisher_of(attempt.model) == "anthropic":
+        return AnthropicOnVertex(attempt)
+    return MessagesViaChat(attempt, chat=ChatToGeminiOnVertex)
 
 
 def chat_on_vertex(attempt: Attempt) -> Translator:

@@ -234,9 +234,9 @@ def test_errors_come_in_each_clients_shape(client: openai.OpenAI, claude: anthro
     with pytest.raises(openai.BadRequestError) as gemini_error:  # Gemini's own validation, in OpenAI's shape
         client.chat.completions.create(model=GEMINI, messages=USER, extra_headers={"x-sim-error": "400"})
     assert isinstance(gemini_error.value.body, dict) and gemini_error.value.body.get("message")
-    with pytest.raises(anthropic.BadRequestError) as gemini:  # a Google model has no Messages API
-        claude.messages.create(model="gemini-2.5-flash", max_tokens=8, messages=USER)
-    assert gemini.value.body["type"] == "error" and "/v1/chat/completions" in gemini.value.body["error"]["message"]
+    with pytest.raises(anthropic.RateLimitError) as gemini_quota:  # Google's error on Gemini, in Anthropic's shape
+        claude.messages.create(model=GEMINI, max_tokens=8, messages=USER, extra_headers={"x-sim-vertex-error": "429"})
+    assert gemini_quota.value.body["error"]["type"] == "rate_limit_error"
 
 
 @pytest.mark.parametrize("model", ["claude-refused", "claude-no-endpoint"])
@@ -314,3 +314,17 @@ def test_openai_sdk_served_by_gemini_on_vertex_with_exact_usage(
     assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == expected
     entry = _entry(vertex, request_id)
     assert _tokens(entry)[:2] == expected and entry["backend_name"] == "vertex"
+
+
+def test_anthropic_sdk_served_by_gemini_on_vertex_through_chat(
+    claude: anthropic.Anthropic, vertex: RunningGateway, sim: SimServer, key: dict[str, Any]
+) -> None:
+    message = claude.messages.create(model=GEMINI, max_tokens=20, messages=USER,
+                                     extra_headers={"x-request-id": "vx-gemini-native"})
+    _assert_issued_bearer(sim)
+    assert sim.requests[-1].path.endswith(f"/publishers/google/models/{GEMINI}:generateContent")
+    direct = _direct_gemini(sim, key, USER[0]["content"], 20)
+    assert message.content[0].type == "text" and message.content[0].text == direct.text
+    expected = (direct.usage_metadata.prompt_token_count, direct.usage_metadata.candidates_token_count)
+    assert (message.usage.input_tokens, message.usage.output_tokens) == expected
+    assert _tokens(_entry(vertex, "vx-gemini-native"))[:2] == expected

@@ -216,10 +216,15 @@ def test_vertex_streams_use_stream_raw_predict() -> None:
         assert sent["stream"] is True and "model" not in sent and sent["anthropic_version"] == "vertex-2023-10-16"
 
 
-def test_vertex_refuses_google_models_to_anthropic_clients() -> None:
-    with pytest.raises(AnthropicRequestError) as raised:
-        translator_for(_attempt(ClientApi.ANTHROPIC_MESSAGES, Schema.gcp_vertex_ai, model="gemini-2.5-flash"), "m")
-    assert raised.value.status == 400 and "use /v1/chat/completions" in raised.value.message
+def test_anthropic_clients_reach_gemini_on_vertex_through_chat() -> None:
+    attempt = _attempt(ClientApi.ANTHROPIC_MESSAGES, Schema.gcp_vertex_ai, model="gemini-2.5-flash")
+    translator = translator_for(attempt, "m")
+    request = translator.request(CHAT, orjson.dumps(CHAT))
+    assert request.path.endswith("/publishers/google/models/gemini-2.5-flash:generateContent")
+    assert json.loads(request.body)["generationConfig"]["maxOutputTokens"] == 5
+    error = json.loads(translator.whole_response(
+        429, b'{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}', None))
+    assert error["type"] == "error" and error["error"]["type"] == "rate_limit_error"
 
 
 def test_vertex_serves_other_models_as_googles_gemini() -> None:
