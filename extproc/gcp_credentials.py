@@ -67,7 +67,8 @@ def json_loader(text: str) -> Loader:
         info = orjson.loads(text)
         kind = info.get("type")
         if kind == "service_account":
-            from google.oauth2 import service_account  # only workers with a Vertex backend load it
+            # google-auth is imported only by workers with a Vertex backend
+            from google.oauth2 import service_account
 
             return service_account.Credentials.from_service_account_info(info, scopes=SCOPES)
         if kind == "authorized_user":
