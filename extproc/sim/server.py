@@ -77,8 +77,8 @@ def _recording_middleware(record: Recorder) -> Any:
 
 def create_app(settings: SimSettings, record: Recorder | None = None) -> web.Application:
     """The simulator as an aiohttp app: one catch-all route that routes by path suffix
-    (OpenAI, Anthropic Messages, Bedrock Converse, Gemini, the Responses API, OpenAI's images
-    and audio, Cohere-style rerank, each in its own module)."""
+    (OpenAI, Anthropic Messages, Bedrock Converse, Gemini, Vertex AI with Google's token endpoint,
+    the Responses API, OpenAI's images and audio, Cohere-style rerank, each in its own module)."""
     middlewares = [_recording_middleware(record)] if record is not None else []
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
