@@ -4,17 +4,18 @@ Vertex serves each model under its publisher:
 
     {base}/v1/projects/{project}/locations/{region}/publishers/{publisher}/models/{model}:{method}
 
-Which publisher serves a model: `claude-*` is Anthropic's, anything else Google's
-(Gemini). Gemini on Vertex is the Gemini API's GenerateContent under Vertex's path, so
-OpenAI chat reuses ChatToGemini's translation (and Anthropic clients reach it through
-chat, as on the `gemini` schema). Claude on Vertex is Anthropic's Messages
-API with two changes, as the
-anthropic SDK's AnthropicVertex client makes them: the model moves from the body to the
-path, and the version moves from the `anthropic-version` header into the body
-(`"anthropic_version": "vertex-2023-10-16"`); `rawPredict` answers JSON and
-`streamRawPredict` Anthropic's event stream, both in Anthropic's own shapes. So the
-Anthropic client API passes through, and OpenAI chat reuses ChatToAnthropic's
-translation. Credentials (a Google access token) are backend_auth's business.
+Which publisher serves a model: `claude-*` is Anthropic's, anything else Google's.
+
+Claude on Vertex is Anthropic's Messages API with two changes, as the anthropic SDK's
+AnthropicVertex client makes them: the model moves from the body to the path, and the
+version from the `anthropic-version` header into the body (`"anthropic_version":
+"vertex-2023-10-16"`); `rawPredict` answers JSON and `streamRawPredict` Anthropic's event
+stream, both in Anthropic's own shapes. So Anthropic clients pass through, and OpenAI
+chat reuses ChatToAnthropic's translation.
+
+Gemini on Vertex is the Gemini API's GenerateContent under Vertex's path, so OpenAI chat
+reuses ChatToGemini's translation, and Anthropic clients reach it through chat (as on
+the `gemini` schema). Credentials (a Google access token) are backend_auth's business.
 """
 
 from __future__ import annotations
