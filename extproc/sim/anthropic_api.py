@@ -569,10 +569,12 @@ def stream_events(reply: _Reply, chunks: int) -> Iterator[tuple[str, dict[str, A
 
 @dataclass(frozen=True)
 class VertexCall:
-    """A Messages call through Vertex AI: the model and method come from the path."""
+    """A Messages call through Vertex AI: the model and method come from the path; the
+    token count (`count-tokens:rawPredict`) names its model in the body."""
 
     model: str
     streaming_method: bool  # streamRawPredict (else rawPredict)
+    count_tokens: bool = False
 
 
 VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
@@ -587,11 +589,13 @@ def _vertex_body(body: dict[str, Any], vertex: VertexCall) -> dict[str, Any]:
     # Google documents vertex-2023-10-16; anthropic SDK 2.x sends its API version date.
     if not isinstance(version, str) or not _VERTEX_VERSION_RE.fullmatch(version):
         raise _invalid(f"anthropic_version: Input should be '{VERTEX_ANTHROPIC_VERSION}' or a version date")
+    rest = {k: v for k, v in body.items() if k != "anthropic_version"}
+    if vertex.count_tokens:
+        return rest  # its model is in the body, as Anthropic's own count_tokens takes it
     if "model" in body:
         raise _invalid("model: Extra inputs are not permitted")
     if (body.get("stream") is True) != vertex.streaming_method:
         raise _invalid("stream: use streamRawPredict for stream: true and rawPredict otherwise")
-    rest = {k: v for k, v in body.items() if k != "anthropic_version"}
     return {**rest, "model": vertex.model}
 
 
@@ -626,7 +630,7 @@ async def dispatch(
             body = _vertex_body(body, vertex)
         request_id = _request_id()
         headers = {"request-id": request_id}
-        if request.path.rstrip("/").endswith(COUNT_TOKENS_SUFFIX):
+        if vertex.count_tokens if vertex is not None else request.path.rstrip("/").endswith(COUNT_TOKENS_SUFFIX):
             _validate({**body, "max_tokens": 1})  # a Messages request without max_tokens
             return wire.json_reply(orjson.dumps({"input_tokens": prompt_tokens(body)}), knobs.compress, headers)
         _validate(body)

@@ -5,6 +5,7 @@ Paths as Google serves them (any API version, `v1` or `v1beta1`):
 
     /v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model}:rawPredict
     /v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model}:streamRawPredict
+    /v1/projects/{project}/locations/{location}/publishers/anthropic/models/count-tokens:rawPredict
     /v1/projects/{project}/locations/{location}/publishers/google/models/{model}:generateContent
     /v1/projects/{project}/locations/{location}/publishers/google/models/{model}:streamGenerateContent?alt=sse
 
@@ -38,6 +39,7 @@ _PATH_RE = re.compile(
 _STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                  405: "METHOD_NOT_ALLOWED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
 _ANTHROPIC_METHODS = {"rawPredict": False, "streamRawPredict": True}
+_COUNT_TOKENS_MODEL = "count-tokens"  # Claude's token count: the model is named in the body
 _GEMINI_METHODS = frozenset({"generateContent", "streamGenerateContent", "countTokens"})
 
 
@@ -74,7 +76,8 @@ async def dispatch(request: web.Request, settings: wire.SimSettings) -> web.Stre
         streaming = _ANTHROPIC_METHODS.get(method)
         if streaming is None:
             return google_error(404, f"Method {method} is not served for publisher model {model}.")
-        return await anthropic_api.dispatch(request, settings, anthropic_api.VertexCall(model, streaming))
+        call = anthropic_api.VertexCall(model, streaming, count_tokens=model == _COUNT_TOKENS_MODEL)
+        return await anthropic_api.dispatch(request, settings, call)
     if publisher == "google" and method in _GEMINI_METHODS:
         return await gemini_api.dispatch(request, settings, vertex=True)
     return google_error(404, f"Publisher Model `projects/{found['project']}/locations/{found['location']}/"

@@ -21,7 +21,7 @@ from extproc.translators.messages_to_chat import via_chat
 from extproc.translators.chat_to_gemini import ChatToGemini
 from extproc.translators.embeddings_to_gemini import EmbeddingsToGemini
 from extproc.translators.openai_compatible import OpenAICompatible
-from extproc.translators.vertex import chat_on_vertex, messages_on_vertex
+from extproc.translators.vertex import chat_on_vertex, count_tokens_on_vertex, messages_on_vertex
 
 if TYPE_CHECKING:
     from extproc.routing import BackendTarget
@@ -62,6 +62,7 @@ REGISTRY: dict[tuple[ClientApi, Schema], Callable[[Attempt], Translator]] = {
     (ClientApi.ANTHROPIC_COUNT_TOKENS, Schema.anthropic): AnthropicMessages,
     (ClientApi.ANTHROPIC_MESSAGES, Schema.gcp_vertex_ai): messages_on_vertex,
     (ClientApi.OPENAI_CHAT, Schema.gcp_vertex_ai): chat_on_vertex,
+    (ClientApi.ANTHROPIC_COUNT_TOKENS, Schema.gcp_vertex_ai): count_tokens_on_vertex,
 }
 
 _OFFERED = {

@@ -112,6 +112,25 @@ class ChatToGeminiOnVertex(ChatToGemini):
         return model_path(self.attempt, "google", generate_method(stream), model_id(model))
 
 
+class CountTokensOnVertex(AnthropicOnVertex):
+    """Anthropic's token count for Claude on Vertex: one `count-tokens:rawPredict` path for
+    every model, which the body names (with the version, as the AnthropicVertex client sends it)."""
+
+    def request(self, body: dict[str, Any], raw: bytes) -> UpstreamRequest:
+        counted = {**body, "model": self.attempt.model, "anthropic_version": VERTEX_ANTHROPIC_VERSION}
+        return UpstreamRequest(model_path(self.attempt, "anthropic", "rawPredict", "count-tokens"),
+                               orjson.dumps(counted), list(_JSON))
+
+
+def count_tokens_on_vertex(attempt: Attempt) -> Translator:
+    """Anthropic clients' token count: Claude models only (Gemini's own count is another API)."""
+    if publisher_of(attempt.model) != "anthropic":
+        raise anthropic.AnthropicRequestError(
+            400, f"The model `{attempt.model}` is served on Vertex AI by Google; the gateway counts tokens "
+            "through Anthropic's count_tokens for Claude models only.", "invalid_request_error")
+    return CountTokensOnVertex(attempt)
+
+
 def messages_on_vertex(attempt: Attempt) -> Translator:
     """Anthropic clients: Claude natively; Google's models through OpenAI chat (as on the
     gemini schema)."""

@@ -209,6 +209,16 @@ def test_anthropic_sdk_json_and_stream(claude: anthropic.Anthropic, vertex: Runn
         final.usage.input_tokens, final.usage.output_tokens)
 
 
+def test_anthropic_sdk_count_tokens(claude: anthropic.Anthropic, sim: SimServer, key: dict[str, Any]) -> None:
+    count = claude.messages.count_tokens(model=MODEL, system="Be brief.", messages=USER)
+    _assert_issued_bearer(sim)
+    sent = sim.requests[-1]
+    assert sent.path.endswith("/publishers/anthropic/models/count-tokens:rawPredict")
+    assert sent.json["model"] == MODEL and sent.json["anthropic_version"] == "vertex-2023-10-16"
+    direct = _direct(sim, key, system="Be brief.", messages=USER, max_tokens=1)
+    assert count.input_tokens == direct.usage.input_tokens
+
+
 def test_errors_come_in_each_clients_shape(client: openai.OpenAI, claude: anthropic.Anthropic,
                                            vertex: RunningGateway) -> None:
     with pytest.raises(openai.RateLimitError) as limited:

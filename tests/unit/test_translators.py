@@ -88,11 +88,16 @@ EXPECTED_PATHS = {
         "/v1/projects/my-proj/locations/us-east5/publishers/anthropic/models/claude-backend@2025:rawPredict",
     (ClientApi.OPENAI_CHAT, Schema.gcp_vertex_ai):
         "/v1/projects/my-proj/locations/us-east5/publishers/anthropic/models/claude-backend@2025:rawPredict",
+    (ClientApi.ANTHROPIC_COUNT_TOKENS, Schema.gcp_vertex_ai):
+        "/v1/projects/my-proj/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict",
 }
 # The model each backend is asked for (Vertex serves Claude models as Anthropic's).
 MODELS = {Schema.gcp_vertex_ai: "claude-backend@2025"}
 # Same-API pairs whose backend takes the body in its own convention.
 SENT_BODIES = {
+    (ClientApi.ANTHROPIC_COUNT_TOKENS, Schema.gcp_vertex_ai): {
+        **BODIES[ClientApi.ANTHROPIC_COUNT_TOKENS], "model": "claude-backend@2025",
+        "anthropic_version": "vertex-2023-10-16"},
     (ClientApi.ANTHROPIC_MESSAGES, Schema.gcp_vertex_ai): {
         **{k: v for k, v in CHAT.items() if k != "model"}, "anthropic_version": "vertex-2023-10-16"},
 }
@@ -233,3 +238,9 @@ def test_vertex_serves_other_models_as_googles_gemini() -> None:
     assert request.path == ("/v1/projects/my-proj/locations/us-east5/publishers/google/models/"
                             "gemini-2.5-flash:streamGenerateContent?alt=sse")
     assert json.loads(request.body)["contents"][0]["role"] == "user"
+
+
+def test_vertex_counts_tokens_for_claude_models_only() -> None:
+    with pytest.raises(AnthropicRequestError) as raised:
+        translator_for(_attempt(ClientApi.ANTHROPIC_COUNT_TOKENS, Schema.gcp_vertex_ai, model="gemini-2.5-flash"), "m")
+    assert raised.value.status == 400 and "Claude models only" in raised.value.message

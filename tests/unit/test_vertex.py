@@ -140,6 +140,14 @@ def test_sdk_stream_with_exact_usage(sim: SimServer) -> None:
     assert sim.requests[-1].path.endswith(f"/models/{MODEL}:streamRawPredict")
 
 
+def test_sdk_count_tokens(sim: SimServer) -> None:
+    count = vertex_client(sim, issue_token(sim)).messages.count_tokens(model=MODEL, messages=MESSAGES)
+    assert count.input_tokens == PROMPT_TOKENS
+    sent = sim.requests[-1]
+    assert sent.path == f"/v1/projects/{PROJECT}/locations/{REGION}/publishers/anthropic/models/count-tokens:rawPredict"
+    assert sent.json["model"] == MODEL
+
+
 def test_only_tokens_the_endpoint_issued_are_accepted(sim: SimServer) -> None:
     issue_token(sim)
     with pytest.raises(anthropic.AuthenticationError) as raised:
