@@ -90,6 +90,29 @@ def _gemini_backend(env: Mapping[str, str]) -> dict[str, Any] | None:
     return backend
 
 
+def _vertex_backends(env: Mapping[str, str]) -> list[tuple[dict[str, Any], str]]:
+    """Vertex AI backends (with the glob each serves) from the SDKs' own variables, with
+    application default credentials: google-genai's GOOGLE_GENAI_USE_VERTEXAI +
+    GOOGLE_CLOUD_PROJECT + GOOGLE_CLOUD_LOCATION for `gemini-*`; the anthropic SDK's
+    ANTHROPIC_VERTEX_PROJECT_ID + CLOUD_ML_REGION for `claude-*`. One backend when both
+    name the same project and region."""
+    wanted: list[tuple[str, str, str]] = []  # (project, region, glob)
+    if env.get("GOOGLE_GENAI_USE_VERTEXAI", "").lower() in ("true", "1"):
+        project, region = env.get("GOOGLE_CLOUD_PROJECT"), env.get("GOOGLE_CLOUD_LOCATION")
+        if project and region:
+            wanted.append((project, region, "gemini-*"))
+    project, region = env.get("ANTHROPIC_VERTEX_PROJECT_ID"), env.get("CLOUD_ML_REGION")
+    if project and region:
+        wanted.append((project, region, "claude-*"))
+    out: list[tuple[dict[str, Any], str]] = []
+    for project, region, glob in wanted:
+        same = next((backend for backend, _ in out if backend["vertex"] == {"project": project, "region": region}), None)
+        backend = same or {"name": "vertex" if not out else "vertex-anthropic", "schema": "gcp_vertex_ai",
+                           "vertex": {"project": project, "region": region}}
+        out.append((backend, glob))
+    return out
+
+
 def config_from_environment(environ: Mapping[str, str] | None = None, demo_port: int = DEMO_PORT) -> LoadedConfig:
     """The config `extproc run` uses when given none, from each official SDK's variables.
 
@@ -98,7 +121,8 @@ def config_from_environment(environ: Mapping[str, str] | None = None, demo_port:
     `claude-*`; AZURE_OPENAI_API_KEY + AZURE_OPENAI_ENDPOINT + OPENAI_API_VERSION
     (default route, or OpenAI's fallback when both are set); AWS credentials + AWS_REGION
     for Bedrock model ids; GOOGLE_API_KEY or GEMINI_API_KEY (+ GOOGLE_GEMINI_BASE_URL) for
-    `gemini-*`; for each of COMPATIBLE_CLOUDS its key (Ollama: OLLAMA_HOST) for
+    `gemini-*`; Vertex AI with application default credentials (see _vertex_backends, ahead
+    of Gemini's API as in google-genai, after Anthropic's own API); for each of COMPATIBLE_CLOUDS its key (Ollama: OLLAMA_HOST) for
     models named `<cloud>/<model>`. Base URLs keep any path prefix they carry. With no provider
     variable set, the built-in demo backend (extproc.sim) answers, offline.
     """
@@ -110,6 +134,11 @@ def config_from_environment(environ: Mapping[str, str] | None = None, demo_port:
         backends.append({"name": "anthropic", "schema": "anthropic", "api_key": {"env": "ANTHROPIC_API_KEY"},
                          "base_url": env.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"})
         routes.append({"name": "anthropic", "match": {"glob": "claude-*"}, "backends": [{"name": "anthropic"}]})
+    for vertex, glob in _vertex_backends(env):
+        if vertex not in backends:
+            backends.append(vertex)
+        routes.append({"name": f"{vertex['name']}-{glob.rstrip('-*')}", "match": {"glob": glob},
+                       "backends": [{"name": vertex["name"]}]})
     gemini = _gemini_backend(env)
     if gemini is not None:
         backends.append(gemini)

@@ -759,3 +759,32 @@ def test_strip_model_prefix_leaves_other_names_and_yields_to_the_override() -> N
     assert o.model_for("groq/llama") == "fixed"
     bad = {**data, "backends": [{"name": "g", "base_url": "http://127.0.0.1:1/v1", "strip_model_prefix": " "}]}
     assert "strip_model_prefix" in error_of(bad)
+
+
+# -- Vertex AI from the SDKs' variables -----------------------------------------------------
+
+
+def test_vertex_from_google_genai_and_anthropic_vertex_variables() -> None:
+    """google-genai's Vertex switch serves gemini-* (ahead of a Gemini API key, as the SDK
+    prefers it); the anthropic SDK's Vertex variables serve claude-* (after Anthropic's own
+    key); one backend when both name the same project and region; tokens from application
+    default credentials, so nothing is read at load."""
+    env = {"GOOGLE_GENAI_USE_VERTEXAI": "true", "GOOGLE_CLOUD_PROJECT": "my-project",
+           "GOOGLE_CLOUD_LOCATION": "us-east5", "ANTHROPIC_VERTEX_PROJECT_ID": "my-project",
+           "CLOUD_ML_REGION": "us-east5", "GEMINI_API_KEY": SECRET}
+    loaded = config_from_environment(env)
+    vertex = loaded.config.backend("vertex")
+    assert vertex.schema_.value == "gcp_vertex_ai" and vertex.base_url == "https://us-east5-aiplatform.googleapis.com"
+    assert vertex.vertex is not None and vertex.vertex.credentials_file is None and vertex.vertex.credentials is None
+    assert [b.name for b in loaded.config.backends] == ["vertex", "gemini"]
+    router = Router(loaded.config, loaded.secrets)
+    assert router.targets["vertex"] is (router.select("gemini-2.5-flash") or (None, None))[1]
+    assert router.targets["vertex"] is (router.select("claude-sonnet-4-5") or (None, None))[1]
+    # Anthropic's own key keeps claude-*; another region gets its own backend.
+    other = config_from_environment({**env, "CLOUD_ML_REGION": "europe-west1", "ANTHROPIC_API_KEY": SECRET})
+    assert other.config.backend("vertex-anthropic").vertex.region == "europe-west1"  # type: ignore[union-attr]
+    picked = Router(other.config, other.secrets).select("claude-sonnet-4-5")
+    assert picked is not None and picked[1].name == "anthropic"
+    # The switch alone, or a project without a region, is no provider.
+    assert is_demo(config_from_environment({"GOOGLE_GENAI_USE_VERTEXAI": "true", "GOOGLE_CLOUD_PROJECT": "p"}))
+    assert is_demo(config_from_environment({"ANTHROPIC_VERTEX_PROJECT_ID": "my-project"}))
