@@ -9,7 +9,6 @@ extproc/schemas/anthropic.py.
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from typing import Any
@@ -21,6 +20,16 @@ from extproc.schemas.openai import STREAM_DONE, bad_request, max_output_tokens, 
 from extproc.sse import SSEDecoder, SSEEvent
 from extproc.translators.anthropic_messages import anthropic_headers
 from extproc.translators.base import StreamTranslator, Translator, UpstreamRequest
+from extproc.translators.chat_request import (
+    UserPart,
+    data_url,
+    function_tools,
+    messages_of,
+    texts,
+    tool_call_id,
+    tool_calls,
+    user_parts,
+)
 from extproc.usage import TokenUsage
 
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; OpenAI clients usually leave it out
@@ -28,7 +37,6 @@ DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; OpenAI clients usual
 # -- OpenAI chat request -> Anthropic Messages request ----------------------------------------
 
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
-_DATA_URL = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),(.*)", re.DOTALL)
 _TOOL_CHOICES = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
 
 
@@ -38,30 +46,19 @@ def chat_to_messages(body: dict[str, Any], model: str) -> dict[str, Any]:
     Raises RequestError (400) for what cannot be expressed, rather than letting the
     backend answer with an Anthropic-shaped error the OpenAI client cannot read.
     """
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty array.", param="messages")
     system: list[str] = []
     turns: list[tuple[str, list[dict[str, Any]]]] = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise bad_request(f"{where} must be an object.", param=where)
-        role = message.get("role")
+    for role, where, message in messages_of(body):
         if role in ("system", "developer"):
-            system.extend(t for t in _texts(message.get("content"), f"{where}.content") if t)
+            system.extend(t for t in texts(message.get("content"), f"{where}.content") if t)
             continue
         if role == "user":
-            blocks = _user_blocks(message.get("content"), f"{where}.content")
+            blocks = [_user_block(part) for part in user_parts(message.get("content"), f"{where}.content",
+                                                                 "Anthropic models")]
         elif role == "assistant":
             blocks = _assistant_blocks(message, where)
-        elif role == "tool":
+        else:  # tool
             role, blocks = "user", [_tool_result(message, where)]
-        else:
-            raise bad_request(
-                f"{where}.role must be 'system', 'developer', 'user', 'assistant' or 'tool', got {role!r}.",
-                param=f"{where}.role",
-            )
         if not blocks:
             continue  # Anthropic rejects empty turns; an empty OpenAI message says nothing
         if turns and turns[-1][0] == role:  # Anthropic wants alternating turns: merge
@@ -104,66 +101,20 @@ def chat_to_messages(body: dict[str, Any], model: str) -> dict[str, Any]:
     return out
 
 
-def _texts(content: Any, where: str) -> list[str]:
-    """A string content or the texts of its text parts (system, tool and refusal contents)."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [content]
-    if not isinstance(content, list):
-        raise bad_request(f"{where} must be a string or an array of content parts.", param=where)
-    out: list[str] = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
-            raise bad_request(f"{where}[{j}] must be a text content part.", param=f"{where}[{j}]")
-        value = part.get(part["type"])
-        if not isinstance(value, str):
-            raise bad_request(f"{where}[{j}].{part['type']} must be a string.", param=f"{where}[{j}]")
-        out.append(value)
-    return out
+def _text_blocks(values: list[str]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": t} for t in values if t]  # Anthropic rejects empty text blocks
 
 
-def _text_blocks(texts: list[str]) -> list[dict[str, Any]]:
-    return [{"type": "text", "text": t} for t in texts if t]  # Anthropic rejects empty text blocks
+def _user_block(part: UserPart) -> dict[str, Any]:
+    if part.kind == "text":
+        return {"type": "text", "text": part.value}
+    return _image_block(part.value, part.where)
 
 
-def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
-    if content is None or isinstance(content, str):
-        return _text_blocks([content] if content else [])
-    if not isinstance(content, list):
-        raise bad_request(f"{where} must be a string or an array of content parts.", param=where)
-    blocks: list[dict[str, Any]] = []
-    for j, part in enumerate(content):
-        here = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise bad_request(f"{here}.text must be a string.", param=here)
-            blocks.extend(_text_blocks([part["text"]]))
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            blocks.append(_image_block(url, f"{here}.image_url"))
-        else:
-            raise bad_request(
-                f"{here}: content part type {kind!r} is not supported for Anthropic models "
-                "(supported: text, image_url).",
-                param=here,
-            )
-    return blocks
-
-
-def _image_block(url: Any, where: str) -> dict[str, Any]:
-    if not isinstance(url, str) or not url:
-        raise bad_request(f"{where}.url must be a non-empty string.", param=where)
+def _image_block(url: str, where: str) -> dict[str, Any]:
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
-    match = _DATA_URL.fullmatch(url)
-    if match is None:
-        raise bad_request(f"{where}.url must be an http(s) URL or a base64 data: URL.", param=where)
-    media_type, params, data = match.group(1).lower(), match.group(2).lower(), match.group(3)
-    if ";base64" not in params:
-        raise bad_request(f"{where}.url: data: URLs must be base64-encoded.", param=where)
+    media_type, data = data_url(url, where)
     if media_type not in _IMAGE_TYPES:
         raise bad_request(
             f"{where}.url: image type {media_type or 'unknown'!r} is not supported "
@@ -174,53 +125,22 @@ def _image_block(url: Any, where: str) -> dict[str, Any]:
 
 
 def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    blocks = _text_blocks(_texts(message.get("content"), f"{where}.content"))
-    calls = message.get("tool_calls")
-    if calls is None:
-        return blocks
-    if not isinstance(calls, list):
-        raise bad_request(f"{where}.tool_calls must be an array.", param=f"{where}.tool_calls")
-    for k, call in enumerate(calls):
-        here = f"{where}.tool_calls[{k}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not call["id"]:
-            raise bad_request(f"{here} must be an object with an 'id' and a 'function'.", param=here)
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{here}.function.name must be a non-empty string.", param=here)
-        blocks.append({"type": "tool_use", "id": call["id"], "name": name, "input": _arguments(function, here)})
+    blocks = _text_blocks(texts(message.get("content"), f"{where}.content"))
+    blocks += [{"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+               for call in tool_calls(message, where)]
     return blocks
 
 
-def _arguments(function: dict[str, Any], where: str) -> dict[str, Any]:
-    """A tool call's JSON-string arguments as the object Anthropic's ``input`` must be."""
-    raw = function.get("arguments")
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return {}  # some models send "" for a call without arguments
-    if not isinstance(raw, str):
-        raise bad_request(f"{where}.function.arguments must be a JSON string.", param=where)
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"{where}.function.arguments is not valid JSON: {exc}", param=where) from None
-    if not isinstance(value, dict):
-        raise bad_request(f"{where}.function.arguments must encode a JSON object.", param=where)
-    return value
-
-
 def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
-    call_id = message.get("tool_call_id")
-    if not isinstance(call_id, str) or not call_id:
-        raise bad_request(f"{where}.tool_call_id must be a non-empty string.", param=f"{where}.tool_call_id")
-    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id}
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_call_id(message, where)}
     content = message.get("content")
     if isinstance(content, str):
         if content:
             block["content"] = content
     else:
-        texts = _text_blocks(_texts(content, f"{where}.content"))
-        if texts:
-            block["content"] = texts
+        blocks = _text_blocks(texts(content, f"{where}.content"))
+        if blocks:
+            block["content"] = blocks
     return block
 
 
@@ -244,27 +164,18 @@ def _stop_sequences(stop: Any) -> list[str]:
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
-    if not isinstance(tools, list):
-        raise bad_request("'tools' must be an array.", param="tools")
     out: list[dict[str, Any]] = []
-    for j, tool in enumerate(tools):
-        where = f"tools[{j}]"
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
-            raise bad_request(f"{where}: only function tools are supported for Anthropic models.", param=where)
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{where}.function.name must be a non-empty string.", param=where)
-        schema = function.get("parameters")
+    for tool in function_tools(tools, "Anthropic models"):
+        schema = tool.parameters
         if schema is None:
             schema = {"type": "object", "properties": {}}
         elif not isinstance(schema, dict):
-            raise bad_request(f"{where}.function.parameters must be a JSON Schema object.", param=where)
+            raise bad_request(f"{tool.where}.function.parameters must be a JSON Schema object.", param=tool.where)
         elif "type" not in schema:
             schema = {"type": "object", **schema}  # Anthropic requires the top-level type
-        entry: dict[str, Any] = {"name": name}
-        if isinstance(function.get("description"), str):
-            entry["description"] = function["description"]
+        entry: dict[str, Any] = {"name": tool.name}
+        if tool.description is not None:
+            entry["description"] = tool.description
         entry["input_schema"] = schema
         out.append(entry)
     return out

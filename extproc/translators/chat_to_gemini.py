@@ -27,6 +27,15 @@ from extproc.schemas.openai import (
     usage_object,
 )
 from extproc.translators.base import StreamTranslator, Translator, UpstreamRequest
+from extproc.translators.chat_request import (
+    data_url,
+    function_tools,
+    messages_of,
+    texts,
+    tool_call_id,
+    tool_calls,
+    user_parts,
+)
 from extproc.usage import TokenUsage
 
 # -- paths -----------------------------------------------------------------------------------
@@ -93,7 +102,6 @@ def requires_signatures(model: str) -> bool:
 
 # -- OpenAI chat request -> GenerateContentRequest ---------------------------------------------
 
-_DATA_URL = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),(.*)", re.DOTALL)
 _TOOL_MODES = {"auto": "AUTO", "required": "ANY", "none": "NONE"}
 # Keys of Gemini's Schema object (an OpenAPI 3.0 subset); other JSON Schema keywords are
 # dropped because the API refuses unknown fields.
@@ -112,9 +120,7 @@ def chat_to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     need a thought signature. Raises RequestError (400) for what Gemini
     cannot express, rather than letting the backend answer in a shape the client cannot read.
     """
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty array.", param="messages")
+    messages = messages_of(body)
     for legacy in ("functions", "function_call"):
         if body.get(legacy) is not None:
             raise bad_request(f"'{legacy}' is deprecated and not translated for Gemini models; use 'tools' and "
@@ -124,25 +130,18 @@ def chat_to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     system: list[str] = []
     contents: list[dict[str, Any]] = []
     call_names: dict[str, str] = {}  # tool call id -> function name (functionResponse needs the name)
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise bad_request(f"{where} must be an object.", param=where)
-        role = message.get("role")
+    for role, where, message in messages:
         if role in ("system", "developer"):
-            system.extend(t for t in _texts(message.get("content"), f"{where}.content") if t)
+            system.extend(t for t in texts(message.get("content"), f"{where}.content") if t)
             continue
         if role == "user":
-            gemini_role, parts = "user", _user_parts(message.get("content"), f"{where}.content")
+            gemini_role = "user"
+            parts = [{"text": part.value} if part.kind == "text" else _image_part(part.value, part.where)
+                     for part in user_parts(message.get("content"), f"{where}.content", "Gemini models")]
         elif role == "assistant":
             gemini_role, parts = "model", _model_parts(message, where, call_names, requires_signatures(model))
-        elif role == "tool":
+        else:  # tool
             gemini_role, parts = "user", [_function_response(message, where, call_names)]
-        else:
-            raise bad_request(
-                f"{where}.role must be 'system', 'developer', 'user', 'assistant' or 'tool', got {role!r}.",
-                param=f"{where}.role",
-            )
         if not parts:
             continue  # Gemini refuses a turn without parts; an empty message says nothing
         if contents and contents[-1]["role"] == gemini_role:  # one turn per speaker, as Gemini expects
@@ -167,54 +166,8 @@ def chat_to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     return out
 
 
-def _texts(content: Any, where: str) -> list[str]:
-    """A string content or the texts of its text (and refusal) parts."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [content]
-    if not isinstance(content, list):
-        raise bad_request(f"{where} must be a string or an array of content parts.", param=where)
-    out: list[str] = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
-            raise bad_request(f"{where}[{j}] must be a text content part.", param=f"{where}[{j}]")
-        value = part.get(part["type"])
-        if not isinstance(value, str):
-            raise bad_request(f"{where}[{j}].{part['type']} must be a string.", param=f"{where}[{j}]")
-        out.append(value)
-    return out
-
-
-def _user_parts(content: Any, where: str) -> list[dict[str, Any]]:
-    if content is None or isinstance(content, str):
-        return [{"text": content}] if content else []
-    if not isinstance(content, list):
-        raise bad_request(f"{where} must be a string or an array of content parts.", param=where)
-    parts: list[dict[str, Any]] = []
-    for j, part in enumerate(content):
-        here = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise bad_request(f"{here}.text must be a string.", param=here)
-            if part["text"]:
-                parts.append({"text": part["text"]})
-        elif kind == "image_url":
-            image = part.get("image_url")
-            parts.append(_image_part(image.get("url") if isinstance(image, dict) else image, f"{here}.image_url"))
-        else:
-            raise bad_request(
-                f"{here}: content part type {kind!r} is not supported for Gemini models (supported: text, image_url).",
-                param=here,
-            )
-    return parts
-
-
-def _image_part(url: Any, where: str) -> dict[str, Any]:
+def _image_part(url: str, where: str) -> dict[str, Any]:
     """A data: URL as inlineData; an http(s) URL as fileData, its type guessed from the path."""
-    if not isinstance(url, str) or not url:
-        raise bad_request(f"{where}.url must be a non-empty string.", param=where)
     if url.startswith(("http://", "https://")):
         mime, _ = mimetypes.guess_type(urlsplit(url).path)
         if mime is None or not mime.startswith("image/"):
@@ -224,11 +177,8 @@ def _image_part(url: Any, where: str) -> dict[str, Any]:
                 param=where, code="invalid_image_url",
             )
         return {"fileData": {"mimeType": mime, "fileUri": url}}
-    match = _DATA_URL.fullmatch(url)
-    if match is None:
-        raise bad_request(f"{where}.url must be an http(s) URL or a base64 data: URL.", param=where)
-    mime, params, data = match.group(1).strip().lower(), match.group(2).lower(), match.group(3)
-    if ";base64" not in params or not mime.startswith("image/"):
+    mime, data = data_url(url, where)
+    if not mime.startswith("image/"):
         raise bad_request(f"{where}.url: images must be base64 data: URLs of an image/* type.", param=where)
     try:
         base64.b64decode(data, validate=True)
@@ -240,23 +190,11 @@ def _image_part(url: Any, where: str) -> dict[str, Any]:
 def _model_parts(
     message: dict[str, Any], where: str, call_names: dict[str, str], signed: bool
 ) -> list[dict[str, Any]]:
-    parts: list[dict[str, Any]] = [{"text": t} for t in _texts(message.get("content"), f"{where}.content") if t]
-    calls = message.get("tool_calls")
-    if calls is None:
-        return parts
-    if not isinstance(calls, list):
-        raise bad_request(f"{where}.tool_calls must be an array.", param=f"{where}.tool_calls")
-    for k, call in enumerate(calls):
-        here = f"{where}.tool_calls[{k}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not call["id"]:
-            raise bad_request(f"{here} must be an object with an 'id' and a 'function'.", param=here)
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{here}.function.name must be a non-empty string.", param=here)
-        call_names[call["id"]] = name
-        part: dict[str, Any] = {"functionCall": {"name": name, "args": _arguments(function.get("arguments"), here)}}
-        signature = signature_of(call["id"])
+    parts: list[dict[str, Any]] = [{"text": t} for t in texts(message.get("content"), f"{where}.content") if t]
+    for call in tool_calls(message, where):
+        call_names[call.id] = call.name
+        part: dict[str, Any] = {"functionCall": {"name": call.name, "args": call.arguments}}
+        signature = signature_of(call.id)
         if signature is not None:
             part["thoughtSignature"] = signature
         parts.append(part)
@@ -266,26 +204,9 @@ def _model_parts(
     return parts
 
 
-def _arguments(raw: Any, where: str) -> dict[str, Any]:
-    """A tool call's JSON-string arguments as the object Gemini's ``args`` must be."""
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return {}
-    if not isinstance(raw, str):
-        raise bad_request(f"{where}.function.arguments must be a JSON string.", param=where)
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"{where}.function.arguments is not valid JSON: {exc}", param=where) from None
-    if not isinstance(value, dict):
-        raise bad_request(f"{where}.function.arguments must encode a JSON object.", param=where)
-    return value
-
-
 def _function_response(message: dict[str, Any], where: str, call_names: dict[str, str]) -> dict[str, Any]:
     """A tool message as a functionResponse part, named after the call it answers."""
-    call_id = message.get("tool_call_id")
-    if not isinstance(call_id, str) or not call_id:
-        raise bad_request(f"{where}.tool_call_id must be a non-empty string.", param=f"{where}.tool_call_id")
+    call_id = tool_call_id(message, where)
     name = call_names.get(call_id)
     if name is None:
         raise bad_request(
@@ -293,7 +214,7 @@ def _function_response(message: dict[str, Any], where: str, call_names: dict[str
             "(Gemini needs the function's name).",
             param=f"{where}.tool_call_id",
         )
-    text = "".join(_texts(message.get("content"), f"{where}.content"))
+    text = "".join(texts(message.get("content"), f"{where}.content"))
     try:
         value: Any = orjson.loads(text) if text else None
     except orjson.JSONDecodeError:
@@ -341,23 +262,13 @@ def gemini_schema(schema: Any, where: str) -> dict[str, Any]:
 
 
 def _function_declarations(tools: Any) -> list[dict[str, Any]]:
-    if not isinstance(tools, list):
-        raise bad_request("'tools' must be an array.", param="tools")
     out: list[dict[str, Any]] = []
-    for j, tool in enumerate(tools):
-        where = f"tools[{j}]"
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
-            raise bad_request(f"{where}: only function tools are supported for Gemini models.", param=where)
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{where}.function.name must be a non-empty string.", param=where)
-        declaration: dict[str, Any] = {"name": name}
-        if isinstance(function.get("description"), str) and function["description"]:
-            declaration["description"] = function["description"]
-        parameters = function.get("parameters")
-        if parameters is not None:
-            schema = gemini_schema(parameters, f"{where}.function.parameters")
+    for tool in function_tools(tools, "Gemini models"):
+        declaration: dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            declaration["description"] = tool.description
+        if tool.parameters is not None:
+            schema = gemini_schema(tool.parameters, f"{tool.where}.function.parameters")
             if schema.get("properties"):  # Gemini refuses an OBJECT without properties: leave it out
                 declaration["parameters"] = schema
         out.append(declaration)

@@ -92,7 +92,7 @@ def test_images_inline_and_by_url() -> None:
 
 @pytest.mark.parametrize(("part", "words"), [
     ({"type": "image_url", "image_url": {"url": "https://example.com/image"}}, "cannot be told from the URL"),
-    ({"type": "image_url", "image_url": {"url": "data:image/png,notbase64"}}, "base64 data: URLs"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png,notbase64"}}, "must be base64-encoded"),
     ({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}, "not valid base64"),
     ({"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}, "not supported for Gemini"),
 ])
