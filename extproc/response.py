@@ -346,7 +346,7 @@ def _uncharged(body: dict[str, Any]) -> TokenUsage | None:
 _USAGE_READERS: dict[ResponseShape, Callable[[dict[str, Any]], TokenUsage | None]] = {
     ResponseShape.media: media.media_usage,
     ResponseShape.rerank: media.rerank_usage,
-    ResponseShape.unmetered: _uncharged,  # a token count is not usage (README: "More endpoints")
+    ResponseShape.unmetered: _uncharged,  # a token count is not usage (README: "Endpoints and errors")
 }
 
 

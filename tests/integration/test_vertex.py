@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import secrets
+
 import anthropic
 import httpx
 import openai
@@ -27,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from extproc.sim import SimServer
 from extproc.sim.google_auth import service_account_key
 from tests.integration.harness import RunningGateway, free_port, running_gateway
+from tests.otlp_receiver import OtlpReceiver
 
 PROJECT = "sim-project"
 REGION = "us-east5"
@@ -51,7 +54,14 @@ def key(sim: SimServer) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def vertex(sim: SimServer, key: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as otlp:
+        yield otlp
+
+
+@pytest.fixture(scope="module")
+def vertex(sim: SimServer, key: dict[str, Any], receiver: OtlpReceiver,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     tmp = tmp_path_factory.mktemp("vertex")
     key_file = tmp / "sa.json"
     key_file.write_text(orjson.dumps(key, option=orjson.OPT_INDENT_2).decode())
@@ -82,7 +92,9 @@ def vertex(sim: SimServer, key: dict[str, Any], tmp_path_factory: pytest.TempPat
             {"name": "gemini", "match": {"glob": "gemini-*"}, "backends": [{"name": "vertex"}]},
         ],
     }
-    env = {"T_REFUSED_KEY": orjson.dumps(unknown).decode(), "T_UNREACHABLE_KEY": orjson.dumps(unreachable).decode()}
+    env = {"T_REFUSED_KEY": orjson.dumps(unknown).decode(), "T_UNREACHABLE_KEY": orjson.dumps(unreachable).decode(),
+           "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "60000"}
     with running_gateway(config, tmp, env=env) as gateway:
         yield gateway
 
@@ -338,3 +350,23 @@ def test_anthropic_sdk_served_by_gemini_on_vertex_through_chat(
     expected = (direct.usage_metadata.prompt_token_count, direct.usage_metadata.candidates_token_count)
     assert (message.usage.input_tokens, message.usage.output_tokens) == expected
     assert _tokens(_entry(vertex, "vx-gemini-native"))[:2] == expected
+
+
+@pytest.mark.parametrize("model", [MODEL, GEMINI], ids=["claude", "gemini"])
+def test_span_names_google_and_carries_the_exact_usage(
+    claude: anthropic.Anthropic, receiver: OtlpReceiver, model: str
+) -> None:
+    """The anthropic SDK's request to either publisher is one OpenInference span with
+    Google as the provider, the client's input and output, and the provider's usage."""
+    trace_id = secrets.token_hex(16)
+    message = claude.messages.create(
+        model=model, max_tokens=16, messages=USER,
+        extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+    attributes = receiver.wait_for_span(lambda s: s.trace_id == trace_id).attributes
+    assert attributes["llm.provider"] == "google"
+    assert attributes["llm.model_name"] == model
+    assert attributes["llm.input_messages.0.message.content"] == USER[0]["content"]
+    assert attributes["llm.output_messages.0.message.content"] == "".join(
+        b.text for b in message.content if b.type == "text")
+    assert attributes["llm.token_count.prompt"] == message.usage.input_tokens
+    assert attributes["llm.token_count.completion"] == message.usage.output_tokens
