@@ -246,10 +246,15 @@ def test_config_reload_applies_new_routes_and_keeps_in_flight_streams(
     data["backends"][0]["model_name_override"] = "second-model"
     gateway.config_path.write_text(yaml.safe_dump(data))
     gateway.wait_stderr(lambda line: "config reloaded" in line, timeout=30)
-    deadline = time.monotonic() + 15
-    while _model_seen_by_backend(gateway, sim_a) != "second-model":  # every worker has swapped
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    # Every worker has swapped: Envoy spreads requests round robin over the workers, so eight
+    # answers in a row from the new config cover each of them. (Moving on after one answer
+    # let a worker still polling miss this version and meet only the refused ones below.)
+    deadline, in_a_row = time.monotonic() + 30, 0
+    while in_a_row < 8:
+        assert time.monotonic() < deadline, "a worker kept the old config"
+        in_a_row = in_a_row + 1 if _model_seen_by_backend(gateway, sim_a) == "second-model" else 0
+        if not in_a_row:
+            time.sleep(0.2)
 
     sim_a.release(hold)
     rest = list(stream)
