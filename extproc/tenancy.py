@@ -44,7 +44,10 @@ def caller_of(
     if key:
         digest = key_digest(key)
         if key_store is not None:
-            found = key_store.lookup(digest)
+            try:
+                found = key_store.lookup(digest)
+            except KeyStoreError:
+                raise _unavailable() from None
             if found is PENDING:
                 return _fetched(key_store, digest, headers, tenancy, tenant_keys)
             if isinstance(found, KeyRecord):
@@ -67,14 +70,18 @@ async def _fetched(
     try:
         record = await store.fetch(digest)
     except KeyStoreError:
-        # Fail closed: an unknown answer is not "no such key" (that could hand out the default tenant).
-        raise RequestError(503, "The gateway cannot check API keys right now; retry shortly.", "server_error",
-                           "key_store_unavailable") from None
+        raise _unavailable() from None
     if record is not None:
         return _from_record(record)
     if (tenant := tenant_keys.get(digest)) is not None:
         return Caller(tenant, "key")
     return _unkeyed(headers, tenancy)
+
+
+def _unavailable() -> RequestError:
+    """Fail closed: an unknown answer is not "no such key" (that could hand out the default tenant)."""
+    return RequestError(503, "The gateway cannot check API keys right now; retry shortly.", "server_error",
+                        "key_store_unavailable")
 
 
 def _from_record(record: KeyRecord) -> Caller:

@@ -18,6 +18,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -37,33 +38,54 @@ def _state(path: Path) -> FileState:
     return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
-def read_records(path: Path) -> list[KeyRecord]:
-    """Every record in file order; a missing file holds none. KeyStoreError names the line."""
+def read_items(path: Path) -> list[dict[str, Any]]:
+    """Every record as decoded JSON, in file order, each with a digest; a missing file holds
+    none. One orjson call for the whole file (100,000 lines in ~0.1 s); the fields are
+    checked when a record is used (`KeyRecord.from_json`), so a reload costs little CPU."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise KeyStoreError(f"{path}: cannot read the key store: {exc.strerror}") from None
-    records = []
-    for number, line in enumerate(data.splitlines(), 1):
-        if not line.strip():
-            continue
+    numbered = [(n, line) for n, line in enumerate(data.splitlines(), 1) if line.strip()]
+    try:
+        items = orjson.loads(b"[" + b",".join(line for _, line in numbered) + b"]")
+    except orjson.JSONDecodeError:
+        items = None
+    if items is not None and len(items) == len(numbered) and all(
+        type(item) is dict and type(item.get("digest")) is str for item in items
+    ):
+        return items
+    for number, line in numbered:  # name the first bad line
         try:
-            records.append(KeyRecord.from_json(orjson.loads(line)))
+            item = orjson.loads(line)
         except orjson.JSONDecodeError:
             raise KeyStoreError(f"{path}:{number}: not a JSON object") from None
+        if not isinstance(item, dict):
+            raise KeyStoreError(f"{path}:{number}: a record must be a JSON object")
+        if not isinstance(item.get("digest"), str):
+            raise KeyStoreError(f"{path}:{number}: field 'digest' is missing or malformed")
+    raise KeyStoreError(f"{path}: not JSON lines")  # pragma: no cover - a line above is bad
+
+
+def read_records(path: Path) -> list[KeyRecord]:
+    """Every record, fully checked (listing, editing); KeyStoreError names the line."""
+    records = []
+    for number, item in enumerate(read_items(path), 1):
+        try:
+            records.append(KeyRecord.from_json(item))
         except KeyStoreError as exc:
-            raise KeyStoreError(f"{path}:{number}: {exc}") from None
+            raise KeyStoreError(f"{path}: record {number}: {exc}") from None
     return records
 
 
-def write_records(path: Path, records: Iterable[KeyRecord]) -> None:
+def write_items(path: Path, items: Iterable[dict[str, Any]]) -> None:
     """Replace the file atomically: a reader sees the old or the new file, never a mix."""
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(b"".join(orjson.dumps(r.to_json()) + b"\n" for r in records))
+            out.write(b"".join(orjson.dumps(item) + b"\n" for item in items))
             out.flush()
             os.fsync(out.fileno())
         os.chmod(temp, 0o600)  # digests only, but nobody else needs to read who has keys
@@ -85,9 +107,9 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def index(records: Iterable[KeyRecord]) -> dict[str, KeyRecord]:
-    """Digest -> record (a digest listed twice: the later line wins)."""
-    return {r.digest: r for r in records}
+def index(items: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Digest -> stored record (a digest listed twice: the later line wins)."""
+    return {item["digest"]: item for item in items}
 
 
 class FileKeyStore:
@@ -99,17 +121,34 @@ class FileKeyStore:
         self._state = _state(path)
         if self._state is None:
             log.warning("key store %s does not exist yet: no key is known until it is created", path)
-        self.table: dict[str, KeyRecord] = index(read_records(path))  # KeyStoreError: refuse to start
+        # (digest -> stored record, digest -> checked record): swapped together on reload.
+        self._tables: tuple[dict[str, dict[str, Any]], dict[str, KeyRecord]] = (index(read_items(path)), {})
         self._task: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self._tables[0])
 
     def lookup(self, digest: str) -> Lookup:
-        return self.table.get(digest)
+        """One dict lookup; a record is checked the first time it is used (KeyStoreError if
+        it is not valid: the request is refused, not handed to a default tenant)."""
+        stored, checked = self._tables
+        record = checked.get(digest)
+        if record is not None:
+            return record
+        item = stored.get(digest)
+        if item is None:
+            return None
+        try:
+            record = KeyRecord.from_json(item)
+        except KeyStoreError as exc:
+            log.error("key store %s: the record of digest %s... is not valid: %s", self.path, digest[:12], exc)
+            raise
+        checked[digest] = record
+        return record
 
     async def fetch(self, digest: str) -> KeyRecord | None:
-        return self.table.get(digest)
+        found = self.lookup(digest)
+        return found if isinstance(found, KeyRecord) else None
 
     def start(self) -> None:
         if self._task is None:
@@ -134,12 +173,12 @@ class FileKeyStore:
         if state == self._state:
             return False
         try:
-            table = await asyncio.to_thread(lambda: index(read_records(self.path)))
+            table = await asyncio.to_thread(lambda: index(read_items(self.path)))
         except KeyStoreError as exc:
             log.error("key store reload rejected, the previous keys keep serving: %s", exc)
             self._state = state  # retried when the file changes again
             return False
         self._state = state
-        self.table = table
+        self._tables = (table, {})
         log.info("key store reloaded from %s: %d key(s)", self.path, len(table))
         return True

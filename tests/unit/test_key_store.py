@@ -98,7 +98,7 @@ async def test_file_store_follows_the_file_and_keeps_serving_a_bad_edit(tmp_path
     assert store.lookup(key_digest("k" * 24)) is None
     made = manage.add(FileKeyEditor(path), "team-a", time.time())
     assert await store.refresh() is True
-    assert store.lookup(key_digest(made.key)) == store.table[key_digest(made.key)]
+    assert store.lookup(key_digest(made.key)) == read_records(path)[0]
     path.write_text(path.read_text() + "{not json\n")
     assert await store.refresh() is False
     assert store.lookup(key_digest(made.key)) is not None  # the previous table keeps serving
@@ -237,6 +237,15 @@ def test_without_a_fallback_an_unknown_key_is_401(tmp_path: Path) -> None:
     rt = runtime(tmp_path, {"key_store": {"file": str(tmp_path / "keys.jsonl")}})
     status, body, _, _ = immediate(call(rt, bearer("sk-unknown"))[1])
     assert status == 401 and body["error"]["message"] == "This gateway needs to know who is calling: send a known API key."
+
+
+def test_a_malformed_record_is_503_when_used(tmp_path: Path) -> None:
+    path = tmp_path / "keys.jsonl"
+    path.write_text(json.dumps({"id": "x", "digest": key_digest("sk-broken-record-0001"), "tenant": "bad tenant"}) + "\n")
+    rt = runtime(tmp_path, {"key_store": {"file": str(path)}, "default_tenant": "anonymous"})
+    status, body, _, _ = immediate(call(rt, bearer("sk-broken-record-0001"))[1])
+    assert status == 503 and body["error"]["code"] == "key_store_unavailable"
+    assert metadata(call(rt, bearer("sk-another-key-0001"))[1])["tenant"] == "anonymous"
 
 
 def test_key_store_settings_need_exactly_one_store(tmp_path: Path) -> None:
