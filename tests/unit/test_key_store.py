@@ -316,3 +316,36 @@ def test_redis_down_is_503_not_the_default_tenant(tmp_path: Path) -> None:
     status, body, _, _ = immediate(call(rt, bearer("sk-someone-0123456789"))[1])
     assert status == 503 and body["error"]["code"] == "key_store_unavailable"
     assert "sk-someone" not in orjson.dumps(body).decode()
+
+
+def mcp_runtime(tmp_path: Path, key_store: dict[str, Any]) -> Runtime:
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump({
+        "backends": [{"name": "a", "base_url": "http://127.0.0.1:1/v1"}],
+        "routes": [{"name": "r", "default": True, "backends": [{"name": "a"}]}],
+        "tenancy": {"key_store": key_store},
+        "mcp": {"servers": [{"name": "alpha", "url": "http://127.0.0.1:9/mcp"}],
+                "routes": [{"path": "/mcp", "servers": ["alpha"]}]},
+    }))
+    return Runtime.build(load_config(path, {}))
+
+
+async def test_mcp_calls_are_charged_to_the_stored_keys_tenant(redis_url: str, tmp_path: Path) -> None:
+    editor = RedisKeyEditor(redis_url, prefix="t4:")
+    made = manage.add(editor, "team-mcp", time.time(), entry_id="agent", tools=("alpha__*",))
+    rt = mcp_runtime(tmp_path, {"redis": {"url": redis_url, "prefix": "t4:"}})
+    exchange = Exchange(rt)
+    pending = exchange.handle(headers_request("POST", "/mcp", bearer(made.key)))
+    assert not hasattr(pending, "WhichOneof")  # the first use of a key waits for Redis, off the loop
+    assert (await pending).WhichOneof("response") == "request_headers"  # type: ignore[misc]
+    answer = exchange.handle(body_request(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"alpha__x"}}'))
+    assert metadata(answer)["tenant"] == "team-mcp" and exchange.caller.tools == ("alpha__*",)  # type: ignore[union-attr]
+    closing = Exchange(rt).handle(headers_request("DELETE", "/mcp", bearer(made.key), end_of_stream=True))
+    assert hasattr(closing, "WhichOneof")  # cached now: answered at once, with its metadata
+    assert metadata(closing)["tenant"] == "team-mcp"  # type: ignore[arg-type]
+    manage.revoke(editor, "agent", time.time())
+    rt.key_store._cache.clear()  # type: ignore[union-attr]  # as when cache_seconds have passed
+    refused = await Exchange(rt).handle(headers_request("DELETE", "/mcp", bearer(made.key), end_of_stream=True))  # type: ignore[misc]
+    assert immediate(refused)[0] == 401
+    await rt.key_store.close()  # type: ignore[union-attr]
+    editor.close()
