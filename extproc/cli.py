@@ -179,7 +179,16 @@ def _key_editor(args: argparse.Namespace) -> Any:
 
     if args.file is not None:
         return FileKeyEditor(Path(args.file))
-    return RedisKeyEditor(args.redis, args.prefix)
+    if args.redis is not None:
+        return RedisKeyEditor(args.redis, args.prefix)
+    tenancy = load_config(args.config, with_secrets=False).config.tenancy
+    settings = tenancy.key_store if tenancy is not None else None
+    if settings is None:
+        raise ConfigError(f"{args.config}: no tenancy.key_store to manage")
+    if settings.file is not None:
+        return FileKeyEditor(Path(settings.file))
+    assert settings.redis is not None
+    return RedisKeyEditor(settings.redis.url, settings.redis.prefix)
 
 
 def _expiry(args: argparse.Namespace, now: float) -> float | None:
@@ -205,10 +214,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
     """Manage the key store: a new key is printed once (standard output), only its digest is kept."""
     import time
 
+    from redis.exceptions import RedisError
+
+    try:
+        return _keys_action(args, _key_editor(args), time.time())
+    except RedisError as exc:  # the message names the host, never the URL's password
+        raise ConfigError(f"the Redis key store did not answer: {type(exc).__name__}: {exc}") from None
+
+
+def _keys_action(args: argparse.Namespace, editor: Any, now: float) -> int:
     from extproc.keys import manage
 
-    editor = _key_editor(args)
-    now = time.time()
     if args.action == "add":
         key = sys.stdin.readline() if args.stdin else None
         made = manage.add(editor, args.tenant, now, entry_id=args.id, key=key, expires_at=_expiry(args, now),
@@ -297,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = store.add_mutually_exclusive_group(required=True)
     where.add_argument("--file", help="the JSON-lines key store file (tenancy.key_store.file)")
     where.add_argument("--redis", help="redis://host:port/db of the key store (tenancy.key_store.redis.url)")
+    where.add_argument("--config", help="the gateway YAML whose tenancy.key_store to manage")
     store.add_argument("--prefix", default="extproc:keys:", help="Redis key prefix (default extproc:keys:)")
     add = actions.add_parser("add", parents=[store], help="make a key for a tenant; prints it once")
     add.add_argument("--tenant", required=True)

@@ -349,3 +349,20 @@ async def test_mcp_calls_are_charged_to_the_stored_keys_tenant(redis_url: str, t
     assert immediate(refused)[0] == 401
     await rt.key_store.close()  # type: ignore[union-attr]
     editor.close()
+
+
+def test_cli_finds_the_store_in_the_gateway_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runtime(tmp_path, {"key_store": {"file": str(tmp_path / "keys.jsonl")}})  # writes gw.yaml
+    assert cli.main(["keys", "add", "--config", str(tmp_path / "gw.yaml"), "--tenant", "team-c", "--id", "c"]) == 0
+    key = capsys.readouterr().out.strip()
+    (record,) = read_records(tmp_path / "keys.jsonl")
+    assert (record.id, record.tenant, record.digest) == ("c", "team-c", key_digest(key))
+
+
+def test_cli_reports_an_unreachable_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.redis_server import free_port
+
+    url = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"
+    assert cli.main(["keys", "list", "--redis", url]) == 2
+    err = capsys.readouterr().err
+    assert "the Redis key store did not answer: ConnectionError" in err and "hunter2" not in err
