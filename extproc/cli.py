@@ -170,6 +170,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     loaded = load_config(args.file, with_secrets=not args.skip_secrets)
     config = loaded.config
     print(f"{args.file}: OK ({len(config.backends)} backend(s), {len(config.routes)} route(s))")
+    store = config.tenancy.key_store if config.tenancy is not None else None
+    if store is not None and store.file is not None:
+        from extproc.keys.file_store import read_records
+
+        records = read_records(Path(store.file))  # every record checked: KeyStoreError names the bad one
+        if len({r.digest for r in records}) != len(records):
+            raise ConfigError(f"{store.file}: a key is stored twice (the later record would win)")
+        print(f"{store.file}: OK ({len(records)} key record(s))")
     return 0
 
 

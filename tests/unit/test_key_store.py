@@ -366,3 +366,14 @@ def test_cli_reports_an_unreachable_redis(capsys: pytest.CaptureFixture[str]) ->
     assert cli.main(["keys", "list", "--redis", url]) == 2
     err = capsys.readouterr().err
     assert "the Redis key store did not answer: ConnectionError" in err and "hunter2" not in err
+
+
+def test_check_reads_every_key_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runtime(tmp_path, {"key_store": {"file": str(tmp_path / "keys.jsonl")}})  # writes gw.yaml
+    manage.add(FileKeyEditor(tmp_path / "keys.jsonl"), "team-a", time.time())
+    assert cli.main(["check", str(tmp_path / "gw.yaml")]) == 0
+    assert "keys.jsonl: OK (1 key record(s))" in capsys.readouterr().out
+    with (tmp_path / "keys.jsonl").open("a") as out:
+        out.write(json.dumps({"id": "x", "digest": "a" * 64, "tenant": "t", "expires_at": "never"}) + "\n")
+    assert cli.main(["check", str(tmp_path / "gw.yaml")]) == 2
+    assert "record 2: field 'expires_at' must be Unix seconds" in capsys.readouterr().err
