@@ -203,3 +203,29 @@ def test_redis_keys_are_read_live(sim_a: SimServer, tmp_path: Path) -> None:
             assert _eventually(lambda: _works(gateway, rotated.key) and not _works(gateway, made.key))
             assert key_digest(made.key) != key_digest(rotated.key)
         editor.close()
+
+
+def test_budgets_charge_the_stored_keys_tenant(sim_a: SimServer, tmp_path: Path) -> None:
+    """Budgets count per tenant, whichever way the tenant was known: here two keys of one
+    tenant share its budget, and a key of another tenant is still served."""
+    path = tmp_path / "keys.jsonl"
+    editor = FileKeyEditor(path)
+    spender = manage.add(editor, "team-spend", time.time(), entry_id="spender").key
+    colleague = manage.add(editor, "team-spend", time.time(), entry_id="colleague").key
+    other = manage.add(editor, "team-other", time.time(), entry_id="other").key
+    config = {**_config(sim_a, {"file": str(path)}), "budgets": [{"name": "hourly", "unit": "hour", "limit": 50}]}
+    with running_gateway(config, tmp_path / "gw", env={"TEST_SIM_KEY": "sk-provider-key-000"}) as gateway:
+        spent = _client(gateway, spender).chat.completions.create(model="m", messages=USER, max_tokens=60)
+        assert spent.usage is not None and spent.usage.total_tokens > 50
+
+        def refused() -> bool:
+            try:
+                _client(gateway, colleague).chat.completions.create(model="m", messages=USER, max_tokens=1)
+            except openai.RateLimitError:
+                return True
+            return False
+
+        assert _eventually(refused)
+        assert _works(gateway, other)
+        entry = gateway.wait_access_log(lambda e: e["tenant"] == "team-spend" and e["status"] == 429)
+        assert entry["error_type"] == "gateway_rate_limited"
