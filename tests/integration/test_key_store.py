@@ -229,3 +229,19 @@ def test_budgets_charge_the_stored_keys_tenant(sim_a: SimServer, tmp_path: Path)
         assert _works(gateway, other)
         entry = gateway.wait_access_log(lambda e: e["tenant"] == "team-spend" and e["status"] == 429)
         assert entry["error_type"] == "gateway_rate_limited"
+
+
+def test_pointing_the_config_at_another_store_reloads_without_a_restart(sim_a: SimServer, tmp_path: Path) -> None:
+    import yaml
+
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    old = manage.add(FileKeyEditor(first), "team-first", time.time()).key
+    new = manage.add(FileKeyEditor(second), "team-second", time.time()).key
+    config = _config(sim_a, {"file": str(first)})
+    with running_gateway(config, tmp_path / "gw", env={"TEST_SIM_KEY": "sk-provider-key-000"}) as gateway:
+        assert _works(gateway, old) and not _works(gateway, new)
+        changed = {**gateway.config, "tenancy": {"key_store": {"file": str(second)}}}
+        gateway.config_path.write_text(yaml.safe_dump(changed))
+        assert _eventually(lambda: _works(gateway, new) and not _works(gateway, old))
+        gateway.wait_stderr(lambda line: "config reloaded" in line)
+        assert not any("reload rejected" in line for line in gateway.stderr_lines)
