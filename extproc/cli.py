@@ -1,4 +1,4 @@
-"""Command line: `extproc serve | run | envoy-config | ratelimit-config | check`."""
+"""Command line: `extproc serve | run | envoy-config | ratelimit-config | keys | check`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 from extproc import __version__, envoyconfig
@@ -169,7 +170,104 @@ def cmd_check(args: argparse.Namespace) -> int:
     loaded = load_config(args.file, with_secrets=not args.skip_secrets)
     config = loaded.config
     print(f"{args.file}: OK ({len(config.backends)} backend(s), {len(config.routes)} route(s))")
+    store = config.tenancy.key_store if config.tenancy is not None else None
+    if store is not None and store.file is not None:
+        from extproc.keys.file_store import read_records
+
+        records = read_records(Path(store.file))  # every record checked: KeyStoreError names the bad one
+        if len({r.digest for r in records}) != len(records):
+            raise ConfigError(f"{store.file}: a key is stored twice (the later record would win)")
+        print(f"{store.file}: OK ({len(records)} key record(s))")
     return 0
+
+
+def _key_editor(args: argparse.Namespace) -> Any:
+    from extproc.keys.manage import FileKeyEditor
+    from extproc.keys.redis_store import RedisKeyEditor
+
+    if args.file is not None:
+        return FileKeyEditor(Path(args.file))
+    if args.redis is not None:
+        return RedisKeyEditor(args.redis, args.prefix)
+    tenancy = load_config(args.config, with_secrets=False).config.tenancy
+    settings = tenancy.key_store if tenancy is not None else None
+    if settings is None:
+        raise ConfigError(f"{args.config}: no tenancy.key_store to manage")
+    if settings.file is not None:
+        return FileKeyEditor(Path(settings.file))
+    assert settings.redis is not None
+    return RedisKeyEditor(settings.redis.url, settings.redis.prefix)
+
+
+def _expiry(args: argparse.Namespace, now: float) -> float | None:
+    """--expires (ISO 8601 date/time, UTC unless it says otherwise) or --expires-in (30d, 12h, 90m)."""
+    from datetime import UTC, datetime
+
+    if args.expires_in:
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        text = args.expires_in.strip()
+        if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+            raise ConfigError("--expires-in must be a number with s, m, h or d, e.g. 30d")
+        return now + int(text[:-1]) * units[text[-1]]
+    if args.expires:
+        try:
+            when = datetime.fromisoformat(args.expires)
+        except ValueError:
+            raise ConfigError("--expires must be an ISO 8601 date or date-time, e.g. 2027-01-31T00:00:00Z") from None
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    return None
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Manage the key store: a new key is printed once (standard output), only its digest is kept."""
+    import time
+
+    from redis.exceptions import RedisError
+
+    try:
+        return _keys_action(args, _key_editor(args), time.time())
+    except RedisError as exc:  # the message names the host, never the URL's password
+        raise ConfigError(f"the Redis key store did not answer: {type(exc).__name__}: {exc}") from None
+
+
+def _keys_action(args: argparse.Namespace, editor: Any, now: float) -> int:
+    from extproc.keys import manage
+
+    if args.action == "add":
+        key = sys.stdin.readline() if args.stdin else None
+        made = manage.add(editor, args.tenant, now, entry_id=args.id, key=key, expires_at=_expiry(args, now),
+                          models=tuple(args.model) if args.model else None,
+                          tools=tuple(args.tool) if args.tool else None)
+        print(f"added key {made.record.id} for tenant {made.record.tenant}", file=sys.stderr)
+        if not args.stdin:
+            print(made.key)
+    elif args.action == "rotate":
+        made = manage.rotate(editor, args.id, now, args.grace)
+        until = "now" if not args.grace else f"in {args.grace:g}s"
+        print(f"rotated key {made.record.id}: the previous key stops working {until}", file=sys.stderr)
+        print(made.key)
+    elif args.action == "revoke":
+        count = manage.revoke(editor, args.id, now)
+        print(f"revoked {count} key(s) of {args.id}", file=sys.stderr)
+    else:
+        records = editor.records()
+        if args.json:
+            sys.stdout.buffer.write(manage.listing_json(records, now))
+        else:
+            _print_listing(manage.listing(records, now))
+    return 0
+
+
+def _print_listing(rows: list[dict[str, Any]]) -> None:
+    from datetime import UTC, datetime
+
+    def when(value: Any) -> str:
+        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
+
+    print(f"{'ID':<24} {'TENANT':<20} {'STATE':<9} {'DIGEST':<13} {'EXPIRES':<21} REVOKED")
+    for row in rows:
+        print(f"{row['id']:<24} {row['tenant']:<20} {row['state']:<9} {row['digest']:<13} "
+              f"{when(row['expires_at']):<21} {when(row['revoked_at'])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +314,32 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--config", help="gateway YAML (default: built from the environment)")
     limits.add_argument("-o", "--output", help="write to this file instead of stdout")
     limits.set_defaults(func=cmd_ratelimit_config)
+
+    keys = sub.add_parser("keys", help="manage client API keys in the key store (file or Redis)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    store = argparse.ArgumentParser(add_help=False)
+    where = store.add_mutually_exclusive_group(required=True)
+    where.add_argument("--file", help="the JSON-lines key store file (tenancy.key_store.file)")
+    where.add_argument("--redis", help="redis://host:port/db of the key store (tenancy.key_store.redis.url)")
+    where.add_argument("--config", help="the gateway YAML whose tenancy.key_store to manage")
+    store.add_argument("--prefix", default="extproc:keys:", help="Redis key prefix (default extproc:keys:)")
+    add = actions.add_parser("add", parents=[store], help="make a key for a tenant; prints it once")
+    add.add_argument("--tenant", required=True)
+    add.add_argument("--id", help="entry id for list/revoke/rotate (default: generated)")
+    add.add_argument("--stdin", action="store_true", help="store the key read from standard input instead")
+    expiry = add.add_mutually_exclusive_group()
+    expiry.add_argument("--expires", help="ISO 8601 date or date-time (UTC unless an offset is given)")
+    expiry.add_argument("--expires-in", help="e.g. 30d, 12h, 90m")
+    add.add_argument("--model", action="append", help="allowed model glob (repeat); default: the tenant's policy")
+    add.add_argument("--tool", action="append", help="allowed MCP tool glob <server>__<tool> (repeat)")
+    rotate = actions.add_parser("rotate", parents=[store], help="new key for an entry; prints it once")
+    rotate.add_argument("id")
+    rotate.add_argument("--grace", type=float, default=0.0, help="seconds the previous key keeps working (default 0)")
+    revoke = actions.add_parser("revoke", parents=[store], help="refuse an entry's keys from now on")
+    revoke.add_argument("id")
+    listing = actions.add_parser("list", parents=[store], help="ids, tenants, states and expiry (never keys)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    keys.set_defaults(func=cmd_keys)
 
     check = sub.add_parser("check", help="validate a gateway config file")
     check.add_argument("file")

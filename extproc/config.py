@@ -419,11 +419,38 @@ class ApiKeyTenant(StrictModel):
     tenant: Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
+class RedisKeyStoreSettings(StrictModel):
+    """Keys shared by every gateway in Redis, read live through a short cache."""
+
+    url: str = Field(description="redis://host:port/db (rediss:// for TLS)")
+    prefix: str = Field(default="extproc:keys:", min_length=1, max_length=64)
+    cache_seconds: float = Field(
+        default=2.0, ge=0.1, le=30, description="how long a lookup (found or not) is reused: the revocation delay"
+    )
+    cache_entries: int = Field(default=10_000, ge=100, le=10_000_000)
+    timeout_ms: int = Field(default=500, ge=10, le=10_000, description="a slower Redis answer is a 503")
+
+
+class KeyStoreSettings(StrictModel):
+    """Client API keys kept hashed outside the config (`extproc keys` manages them)."""
+
+    file: str | None = Field(default=None, description="JSON-lines file of key records, watched for changes")
+    redis: RedisKeyStoreSettings | None = None
+    poll_seconds: float = Field(default=1.0, gt=0, le=60, description="how often the file is checked")
+
+    @model_validator(mode="after")
+    def _one_store(self) -> KeyStoreSettings:
+        if (self.file is None) == (self.redis is None):
+            raise ValueError("set exactly one of 'file' and 'redis'")
+        return self
+
+
 class Tenancy(StrictModel):
     """Who a request is charged to. Without this section there are no tenants."""
 
     header: str | None = Field(default=None, description="request header naming the tenant, e.g. x-tenant-id")
     api_keys: list[ApiKeyTenant] = Field(default_factory=list, description="client API key -> tenant")
+    key_store: KeyStoreSettings | None = Field(default=None, description="hashed client API keys in a file or Redis")
     default_tenant: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     reject_status: Literal[401, 403] = Field(
         default=401, description="answer for requests with no tenant when there is no default_tenant"
@@ -436,8 +463,8 @@ class Tenancy(StrictModel):
 
     @model_validator(mode="after")
     def _some_source(self) -> Tenancy:
-        if self.header is None and not self.api_keys:
-            raise ValueError("set 'header' and/or 'api_keys' to say where the tenant comes from")
+        if self.header is None and not self.api_keys and self.key_store is None:
+            raise ValueError("set 'header', 'api_keys' and/or 'key_store' to say where the tenant comes from")
         return self
 
 

@@ -54,7 +54,7 @@ from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.schemas.openai import Operation, RequestError
 from extproc import translators
 from extproc.telemetry.record import RequestRecord
-from extproc.tenancy import tenant_of
+from extproc.tenancy import Caller, caller_of
 
 if TYPE_CHECKING:
     from extproc.affinity import AffinityStore
@@ -93,7 +93,7 @@ class Exchange:
         "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
         "route", "target", "stream", "session_id", "tenant", "observer", "finished", "processor_seconds",
         "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved", "staged",
-        "affinity", "_stored", "mcp", "done", "content_type",
+        "affinity", "_stored", "mcp", "done", "content_type", "caller",
     )
 
     def __init__(
@@ -114,6 +114,7 @@ class Exchange:
         self.stream = False
         self.session_id: str | None = None
         self.tenant: str | None = None
+        self.caller: Caller | None = None  # who calls (tenancy.py): tenant, how it was known, grants
         self.observer: ResponseObserver | None = None
         self.finished = False
         self.processor_seconds = 0.0  # time spent answering Envoy for this request (server adds it up)
@@ -176,7 +177,7 @@ class Exchange:
 
     # -- request phases -------------------------------------------------------
 
-    def on_request_headers(self, message: ep.HttpHeaders) -> ep.ProcessingResponse:
+    def on_request_headers(self, message: ep.HttpHeaders) -> Answer:
         headers = protocol.header_map(message)
         if log.isEnabledFor(logging.DEBUG):  # credentials shown as "<redacted>" (Bearer scheme kept)
             log.debug("request headers: %s", redact_headers(headers))
@@ -202,15 +203,33 @@ class Exchange:
         self.session_id = header_text(headers.get(self.runtime.session_id_header))
         if endpoint.form:
             self.content_type = headers.get("content-type", b"").decode("latin-1")
-        if self.runtime.tenancy is not None:
-            self.tenant = tenant_of(headers, self.runtime.tenancy, self.runtime.tenant_keys)
         if self.telemetry is not None:
             self._read_telemetry_headers(headers)
-        return protocol.CONTINUE_REQUEST_HEADERS
+        return self._identified(headers, protocol.CONTINUE_REQUEST_HEADERS)
+
+    def _identified(self, headers: dict[str, bytes], answer: ep.ProcessingResponse) -> Answer:
+        """`answer` once the caller is known: at once, or after a key-store lookup (Redis)."""
+        runtime = self.runtime
+        if runtime.tenancy is None:
+            return answer
+        found = caller_of(headers, runtime.tenancy, runtime.tenant_keys, runtime.key_store)
+        if isinstance(found, Caller):
+            self._set_caller(found)
+            return answer
+
+        async def later() -> ep.ProcessingResponse:
+            self._set_caller(await found)
+            return answer
+
+        return later()
+
+    def _set_caller(self, caller: Caller) -> None:
+        self.caller = caller
+        self.tenant = caller.tenant
 
     # -- MCP ---------------------------------------------------------------------
 
-    def _mcp_headers(self, headers: dict[str, bytes], end_of_stream: bool) -> ep.ProcessingResponse:
+    def _mcp_headers(self, headers: dict[str, bytes], end_of_stream: bool) -> Answer:
         """MCP goes to the gateway's MCP server (Envoy's route); this stage only names the
         call for Envoy's rate limits and access log, and skips the response (the MCP
         server records its own telemetry and streams SSE). With request limits it still
@@ -218,18 +237,28 @@ class Exchange:
         self.mcp = True
         self.session_id = header_text(headers.get(self.runtime.session_id_header)) or session_label(
             headers.get(MCP_SESSION_HEADER))
-        if self.runtime.tenancy is not None:
-            self.tenant = tenant_of(headers, self.runtime.tenancy, self.runtime.tenant_keys)
         response = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
         # An override replaces every field: keep the buffered request body (proto default: NONE).
         response.mode_override.request_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
         if not self.runtime.request_limited:
             response.mode_override.response_header_mode = processing_mode_pb2.ProcessingMode.SKIP
         response.mode_override.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
-        if end_of_stream:  # GET (server stream) or DELETE (end of session): nothing to read
-            response.dynamic_metadata.CopyFrom(protocol.metadata_struct(
-                {Meta.MCP_METHOD: f"http.{self.method.lower()}", Meta.SESSION_ID: self.session_id, Meta.TENANT: self.tenant}))
-            self.done = not self.runtime.request_limited
+        if not end_of_stream:
+            return self._identified(headers, response)
+        # GET (server stream) or DELETE (end of session): nothing to read, the metadata goes now.
+        self.done = not self.runtime.request_limited
+        identified = self._identified(headers, response)
+        if isinstance(identified, ep.ProcessingResponse):
+            return self._with_mcp_method(identified)
+
+        async def later() -> ep.ProcessingResponse:
+            return self._with_mcp_method(await identified)
+
+        return later()
+
+    def _with_mcp_method(self, response: ep.ProcessingResponse) -> ep.ProcessingResponse:
+        response.dynamic_metadata.CopyFrom(protocol.metadata_struct(
+            {Meta.MCP_METHOD: f"http.{self.method.lower()}", Meta.SESSION_ID: self.session_id, Meta.TENANT: self.tenant}))
         return response
 
     def _mcp_body(self, body: bytes) -> ep.ProcessingResponse:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from extproc.budgets import charges, reserves
 from extproc.config import Budget, LoadedConfig, Tenancy
+from extproc.keys import KeyStore
 from extproc.routing import Router
 from extproc.schemas import openai
 from extproc.usage import CostKey, compile_cel
@@ -30,10 +31,16 @@ class Runtime:
     estimate_when_missing: bool
     max_response_bytes: int
     mcp_paths: frozenset[str] = frozenset()  # client paths of MCP routes (served by the MCP gateway)
+    key_store: KeyStore | None = None  # outlives reloads: the server keeps it while its settings stay
 
     @classmethod
-    def build(cls, loaded: LoadedConfig) -> Runtime:
+    def build(cls, loaded: LoadedConfig, key_store: KeyStore | None = None) -> Runtime:
+        """`key_store`: the running store to keep; None opens the config's (a file is read now)."""
         config = loaded.config
+        if key_store is None and config.tenancy is not None and config.tenancy.key_store is not None:
+            from extproc.keys import open_key_store
+
+            key_store = open_key_store(config.tenancy.key_store)
         router = Router(config, loaded.secrets)
         return cls(
             loaded=loaded,
@@ -53,4 +60,5 @@ class Runtime:
             estimate_when_missing=config.usage.estimate_when_missing,
             max_response_bytes=config.usage.max_response_bytes,
             mcp_paths=frozenset(r.path for r in config.mcp.routes) if config.mcp is not None else frozenset(),
+            key_store=key_store,
         )

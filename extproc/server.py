@@ -45,6 +45,7 @@ from extproc.workers import WorkerPool
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = PROCESSOR_SERVICE
+_CLOSING: set[asyncio.Future[None]] = set()  # replaced key stores closing in the background
 
 
 class ListenError(OSError):
@@ -122,7 +123,9 @@ class ProcessorServer:
         self.loaded = loaded
         self.telemetry = Telemetry(loaded.config.telemetry)
         self.affinity = AffinityStore(Path(options.affinity_path)) if options.affinity_path else None
-        self.processor = ExternalProcessor(Runtime.build(loaded), self.telemetry, self.affinity)
+        runtime = Runtime.build(loaded)  # opens the key store, if any (a file is read here)
+        self.key_store = runtime.key_store
+        self.processor = ExternalProcessor(runtime, self.telemetry, self.affinity)
         # One process owns the rate limit counters (a memory store must be one budget).
         self.ratelimit = builtin_rate_limit_service(loaded.config) if options.worker_index == 0 else None
         if self.ratelimit is not None:
@@ -173,6 +176,8 @@ class ProcessorServer:
             raise
         if self.watcher is not None:
             self.watcher.start()
+        if self.key_store is not None:
+            self.key_store.start()  # the file store's poll; Redis is read live
         log.info(
             "processor listening: grpc=%s admin=http://%s:%s",
             self.options.grpc_address,
@@ -250,7 +255,7 @@ class ProcessorServer:
             from extproc.mcp import resolve_mcp_secrets
 
             mcp_secrets = resolve_mcp_secrets(loaded.config.mcp, os.environ)  # first: may refuse the reload
-        self.processor.runtime = Runtime.build(loaded)
+        self.processor.runtime = self._runtime_with_keys(loaded)
         if self.ratelimit is not None:
             # Budget amounts live in the service's rules (Envoy only knows the descriptors).
             self.ratelimit.rules = load_rules(descriptor_config(loaded.config), "<budgets>")
@@ -260,6 +265,24 @@ class ProcessorServer:
         if mcp_secrets is not None and self._mcp is not None and loaded.config.mcp is not None:
             self._mcp.update(loaded.config.mcp, mcp_secrets)
         self.loaded = loaded
+
+    def _runtime_with_keys(self, loaded: LoadedConfig) -> Runtime:
+        """The new runtime keeps the running key store while its settings are unchanged
+        (keys change in the store itself, not through the config)."""
+        def settings(config: GatewayConfig) -> object:
+            return config.tenancy.key_store if config.tenancy is not None else None
+
+        if settings(loaded.config) == settings(self.loaded.config):
+            return Runtime.build(loaded, self.key_store)
+        runtime = Runtime.build(loaded)  # KeyStoreError, a ConfigError (a file that does not parse): nothing applied
+        old, self.key_store = self.key_store, runtime.key_store
+        if self.key_store is not None:
+            self.key_store.start()
+        if old is not None:
+            task = asyncio.ensure_future(old.close())
+            _CLOSING.add(task)
+            task.add_done_callback(_CLOSING.discard)
+        return runtime
 
     def reload_config(self) -> None:
         """SIGHUP: reload the config file now."""
@@ -298,6 +321,8 @@ class ProcessorServer:
             await self.ratelimit.store.close()
         if self.affinity is not None:
             self.affinity.close()
+        if self.key_store is not None:
+            await self.key_store.close()
         # Flush what the exporters still hold, off the event loop (it may touch the network).
         await asyncio.to_thread(self.telemetry.shutdown)
         log.info("processor stopped")
