@@ -17,11 +17,13 @@ from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+import orjson
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import budgets, protocol
 from extproc.accounting import end_of_response_metadata
+from extproc.authorization import model_refused, models_body
 from extproc.client_apis import ANTHROPIC_APIS, ENDPOINTS, MODEL_PATH_PREFIX, ClientApiSpec, ResponseShape
 from extproc.client_errors import error_reply
 from extproc.config import Schema
@@ -37,7 +39,9 @@ from extproc.contract import (
     RETRY_AFTER_HEADER,
     ROUTE_HEADER,
     STAGE_HEADER,
+    TENANT_HEADER,
     TIMEOUT_HEADER,
+    TOOL_GRANTS_HEADER,
     ClientApi,
     Meta,
 )
@@ -54,7 +58,8 @@ from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.schemas.openai import Operation, RequestError
 from extproc import translators
 from extproc.telemetry.record import RequestRecord
-from extproc.tenancy import tenant_of
+from extproc.mcp.jsonrpc import INVALID_REQUEST, error_response
+from extproc.tenancy import Caller, tenant_of
 
 if TYPE_CHECKING:
     from extproc.affinity import AffinityStore
@@ -93,7 +98,7 @@ class Exchange:
         "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
         "route", "target", "stream", "session_id", "tenant", "observer", "finished", "processor_seconds",
         "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved", "staged",
-        "affinity", "_stored", "mcp", "done", "content_type",
+        "affinity", "_stored", "mcp", "done", "content_type", "caller", "_client_keys",
     )
 
     def __init__(
@@ -133,6 +138,10 @@ class Exchange:
         # after its next answer (see server.ExternalProcessor.Process).
         self.done = False
         self.content_type = ""  # the request's, for a multipart/form-data body's boundary
+        self.caller: Caller | None = None  # who calls (tenancy); None without a tenancy section
+        # Provider keys the client sent in backends' client_key_header (bring your own key),
+        # by header name: only ever put on the request to that backend, never logged or recorded.
+        self._client_keys: dict[str, bytes] = {}
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message; a bug here becomes a clean error, never a dead stream."""
@@ -187,12 +196,18 @@ class Exchange:
             return self._mcp_headers(headers, message.end_of_stream)
         endpoint = ENDPOINTS.get(path)
         if endpoint is None and self.method == "GET" and path.startswith(MODEL_PATH_PREFIX):
+            if self.runtime.authorization is not None:  # a model the caller may not use is not shown
+                self._identify(headers)
             return self._model_object(unquote(path.removeprefix(MODEL_PATH_PREFIX)))
         if endpoint is None or endpoint.method != self.method:
             raise openai.not_found_path(self.method, path)
         self.endpoint = endpoint
         if endpoint.operation is Operation.models:
-            return protocol.immediate(200, self.runtime.models_body, PROCESSOR_DETAILS_PREFIX + "models")
+            runtime = self.runtime
+            if runtime.authorization is not None:
+                self._identify(headers)
+            body = models_body(runtime.authorization, self.caller, runtime.router.listed_models, runtime.models_body)
+            return protocol.immediate(200, body, PROCESSOR_DETAILS_PREFIX + "models")
         if message.end_of_stream:
             raise openai.bad_request("The request body is empty; expected a JSON object with a 'model' field.")
         length = headers.get("content-length")
@@ -202,11 +217,20 @@ class Exchange:
         self.session_id = header_text(headers.get(self.runtime.session_id_header))
         if endpoint.form:
             self.content_type = headers.get("content-type", b"").decode("latin-1")
-        if self.runtime.tenancy is not None:
-            self.tenant = tenant_of(headers, self.runtime.tenancy, self.runtime.tenant_keys)
+        self._identify(headers)
+        for name in self.runtime.client_key_headers:
+            if (key := headers.get(name, b"").strip()):
+                self._client_keys[name] = key
         if self.telemetry is not None:
             self._read_telemetry_headers(headers)
         return protocol.CONTINUE_REQUEST_HEADERS
+
+    def _identify(self, headers: dict[str, bytes]) -> None:
+        """Who calls (extproc/tenancy.py), when the config has tenants."""
+        runtime = self.runtime
+        if runtime.tenancy is not None:
+            self.caller = tenant_of(headers, runtime.tenancy, runtime.tenant_keys, runtime.host_pattern)
+            self.tenant = self.caller.tenant
 
     # -- MCP ---------------------------------------------------------------------
 
@@ -218,9 +242,15 @@ class Exchange:
         self.mcp = True
         self.session_id = header_text(headers.get(self.runtime.session_id_header)) or session_label(
             headers.get(MCP_SESSION_HEADER))
-        if self.runtime.tenancy is not None:
-            self.tenant = tenant_of(headers, self.runtime.tenancy, self.runtime.tenant_keys)
+        self._identify(headers)
         response = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+        # The MCP gateway authorizes tools by these; a client's own copies never get through.
+        caller = self.caller
+        set_headers = [(TENANT_HEADER, caller.tenant.encode())] if caller is not None else []
+        if caller is not None and caller.tools is not None:
+            set_headers.append((TOOL_GRANTS_HEADER, orjson.dumps(caller.tools)))
+        remove = [h for h in (TENANT_HEADER, TOOL_GRANTS_HEADER) if all(k != h for k, _ in set_headers)]
+        response.request_headers.response.header_mutation.CopyFrom(protocol.header_mutation(set_headers, remove))
         # An override replaces every field: keep the buffered request body (proto default: NONE).
         response.mode_override.request_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
         if not self.runtime.request_limited:
@@ -254,8 +284,10 @@ class Exchange:
             self._trace_headers = {k: headers[k] for k in _TRACE_HEADERS if k in headers}
 
     def _model_object(self, model: str) -> ep.ProcessingResponse:
-        """GET /v1/models/{id}: a model the gateway can route is a model it serves."""
-        if not model or self.runtime.router.route_for(model) is None:
+        """GET /v1/models/{id}: a model the gateway can route (and the caller may use) is a model it serves."""
+        policy = self.runtime.authorization
+        refused = policy is not None and self.caller is not None and not policy.allows_model(self.caller, model)
+        if not model or refused or self.runtime.router.route_for(model) is None:
             raise openai.model_not_found(model)
         return protocol.immediate(200, openai.model_object(model), PROCESSOR_DETAILS_PREFIX + "model")
 
@@ -269,6 +301,9 @@ class Exchange:
         assert self.endpoint is not None
         parsed = self.endpoint.parse(message.body, self.content_type)
         self.model = parsed.model
+        policy = runtime.authorization
+        if policy is not None and self.caller is not None and not policy.allows_model(self.caller, parsed.model):
+            raise model_refused(parsed.model)  # before routing: nothing reaches a backend
         selection = runtime.router.select(parsed.model)
         if selection is None:
             if self.endpoint.client_api in ANTHROPIC_APIS:
@@ -382,8 +417,11 @@ class Exchange:
             where = [(BACKEND_HEADER, target.name.encode()), (STAGE_HEADER, b"1")]
             other = [ROUTE_HEADER]
         # The routing headers not set here are removed: a client must not pick them (Envoy
-        # matches fallback routes by x-ai-eg-route first).
-        return [(MODEL_HEADER, model.encode()), *where], [*CLIENT_CREDENTIAL_HEADERS, *other]
+        # matches fallback routes by x-ai-eg-route first). A client's own provider key stays
+        # only for the backend that takes it: the upstream stage puts it in place.
+        own = None if route.fallback else target.client_key_header
+        keys = [h for h in self.runtime.client_key_headers if h != own]
+        return [(MODEL_HEADER, model.encode()), *where], [*CLIENT_CREDENTIAL_HEADERS, *other, *keys]
 
     def _upstream_headers(self, target: BackendTarget, model: str) -> tuple[list[tuple[str, bytes]], list[str]]:
         """Where Envoy sends the request and with whose credentials: (headers to set, to remove)."""
@@ -393,8 +431,8 @@ class Exchange:
             # :path was decoded as Latin-1, so encoding it back the same way keeps every byte.
             (":path", self._upstream_path(target).encode("latin-1")),
         ]
-        set_headers.extend(target.request_headers)  # credentials and the backend's configured headers
-        return set_headers, list(target.removed_client_headers)
+        set_headers.extend(target.credentials(self._client_keys))  # credentials and the backend's configured headers
+        return set_headers, [*target.removed_client_headers, *self.runtime.client_key_headers]
 
     def _start_span(self, set_headers: list[tuple[str, bytes]], body: dict[str, Any]) -> int | None:
         """Start the request's span (child of the client's trace) and pass it upstream.
@@ -608,7 +646,11 @@ class Exchange:
         )
 
     def _reject(self, error: RequestError | AnthropicRequestError) -> ep.ProcessingResponse:
-        """Answer the client in its own API's error shape."""
+        """Answer the client in its own API's error shape (a JSON-RPC error on MCP paths)."""
+        if self.mcp:
+            code = getattr(error, "code", None) or error.error_type
+            return protocol.immediate(error.status, error_response(None, INVALID_REQUEST, error.message),
+                                      PROCESSOR_DETAILS_PREFIX + code)
         client_api = self.endpoint.client_api if self.endpoint is not None else None
         return error_reply(client_api, error, PROCESSOR_DETAILS_PREFIX)
 

@@ -91,6 +91,7 @@ from extproc.mcp.toolnames import ListedTools
 from extproc.mcp.upstream import GATEWAY_NAME, ServerClient, ServerPool
 
 if TYPE_CHECKING:
+    from extproc.authorization import Policy
     from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,9 @@ class McpGateway:
     """Streamable HTTP MCP endpoint aggregating the configured servers per route."""
 
     def __init__(self, settings: McpSettings, secrets: Mapping[str, str] | None = None,
-                 telemetry: Telemetry | None = None) -> None:
-        """`secrets`: from `resolve_mcp_secrets` (server name -> API key, "session_secret" -> key)."""
+                 telemetry: Telemetry | None = None, authorization: Policy | None = None) -> None:
+        """`secrets`: from `resolve_mcp_secrets` (server name -> API key, "session_secret" -> key).
+        `authorization`: which tools each caller may see and call (`extproc.mcp.access`)."""
         self.telemetry = telemetry
         self._secrets = dict(secrets or {})
         self._codec = SessionCodec(self._secrets.get(SESSION_SECRET_KEY))
@@ -114,7 +116,7 @@ class McpGateway:
         self._pool = ServerPool()
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self._dispatcher = Dispatcher(self._codec, self._pool)
+        self._dispatcher = Dispatcher(self._codec, self._pool, authorization)
         self._observer = Observer(telemetry)
         self.port: int | None = None
 
@@ -157,11 +159,13 @@ class McpGateway:
         if http is not None:
             await http.close()
 
-    def update(self, settings: McpSettings, secrets: Mapping[str, str] | None = None) -> None:
-        """Use new servers and routes for new requests (a config reload). The port and the
-        session key stay as they were until a restart; sessions keep working as long as
-        their route and servers do."""
+    def update(self, settings: McpSettings, secrets: Mapping[str, str] | None = None,
+               authorization: Policy | None = None) -> None:
+        """Use new servers, routes and authorization for new requests (a config reload). The
+        port and the session key stay as they were until a restart; sessions keep working
+        as long as their route and servers do."""
         self._settings = settings
+        self._dispatcher.authorization = authorization
         self._secrets = dict(secrets or {})  # the session key in it is ignored: the codec keeps its own
         self._routes = {route.path: route for route in settings.routes}
         self._pool.listed = ListedTools()  # a server name may now stand for another server
