@@ -283,6 +283,13 @@ class Exchange:
         if self.telemetry.tracing.enabled:  # type: ignore[union-attr]
             self._trace_headers = {k: headers[k] for k in _TRACE_HEADERS if k in headers}
 
+    def _refused(self, model: str) -> ep.ProcessingResponse:
+        """403 before routing, so nothing reaches a backend; the access log still says who
+        asked for what (tenant, model)."""
+        reply = self._reject(model_refused(model))
+        reply.dynamic_metadata.CopyFrom(protocol.metadata_struct({Meta.TENANT: self.tenant, Meta.REQUEST_MODEL: model}))
+        return reply
+
     def _model_object(self, model: str) -> ep.ProcessingResponse:
         """GET /v1/models/{id}: a model the gateway can route (and the caller may use) is a model it serves."""
         policy = self.runtime.authorization
@@ -303,7 +310,7 @@ class Exchange:
         self.model = parsed.model
         policy = runtime.authorization
         if policy is not None and self.caller is not None and not policy.allows_model(self.caller, parsed.model):
-            raise model_refused(parsed.model)  # before routing: nothing reaches a backend
+            return self._refused(parsed.model)
         selection = runtime.router.select(parsed.model)
         if selection is None:
             if self.endpoint.client_api in ANTHROPIC_APIS:

@@ -154,8 +154,10 @@ def test_globs_are_case_sensitive_and_whole_name() -> None:
 
 
 def test_refused_model_is_a_403_in_openais_shape_before_routing() -> None:
-    status, body, _, _ = immediate(send("gpt-4o", [("x-tenant-id", b"someone")]))
-    assert status == 403
+    response = send("gpt-4o", [("x-tenant-id", b"someone")])
+    status, body, _, details = immediate(response)
+    assert status == 403 and details == "extproc_model_not_allowed"
+    assert metadata(response) == {"tenant": "someone", "request_model": "gpt-4o"}  # for the access log
     assert body["error"] == {"message": "You are not allowed to use the model `gpt-4o`.", "type": "permission_error",
                              "param": "model", "code": "model_not_allowed"}
 
