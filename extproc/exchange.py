@@ -266,6 +266,10 @@ class Exchange:
         """Metadata for one JSON-RPC message (extproc/mcp/call_metadata.py)."""
         values: dict[str, Any] = {Meta.SESSION_ID: self.session_id, Meta.TENANT: self.tenant,
                                   **message_metadata(body)}
+        policy, caller = self.runtime.authorization, self.caller
+        if policy is not None and caller is not None and values.get(Meta.MCP_TOOL_CALL) and not policy.allows_tool(
+                caller.tenant, caller.tools, values[Meta.MCP_TOOL_NAME]):
+            values[Meta.MCP_TOOL_CALL] = 0  # the MCP gateway refuses it as an unknown tool: no call to charge
         budgets.add_charges(values, self.runtime.charges)  # a tool call costs a call budget 1, anything else 0
         response = ep.ProcessingResponse(request_body=ep.BodyResponse())
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(values))

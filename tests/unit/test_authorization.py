@@ -305,3 +305,20 @@ def test_mcp_gateway_tool_check() -> None:
     assert broken is not None and not broken("docs__read")
     nobody = tool_check(policy, {})
     assert nobody is not None and not nobody("docs__read")
+
+
+def test_a_refused_tool_call_costs_no_call_budget() -> None:
+    data = config_data(mcp={"port": 1, "servers": [{"name": "docs", "url": "http://127.0.0.1:9/mcp"}],
+                            "routes": [{"path": "/mcp", "servers": ["docs"]}]},
+                       budgets=[{"name": "calls", "tool": "docs__read", "cost": "mcp_tool_call", "unit": "hour",
+                                 "limit": 10}])
+    runtime = make_runtime(data)
+    call = orjson.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "docs__read"}})
+
+    def charged(tenant: bytes) -> Any:
+        exchange = Exchange(runtime)
+        exchange.handle(headers_request("POST", "/mcp", [("x-tenant-id", tenant)]))
+        return metadata(exchange.handle(body_request(call)))["mcp_tool_call"]
+
+    assert charged(b"team-a") == 1
+    assert charged(b"team-z") == 0  # '*' may call no tool: the MCP gateway refuses it, nothing is charged
