@@ -442,8 +442,14 @@ class Exchange:
             # :path was decoded as Latin-1, so encoding it back the same way keeps every byte.
             (":path", self._upstream_path(target).encode("latin-1")),
         ]
-        set_headers.extend(target.credentials(self._client_keys))  # credentials and the backend's configured headers
-        return set_headers, [*target.removed_client_headers, *self.runtime.client_key_headers]
+        credentials = target.credentials(self._client_keys)  # credentials and the backend's configured headers
+        set_headers.extend(credentials)
+        if credentials is target.request_headers:  # the precomputed case: nothing to reconcile
+            return set_headers, [*target.removed_client_headers, *self.runtime.client_key_headers]
+        # The client's own key: never remove the header it now goes in (a backend without a key of its own).
+        setting = {name for name, _ in credentials}
+        return set_headers, [h for h in (*target.removed_client_headers, *self.runtime.client_key_headers)
+                             if h not in setting]
 
     def _start_span(self, set_headers: list[tuple[str, bytes]], body: dict[str, Any]) -> int | None:
         """Start the request's span (child of the client's trace) and pass it upstream.

@@ -232,6 +232,15 @@ def test_without_a_client_key_the_configured_one_is_used() -> None:
     assert "x-provider-key" in removed(response)
 
 
+def test_a_client_key_works_for_a_backend_without_a_key_of_its_own() -> None:
+    data = config_data()
+    del data["backends"][0]["api_key"]
+    response = send("gpt-4o", [("x-tenant-id", b"team-a"), ("x-provider-key", CLIENT_KEY),
+                               ("authorization", b"Bearer sk-gateway-key")], runtime=make_runtime(data))
+    assert header_values(response)["authorization"] == b"Bearer " + CLIENT_KEY
+    assert "authorization" not in removed(response) and "x-provider-key" in removed(response)
+
+
 def test_a_client_key_never_reaches_a_backend_that_does_not_take_it() -> None:
     response = send("llama", [("x-tenant-id", b"open"), ("x-provider-key", CLIENT_KEY)])
     assert "x-provider-key" in removed(response)
@@ -322,3 +331,24 @@ def test_a_refused_tool_call_costs_no_call_budget() -> None:
 
     assert charged(b"team-a") == 1
     assert charged(b"team-z") == 0  # '*' may call no tool: the MCP gateway refuses it, nothing is charged
+
+
+@pytest.mark.parametrize(("schema", "extra", "header"), [
+    ("azure_openai", {"api_version": "2024-10-21"}, "api-key"),
+    ("gemini", {}, "x-goog-api-key"),
+    ("anthropic", {}, "x-api-key"),
+])
+def test_each_key_schema_gets_the_client_key_in_its_own_header(schema: str, extra: dict[str, Any], header: str) -> None:
+    data = config_data()
+    data["backends"].append({"name": "own", "schema": schema, "base_url": "https://provider.example.com/v1",
+                             "api_key": {"env": "OK"}, "client_key_header": "x-provider-key", **extra})
+    runtime = make_runtime(data)
+    for sent, expected in ((CLIENT_KEY, CLIENT_KEY), (None, OPENAI_KEY.encode())):
+        upstream = UpstreamExchange(runtime)
+        upstream.handle(headers_message("own", "openai.chat", {"x-provider-key": sent} if sent else {}))
+        answer = upstream.handle(body_request(orjson.dumps(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}]})))
+        assert isinstance(answer, ep.ProcessingResponse)
+        headers, remove, _ = mutation(answer)
+        assert headers[header] == expected and "x-provider-key" in remove
+        assert "authorization" not in headers or header == "authorization"
