@@ -352,3 +352,16 @@ def test_each_key_schema_gets_the_client_key_in_its_own_header(schema: str, extr
         headers, remove, _ = mutation(answer)
         assert headers[header] == expected and "x-provider-key" in remove
         assert "authorization" not in headers or header == "authorization"
+
+
+def test_host_names_alone_may_name_tenants() -> None:
+    data = config_data()
+    data["tenancy"] = {"host_pattern": "{tenant}.GW.example.com", "hosts": {"Api.Example.com": "main"}}
+    tenancy = parse_config(data, "t.yaml").tenancy
+    assert tenancy is not None and tenancy.host_pattern == "{tenant}.gw.example.com"
+    assert tenancy.hosts == {"api.example.com": "main"}
+    runtime = make_runtime(data)
+    exchange = Exchange(runtime)
+    response = exchange.handle(headers_request("POST", "/v1/chat/completions", []))  # :authority gateway.local
+    status, body, _, _ = immediate(response)
+    assert status == 401 and "a tenant's host name" in body["error"]["message"]
