@@ -4,6 +4,7 @@ simulator and two MCP servers built with the mcp SDK as upstreams."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+import yaml
 
 pytest.importorskip("mcp.server.mcpserver", reason="needs the official MCP SDK 2.x")
 
@@ -250,3 +252,23 @@ def test_the_host_name_names_the_tenant(gateway: RunningGateway, sim: SimServer)
         json={"model": "gpt-4o", "messages": USER, "max_tokens": 5},
         headers={"host": "team-q.gw.example.com:1975", "x-request-id": "host-2"})
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+
+
+# -- a policy change needs no restart --------------------------------------------------------------
+
+
+async def test_a_changed_policy_applies_on_reload(gateway: RunningGateway) -> None:
+    original = gateway.config_path.read_text()
+    data = yaml.safe_load(original)
+    data["authorization"]["tenants"]["*"] = {"models": ["gpt-4o-mini", "gpt-4o"], "tools": ["a__*"]}
+    try:
+        gateway.config_path.write_text(yaml.safe_dump(data))
+        gateway.wait_stderr(lambda line: "config reloaded" in line, timeout=30)
+        deadline = time.monotonic() + 20
+        # every worker swaps in turn; the MCP gateway (worker 0) too
+        while ([m.id for m in openai_client(gateway, "team-z").models.list()] != ["gpt-4o", "gpt-4o-mini"]
+               or await tools_of(gateway, {"x-tenant-id": "team-z"}) != {"a__add", "a__echo"}):
+            assert time.monotonic() < deadline, "the new policy never applied"
+            time.sleep(0.2)
+    finally:
+        gateway.config_path.write_text(original)
