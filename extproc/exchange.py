@@ -13,7 +13,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -88,6 +89,7 @@ PROVIDER_NAMES = {
 # APIs whose missing usage the opt-in estimate fills in (text in, text out).
 _ESTIMATED = frozenset({ResponseShape.openai, ResponseShape.responses})
 
+_NO_KEYS: Mapping[str, bytes] = MappingProxyType({})  # no client key: shared, read-only
 _BACKGROUND: set[asyncio.Future[Any]] = set()  # fire-and-forget writes, referenced until done
 
 
@@ -141,7 +143,7 @@ class Exchange:
         self.caller: Caller | None = None  # who calls (tenancy); None without a tenancy section
         # Provider keys the client sent in backends' client_key_header (bring your own key),
         # by header name: only ever put on the request to that backend, never logged or recorded.
-        self._client_keys: dict[str, bytes] = {}
+        self._client_keys: Mapping[str, bytes] = _NO_KEYS
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message; a bug here becomes a clean error, never a dead stream."""
@@ -218,9 +220,9 @@ class Exchange:
         if endpoint.form:
             self.content_type = headers.get("content-type", b"").decode("latin-1")
         self._identify(headers)
-        for name in self.runtime.client_key_headers:
-            if (key := headers.get(name, b"").strip()):
-                self._client_keys[name] = key
+        if self.runtime.client_key_headers:
+            self._client_keys = {name: key for name in self.runtime.client_key_headers
+                                 if (key := headers.get(name, b"").strip())}
         if self.telemetry is not None:
             self._read_telemetry_headers(headers)
         return protocol.CONTINUE_REQUEST_HEADERS

@@ -11,6 +11,7 @@ import fnmatch
 import random
 import re
 from bisect import bisect_right
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -48,7 +49,7 @@ class BackendTarget:
     client_key_credential: tuple[str, bytes] = ("", b"")
     extra_headers: tuple[tuple[str, bytes], ...] = ()
 
-    def credentials(self, client_keys: dict[str, bytes]) -> tuple[tuple[str, bytes], ...]:
+    def credentials(self, client_keys: Mapping[str, bytes]) -> tuple[tuple[str, bytes], ...]:
         """The credential and configured headers for one request: the client's own key
         when it sent one in this backend's `client_key_header`, else the configured one."""
         key = client_keys.get(self.client_key_header) if self.client_key_header is not None else None
