@@ -16,11 +16,14 @@ gateway keeps one session per server behind the client's one session:
   `initialize` fail. A client gets such a server back by starting a new session.
 - `tools/list` (and `prompts/list`): every server of the session, all pages of each
   (following `nextCursor`), merged into one page; each tool is renamed `<server>__<tool>`
-  and the route's `allow_tools`/`deny_tools` globs hide tools. A failing server is left
-  out of the listing (logged) unless all fail.
+  and the route's `allow_tools`/`deny_tools` globs hide tools, and so does the caller's
+  authorization (the gateway config's `authorization`: its tenant's tool globs narrowed by
+  its key's or token's own, as the request stage names them; `extproc.mcp.access`). A
+  failing server is left out of the listing (logged) unless all fail.
 - `tools/call` (and `prompts/get`): the prefixed name picks the server; an unknown name, an
-  unknown server or a tool the route hides is refused with -32602 ("Unknown tool: ...",
-  the same words for hidden and missing tools) and never forwarded. A `tools/call` name
+  unknown server or a tool the route or the caller's authorization hides is refused with
+  -32602 ("Unknown tool: ...", the same words for hidden and missing tools) and never
+  forwarded. A `tools/call` name
   must also be exactly `<server>__<tool>` for a tool that server listed, byte for byte
   (`extproc.mcp.toolnames`), so a server's own loose name matching cannot let a variant
   past a deny rule; when the gateway's listing of that server session does not know the
