@@ -156,6 +156,16 @@ class GoogleBearer(DeferredAuth[str]):
         return f"No Google Cloud access token is available for {backend}; the gateway's log says why."
 
 
+# The header (and scheme) a plain key goes in, per schema that takes one: the configured
+# key, or a client's own (`client_key_header`, bring your own key).
+KEY_HEADERS: dict[Schema, tuple[str, bytes]] = {
+    Schema.openai: ("authorization", b"Bearer "),
+    Schema.azure_openai: ("api-key", b""),
+    Schema.anthropic: ("x-api-key", b""),
+    Schema.gemini: ("x-goog-api-key", b""),
+}
+
+
 def auth_for(backend: Backend, secrets: Mapping[str, SecretStr]) -> BackendAuth:
     """The credential object for `backend`, from the secrets the config resolved."""
     if backend.schema_ is Schema.aws_bedrock:
@@ -170,13 +180,8 @@ def auth_for(backend: Backend, secrets: Mapping[str, SecretStr]) -> BackendAuth:
     key = secrets.get(backend.name)
     if key is None:
         return BackendAuth()
-    if backend.schema_ is Schema.azure_openai:
-        return azure_key(key)
-    if backend.schema_ is Schema.anthropic:
-        return anthropic_key(key)
-    if backend.schema_ is Schema.gemini:
-        return google_key(key)
-    return bearer(key)
+    header, scheme = KEY_HEADERS[backend.schema_]
+    return HeaderKey(header, key, scheme)
 
 
 def _aws_keys(name: str, aws: AwsSettings, secrets: Mapping[str, SecretStr]) -> AwsKeys | None:

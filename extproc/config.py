@@ -50,6 +50,7 @@ from extproc.contract import (
     Meta,
 )
 from extproc.mcp.config import McpSettings
+from extproc.redact import is_credential_header
 from extproc.usage import BUILTIN_KEYS, CostType, compile_cel
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -169,6 +170,9 @@ class Backend(StrictModel):
         "before the request reaches the backend; model_name_override, when set, wins",
     )
     headers: dict[str, str] = Field(default_factory=dict)
+    client_key_header: str | None = Field(
+        default=None, description="a request header in which a client may send its own key for this backend, used "
+        "instead of api_key for that request (bring your own key); removed before the backend")
     request_timeout_seconds: float = Field(default=0, ge=0, description="whole-request limit; 0 = none (long streams)")
     # 600 s: what the OpenAI and Anthropic SDKs wait by default; reasoning models can think
     # for minutes before the first byte of a non-streaming answer.
@@ -215,6 +219,9 @@ class Backend(StrictModel):
                 raise ValueError("an azure_openai backend needs 'api_version' (e.g. 2024-10-21)")
         elif self.api_version is not None or self.deployment is not None:
             raise ValueError("'api_version' and 'deployment' are only for azure_openai backends")
+        if self.client_key_header is not None and schema in (Schema.aws_bedrock, Schema.gcp_vertex_ai):
+            raise ValueError("client_key_header: a client's own key works for backends that take a key in a header, "
+                             "not for AWS SigV4 or Google access tokens")
         for value, what in ((self.api_version, "api_version"), (self.deployment, "deployment")):
             if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", value):
                 raise ValueError(f"'{what}' may only hold letters, digits and . _ -")
@@ -245,6 +252,22 @@ class Backend(StrictModel):
     @classmethod
     def _valid_headers(cls, value: dict[str, str]) -> dict[str, str]:
         return check_extra_headers(value, GATEWAY_OWNED_HEADERS, (GATEWAY_HEADER_PREFIX,))
+
+    @field_validator("client_key_header")
+    @classmethod
+    def _client_key_header(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        lowered = value.lower()
+        if not HEADER_NAME.match(value) or lowered.startswith(GATEWAY_HEADER_PREFIX):
+            raise ValueError(f"{value!r} is not a header name a client may set")
+        if lowered in CREDENTIAL_HEADERS:
+            raise ValueError(f"{value!r} carries the client's credentials for the gateway; pick a header of its own "
+                             "(e.g. x-provider-key)")
+        if not is_credential_header(lowered):
+            raise ValueError(f"{value!r}: the name must contain 'key', 'token' or 'secret', so that logs redact it "
+                             "(e.g. x-provider-key)")
+        return lowered
 
     @property
     def url(self) -> ParsedUrl:
@@ -412,11 +435,31 @@ class TelemetrySettings(StrictModel):
         return _telemetry_header(value)
 
 
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _check_globs(value: list[str] | None) -> list[str] | None:
+    """Shell globs (`*`, `?`, `[...]`) over names: non-empty, printable."""
+    for glob in value or ():
+        if not glob or not glob.isprintable():
+            raise ValueError(f"{glob!r} is not a glob (a non-empty printable name pattern)")
+    return value
+
+
 class ApiKeyTenant(StrictModel):
     """A client API key (as sent in Authorization: Bearer or x-api-key) that identifies a tenant."""
 
     key: SecretRef
     tenant: Annotated[str, Field(pattern=NAME_PATTERN)]
+    models: list[str] | None = Field(
+        default=None, description="globs over client model names this key may use, within its tenant's (none: the tenant's)")
+    tools: list[str] | None = Field(
+        default=None, description="globs over MCP tool names '<server>__<tool>' this key may call, within its tenant's")
+
+    @field_validator("models", "tools")
+    @classmethod
+    def _globs(cls, value: list[str] | None) -> list[str] | None:
+        return _check_globs(value)
 
 
 class RedisKeyStoreSettings(StrictModel):
@@ -455,17 +498,75 @@ class Tenancy(StrictModel):
     reject_status: Literal[401, 403] = Field(
         default=401, description="answer for requests with no tenant when there is no default_tenant"
     )
+    hosts: dict[str, Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(
+        default_factory=dict, description="host name (the request's :authority, without port) -> tenant"
+    )
+    host_pattern: str | None = Field(
+        default=None, description="a host name with one '{tenant}' label, e.g. '{tenant}.gw.example.com'"
+    )
 
     @field_validator("header")
     @classmethod
     def _header_name(cls, value: str | None) -> str | None:
         return _telemetry_header(value)
 
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for host, tenant in value.items():
+            if not _HOST_NAME.match(host):
+                raise ValueError(f"{host!r} is not a host name (letters, digits, '-' and '.', no port)")
+            out[host.lower()] = tenant
+        return out
+
+    @field_validator("host_pattern")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        first, marker, rest = value.lower().partition("{tenant}")
+        if not marker or "{" in first + rest or "}" in first + rest:
+            raise ValueError("must hold '{tenant}' exactly once, e.g. '{tenant}.gw.example.com'")
+        if not (first == "" or first.endswith(".")) or not rest.startswith(".") or not _HOST_NAME.match(
+                (first + "x" + rest)):
+            raise ValueError("'{tenant}' must be a whole label of a host name, e.g. '{tenant}.gw.example.com'")
+        return value.lower()
+
     @model_validator(mode="after")
     def _some_source(self) -> Tenancy:
-        if self.header is None and not self.api_keys and self.key_store is None:
-            raise ValueError("set 'header', 'api_keys' and/or 'key_store' to say where the tenant comes from")
+        if (self.header is None and not self.api_keys and self.key_store is None and not self.hosts
+                and self.host_pattern is None):
+            raise ValueError(
+                "set 'header', 'api_keys', 'key_store', 'hosts' and/or 'host_pattern' to say where the tenant comes from")
         return self
+
+
+class TenantGrants(StrictModel):
+    """What one tenant may use; a list left out allows everything of its kind."""
+
+    models: list[str] | None = Field(default=None, description="globs over the client's model names")
+    tools: list[str] | None = Field(default=None, description="globs over MCP tool names '<server>__<tool>'")
+
+    @field_validator("models", "tools")
+    @classmethod
+    def _globs(cls, value: list[str] | None) -> list[str] | None:
+        return _check_globs(value)
+
+
+class Authorization(StrictModel):
+    """Which models and MCP tools each tenant may use. Without this section: everything.
+    A tenant not listed gets the '*' entry; with no '*' entry, nothing."""
+
+    tenants: dict[str, TenantGrants] = Field(description="tenant name or '*' -> its grants")
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, value: dict[str, TenantGrants]) -> dict[str, TenantGrants]:
+        for name in value:
+            if name != "*" and not re.match(NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a tenant name (letters, digits, _.-) or '*'")
+        return value
 
 
 RateUnit = Literal["second", "minute", "hour", "day"]
@@ -571,6 +672,8 @@ class GatewayConfig(StrictModel):
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
     mcp: McpSettings | None = Field(default=None, description="MCP servers served behind the gateway's MCP paths")
+    authorization: Authorization | None = Field(
+        default=None, description="which models and MCP tools each tenant may use (absent: everything)")
 
     @model_validator(mode="after")
     def _cross_references(self) -> GatewayConfig:
@@ -600,10 +703,31 @@ class GatewayConfig(StrictModel):
         if (self.budgets or self.request_limits) and self.tenancy is None:
             where = "budgets" if self.budgets else "request_limits"
             raise _FieldError((where,), "limits are per tenant: add a 'tenancy' section saying where tenants come from")
+        if self.authorization is not None and self.tenancy is None:
+            raise _FieldError(("authorization",), "authorization is per tenant: add a 'tenancy' section saying "
+                              "where tenants come from")
+        self._client_key_headers()
         defaults = [i for i, r in enumerate(self.routes) if r.default]
         if len(defaults) > 1:
             raise _FieldError(("routes", defaults[1], "default"), "only one route may be the default")
         return self
+
+    def _client_key_headers(self) -> None:
+        """A client's provider key never follows a fallback (Envoy reuses the request's
+        headers across attempts, so a removed header is gone for the next one) and its
+        header is never copied into metadata or telemetry."""
+        byok = {b.name: b.client_key_header for b in self.backends if b.client_key_header}
+        for i, route in enumerate(self.routes):
+            if route.has_fallback and (names := [ref.name for ref in route.backends if ref.name in byok]):
+                raise _FieldError(("routes", i, "backends"), f"backend {names[0]!r} takes the client's own key "
+                                  "(client_key_header), which cannot follow fallback attempts; use it on routes "
+                                  "without fallbacks")
+        published = {self.metadata.session_id_header, self.telemetry.user_id_header,
+                     *self.telemetry.metric_header_attributes, self.tenancy.header if self.tenancy else None}
+        for i, backend in enumerate(self.backends):
+            if backend.client_key_header is not None and backend.client_key_header in published:
+                raise _FieldError(("backends", i, "client_key_header"), "this header is also copied into metadata "
+                                  "or telemetry; a client's key must never be")
 
     def backend(self, name: str) -> Backend:
         for backend in self.backends:
@@ -636,8 +760,8 @@ class LoadedConfig(BaseModel):
     secrets: dict[str, SecretStr] = Field(
         default_factory=dict, description="backend name -> api key; '<backend>/aws.<field>' -> AWS key"
     )
-    tenant_keys: dict[str, str] = Field(
-        default_factory=dict, description="sha256 of a client API key -> tenant (keys themselves are not kept)"
+    tenant_keys: dict[str, ApiKeyTenant] = Field(
+        default_factory=dict, description="sha256 of a client API key -> its entry (keys themselves are not kept)"
     )
 
 
@@ -686,8 +810,8 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def resolve_tenant_keys(config: GatewayConfig, environ: Mapping[str, str], source: str) -> dict[str, str]:
-    """Client API key digests -> tenant, from `tenancy.api_keys`."""
+def resolve_tenant_keys(config: GatewayConfig, environ: Mapping[str, str], source: str) -> dict[str, ApiKeyTenant]:
+    """Client API key digests -> their entries (tenant, grants), from `tenancy.api_keys`."""
     if config.tenancy is None:
         return {}
     entries = config.tenancy.api_keys
@@ -696,7 +820,7 @@ def resolve_tenant_keys(config: GatewayConfig, environ: Mapping[str, str], sourc
         environ,
         f"{source}: cannot resolve tenant API keys",
     )
-    return {key_digest(keys[i].get_secret_value()): entry.tenant for i, entry in enumerate(entries)}
+    return {key_digest(keys[i].get_secret_value()): entry for i, entry in enumerate(entries)}
 
 
 def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str], source: str) -> dict[str, SecretStr]:

@@ -41,6 +41,11 @@ ROUTE_HEADER: Final = "x-ai-eg-route"  # a route with fallbacks: Envoy picks the
 # With x-ai-eg-backend: this request needs the upstream stage (a translated pair, e.g. an
 # Anthropic client on an OpenAI backend), which an OpenAI backend's own cluster skips.
 STAGE_HEADER: Final = "x-ai-eg-stage"
+# MCP paths: the caller the request stage established, for the MCP gateway's tool
+# authorization (its tenant; the caller's own tool globs as a JSON array). The request
+# stage always sets or removes them, and Envoy removes clients' copies before any filter.
+TENANT_HEADER: Final = "x-ai-eg-tenant"
+TOOL_GRANTS_HEADER: Final = "x-ai-eg-tools"
 TIMEOUT_HEADER: Final = "x-envoy-upstream-rq-timeout-ms"  # a route's own request timeout
 MCP_SESSION_HEADER: Final = "mcp-session-id"
 RATELIMIT_RESET_HEADER: Final = "x-ratelimit-reset"  # Envoy's local rate limit: seconds until a token

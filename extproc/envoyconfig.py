@@ -24,6 +24,8 @@ from extproc.contract import (
     PROCESSOR_DETAILS_PREFIX,
     ROUTE_HEADER,
     STAGE_HEADER,
+    TENANT_HEADER,
+    TOOL_GRANTS_HEADER,
     UPSTREAM_HOST_ATTRIBUTE,
     Meta,
 )
@@ -37,6 +39,9 @@ BUILTIN_RATELIMIT_CLUSTER = "extproc-ratelimit"  # worker 0, which runs the buil
 RATELIMIT_CLUSTER = "ratelimit"  # an external rate limit service
 DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 
+_EARLY_HEADER_MUTATION = (
+    "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation"
+)
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -645,6 +650,19 @@ RUNTIME_FLAGS: dict[str, Any] = {"envoy.reloadable_features.ext_proc_graceful_gr
 GRPC_CLIENT_CACHE: dict[str, Any] = {"max_cached_entry_idle_duration": "31536000s"}
 
 
+def _strip_caller_headers() -> list[dict[str, Any]]:
+    """Clients' copies of the headers that name the caller to the MCP gateway go before
+    any filter runs: only the request stage sets them, so even a request it never saw
+    (processor.failure_mode_allow) cannot claim a tenant."""
+    return [{
+        "name": "envoy.http.early_header_mutation.header_mutation",
+        "typed_config": {
+            "@type": _EARLY_HEADER_MUTATION,
+            "mutations": [{"remove": TENANT_HEADER}, {"remove": TOOL_GRANTS_HEADER}],
+        },
+    }]
+
+
 def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, Any]:
     """The whole bootstrap for the bundled Envoy: admin, one listener, clusters."""
     envoy = config.envoy
@@ -669,6 +687,8 @@ def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, A
         },
         "http_filters": http_filters(config),
     }
+    if config.authorization is not None:
+        hcm["early_header_mutation_extensions"] = _strip_caller_headers()
     return {
         "admin": {"address": _socket_address("127.0.0.1", envoy.admin_port)},
         "layered_runtime": {"layers": [{"name": "static", "static_layer": RUNTIME_FLAGS}]},

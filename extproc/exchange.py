@@ -13,15 +13,18 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+import orjson
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import budgets, protocol
 from extproc.accounting import end_of_response_metadata
+from extproc.authorization import model_refused, models_body
 from extproc.client_apis import ANTHROPIC_APIS, ENDPOINTS, MODEL_PATH_PREFIX, ClientApiSpec, ResponseShape
 from extproc.client_errors import error_reply
 from extproc.config import Schema
@@ -37,7 +40,9 @@ from extproc.contract import (
     RETRY_AFTER_HEADER,
     ROUTE_HEADER,
     STAGE_HEADER,
+    TENANT_HEADER,
     TIMEOUT_HEADER,
+    TOOL_GRANTS_HEADER,
     ClientApi,
     Meta,
 )
@@ -54,6 +59,7 @@ from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.schemas.openai import Operation, RequestError
 from extproc import translators
 from extproc.telemetry.record import RequestRecord
+from extproc.mcp.jsonrpc import INVALID_REQUEST, error_response
 from extproc.tenancy import Caller, caller_of
 
 if TYPE_CHECKING:
@@ -83,6 +89,7 @@ PROVIDER_NAMES = {
 # APIs whose missing usage the opt-in estimate fills in (text in, text out).
 _ESTIMATED = frozenset({ResponseShape.openai, ResponseShape.responses})
 
+_NO_KEYS: Mapping[str, bytes] = MappingProxyType({})  # no client key: shared, read-only
 _BACKGROUND: set[asyncio.Future[Any]] = set()  # fire-and-forget writes, referenced until done
 
 
@@ -93,7 +100,7 @@ class Exchange:
         "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
         "route", "target", "stream", "session_id", "tenant", "observer", "finished", "processor_seconds",
         "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved", "staged",
-        "affinity", "_stored", "mcp", "done", "content_type", "caller",
+        "affinity", "_stored", "mcp", "done", "content_type", "caller", "_client_keys",
     )
 
     def __init__(
@@ -114,7 +121,7 @@ class Exchange:
         self.stream = False
         self.session_id: str | None = None
         self.tenant: str | None = None
-        self.caller: Caller | None = None  # who calls (tenancy.py): tenant, how it was known, grants
+        self.caller: Caller | None = None  # who calls (tenancy.py): tenant, how known, grants; None: no tenancy
         self.observer: ResponseObserver | None = None
         self.finished = False
         self.processor_seconds = 0.0  # time spent answering Envoy for this request (server adds it up)
@@ -134,6 +141,9 @@ class Exchange:
         # after its next answer (see server.ExternalProcessor.Process).
         self.done = False
         self.content_type = ""  # the request's, for a multipart/form-data body's boundary
+        # Provider keys the client sent in backends' client_key_header (bring your own key),
+        # by header name: only ever put on the request to that backend, never logged or recorded.
+        self._client_keys: Mapping[str, bytes] = _NO_KEYS
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message; a bug here becomes a clean error, never a dead stream."""
@@ -188,12 +198,18 @@ class Exchange:
             return self._mcp_headers(headers, message.end_of_stream)
         endpoint = ENDPOINTS.get(path)
         if endpoint is None and self.method == "GET" and path.startswith(MODEL_PATH_PREFIX):
-            return self._model_object(unquote(path.removeprefix(MODEL_PATH_PREFIX)))
+            model = unquote(path.removeprefix(MODEL_PATH_PREFIX))
+            if self.runtime.authorization is None:
+                return self._model_object(model)
+            # A model the caller may not use is not shown: answered once the caller is known.
+            return self._identified(headers, lambda: self._model_object(model))
         if endpoint is None or endpoint.method != self.method:
             raise openai.not_found_path(self.method, path)
         self.endpoint = endpoint
         if endpoint.operation is Operation.models:
-            return protocol.immediate(200, self.runtime.models_body, PROCESSOR_DETAILS_PREFIX + "models")
+            if self.runtime.authorization is None:
+                return self._models_list()
+            return self._identified(headers, self._models_list)
         if message.end_of_stream:
             raise openai.bad_request("The request body is empty; expected a JSON object with a 'model' field.")
         length = headers.get("content-length")
@@ -205,21 +221,35 @@ class Exchange:
             self.content_type = headers.get("content-type", b"").decode("latin-1")
         if self.telemetry is not None:
             self._read_telemetry_headers(headers)
-        return self._identified(headers, protocol.CONTINUE_REQUEST_HEADERS)
+        return self._identified(headers, lambda: self._llm_headers_answer(headers))
 
-    def _identified(self, headers: dict[str, bytes], answer: ep.ProcessingResponse) -> Answer:
-        """`answer` once the caller is known: at once, or after a key-store lookup (Redis)."""
+    def _llm_headers_answer(self, headers: dict[str, bytes]) -> ep.ProcessingResponse:
+        """The request headers' answer once the caller is known: keep the client's own provider keys."""
+        if self.runtime.client_key_headers:
+            self._client_keys = {name: key for name in self.runtime.client_key_headers
+                                 if (key := headers.get(name, b"").strip())}
+        return protocol.CONTINUE_REQUEST_HEADERS
+
+    def _models_list(self) -> ep.ProcessingResponse:
+        """GET /v1/models: the models the gateway routes, less those the caller may not use."""
+        runtime = self.runtime
+        body = models_body(runtime.authorization, self.caller, runtime.router.listed_models, runtime.models_body)
+        return protocol.immediate(200, body, PROCESSOR_DETAILS_PREFIX + "models")
+
+    def _identified(self, headers: dict[str, bytes], then: Callable[[], ep.ProcessingResponse]) -> Answer:
+        """`then()` once the caller is known: at once, or after a key-store lookup (Redis).
+        Every answer that depends on the caller is built by `then`, never before."""
         runtime = self.runtime
         if runtime.tenancy is None:
-            return answer
-        found = caller_of(headers, runtime.tenancy, runtime.tenant_keys, runtime.key_store)
+            return then()
+        found = caller_of(headers, runtime.tenancy, runtime.tenant_keys, runtime.key_store, runtime.host_pattern)
         if isinstance(found, Caller):
             self._set_caller(found)
-            return answer
+            return then()
 
         async def later() -> ep.ProcessingResponse:
             self._set_caller(await found)
-            return answer
+            return then()
 
         return later()
 
@@ -237,24 +267,27 @@ class Exchange:
         self.mcp = True
         self.session_id = header_text(headers.get(self.runtime.session_id_header)) or session_label(
             headers.get(MCP_SESSION_HEADER))
+        return self._identified(headers, lambda: self._mcp_headers_answer(end_of_stream))
+
+    def _mcp_headers_answer(self, end_of_stream: bool) -> ep.ProcessingResponse:
+        """The MCP request headers' answer once the caller is known (it names the caller to the MCP gateway)."""
         response = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+        # The MCP gateway authorizes tools by these; a client's own copies never get through.
+        caller = self.caller
+        set_headers = [(TENANT_HEADER, caller.tenant.encode())] if caller is not None else []
+        if caller is not None and caller.tools is not None:
+            set_headers.append((TOOL_GRANTS_HEADER, orjson.dumps(caller.tools)))
+        remove = [h for h in (TENANT_HEADER, TOOL_GRANTS_HEADER) if all(k != h for k, _ in set_headers)]
+        response.request_headers.response.header_mutation.CopyFrom(protocol.header_mutation(set_headers, remove))
         # An override replaces every field: keep the buffered request body (proto default: NONE).
         response.mode_override.request_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
         if not self.runtime.request_limited:
             response.mode_override.response_header_mode = processing_mode_pb2.ProcessingMode.SKIP
         response.mode_override.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
-        if not end_of_stream:
-            return self._identified(headers, response)
-        # GET (server stream) or DELETE (end of session): nothing to read, the metadata goes now.
-        self.done = not self.runtime.request_limited
-        identified = self._identified(headers, response)
-        if isinstance(identified, ep.ProcessingResponse):
-            return self._with_mcp_method(identified)
-
-        async def later() -> ep.ProcessingResponse:
-            return self._with_mcp_method(await identified)
-
-        return later()
+        if end_of_stream:  # GET (server stream) or DELETE (end of session): nothing to read, the metadata goes now
+            self.done = not self.runtime.request_limited
+            return self._with_mcp_method(response)
+        return response
 
     def _with_mcp_method(self, response: ep.ProcessingResponse) -> ep.ProcessingResponse:
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(
@@ -265,6 +298,10 @@ class Exchange:
         """Metadata for one JSON-RPC message (extproc/mcp/call_metadata.py)."""
         values: dict[str, Any] = {Meta.SESSION_ID: self.session_id, Meta.TENANT: self.tenant,
                                   **message_metadata(body)}
+        policy, caller = self.runtime.authorization, self.caller
+        if policy is not None and caller is not None and values.get(Meta.MCP_TOOL_CALL) and not policy.allows_tool(
+                caller.tenant, caller.tools, values[Meta.MCP_TOOL_NAME]):
+            values[Meta.MCP_TOOL_CALL] = 0  # the MCP gateway refuses it as an unknown tool: no call to charge
         budgets.add_charges(values, self.runtime.charges)  # a tool call costs a call budget 1, anything else 0
         response = ep.ProcessingResponse(request_body=ep.BodyResponse())
         response.dynamic_metadata.CopyFrom(protocol.metadata_struct(values))
@@ -282,9 +319,18 @@ class Exchange:
         if self.telemetry.tracing.enabled:  # type: ignore[union-attr]
             self._trace_headers = {k: headers[k] for k in _TRACE_HEADERS if k in headers}
 
+    def _refused(self, model: str) -> ep.ProcessingResponse:
+        """403 before routing, so nothing reaches a backend; the access log still says who
+        asked for what (tenant, model)."""
+        reply = self._reject(model_refused(model))
+        reply.dynamic_metadata.CopyFrom(protocol.metadata_struct({Meta.TENANT: self.tenant, Meta.REQUEST_MODEL: model}))
+        return reply
+
     def _model_object(self, model: str) -> ep.ProcessingResponse:
-        """GET /v1/models/{id}: a model the gateway can route is a model it serves."""
-        if not model or self.runtime.router.route_for(model) is None:
+        """GET /v1/models/{id}: a model the gateway can route (and the caller may use) is a model it serves."""
+        policy = self.runtime.authorization
+        refused = policy is not None and self.caller is not None and not policy.allows_model(self.caller, model)
+        if not model or refused or self.runtime.router.route_for(model) is None:
             raise openai.model_not_found(model)
         return protocol.immediate(200, openai.model_object(model), PROCESSOR_DETAILS_PREFIX + "model")
 
@@ -298,6 +344,9 @@ class Exchange:
         assert self.endpoint is not None
         parsed = self.endpoint.parse(message.body, self.content_type)
         self.model = parsed.model
+        policy = runtime.authorization
+        if policy is not None and self.caller is not None and not policy.allows_model(self.caller, parsed.model):
+            return self._refused(parsed.model)
         selection = runtime.router.select(parsed.model)
         if selection is None:
             if self.endpoint.client_api in ANTHROPIC_APIS:
@@ -411,8 +460,11 @@ class Exchange:
             where = [(BACKEND_HEADER, target.name.encode()), (STAGE_HEADER, b"1")]
             other = [ROUTE_HEADER]
         # The routing headers not set here are removed: a client must not pick them (Envoy
-        # matches fallback routes by x-ai-eg-route first).
-        return [(MODEL_HEADER, model.encode()), *where], [*CLIENT_CREDENTIAL_HEADERS, *other]
+        # matches fallback routes by x-ai-eg-route first). A client's own provider key stays
+        # only for the backend that takes it: the upstream stage puts it in place.
+        own = None if route.fallback else target.client_key_header
+        keys = [h for h in self.runtime.client_key_headers if h != own]
+        return [(MODEL_HEADER, model.encode()), *where], [*CLIENT_CREDENTIAL_HEADERS, *other, *keys]
 
     def _upstream_headers(self, target: BackendTarget, model: str) -> tuple[list[tuple[str, bytes]], list[str]]:
         """Where Envoy sends the request and with whose credentials: (headers to set, to remove)."""
@@ -422,8 +474,14 @@ class Exchange:
             # :path was decoded as Latin-1, so encoding it back the same way keeps every byte.
             (":path", self._upstream_path(target).encode("latin-1")),
         ]
-        set_headers.extend(target.request_headers)  # credentials and the backend's configured headers
-        return set_headers, list(target.removed_client_headers)
+        credentials = target.credentials(self._client_keys)  # credentials and the backend's configured headers
+        set_headers.extend(credentials)
+        if credentials is target.request_headers:  # the precomputed case: nothing to reconcile
+            return set_headers, [*target.removed_client_headers, *self.runtime.client_key_headers]
+        # The client's own key: never remove the header it now goes in (a backend without a key of its own).
+        setting = {name for name, _ in credentials}
+        return set_headers, [h for h in (*target.removed_client_headers, *self.runtime.client_key_headers)
+                             if h not in setting]
 
     def _start_span(self, set_headers: list[tuple[str, bytes]], body: dict[str, Any]) -> int | None:
         """Start the request's span (child of the client's trace) and pass it upstream.
@@ -637,7 +695,11 @@ class Exchange:
         )
 
     def _reject(self, error: RequestError | AnthropicRequestError) -> ep.ProcessingResponse:
-        """Answer the client in its own API's error shape."""
+        """Answer the client in its own API's error shape (a JSON-RPC error on MCP paths)."""
+        if self.mcp:
+            code = getattr(error, "code", None) or error.error_type
+            return protocol.immediate(error.status, error_response(None, INVALID_REQUEST, error.message),
+                                      PROCESSOR_DETAILS_PREFIX + code)
         client_api = self.endpoint.client_api if self.endpoint is not None else None
         return error_reply(client_api, error, PROCESSOR_DETAILS_PREFIX)
 

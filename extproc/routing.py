@@ -11,12 +11,13 @@ import fnmatch
 import random
 import re
 from bisect import bisect_right
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 from pydantic import SecretStr
 
-from extproc.backend_auth import BackendAuth, auth_for
+from extproc.backend_auth import KEY_HEADERS, BackendAuth, auth_for
 from extproc.config import Backend, GatewayConfig, ModelMatch, Route
 from extproc.contract import CLIENT_CREDENTIAL_HEADERS, ROUTE_HEADER, STAGE_HEADER
 
@@ -42,6 +43,20 @@ class BackendTarget:
     removed_client_headers: tuple[str, ...]
     model_name_override: str | None
     strip_model_prefix: str | None
+    # Bring your own key: the request header a client's own key comes in, and the header
+    # (with scheme) it is sent to the backend in, with the configured headers but no key.
+    client_key_header: str | None = None
+    client_key_credential: tuple[str, bytes] = ("", b"")
+    extra_headers: tuple[tuple[str, bytes], ...] = ()
+
+    def credentials(self, client_keys: Mapping[str, bytes]) -> tuple[tuple[str, bytes], ...]:
+        """The credential and configured headers for one request: the client's own key
+        when it sent one in this backend's `client_key_header`, else the configured one."""
+        key = client_keys.get(self.client_key_header) if self.client_key_header is not None else None
+        if key is None:
+            return self.request_headers
+        header, scheme = self.client_key_credential
+        return ((header, scheme + key), *self.extra_headers)
 
     def model_for(self, client_model: str) -> str:
         """The name this backend knows the client's model by: the override, else the
@@ -159,6 +174,9 @@ def _target(backend: Backend, auth: BackendAuth) -> BackendTarget:
         model_name_override=backend.model_name_override,
         strip_model_prefix=backend.strip_model_prefix,
         request_headers=credentials + extra_headers,
+        client_key_header=backend.client_key_header,
+        client_key_credential=KEY_HEADERS.get(backend.schema_, ("", b"")),
+        extra_headers=extra_headers,
         removed_client_headers=(
             *(h for h in CLIENT_CREDENTIAL_HEADERS if h not in overwritten), ROUTE_HEADER, STAGE_HEADER),
     )

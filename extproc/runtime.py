@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from extproc.authorization import Policy
 from extproc.budgets import charges, reserves
 from extproc.config import Budget, LoadedConfig, Tenancy
 from extproc.keys import KeyStore
 from extproc.routing import Router
 from extproc.schemas import openai
+from extproc.tenancy import Caller, host_matcher, key_callers
 from extproc.usage import CostKey, compile_cel
 
 
@@ -23,7 +26,7 @@ class Runtime:
     costs: tuple[CostKey, ...]
     session_id_header: str
     tenancy: Tenancy | None
-    tenant_keys: dict[str, str]
+    tenant_keys: dict[str, Caller]  # by the SHA-256 digest of each known client key
     reserve_budgets: tuple[Budget, ...]
     charges: tuple[tuple[str, str], ...]  # (cost key, charge key) budgets charge after the response
     request_limited: bool  # request_limits exist: Envoy's local filter may answer 429 itself
@@ -32,6 +35,11 @@ class Runtime:
     max_response_bytes: int
     mcp_paths: frozenset[str] = frozenset()  # client paths of MCP routes (served by the MCP gateway)
     key_store: KeyStore | None = None  # outlives reloads: the server keeps it while its settings stay
+    authorization: Policy | None = None  # None: every caller may use everything
+    host_pattern: re.Pattern[str] | None = None  # tenancy.host_pattern, compiled
+    # Headers in which clients may send their own provider keys (backends' client_key_header):
+    # read once at the request headers, removed before any backend.
+    client_key_headers: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, loaded: LoadedConfig, key_store: KeyStore | None = None) -> Runtime:
@@ -52,7 +60,7 @@ class Runtime:
             ),
             session_id_header=config.metadata.session_id_header,
             tenancy=config.tenancy,
-            tenant_keys=loaded.tenant_keys,
+            tenant_keys=key_callers(loaded.tenant_keys),
             reserve_budgets=tuple(b for b in config.budgets if reserves(config, b)),
             charges=charges(config),
             request_limited=bool(config.request_limits),
@@ -61,4 +69,7 @@ class Runtime:
             max_response_bytes=config.usage.max_response_bytes,
             mcp_paths=frozenset(r.path for r in config.mcp.routes) if config.mcp is not None else frozenset(),
             key_store=key_store,
+            authorization=Policy(config.authorization) if config.authorization is not None else None,
+            host_pattern=host_matcher(config.tenancy) if config.tenancy is not None else None,
+            client_key_headers=frozenset(b.client_key_header for b in config.backends if b.client_key_header),
         )

@@ -206,7 +206,8 @@ class ProcessorServer:
             return
         from extproc.mcp import McpGateway, resolve_mcp_secrets  # aiohttp only in this process
 
-        gateway = McpGateway(settings, resolve_mcp_secrets(settings, os.environ), self.telemetry)
+        gateway = McpGateway(settings, resolve_mcp_secrets(settings, os.environ), self.telemetry,
+                             self.processor.runtime.authorization)
         try:
             self.mcp_port = await gateway.start(
                 self.options.admin_host, settings.port, shutdown_timeout=self.options.grace_period_seconds
@@ -263,7 +264,7 @@ class ProcessorServer:
             log.warning("telemetry settings changed: they apply when the processor restarts")
         install_secret_scrubber(loaded)  # new keys are scrubbed from logs too
         if mcp_secrets is not None and self._mcp is not None and loaded.config.mcp is not None:
-            self._mcp.update(loaded.config.mcp, mcp_secrets)
+            self._mcp.update(loaded.config.mcp, mcp_secrets, self.processor.runtime.authorization)
         self.loaded = loaded
 
     def _runtime_with_keys(self, loaded: LoadedConfig) -> Runtime:

@@ -1,9 +1,10 @@
 """Who calls: the tenant a request is charged to, how that was established, and its grants.
 
 Precedence (first that applies wins): a key-store key > a `tenancy.api_keys` key > the
-tenant header > the default tenant; with none of them the request is refused
+host name the request was sent to (`tenancy.hosts`, `tenancy.host_pattern`) > the tenant
+header > the default tenant; with none of them the request is refused
 (`tenancy.reject_status`). A key the store knows but refuses (revoked, expired) is a 401
-and never falls through to a header or the default.
+and never falls through to another source.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.config import Tenancy, key_digest
+from extproc.config import ApiKeyTenant, Tenancy, key_digest
 from extproc.keys import PENDING, KeyRecord, KeyStore, KeyStoreError
 from extproc.request_headers import client_api_key, header_text
 from extproc.schemas import openai
@@ -26,8 +27,9 @@ _TENANT_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """The identity a request runs under. `models`/`tools`: the key's (or token's) own grant
-    globs; None means the tenant's policy applies. `key_id`: the key-store entry, if any."""
+    """The identity a request runs under. `models` / `tools`: globs the caller's own credential
+    is limited to (a key's, a token's), within its tenant's grants; None: the tenant's apply.
+    `key_id`: the key-store entry, if any."""
 
     tenant: str
     via: str  # "jwt" | "key" | "host" | "header" | "default"
@@ -36,10 +38,31 @@ class Caller:
     key_id: str | None = None
 
 
+def key_callers(entries: Mapping[str, ApiKeyTenant]) -> dict[str, Caller]:
+    """The caller each `tenancy.api_keys` digest stands for, built once per config."""
+    return {
+        digest: Caller(entry.tenant, "key", tuple(entry.models) if entry.models is not None else None,
+                       tuple(entry.tools) if entry.tools is not None else None)
+        for digest, entry in entries.items()
+    }
+
+
+def host_matcher(tenancy: Tenancy) -> re.Pattern[str] | None:
+    """`host_pattern` ('{tenant}.gw.example.com') as a regex whose group names the tenant."""
+    if tenancy.host_pattern is None:
+        return None
+    before, _, after = tenancy.host_pattern.partition("{tenant}")
+    return re.compile(f"{re.escape(before)}(?P<tenant>[a-z0-9](?:[a-z0-9-]{{0,61}}[a-z0-9])?){re.escape(after)}")
+
+
 def caller_of(
-    headers: dict[str, bytes], tenancy: Tenancy, tenant_keys: Mapping[str, str], key_store: KeyStore | None = None
+    headers: dict[str, bytes], tenancy: Tenancy, tenant_keys: Mapping[str, Caller],
+    key_store: KeyStore | None = None, host_pattern: re.Pattern[str] | None = None,
 ) -> Caller | Coroutine[Any, Any, Caller]:
-    """The caller, or (a key-store key not in memory: Redis) a coroutine the server awaits."""
+    """The caller (see the module's docstring for the order), or, when a key-store lookup
+    has to wait (Redis, not cached), a coroutine the exchange awaits.
+
+    `tenant_keys`: the caller by the SHA-256 digest of each `tenancy.api_keys` key."""
     key = client_api_key(headers)
     if key:
         digest = key_digest(key)
@@ -49,23 +72,17 @@ def caller_of(
             except KeyStoreError:
                 raise _unavailable() from None
             if found is PENDING:
-                return _fetched(key_store, digest, headers, tenancy, tenant_keys)
+                return _fetched(key_store, digest, headers, tenancy, tenant_keys, host_pattern)
             if isinstance(found, KeyRecord):
                 return _from_record(found)
-        if (tenant := tenant_keys.get(digest)) is not None:
-            return Caller(tenant, "key")
-    return _unkeyed(headers, tenancy)
-
-
-def tenant_of(headers: dict[str, bytes], tenancy: Tenancy, tenant_keys: Mapping[str, str]) -> str:
-    """The tenant alone, for callers without a key store (always answered in memory)."""
-    found = caller_of(headers, tenancy, tenant_keys)
-    assert isinstance(found, Caller)
-    return found.tenant
+        if (caller := tenant_keys.get(digest)) is not None:
+            return caller
+    return _unkeyed(headers, tenancy, host_pattern)
 
 
 async def _fetched(
-    store: KeyStore, digest: str, headers: dict[str, bytes], tenancy: Tenancy, tenant_keys: Mapping[str, str]
+    store: KeyStore, digest: str, headers: dict[str, bytes], tenancy: Tenancy, tenant_keys: Mapping[str, Caller],
+    host_pattern: re.Pattern[str] | None,
 ) -> Caller:
     try:
         record = await store.fetch(digest)
@@ -73,9 +90,9 @@ async def _fetched(
         raise _unavailable() from None
     if record is not None:
         return _from_record(record)
-    if (tenant := tenant_keys.get(digest)) is not None:
-        return Caller(tenant, "key")
-    return _unkeyed(headers, tenancy)
+    if (caller := tenant_keys.get(digest)) is not None:
+        return caller
+    return _unkeyed(headers, tenancy, host_pattern)
 
 
 def _unavailable() -> RequestError:
@@ -91,7 +108,13 @@ def _from_record(record: KeyRecord) -> Caller:
     return Caller(record.tenant, "key", record.models, record.tools, record.id)
 
 
-def _unkeyed(headers: dict[str, bytes], tenancy: Tenancy) -> Caller:
+def _unkeyed(headers: dict[str, bytes], tenancy: Tenancy, host_pattern: re.Pattern[str] | None) -> Caller:
+    if tenancy.hosts or host_pattern is not None:
+        host = _host(headers.get(":authority"))
+        if (tenant := tenancy.hosts.get(host)) is not None:
+            return Caller(tenant, "host")
+        if host_pattern is not None and (match := host_pattern.fullmatch(host)) is not None:
+            return Caller(match.group("tenant"), "host")
     if tenancy.header is not None and (named := header_text(headers.get(tenancy.header))) is not None:
         if len(named) > MAX_TENANT or not _TENANT_CHARS.match(named):
             raise openai.bad_request(
@@ -103,5 +126,14 @@ def _unkeyed(headers: dict[str, bytes], tenancy: Tenancy) -> Caller:
     source = " or ".join(
         ([f"the {tenancy.header} header"] if tenancy.header else [])
         + (["a known API key"] if tenancy.api_keys or tenancy.key_store else [])
+        + (["a tenant's host name"] if tenancy.hosts or host_pattern is not None else [])
     )
     raise openai.no_tenant(tenancy.reject_status, f"This gateway needs to know who is calling: send {source}.")
+
+
+def _host(authority: bytes | None) -> str:
+    """The host of an :authority, lower-case, without its port (IPv6 literals never name tenants)."""
+    if not authority:
+        return ""
+    text = authority.decode("latin-1").lower()
+    return text.rsplit(":", 1)[0] if ":" in text and not text.startswith("[") else text

@@ -87,7 +87,7 @@ class UpstreamExchange:
     """One attempt of one request, against the backend Envoy picked for it."""
 
     __slots__ = ("runtime", "target", "client_api", "stream", "include_usage", "model", "_translator", "_stream",
-                 "_status", "_error_type", "_reads", "done", "_content_type")
+                 "_status", "_error_type", "_reads", "done", "_content_type", "_client_keys")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -103,6 +103,7 @@ class UpstreamExchange:
         self._reads = False  # this attempt's answer is read and rewritten into the client's API
         self.done = False  # Envoy will send nothing more this attempt needs (the processor then ends the stream)
         self._content_type = ""  # a multipart/form-data request's (its boundary)
+        self._client_keys: dict[str, bytes] = {}  # the client's own key for this backend (never logged)
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message: a response, or a coroutine when the answer must wait (the
@@ -150,9 +151,12 @@ class UpstreamExchange:
         forwarded = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
         if forwarded is not None and Meta.CLIENT_API in forwarded.fields:
             self.client_api = ClientApi(forwarded.fields[Meta.CLIENT_API].string_value)
-        if SPECS[self.client_api].form:  # the boundary of a multipart body
-            content_type = protocol.header_map(request.request_headers).get("content-type", b"")
-            self._content_type = content_type.decode("latin-1")
+        own_key = self.target.client_key_header
+        if SPECS[self.client_api].form or own_key is not None:
+            headers = protocol.header_map(request.request_headers)
+            self._content_type = headers.get("content-type", b"").decode("latin-1")  # a multipart body's boundary
+            if own_key is not None and (key := headers.get(own_key, b"").strip()):
+                self._client_keys[own_key] = key  # the request stage left it for this backend only
         return protocol.CONTINUE_REQUEST_HEADERS
 
     def on_request_body(self, message: ep.HttpBody) -> Answer:
@@ -177,7 +181,7 @@ class UpstreamExchange:
         self._translator = translator_for(attempt, body["model"])
         upstream = self._translator.request(body, raw)
         path, new_body, headers = upstream.path, upstream.body, upstream.headers
-        headers.extend(target.request_headers)  # a key's header and the backend's configured headers
+        headers.extend(target.credentials(self._client_keys))  # a key's header and the backend's configured headers
         if self._translator.translates_response or self._translator.translates_errors:
             headers.append(("accept-encoding", b"identity"))  # translation reads plain bytes
         auth = target.auth
@@ -206,6 +210,7 @@ class UpstreamExchange:
         self, target: BackendTarget, path: str, new_body: bytes, headers: list[tuple[str, bytes]], raw: bytes
     ) -> ep.ProcessingResponse:
         remove = [h for h in _PROVIDER_HEADERS if not any(k == h for k, _ in headers)]
+        remove.extend(self.runtime.client_key_headers)  # a client's own key goes only in the credential header
         headers += [
             (":path", path.encode("latin-1")),
             (":authority", target.authority.encode()),

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
 
 from extproc import __version__
+from extproc.mcp.access import ToolCheck, tool_check
 from extproc.mcp.config import McpRoute
 from extproc.mcp.jsonrpc import (
     INVALID_PARAMS,
@@ -37,6 +38,9 @@ from extproc.mcp.replies import error_reply, json_reply, result_reply
 from extproc.mcp.sessions import SESSION_HEADER, GatewaySession, ServerSession, SessionCodec
 from extproc.mcp.upstream import GATEWAY_NAME, ServerPool, SessionGone, UpstreamError
 
+if TYPE_CHECKING:
+    from extproc.authorization import Policy
+
 log = logging.getLogger("extproc.mcp.gateway")  # the gateway's log lines keep their logger name
 
 __all__ = ["Dispatcher"]
@@ -48,11 +52,12 @@ _BY_NAME: Final = {"tools/call": "tools", "prompts/get": "prompts"}
 class Dispatcher:
     """Answers one client message of a route (after the HTTP front has parsed it)."""
 
-    __slots__ = ("_codec", "_pool", "_listings", "_relay")
+    __slots__ = ("_codec", "_pool", "_listings", "_relay", "authorization")
 
-    def __init__(self, codec: SessionCodec, pool: ServerPool) -> None:
+    def __init__(self, codec: SessionCodec, pool: ServerPool, authorization: Policy | None = None) -> None:
         self._codec = codec
         self._pool = pool
+        self.authorization = authorization  # which tools each caller may use (None: all the route offers)
         self._listings = Listings(pool)
         self._relay = Relay(pool)
 
@@ -74,10 +79,11 @@ class Dispatcher:
         if method == "ping":
             return result_reply(observation, message.id, {})
         try:
+            allowed = tool_check(self.authorization, request.headers)
             if method in LISTS:
-                return await self._listings.list_all(route, session, message, observation)
+                return await self._listings.list_all(route, session, message, observation, allowed)
             if method in _BY_NAME:
-                return await self._by_name(request, route, session, message, observation)
+                return await self._by_name(request, route, session, message, observation, allowed)
         except SessionGone as exc:
             log.info("%s", exc)
             observation.http_failure(404, str(exc))
@@ -195,7 +201,7 @@ class Dispatcher:
     # -- tools/call, prompts/get ---------------------------------------------------------
 
     async def _by_name(self, request: web.Request, route: McpRoute, session: GatewaySession, message: Message,
-                       observation: Observation) -> web.StreamResponse:
+                       observation: Observation, allowed: ToolCheck | None = None) -> web.StreamResponse:
         method = message.method or ""
         kind = _BY_NAME[method]
         what = "tool" if kind == "tools" else "prompt"
@@ -208,9 +214,12 @@ class Dispatcher:
             split is not None and split[0] in route.servers and split[0] in self._pool.clients
             and (kind != "tools" or route.offers(name))
         )
-        if not offered or split is None:
+        # A tool this caller may not use is refused with the same words as one that does not exist.
+        permitted = kind != "tools" or allowed is None or allowed(name)
+        if not offered or not permitted or split is None:
             if split is not None and split[0] in route.servers and kind == "tools":
-                log.info("tool %r refused on %s: not offered by the route's allow/deny rules", name, route.path)
+                why = "the route's allow/deny rules" if not offered else "the caller's authorization"
+                log.info("tool %r refused on %s: not offered by %s", name, route.path, why)
             return error_reply(observation, message.id, INVALID_PARAMS, f"Unknown {what}: {name}")
         server, original = split
         server_session = session.servers.get(server)

@@ -16,11 +16,14 @@ gateway keeps one session per server behind the client's one session:
   `initialize` fail. A client gets such a server back by starting a new session.
 - `tools/list` (and `prompts/list`): every server of the session, all pages of each
   (following `nextCursor`), merged into one page; each tool is renamed `<server>__<tool>`
-  and the route's `allow_tools`/`deny_tools` globs hide tools. A failing server is left
-  out of the listing (logged) unless all fail.
+  and the route's `allow_tools`/`deny_tools` globs hide tools, and so does the caller's
+  authorization (the gateway config's `authorization`: its tenant's tool globs narrowed by
+  its key's or token's own, as the request stage names them; `extproc.mcp.access`). A
+  failing server is left out of the listing (logged) unless all fail.
 - `tools/call` (and `prompts/get`): the prefixed name picks the server; an unknown name, an
-  unknown server or a tool the route hides is refused with -32602 ("Unknown tool: ...",
-  the same words for hidden and missing tools) and never forwarded. A `tools/call` name
+  unknown server or a tool the route or the caller's authorization hides is refused with
+  -32602 ("Unknown tool: ...", the same words for hidden and missing tools) and never
+  forwarded. A `tools/call` name
   must also be exactly `<server>__<tool>` for a tool that server listed, byte for byte
   (`extproc.mcp.toolnames`), so a server's own loose name matching cannot let a variant
   past a deny rule; when the gateway's listing of that server session does not know the
@@ -91,6 +94,7 @@ from extproc.mcp.toolnames import ListedTools
 from extproc.mcp.upstream import GATEWAY_NAME, ServerClient, ServerPool
 
 if TYPE_CHECKING:
+    from extproc.authorization import Policy
     from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -104,8 +108,9 @@ class McpGateway:
     """Streamable HTTP MCP endpoint aggregating the configured servers per route."""
 
     def __init__(self, settings: McpSettings, secrets: Mapping[str, str] | None = None,
-                 telemetry: Telemetry | None = None) -> None:
-        """`secrets`: from `resolve_mcp_secrets` (server name -> API key, "session_secret" -> key)."""
+                 telemetry: Telemetry | None = None, authorization: Policy | None = None) -> None:
+        """`secrets`: from `resolve_mcp_secrets` (server name -> API key, "session_secret" -> key).
+        `authorization`: which tools each caller may see and call (`extproc.mcp.access`)."""
         self.telemetry = telemetry
         self._secrets = dict(secrets or {})
         self._codec = SessionCodec(self._secrets.get(SESSION_SECRET_KEY))
@@ -114,7 +119,7 @@ class McpGateway:
         self._pool = ServerPool()
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self._dispatcher = Dispatcher(self._codec, self._pool)
+        self._dispatcher = Dispatcher(self._codec, self._pool, authorization)
         self._observer = Observer(telemetry)
         self.port: int | None = None
 
@@ -157,11 +162,13 @@ class McpGateway:
         if http is not None:
             await http.close()
 
-    def update(self, settings: McpSettings, secrets: Mapping[str, str] | None = None) -> None:
-        """Use new servers and routes for new requests (a config reload). The port and the
-        session key stay as they were until a restart; sessions keep working as long as
-        their route and servers do."""
+    def update(self, settings: McpSettings, secrets: Mapping[str, str] | None = None,
+               authorization: Policy | None = None) -> None:
+        """Use new servers, routes and authorization for new requests (a config reload). The
+        port and the session key stay as they were until a restart; sessions keep working
+        as long as their route and servers do."""
         self._settings = settings
+        self._dispatcher.authorization = authorization
         self._secrets = dict(secrets or {})  # the session key in it is ignored: the codec keeps its own
         self._routes = {route.path: route for route in settings.routes}
         self._pool.listed = ListedTools()  # a server name may now stand for another server

@@ -18,6 +18,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from extproc.mcp.access import ToolCheck
 from extproc.mcp.config import McpRoute
 from extproc.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, SERVER_UNAVAILABLE, Message, prefixed
 from extproc.mcp.observation import Observation
@@ -56,8 +57,9 @@ class Listings:
         self._listing_ids = itertools.count(1)
 
     async def list_all(self, route: McpRoute, session: GatewaySession, message: Message,
-                       observation: Observation) -> web.Response:
-        """Answer a `tools/list` or `prompts/list`: every server's items in one page."""
+                       observation: Observation, allowed: ToolCheck | None = None) -> web.Response:
+        """Answer a `tools/list` or `prompts/list`: every server's items in one page
+        (tools: those the route offers and, with `allowed`, the caller may call)."""
         method = message.method or ""
         key = LISTS[method]
         if message.params.get("cursor") is not None:
@@ -83,7 +85,8 @@ class Listings:
                 self._pool.listed.remember((name, session.servers[name].session_id), (item["name"] for item in outcome))
             for item in outcome:
                 renamed = {**item, "name": prefixed(name, item["name"])}
-                if key == "tools" and not route.offers(renamed["name"]):
+                if key == "tools" and (
+                        not route.offers(renamed["name"]) or (allowed is not None and not allowed(renamed["name"]))):
                     continue
                 merged.append(renamed)
         if failures and len(failures) == len(names):

@@ -31,6 +31,7 @@ import envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2  # 
 import envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2  # noqa: F401
 import envoy.extensions.filters.http.router.v3.router_pb2  # noqa: F401
 import envoy.extensions.filters.http.upstream_codec.v3.upstream_codec_pb2  # noqa: F401
+import envoy.extensions.http.early_header_mutation.header_mutation.v3.header_mutation_pb2  # noqa: F401
 import envoy.extensions.resource_monitors.downstream_connections.v3.downstream_connections_pb2  # noqa: F401
 import envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2  # noqa: F401
 import envoy.extensions.retry.priority.previous_priorities.v3.previous_priorities_config_pb2  # noqa: F401
@@ -148,7 +149,15 @@ def _telemetry() -> GatewayConfig:
     })
 
 
+def _authorization() -> GatewayConfig:
+    """Per-tenant authorization: Envoy drops clients' copies of the caller headers early."""
+    data = _mcp().model_dump(mode="json", by_alias=True, exclude_none=True)
+    data["authorization"] = {"tenants": {"*": {"models": ["gpt-*"], "tools": ["search__*"]}}}
+    return parse_config(data)
+
+
 CONFIGS: dict[str, Callable[[], GatewayConfig]] = {
+    "authorization": _authorization,
     "demo": _demo,
     "example": _example,
     "every-schema-and-fallback": _every_schema_and_fallback,
