@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from extproc.auth_config import Auth
 from extproc.yaml_file import read_yaml_file
 from extproc.config_base import (
     GATEWAY_OWNED_HEADERS,
@@ -538,6 +539,7 @@ class GatewayConfig(StrictModel):
     metadata: RequestMetadata = Field(default_factory=RequestMetadata)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     tenancy: Tenancy | None = None
+    auth: Auth = Field(default_factory=Auth, description="callers' proof of identity (JWTs checked by Envoy)")
     budgets: list[Budget] = Field(default_factory=list)
     request_limits: list[RequestLimit] = Field(default_factory=list)
     ratelimit: RateLimitService = Field(default_factory=RateLimitService)
@@ -570,9 +572,9 @@ class GatewayConfig(StrictModel):
                     f"unknown cost {budget.cost!r}; use a token key ({', '.join(sorted(BUILTIN_KEYS))}) "
                     "or a metadata_key from 'costs'",
                 )
-        if (self.budgets or self.request_limits) and self.tenancy is None:
+        if (self.budgets or self.request_limits) and self.tenancy is None and self.auth.jwt is None:
             where = "budgets" if self.budgets else "request_limits"
-            raise _FieldError((where,), "limits are per tenant: add a 'tenancy' section saying where tenants come from")
+            raise _FieldError((where,), "limits are per tenant: add a 'tenancy' section (or auth.jwt) saying where tenants come from")
         defaults = [i for i, r in enumerate(self.routes) if r.default]
         if len(defaults) > 1:
             raise _FieldError(("routes", defaults[1], "default"), "only one route may be the default")

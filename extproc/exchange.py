@@ -17,10 +17,11 @@ from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc import budgets, protocol
+from extproc import budgets, jwt_authn, protocol
 from extproc.accounting import end_of_response_metadata
 from extproc.client_apis import ANTHROPIC_APIS, ENDPOINTS, MODEL_PATH_PREFIX, ClientApiSpec, ResponseShape
 from extproc.client_errors import error_reply
@@ -54,7 +55,7 @@ from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.schemas.openai import Operation, RequestError
 from extproc import translators
 from extproc.telemetry.record import RequestRecord
-from extproc.tenancy import tenant_of
+from extproc.tenancy import Caller, tenant_of
 
 if TYPE_CHECKING:
     from extproc.affinity import AffinityStore
@@ -91,7 +92,7 @@ class Exchange:
 
     __slots__ = (
         "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
-        "route", "target", "stream", "session_id", "tenant", "observer", "finished", "processor_seconds",
+        "route", "target", "stream", "session_id", "tenant", "caller", "observer", "finished", "processor_seconds",
         "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved", "staged",
         "affinity", "_stored", "mcp", "done", "content_type",
     )
@@ -114,6 +115,7 @@ class Exchange:
         self.stream = False
         self.session_id: str | None = None
         self.tenant: str | None = None
+        self.caller: Caller | None = None  # who calls and how the gateway knows (tenancy.py)
         self.observer: ResponseObserver | None = None
         self.finished = False
         self.processor_seconds = 0.0  # time spent answering Envoy for this request (server adds it up)
@@ -141,7 +143,7 @@ class Exchange:
             if phase == "response_body":
                 answer = self.on_response_body(request.response_body)
             elif phase == "request_headers":
-                answer = self.on_request_headers(request.request_headers)
+                answer = self.on_request_headers(request.request_headers, request.metadata_context)
             elif phase == "request_body":
                 answer = self.on_request_body(request.request_body)
             elif phase == "response_headers":
@@ -176,7 +178,9 @@ class Exchange:
 
     # -- request phases -------------------------------------------------------
 
-    def on_request_headers(self, message: ep.HttpHeaders) -> ep.ProcessingResponse:
+    def on_request_headers(
+        self, message: ep.HttpHeaders, metadata: base_pb2.Metadata | None = None
+    ) -> ep.ProcessingResponse:
         headers = protocol.header_map(message)
         if log.isEnabledFor(logging.DEBUG):  # credentials shown as "<redacted>" (Bearer scheme kept)
             log.debug("request headers: %s", redact_headers(headers))
@@ -184,7 +188,7 @@ class Exchange:
         path, _, query = headers.get(":path", b"").decode("latin-1").partition("?")
         self.path, self.query = path, query
         if path in self.runtime.mcp_paths:
-            return self._mcp_headers(headers, message.end_of_stream)
+            return self._mcp_headers(headers, message.end_of_stream, metadata)
         endpoint = ENDPOINTS.get(path)
         if endpoint is None and self.method == "GET" and path.startswith(MODEL_PATH_PREFIX):
             return self._model_object(unquote(path.removeprefix(MODEL_PATH_PREFIX)))
@@ -202,15 +206,27 @@ class Exchange:
         self.session_id = header_text(headers.get(self.runtime.session_id_header))
         if endpoint.form:
             self.content_type = headers.get("content-type", b"").decode("latin-1")
-        if self.runtime.tenancy is not None:
-            self.tenant = tenant_of(headers, self.runtime.tenancy, self.runtime.tenant_keys)
+        self._identify(headers, metadata)
         if self.telemetry is not None:
             self._read_telemetry_headers(headers)
         return protocol.CONTINUE_REQUEST_HEADERS
 
     # -- MCP ---------------------------------------------------------------------
 
-    def _mcp_headers(self, headers: dict[str, bytes], end_of_stream: bool) -> ep.ProcessingResponse:
+    def _identify(self, headers: dict[str, bytes], metadata: base_pb2.Metadata | None) -> None:
+        """Who calls (extproc/tenancy.py): a verified JWT's claim, a key, a header, the default."""
+        runtime = self.runtime
+        token = None
+        if runtime.jwt_claims is not None:
+            verified = metadata.filter_metadata.get(jwt_authn.NAMESPACE) if metadata is not None else None
+            token = jwt_authn.read(verified, runtime.jwt_claims, runtime.jwt_required)
+        if runtime.tenancy is not None or token is not None:
+            self.caller = tenant_of(headers, runtime.tenancy, runtime.tenant_keys, token)
+            self.tenant = self.caller.tenant if self.caller is not None else None
+
+    def _mcp_headers(
+        self, headers: dict[str, bytes], end_of_stream: bool, metadata: base_pb2.Metadata | None = None
+    ) -> ep.ProcessingResponse:
         """MCP goes to the gateway's MCP server (Envoy's route); this stage only names the
         call for Envoy's rate limits and access log, and skips the response (the MCP
         server records its own telemetry and streams SSE). With request limits it still
@@ -218,8 +234,7 @@ class Exchange:
         self.mcp = True
         self.session_id = header_text(headers.get(self.runtime.session_id_header)) or session_label(
             headers.get(MCP_SESSION_HEADER))
-        if self.runtime.tenancy is not None:
-            self.tenant = tenant_of(headers, self.runtime.tenancy, self.runtime.tenant_keys)
+        self._identify(headers, metadata)
         response = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
         # An override replaces every field: keep the buffered request body (proto default: NONE).
         response.mode_override.request_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
@@ -602,6 +617,7 @@ class Exchange:
             client_api=endpoint.client_api,
             session_id=self.session_id,
             user_id=self.user_id,
+            tenant=self.tenant,
             attributes=self.attributes,
             request_body=self._request_body,
             output=observer.output,

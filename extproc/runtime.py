@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from extproc.budgets import charges, reserves
 from extproc.config import Budget, LoadedConfig, Tenancy
+from extproc.jwt_authn import claim_paths
 from extproc.routing import Router
 from extproc.schemas import openai
 from extproc.usage import CostKey, compile_cel
@@ -30,6 +31,8 @@ class Runtime:
     estimate_when_missing: bool
     max_response_bytes: int
     mcp_paths: frozenset[str] = frozenset()  # client paths of MCP routes (served by the MCP gateway)
+    jwt_claims: dict[str, tuple[str, ...]] | None = None  # auth.jwt: each provider's tenant claim path
+    jwt_required: bool = True
 
     @classmethod
     def build(cls, loaded: LoadedConfig) -> Runtime:
@@ -53,4 +56,6 @@ class Runtime:
             estimate_when_missing=config.usage.estimate_when_missing,
             max_response_bytes=config.usage.max_response_bytes,
             mcp_paths=frozenset(r.path for r in config.mcp.routes) if config.mcp is not None else frozenset(),
+            jwt_claims=claim_paths(config.auth.jwt) if config.auth.jwt is not None else None,
+            jwt_required=config.auth.jwt is None or config.auth.jwt.required,
         )
