@@ -50,6 +50,9 @@ def _provider(provider: JwtProvider) -> dict[str, Any]:
             "async_fetch": {"failed_refetch_duration": "1s"},
             "retry_policy": {"num_retries": 2},
         }
+    # Where SDKs put a credential: the openai SDK's Authorization: Bearer, the anthropic
+    # SDK's x-api-key. Never a query parameter (Envoy's default): the access log has paths.
+    out["from_headers"] = [{"name": "authorization", "value_prefix": "Bearer "}, {"name": "x-api-key"}]
     out["forward"] = False  # the token stops at Envoy: no backend, no MCP server sees it
     out["payload_in_metadata"] = provider.name
     out["failed_status_in_metadata"] = provider.name + FAILED_SUFFIX
