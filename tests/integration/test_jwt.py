@@ -402,3 +402,92 @@ async def test_mcp_with_a_token(gateway: RunningGateway, mcp_server: Any) -> Non
     error = refused.json()
     assert error["jsonrpc"] == "2.0" and error["id"] is None and error["error"]["code"] == -32001
     assert "Jwt is expired" in error["error"]["message"]
+
+
+# -- required: false: a token when there is one, the other tenant sources otherwise ---------------
+
+TEAM_KEY = "sk-team-key-3c4d"  # an opaque client API key (tenancy.api_keys), sent as a bearer too
+
+
+@pytest.fixture(scope="module")
+def optional_gateway(sim_a: SimServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    tmp = tmp_path_factory.mktemp("jwt-optional")
+    jwks_file = tmp / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [_jwk(EC_KEY, "ec-1")]}))
+    config = {
+        "backends": [
+            {"name": "sim", "base_url": sim_a.base_url},
+            {"name": "claude", "schema": "anthropic", "base_url": sim_a.url, "api_key": {"env": "T_JWT_ANTHROPIC_KEY"}},
+        ],
+        "routes": [
+            {"name": "claude", "match": {"glob": "claude-*"}, "backends": [{"name": "claude"}]},
+            {"name": "all", "default": True, "backends": [{"name": "sim"}]},
+        ],
+        "auth": {"jwt": {"required": False, "providers": [
+            {"name": "corp", "issuer": ISSUER, "audiences": [AUDIENCE], "jwks_file": str(jwks_file),
+             "tenant_claim": "org.id"}]}},
+        "tenancy": {"header": "x-tenant-id", "api_keys": [{"key": {"env": "T_JWT_TEAM_KEY"}, "tenant": "keyed-team"}],
+                    "default_tenant": "anonymous"},
+    }
+    env = {"T_JWT_ANTHROPIC_KEY": ANTHROPIC_KEY, "T_JWT_TEAM_KEY": TEAM_KEY}
+    with running_gateway(config, tmp, env=env) as gw:
+        yield gw
+
+
+def _tenant_of_request(gateway: RunningGateway, bearer: str | None, **headers: str) -> str:
+    request_id = f"req-{uuid.uuid4().hex[:12]}"
+    headers["x-request-id"] = request_id
+    if bearer is None:  # the openai SDK always sends a credential
+        response = httpx.post(f"{gateway.base_url}/chat/completions", json={"model": "m", "messages": USER},
+                              headers=headers, timeout=30)
+        assert response.status_code == 200, response.text
+    else:
+        _client(gateway, bearer, **headers).chat.completions.create(model="m", messages=USER, max_tokens=2)
+    entry = gateway.wait_access_log(lambda e: e.get("request_id") == request_id)
+    assert entry["status"] == 200
+    return str(entry["tenant"])
+
+
+def test_optional_tokens_rank_above_keys_headers_and_the_default(
+    optional_gateway: RunningGateway, sim_a: SimServer
+) -> None:
+    tenant = _tenant()
+    bearer = token(tenant, key=EC_KEY, kid="ec-1")
+    assert _tenant_of_request(optional_gateway, bearer, **{"x-tenant-id": "claimed"}) == tenant
+    assert _tenant_of_request(optional_gateway, TEAM_KEY, **{"x-tenant-id": "claimed"}) == "keyed-team"
+    assert _tenant_of_request(optional_gateway, "sk-unknown-key", **{"x-tenant-id": "claimed"}) == "claimed"
+    assert _tenant_of_request(optional_gateway, None) == "anonymous"
+    optional_gateway.wait_quiet()
+    for secret in (bearer, TEAM_KEY):
+        _assert_never_seen(optional_gateway, sim_a, secret)
+
+
+OTHER_EC_KEY = ec.generate_private_key(ec.SECP256R1())
+OPTIONAL_REFUSED: dict[str, tuple[Callable[[], str], str]] = {
+    "expired": (lambda: token(key=EC_KEY, kid="ec-1", expires_in=-600), "Jwt is expired"),
+    "wrong audience": (lambda: token(key=EC_KEY, kid="ec-1", audience="other"), "Audiences in Jwt are not allowed"),
+    "bad signature": (lambda: token(key=OTHER_EC_KEY, kid="ec-1"), "Jwt verification fails"),
+    "alg none with a signature": REFUSED["alg none with a signature"],
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIONAL_REFUSED))
+def test_optional_tokens_that_fail_are_still_refused(
+    optional_gateway: RunningGateway, sim_a: SimServer, case: str
+) -> None:
+    make, reason = OPTIONAL_REFUSED[case]
+    before = len(sim_a.requests)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        _client(optional_gateway, make(), **{"x-tenant-id": "claimed"}).chat.completions.create(
+            model="m", messages=USER, max_tokens=2)
+    error = refused.value.body
+    assert isinstance(error, dict) and error["code"] == "invalid_api_key"
+    assert error["message"].startswith(f"The gateway did not accept the request's bearer token: {reason}")
+    assert len(sim_a.requests) == before
+
+    client = anthropic.Anthropic(base_url=f"{optional_gateway.url}/anthropic", api_key=make(), max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as refused_anthropic:
+        client.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
+    body = refused_anthropic.value.body
+    assert isinstance(body, dict) and body["error"]["type"] == "authentication_error"
+    assert reason in body["error"]["message"]
