@@ -36,7 +36,7 @@ def jwks_cluster_name(provider: str) -> str:
 
 
 def _provider(provider: JwtProvider) -> dict[str, Any]:
-    out: dict[str, Any] = {"issuer": provider.issuer}
+    out: dict[str, Any] = {"issuer": provider.issuer, "require_expiration": True}  # no token lives forever
     if provider.audiences:
         out["audiences"] = list(provider.audiences)
     if provider.jwks_file is not None:

@@ -70,12 +70,13 @@ def token(
     kid: str = "rsa-1",
     issuer: str = ISSUER,
     audience: str = AUDIENCE,
-    expires_in: int = 600,
+    expires_in: int | None = 600,
     **claims: Any,
 ) -> str:
     now = int(time.time())
-    payload: dict[str, Any] = {"iss": issuer, "aud": audience, "sub": "user-1", "iat": now, "exp": now + expires_in,
-                               **claims}
+    payload: dict[str, Any] = {"iss": issuer, "aud": audience, "sub": "user-1", "iat": now, **claims}
+    if expires_in is not None:
+        payload["exp"] = now + expires_in
     if tenant is not None:
         payload["org"] = {"id": tenant}  # the file provider's tenant claim is nested: org.id
     algorithm = "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"
@@ -268,6 +269,7 @@ def test_the_anthropic_sdk_with_a_token(gateway: RunningGateway, sim_a: SimServe
 
 REFUSED: dict[str, tuple[Callable[[], str], str]] = {
     "expired": (lambda: token(expires_in=-600), "Jwt is expired"),
+    "no expiry": (lambda: token(expires_in=None), "Jwt verification fails"),  # require_expiration
     "wrong audience": (lambda: token(audience="another-service"), "Audiences in Jwt are not allowed"),
     "wrong issuer": (lambda: token(issuer="https://evil.test"), "Jwt issuer is not configured"),
     "bad signature": (lambda: token(key=OTHER_KEY), "Jwt verification fails"),
