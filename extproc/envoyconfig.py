@@ -30,6 +30,7 @@ from extproc.contract import (
     Meta,
 )
 from extproc.local_replies import RATE_LIMITER_ERROR
+from extproc.mcp import jsonrpc
 from extproc.protocol import PROCESSOR_SERVICE
 from extproc.workers import worker_addresses, worker_count
 
@@ -203,7 +204,7 @@ def _jwt_mappers(config: GatewayConfig) -> list[dict[str, Any]]:
     anthropic_paths = sorted(p for p, spec in ENDPOINTS.items() if spec.client_api in ANTHROPIC_APIS)
     shapes: list[tuple[str | None, dict[str, Any]]] = []
     if config.mcp is not None:
-        error = {"code": -32001, "message": _TOKEN_REFUSED}
+        error = {"code": jsonrpc.UNAUTHORIZED, "message": _TOKEN_REFUSED}
         shapes.append((_cel_list([r.path for r in config.mcp.routes]), {
             "json_format": {"jsonrpc": "2.0", "id": None, "error": error}, "content_type": "application/json"}))
     shapes.append((_cel_list(anthropic_paths), {

@@ -43,6 +43,7 @@ from extproc.contract import (
     Meta,
 )
 from extproc.local_replies import LOCAL_RATE_LIMITED, local_reply_error_type
+from extproc.mcp import jsonrpc
 from extproc.mcp.call_metadata import message_metadata, session_label
 from extproc.protocol import Answer
 from extproc.request_headers import header_text
@@ -624,7 +625,11 @@ class Exchange:
         )
 
     def _reject(self, error: RequestError | AnthropicRequestError) -> ep.ProcessingResponse:
-        """Answer the client in its own API's error shape."""
+        """Answer the client in its own API's error shape (MCP: a JSON-RPC error)."""
+        if self.mcp:
+            code = jsonrpc.UNAUTHORIZED if error.status in (401, 403) else jsonrpc.INVALID_REQUEST
+            details = PROCESSOR_DETAILS_PREFIX + (getattr(error, "code", None) or error.error_type)
+            return protocol.immediate(error.status, jsonrpc.error_response(None, code, error.message), details)
         client_api = self.endpoint.client_api if self.endpoint is not None else None
         return error_reply(client_api, error, PROCESSOR_DETAILS_PREFIX)
 

@@ -402,7 +402,7 @@ async def test_mcp_with_a_token(gateway: RunningGateway, mcp_server: Any) -> Non
     refused = _mcp_initialize(gateway, {"authorization": f"Bearer {token(tenant, expires_in=-600)}"})
     assert refused.status_code == 401
     error = refused.json()
-    assert error["jsonrpc"] == "2.0" and error["id"] is None and error["error"]["code"] == -32001
+    assert error["jsonrpc"] == "2.0" and error["id"] is None and error["error"]["code"] == -32052
     assert "Jwt is expired" in error["error"]["message"]
 
 

@@ -127,7 +127,7 @@ def test_refusals_are_401_in_each_clients_shape(tmp_path: Path) -> None:
         assert mapper["status_code"] == 401  # Envoy's own 403 for a wrong audience too
         assert "jwt_authn_access_denied" in mapper["filter"]["extension_filter"]["typed_config"]["expression"]
     assert "['/mcp']" in mcp["filter"]["extension_filter"]["typed_config"]["expression"]
-    assert mcp["body_format_override"]["json_format"]["error"]["code"] == -32001
+    assert mcp["body_format_override"]["json_format"]["error"]["code"] == -32052
     assert "'/anthropic/v1/messages'" in anthropic["filter"]["extension_filter"]["typed_config"]["expression"]
     assert anthropic["body_format_override"]["json_format"]["error"]["type"] == "authentication_error"
     assert openai["body_format_override"]["json_format"]["error"]["code"] == "invalid_api_key"
@@ -224,3 +224,17 @@ def test_optional_tokens_fall_back_unless_a_jwt_failed(tmp_path: Path) -> None:
 ])
 def test_looks_like_jwt(value: str, jwt: bool) -> None:
     assert jwt_authn.looks_like_jwt(value) is jwt
+
+
+def test_an_mcp_caller_is_refused_with_a_json_rpc_error(tmp_path: Path) -> None:
+    data = _data(tmp_path, {"required": False}, tenancy={"header": "x-tenant-id"},
+                 mcp={"servers": [{"name": "s", "url": "http://127.0.0.1:2/mcp"}],
+                      "routes": [{"path": "/mcp", "servers": ["s"]}]})
+    rt = Runtime.build(LoadedConfig(config=parse_config(data), source="test"))
+    failed = _payloads(**{"corp.failed": {"code": 16, "message": "Jwt is expired"}})
+    request = headers_request("POST", "/mcp", [("authorization", f"Bearer {_jwt_shaped()}".encode())])
+    request.metadata_context.CopyFrom(failed)
+    status, body, _, details = immediate(Exchange(rt).handle(request))
+    assert status == 401 and details == "extproc_invalid_api_key"
+    assert body == {"jsonrpc": "2.0", "id": None, "error": {
+        "code": -32052, "message": "The gateway did not accept the request's bearer token: Jwt is expired."}}
