@@ -391,6 +391,11 @@ class TelemetrySettings(StrictModel):
     max_attribute_values: int = Field(
         default=100, ge=1, le=100_000, description="distinct values per mapped attribute before 'other'"
     )
+    tenant_attribute: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$",
+        description="metric attribute carrying the authenticated tenant (JWT claim, key, header...), e.g. tenant; "
+        "capped by max_attribute_values like the header attributes; off by default",
+    )
     user_id_header: str | None = Field(default=None, description="request header copied to span user.id")
     max_content_chars: int = Field(
         default=32_768, ge=256, le=16 * 1024 * 1024, description="longest text recorded in a span attribute"

@@ -266,6 +266,9 @@ class Exchange:
             value = header_text(headers.get(header))
             if value is not None:
                 self.attributes[attribute] = value
+        if settings.tenant_attribute and self.tenant is not None:
+            # Who tenancy.py says calls, over any header mapped to the same attribute.
+            self.attributes[settings.tenant_attribute] = self.tenant
         if self.telemetry.tracing.enabled:  # type: ignore[union-attr]
             self._trace_headers = {k: headers[k] for k in _TRACE_HEADERS if k in headers}
 

@@ -170,6 +170,8 @@ def _config(sim: SimServer, jwks_file: Path, jwks_server: JwksServer, mcp_url: s
         # A tenant header too: a verified token outranks it, so a client cannot pick its tenant.
         "tenancy": {"header": "x-tenant-id"},
         "budgets": [{"name": "hourly", "unit": "hour", "limit": BUDGET}],
+        # The authenticated tenant as a metric attribute, over the header mapped to the same name.
+        "telemetry": {"tenant_attribute": "tenant", "metric_header_attributes": {"x-tenant-id": "tenant"}},
         "mcp": {"port": free_port(), "servers": [{"name": "a", "url": mcp_url}],
                 "routes": [{"path": "/mcp", "servers": ["a"]}]},
     }
@@ -242,6 +244,8 @@ def test_a_valid_token_names_the_tenant(
     span = receiver.wait_for_span(lambda s: s.attributes.get("tenant.id") == tenant)
     assert span.attributes["llm.token_count.total"] == completion.usage.total_tokens
     assert json.loads(span.attributes["metadata"])["tenant"] == tenant
+    metrics = httpx.get(f"http://127.0.0.1:{gateway.processor_admin_port}/metrics", timeout=10).text
+    assert f'tenant="{tenant}"' in metrics and 'tenant="someone-else"' not in metrics
     gateway.wait_quiet()
     _assert_never_seen(gateway, sim_a, bearer)
 
