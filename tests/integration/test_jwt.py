@@ -497,3 +497,8 @@ def test_optional_tokens_that_fail_are_still_refused(
     body = refused_anthropic.value.body
     assert isinstance(body, dict) and body["error"]["type"] == "authentication_error"
     assert reason in body["error"]["message"]
+
+
+def test_every_path_needs_the_token_the_model_list_too(gateway: RunningGateway) -> None:
+    assert httpx.get(f"{gateway.base_url}/models", timeout=10).status_code == 401
+    assert [model.id for model in _client(gateway, token()).models.list()]

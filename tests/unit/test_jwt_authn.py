@@ -238,3 +238,20 @@ def test_an_mcp_caller_is_refused_with_a_json_rpc_error(tmp_path: Path) -> None:
     assert status == 401 and details == "extproc_invalid_api_key"
     assert body == {"jsonrpc": "2.0", "id": None, "error": {
         "code": -32052, "message": "The gateway did not accept the request's bearer token: Jwt is expired."}}
+
+
+def test_the_caller_says_how_the_gateway_knows(tmp_path: Path) -> None:
+    from extproc.config import Tenancy, key_digest
+    from extproc.tenancy import Caller, tenant_of
+
+    tenancy = Tenancy(header="x-tenant-id", default_tenant="anonymous")
+    keys = {key_digest("sk-team"): "team-k"}
+    verified = jwt_authn.read(_payloads(corp={"org": {"id": "acme"}}).filter_metadata[jwt_authn.NAMESPACE],
+                              {"corp": ("org", "id")}, required=False)
+    nothing = jwt_authn.read(None, {"corp": ("org", "id")}, required=False)
+    headers = {"authorization": b"Bearer sk-team", "x-tenant-id": b"team-h"}
+    assert tenant_of(headers, tenancy, keys, verified) == Caller("acme", "jwt")
+    assert tenant_of(headers, tenancy, keys, nothing) == Caller("team-k", "key")
+    assert tenant_of({"x-tenant-id": b"team-h"}, tenancy, keys, nothing) == Caller("team-h", "header")
+    assert tenant_of({}, tenancy, keys, nothing) == Caller("anonymous", "default")
+    assert tenant_of({}, None, {}, nothing) is None  # no tenancy section and no token: no tenant
