@@ -58,7 +58,9 @@ def tenant_of(
     if tenancy.default_tenant is not None:
         return Caller(tenancy.default_tenant, "default")
     source = " or ".join(
-        ([f"the {tenancy.header} header"] if tenancy.header else []) + (["a known API key"] if tenancy.api_keys else [])
+        (["a valid JWT"] if token is not None else [])
+        + ([f"the {tenancy.header} header"] if tenancy.header else [])
+        + (["a known API key"] if tenancy.api_keys else [])
     )
     raise openai.no_tenant(tenancy.reject_status, f"This gateway needs to know who is calling: send {source}.")
 
