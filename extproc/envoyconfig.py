@@ -187,6 +187,18 @@ _TOKEN_REFUSED = (
     "The gateway did not accept the request's bearer token: %LOCAL_REPLY_BODY%. "
     "Send a valid JWT in Authorization: Bearer."
 )
+_KEYS_UNAVAILABLE = (
+    "The gateway could not check the request's bearer token: its identity provider's keys (JWKS) could not be "
+    "fetched. Retry shortly."
+)
+# (condition on top of "jwt_authn refused", status, message, OpenAI type and code, Anthropic type, JSON-RPC code)
+_JWT_REPLIES: list[tuple[str, int, str, str, str, str, int]] = [
+    # The provider's JWKS host is down: not the client's fault, and retryable.
+    ("response.code_details.contains('Jwks_remote_fetch_is_failed')", 503, _KEYS_UNAVAILABLE, "server_error",
+     "identity_provider_unavailable", "api_error", jsonrpc.SERVER_UNAVAILABLE),
+    ("true", 401, _TOKEN_REFUSED, "invalid_request_error", "invalid_api_key", "authentication_error",
+     jsonrpc.UNAUTHORIZED),
+]
 
 
 def _cel_list(values: list[str]) -> str:
@@ -197,29 +209,34 @@ def _jwt_mappers(config: GatewayConfig) -> list[dict[str, Any]]:
     """jwt_authn refused the token (missing, expired, wrong issuer or audience, bad
     signature, unknown key): 401 in the client API's own shape, told apart by path.
     Envoy answers a wrong audience with 403; it is the same "this token is not valid
-    here" to a client, so it becomes 401 too."""
+    here" to a client, so it becomes 401 too. Keys that could not be fetched: 503."""
     if config.auth.jwt is None:
         return []
     refused = f"response.code_details.startsWith('{jwt_authn.DETAILS_PREFIX}')"
-    anthropic_paths = sorted(p for p, spec in ENDPOINTS.items() if spec.client_api in ANTHROPIC_APIS)
-    shapes: list[tuple[str | None, dict[str, Any]]] = []
-    if config.mcp is not None:
-        error = {"code": jsonrpc.UNAUTHORIZED, "message": _TOKEN_REFUSED}
-        shapes.append((_cel_list([r.path for r in config.mcp.routes]), {
-            "json_format": {"jsonrpc": "2.0", "id": None, "error": error}, "content_type": "application/json"}))
-    shapes.append((_cel_list(anthropic_paths), {
-        "json_format": {"type": "error", "error": {"type": "authentication_error", "message": _TOKEN_REFUSED}},
-        "content_type": "application/json",
-    }))
-    shapes.append((None, _openai_error_format(_TOKEN_REFUSED, "invalid_request_error", "invalid_api_key")))
-    return [
-        {
-            "filter": _cel_filter(refused if paths is None else f"{refused} && request.url_path in {paths}"),
-            "status_code": 401,
-            "body_format_override": body,
-        }
-        for paths, body in shapes
-    ]
+    anthropic_paths = _cel_list(sorted(p for p, spec in ENDPOINTS.items() if spec.client_api in ANTHROPIC_APIS))
+    mcp_paths = _cel_list([r.path for r in config.mcp.routes]) if config.mcp is not None else None
+    mappers = []
+    for condition, status, message, openai_type, code, anthropic_type, rpc_code in _JWT_REPLIES:
+        shapes: list[tuple[str | None, dict[str, Any]]] = []
+        if mcp_paths is not None:
+            error = {"code": rpc_code, "message": message}
+            shapes.append((mcp_paths, {
+                "json_format": {"jsonrpc": "2.0", "id": None, "error": error}, "content_type": "application/json"}))
+        shapes.append((anthropic_paths, {
+            "json_format": {"type": "error", "error": {"type": anthropic_type, "message": message}},
+            "content_type": "application/json",
+        }))
+        shapes.append((None, _openai_error_format(message, openai_type, code)))
+        when = refused if condition == "true" else f"{refused} && {condition}"
+        mappers += [
+            {
+                "filter": _cel_filter(when if paths is None else f"{when} && request.url_path in {paths}"),
+                "status_code": status,
+                "body_format_override": body,
+            }
+            for paths, body in shapes
+        ]
+    return mappers
 
 
 def _local_reply_config(config: GatewayConfig) -> dict[str, Any]:

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.timeout(120)
 ISSUER = "https://idp.test"
 AUDIENCE = "ai-gateway"
 REMOTE_ISSUER = "https://remote-idp.test"
+DOWN_ISSUER = "https://down-idp.test"
 USER = [{"role": "user", "content": "Tell me a story"}]
 BUDGET = 100  # tokens per tenant per hour
 ANTHROPIC_KEY = "sk-ant-gateway-jwt-77aa"  # the gateway's own credential for the Anthropic backend
@@ -166,6 +167,8 @@ def _config(sim: SimServer, jwks_file: Path, jwks_server: JwksServer, mcp_url: s
              "tenant_claim": "org.id"},
             {"name": "remote", "issuer": REMOTE_ISSUER, "audiences": [AUDIENCE], "jwks_uri": jwks_server.url,
              "cache_seconds": 1, "tenant_claim": "sub"},
+            # An identity provider whose JWKS host is down.
+            {"name": "down", "issuer": DOWN_ISSUER, "jwks_uri": f"http://127.0.0.1:{free_port()}/jwks"},
         ]}},
         # A tenant header too: a verified token outranks it, so a client cannot pick its tenant.
         "tenancy": {"header": "x-tenant-id"},
@@ -351,6 +354,22 @@ def test_remote_jwks_key_rotation_is_picked_up(gateway: RunningGateway, jwks_ser
     assert _eventually(lambda: _accepted(gateway, new)), "the rotated key was never picked up"
     assert jwks_server.fetches > fetches
     assert _eventually(lambda: not _accepted(gateway, old)), "the withdrawn key is still accepted"
+
+
+def test_an_unreachable_jwks_is_a_retryable_503(gateway: RunningGateway) -> None:
+    bearer = token(issuer=DOWN_ISSUER)
+    with pytest.raises(openai.InternalServerError) as failed:
+        _client(gateway, bearer).chat.completions.create(model="m", messages=USER, max_tokens=2)
+    assert failed.value.status_code == 503
+    error = failed.value.body
+    assert isinstance(error, dict) and error["code"] == "identity_provider_unavailable"
+    assert error["message"].startswith("The gateway could not check the request's bearer token")
+    client = anthropic.Anthropic(base_url=f"{gateway.url}/anthropic", api_key=bearer, max_retries=0)
+    with pytest.raises(anthropic.InternalServerError) as failed_anthropic:
+        client.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
+    assert failed_anthropic.value.status_code == 503
+    body = failed_anthropic.value.body
+    assert isinstance(body, dict) and body["error"]["type"] == "api_error"
 
 
 # -- budgets ---------------------------------------------------------------------------------------

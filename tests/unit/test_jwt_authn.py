@@ -122,7 +122,10 @@ def test_refusals_are_401_in_each_clients_shape(tmp_path: Path) -> None:
     data = _data(tmp_path, mcp={"servers": [{"name": "s", "url": "http://127.0.0.1:2/mcp"}],
                                 "routes": [{"path": "/mcp", "servers": ["s"]}]})
     mappers = envoyconfig.fragment(parse_config(data))["local_reply_config"]["mappers"]
-    mcp, anthropic, openai = mappers[:3]
+    for unavailable in mappers[:3]:
+        assert unavailable["status_code"] == 503
+        assert "Jwks_remote_fetch_is_failed" in unavailable["filter"]["extension_filter"]["typed_config"]["expression"]
+    mcp, anthropic, openai = mappers[3:6]
     for mapper in (mcp, anthropic, openai):
         assert mapper["status_code"] == 401  # Envoy's own 403 for a wrong audience too
         assert "jwt_authn_access_denied" in mapper["filter"]["extension_filter"]["typed_config"]["expression"]
