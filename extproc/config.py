@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from extproc.auth_config import Auth
 from extproc.yaml_file import read_yaml_file
 from extproc.config_base import (
     GATEWAY_OWNED_HEADERS,
@@ -413,6 +414,11 @@ class TelemetrySettings(StrictModel):
     max_attribute_values: int = Field(
         default=100, ge=1, le=100_000, description="distinct values per mapped attribute before 'other'"
     )
+    tenant_attribute: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$",
+        description="metric attribute carrying the authenticated tenant (JWT claim, key, header...), e.g. tenant; "
+        "capped by max_attribute_values like the header attributes; off by default",
+    )
     user_id_header: str | None = Field(default=None, description="request header copied to span user.id")
     max_content_chars: int = Field(
         default=32_768, ge=256, le=16 * 1024 * 1024, description="longest text recorded in a span attribute"
@@ -666,6 +672,7 @@ class GatewayConfig(StrictModel):
     metadata: RequestMetadata = Field(default_factory=RequestMetadata)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     tenancy: Tenancy | None = None
+    auth: Auth = Field(default_factory=Auth, description="callers' proof of identity (JWTs checked by Envoy)")
     budgets: list[Budget] = Field(default_factory=list)
     request_limits: list[RequestLimit] = Field(default_factory=list)
     ratelimit: RateLimitService = Field(default_factory=RateLimitService)
@@ -700,12 +707,13 @@ class GatewayConfig(StrictModel):
                     f"unknown cost {budget.cost!r}; use a token key ({', '.join(sorted(BUILTIN_KEYS))}) "
                     "or a metadata_key from 'costs'",
                 )
-        if (self.budgets or self.request_limits) and self.tenancy is None:
+        if (self.budgets or self.request_limits) and self.tenancy is None and self.auth.jwt is None:
             where = "budgets" if self.budgets else "request_limits"
-            raise _FieldError((where,), "limits are per tenant: add a 'tenancy' section saying where tenants come from")
-        if self.authorization is not None and self.tenancy is None:
-            raise _FieldError(("authorization",), "authorization is per tenant: add a 'tenancy' section saying "
-                              "where tenants come from")
+            raise _FieldError((where,), "limits are per tenant: add a 'tenancy' section (or auth.jwt) saying where "
+                              "tenants come from")
+        if self.authorization is not None and self.tenancy is None and self.auth.jwt is None:
+            raise _FieldError(("authorization",), "authorization is per tenant: add a 'tenancy' section (or auth.jwt) "
+                              "saying where tenants come from")
         self._client_key_headers()
         defaults = [i for i, r in enumerate(self.routes) if r.default]
         if len(defaults) > 1:

@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
-from extproc import budgets
-from extproc.config import Backend, GatewayConfig, Route, Schema
+from extproc import budgets, jwt_authn
+from extproc.auth_config import JwtProvider
+from extproc.client_apis import ANTHROPIC_APIS, ENDPOINTS
+from extproc.config import Backend, GatewayConfig, ParsedUrl, Route, Schema
 from extproc.contract import (
     BACKEND_HEADER,
     CODE_DETAILS_ATTRIBUTE,
@@ -30,6 +32,7 @@ from extproc.contract import (
     Meta,
 )
 from extproc.local_replies import RATE_LIMITER_ERROR
+from extproc.mcp import jsonrpc
 from extproc.protocol import PROCESSOR_SERVICE
 from extproc.workers import worker_addresses, worker_count
 
@@ -185,8 +188,66 @@ _RATE_LIMITED_BODY = _openai_error_format(
 )
 
 
-def _local_reply_config(body_limit: int) -> dict[str, Any]:
-    mappers: list[dict[str, Any]] = [
+_TOKEN_REFUSED = (
+    "The gateway did not accept the request's bearer token: %LOCAL_REPLY_BODY%. "
+    "Send a valid JWT in Authorization: Bearer."
+)
+_KEYS_UNAVAILABLE = (
+    "The gateway could not check the request's bearer token: its identity provider's keys (JWKS) could not be "
+    "fetched. Retry shortly."
+)
+# (condition on top of "jwt_authn refused", status, message, OpenAI type and code, Anthropic type, JSON-RPC code)
+_JWT_REPLIES: list[tuple[str, int, str, str, str, str, int]] = [
+    # The provider's JWKS host is down: not the client's fault, and retryable.
+    ("response.code_details.contains('Jwks_remote_fetch_is_failed')", 503, _KEYS_UNAVAILABLE, "server_error",
+     "identity_provider_unavailable", "api_error", jsonrpc.SERVER_UNAVAILABLE),
+    ("true", 401, _TOKEN_REFUSED, "invalid_request_error", "invalid_api_key", "authentication_error",
+     jsonrpc.UNAUTHORIZED),
+]
+
+
+def _cel_list(values: list[str]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def _jwt_mappers(config: GatewayConfig) -> list[dict[str, Any]]:
+    """jwt_authn refused the token (missing, expired, wrong issuer or audience, bad
+    signature, unknown key): 401 in the client API's own shape, told apart by path.
+    Envoy answers a wrong audience with 403; it is the same "this token is not valid
+    here" to a client, so it becomes 401 too. Keys that could not be fetched: 503."""
+    if config.auth.jwt is None:
+        return []
+    refused = f"response.code_details.startsWith('{jwt_authn.DETAILS_PREFIX}')"
+    anthropic_paths = _cel_list(sorted(p for p, spec in ENDPOINTS.items() if spec.client_api in ANTHROPIC_APIS))
+    mcp_paths = _cel_list([r.path for r in config.mcp.routes]) if config.mcp is not None else None
+    mappers = []
+    for condition, status, message, openai_type, code, anthropic_type, rpc_code in _JWT_REPLIES:
+        shapes: list[tuple[str | None, dict[str, Any]]] = []
+        if mcp_paths is not None:
+            error = {"code": rpc_code, "message": message}
+            shapes.append((mcp_paths, {
+                "json_format": {"jsonrpc": "2.0", "id": None, "error": error}, "content_type": "application/json"}))
+        shapes.append((anthropic_paths, {
+            "json_format": {"type": "error", "error": {"type": anthropic_type, "message": message}},
+            "content_type": "application/json",
+        }))
+        shapes.append((None, _openai_error_format(message, openai_type, code)))
+        when = refused if condition == "true" else f"{refused} && {condition}"
+        mappers += [
+            {
+                "filter": _cel_filter(when if paths is None else f"{when} && request.url_path in {paths}"),
+                "status_code": status,
+                "body_format_override": body,
+            }
+            for paths, body in shapes
+        ]
+    return mappers
+
+
+def _local_reply_config(config: GatewayConfig) -> dict[str, Any]:
+    body_limit = config.limits.max_request_body_bytes
+    mappers: list[dict[str, Any]] = _jwt_mappers(config)
+    mappers += [
         {
             "filter": {"response_flag_filter": {"flags": flags}},
             "status_code": status,
@@ -273,6 +334,9 @@ def _ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
     typed_config["mutation_rules"] = {"allow_envoy": True}
     # Tells Envoy's own replies (backend down, timeouts, rate limits) from a backend's answers.
     typed_config["response_attributes"] = [CODE_DETAILS_ATTRIBUTE]
+    if config.auth.jwt is not None:
+        # The verified JWT payloads (jwt_authn's metadata) name the tenant.
+        typed_config["metadata_options"]["forwarding_namespaces"] = {"untyped": [jwt_authn.NAMESPACE]}
     return {"name": "envoy.filters.http.ext_proc", "typed_config": typed_config}
 
 
@@ -470,6 +534,24 @@ def _fallback_cluster(config: GatewayConfig, route: Route, ca_file: str) -> dict
     }
 
 
+def _jwks_cluster(provider: JwtProvider, ca_file: str) -> dict[str, Any]:
+    """The host Envoy fetches a JWT provider's keys from (TLS for https)."""
+    assert provider.jwks_uri is not None
+    url = ParsedUrl.of(provider.jwks_uri)
+    name = jwt_authn.jwks_cluster_name(provider.name)
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "5s",
+        "load_assignment": {"cluster_name": name, "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": _socket_address(url.host, url.port)}}]}]},
+    }
+    if url.tls:
+        cluster["transport_socket"] = _tls_socket(url.host, ca_file, ["http/1.1"])
+    return cluster
+
+
 def _grpc_cluster(name: str, addresses: list[str], discovery: str = "STATIC") -> dict[str, Any]:
     """An HTTP/2 cluster over the given gRPC addresses; streams are spread round robin."""
     return {
@@ -579,7 +661,8 @@ def _tenant_action() -> dict[str, Any]:
 
 
 def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
-    filters = [_ext_proc_filter(config)]
+    filters = [] if config.auth.jwt is None else [jwt_authn.http_filter(config.auth.jwt)]
+    filters.append(_ext_proc_filter(config))
     if config.request_limits:
         filters.append(_local_rate_limit_filter(config))
     if config.budgets:
@@ -619,6 +702,8 @@ def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict
         *(_staged_cluster(config, b, ca_file) for b in config.backends if b.schema_ is Schema.openai),
         *(_fallback_cluster(config, r, ca_file) for r in config.routes if r.has_fallback),
     ]
+    if config.auth.jwt is not None:
+        out.extend(_jwks_cluster(p, ca_file) for p in config.auth.jwt.providers if jwt_authn.needs_cluster(p))
     if config.mcp is not None:
         address = f"{config.processor.admin_address}:{config.mcp.port}"
         mcp = _grpc_cluster(MCP_CLUSTER, [address])
@@ -680,7 +765,7 @@ def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, A
         "request_timeout": "0s",
         "stream_idle_timeout": "300s",
         "access_log": _access_log(config),
-        "local_reply_config": _local_reply_config(body_limit),
+        "local_reply_config": _local_reply_config(config),
         "route_config": {
             "name": "ai_gateway",
             "virtual_hosts": [{"name": "ai_gateway", "domains": ["*"], "routes": routes(config)}],
@@ -724,7 +809,7 @@ def fragment(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str,
         "http_filters": http_filters(config),
         "routes": routes(config),
         "clusters": clusters(config, ca_file),
-        "local_reply_config": _local_reply_config(config.limits.max_request_body_bytes),
+        "local_reply_config": _local_reply_config(config),
         "runtime": dict(RUNTIME_FLAGS),  # belongs in the bootstrap's layered_runtime static layer
         # belongs in the bootstrap, with the runtime flag: one is not safe without the other
         "grpc_async_client_manager_config": dict(GRPC_CLIENT_CACHE),

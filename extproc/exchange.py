@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import orjson
+from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc import budgets, protocol
+from extproc import budgets, jwt_authn, protocol
 from extproc.accounting import end_of_response_metadata
 from extproc.authorization import model_refused, models_body
 from extproc.client_apis import ANTHROPIC_APIS, ENDPOINTS, MODEL_PATH_PREFIX, ClientApiSpec, ResponseShape
@@ -47,6 +48,7 @@ from extproc.contract import (
     Meta,
 )
 from extproc.local_replies import LOCAL_RATE_LIMITED, local_reply_error_type
+from extproc.mcp import jsonrpc
 from extproc.mcp.call_metadata import message_metadata, session_label
 from extproc.protocol import Answer
 from extproc.request_headers import header_text
@@ -59,7 +61,6 @@ from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.schemas.openai import Operation, RequestError
 from extproc import translators
 from extproc.telemetry.record import RequestRecord
-from extproc.mcp.jsonrpc import INVALID_REQUEST, error_response
 from extproc.tenancy import Caller, caller_of
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ class Exchange:
 
     __slots__ = (
         "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
-        "route", "target", "stream", "session_id", "tenant", "observer", "finished", "processor_seconds",
+        "route", "target", "stream", "session_id", "tenant", "caller", "observer", "finished", "processor_seconds",
         "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved", "staged",
         "affinity", "_stored", "mcp", "done", "content_type", "caller", "_client_keys",
     )
@@ -152,7 +153,7 @@ class Exchange:
             if phase == "response_body":
                 answer = self.on_response_body(request.response_body)
             elif phase == "request_headers":
-                answer = self.on_request_headers(request.request_headers)
+                answer = self.on_request_headers(request.request_headers, request.metadata_context)
             elif phase == "request_body":
                 answer = self.on_request_body(request.request_body)
             elif phase == "response_headers":
@@ -187,7 +188,9 @@ class Exchange:
 
     # -- request phases -------------------------------------------------------
 
-    def on_request_headers(self, message: ep.HttpHeaders) -> Answer:
+    def on_request_headers(
+        self, message: ep.HttpHeaders, metadata: base_pb2.Metadata | None = None
+    ) -> ep.ProcessingResponse:
         headers = protocol.header_map(message)
         if log.isEnabledFor(logging.DEBUG):  # credentials shown as "<redacted>" (Bearer scheme kept)
             log.debug("request headers: %s", redact_headers(headers))
@@ -195,21 +198,21 @@ class Exchange:
         path, _, query = headers.get(":path", b"").decode("latin-1").partition("?")
         self.path, self.query = path, query
         if path in self.runtime.mcp_paths:
-            return self._mcp_headers(headers, message.end_of_stream)
+            return self._mcp_headers(headers, message.end_of_stream, metadata)
         endpoint = ENDPOINTS.get(path)
         if endpoint is None and self.method == "GET" and path.startswith(MODEL_PATH_PREFIX):
             model = unquote(path.removeprefix(MODEL_PATH_PREFIX))
             if self.runtime.authorization is None:
                 return self._model_object(model)
             # A model the caller may not use is not shown: answered once the caller is known.
-            return self._identified(headers, lambda: self._model_object(model))
+            return self._identified(headers, metadata, lambda: self._model_object(model))
         if endpoint is None or endpoint.method != self.method:
             raise openai.not_found_path(self.method, path)
         self.endpoint = endpoint
         if endpoint.operation is Operation.models:
             if self.runtime.authorization is None:
                 return self._models_list()
-            return self._identified(headers, self._models_list)
+            return self._identified(headers, metadata, self._models_list)
         if message.end_of_stream:
             raise openai.bad_request("The request body is empty; expected a JSON object with a 'model' field.")
         length = headers.get("content-length")
@@ -221,7 +224,7 @@ class Exchange:
             self.content_type = headers.get("content-type", b"").decode("latin-1")
         if self.telemetry is not None:
             self._read_telemetry_headers(headers)
-        return self._identified(headers, lambda: self._llm_headers_answer(headers))
+        return self._identified(headers, metadata, lambda: self._llm_headers_answer(headers))
 
     def _llm_headers_answer(self, headers: dict[str, bytes]) -> ep.ProcessingResponse:
         """The request headers' answer once the caller is known: keep the client's own provider keys."""
@@ -236,15 +239,25 @@ class Exchange:
         body = models_body(runtime.authorization, self.caller, runtime.router.listed_models, runtime.models_body)
         return protocol.immediate(200, body, PROCESSOR_DETAILS_PREFIX + "models")
 
-    def _identified(self, headers: dict[str, bytes], then: Callable[[], ep.ProcessingResponse]) -> Answer:
-        """`then()` once the caller is known: at once, or after a key-store lookup (Redis).
-        Every answer that depends on the caller is built by `then`, never before."""
+    def _identified(
+        self, headers: dict[str, bytes], metadata: base_pb2.Metadata | None, then: Callable[[], ep.ProcessingResponse]
+    ) -> Answer:
+        """`then()` once the caller is known (extproc/tenancy.py: a verified JWT's claim, a key,
+        a host, a header, the default): at once, or after a key-store lookup (Redis).
+        Every answer that depends on the caller is built by `then`, never before.
+        `metadata`: the request's forwarded metadata (Envoy's jwt_authn verified payloads)."""
         runtime = self.runtime
-        if runtime.tenancy is None:
+        token = None
+        if runtime.jwt_claims is not None:
+            verified = metadata.filter_metadata.get(jwt_authn.NAMESPACE) if metadata is not None else None
+            token = jwt_authn.read(verified, runtime.jwt_claims, runtime.jwt_required, runtime.jwt_grants)
+        elif runtime.tenancy is None:
             return then()
-        found = caller_of(headers, runtime.tenancy, runtime.tenant_keys, runtime.key_store, runtime.host_pattern)
-        if isinstance(found, Caller):
-            self._set_caller(found)
+        found = caller_of(
+            headers, runtime.tenancy, runtime.tenant_keys, runtime.key_store, runtime.host_pattern, token)
+        if found is None or isinstance(found, Caller):
+            if found is not None:
+                self._set_caller(found)
             return then()
 
         async def later() -> ep.ProcessingResponse:
@@ -256,10 +269,15 @@ class Exchange:
     def _set_caller(self, caller: Caller) -> None:
         self.caller = caller
         self.tenant = caller.tenant
+        if self.telemetry is not None and (attribute := self.telemetry.settings.tenant_attribute):
+            # Who tenancy.py says calls, over any header mapped to the same attribute.
+            self.attributes[attribute] = caller.tenant
 
     # -- MCP ---------------------------------------------------------------------
 
-    def _mcp_headers(self, headers: dict[str, bytes], end_of_stream: bool) -> Answer:
+    def _mcp_headers(
+        self, headers: dict[str, bytes], end_of_stream: bool, metadata: base_pb2.Metadata | None = None
+    ) -> Answer:
         """MCP goes to the gateway's MCP server (Envoy's route); this stage only names the
         call for Envoy's rate limits and access log, and skips the response (the MCP
         server records its own telemetry and streams SSE). With request limits it still
@@ -267,7 +285,7 @@ class Exchange:
         self.mcp = True
         self.session_id = header_text(headers.get(self.runtime.session_id_header)) or session_label(
             headers.get(MCP_SESSION_HEADER))
-        return self._identified(headers, lambda: self._mcp_headers_answer(end_of_stream))
+        return self._identified(headers, metadata, lambda: self._mcp_headers_answer(end_of_stream))
 
     def _mcp_headers_answer(self, end_of_stream: bool) -> ep.ProcessingResponse:
         """The MCP request headers' answer once the caller is known (it names the caller to the MCP gateway)."""
@@ -689,20 +707,34 @@ class Exchange:
             client_api=endpoint.client_api,
             session_id=self.session_id,
             user_id=self.user_id,
+            tenant=self.tenant,
             attributes=self.attributes,
             request_body=self._request_body,
             output=observer.output,
         )
 
     def _reject(self, error: RequestError | AnthropicRequestError) -> ep.ProcessingResponse:
-        """Answer the client in its own API's error shape (a JSON-RPC error on MCP paths)."""
+        """Answer the client in its own API's error shape (MCP: a JSON-RPC error, one code per kind
+        of refusal, the same as Envoy's own jwt_authn replies: see envoyconfig._JWT_REPLIES)."""
         if self.mcp:
-            code = getattr(error, "code", None) or error.error_type
-            return protocol.immediate(error.status, error_response(None, INVALID_REQUEST, error.message),
-                                      PROCESSOR_DETAILS_PREFIX + code)
+            details = PROCESSOR_DETAILS_PREFIX + (getattr(error, "code", None) or error.error_type)
+            body = jsonrpc.error_response(None, _mcp_error_code(error.status), error.message)
+            return protocol.immediate(error.status, body, details)
         client_api = self.endpoint.client_api if self.endpoint is not None else None
         return error_reply(client_api, error, PROCESSOR_DETAILS_PREFIX)
 
+
+
+def _mcp_error_code(status: int) -> int:
+    """A refusal's JSON-RPC code on MCP paths, as Envoy's own jwt_authn replies give it:
+    the caller refused (401/403: no, invalid, revoked or unknown identity) -32052; the
+    gateway cannot check the caller now (503: key store or identity provider down) -32050;
+    anything else is the request's fault (-32600)."""
+    if status in (401, 403):
+        return jsonrpc.UNAUTHORIZED
+    if status == 503:
+        return jsonrpc.SERVER_UNAVAILABLE
+    return jsonrpc.INVALID_REQUEST
 
 
 def _with_headers(answer: Answer, set_headers: Iterable[tuple[str, bytes]] = (), remove: Iterable[str] = ()) -> Answer:

@@ -47,8 +47,8 @@ def check_reload(current: LoadedConfig, path: Path, prepare: Prepare | None = No
     if envoyconfig.render(new.config) != envoyconfig.render(current.config):
         raise ConfigError(
             f"{path}: this change also changes Envoy's config (backends, routes with fallbacks, ports, budgets, "
-            "request limits, costs or the processor's settings); render it with `extproc envoy-config` and restart "
-            "(`extproc run`) or reload your Envoy, then the processor"
+            "request limits, costs, JWT providers or the processor's settings); render it with `extproc envoy-config` "
+            "and restart (`extproc run`) or reload your Envoy, then the processor"
         )
     return new
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from extproc.authorization import Policy
 from extproc.budgets import charges, reserves
 from extproc.config import Budget, LoadedConfig, Tenancy
+from extproc.jwt_authn import GrantPaths, claim_paths, grant_paths
 from extproc.keys import KeyStore
 from extproc.routing import Router
 from extproc.schemas import openai
@@ -40,6 +41,9 @@ class Runtime:
     # Headers in which clients may send their own provider keys (backends' client_key_header):
     # read once at the request headers, removed before any backend.
     client_key_headers: frozenset[str] = frozenset()
+    jwt_claims: dict[str, tuple[str, ...]] | None = None  # auth.jwt: each provider's tenant claim path
+    jwt_required: bool = True
+    jwt_grants: dict[str, GrantPaths] | None = None  # auth.jwt: providers' models_claim / tools_claim paths
 
     @classmethod
     def build(cls, loaded: LoadedConfig, key_store: KeyStore | None = None) -> Runtime:
@@ -72,4 +76,7 @@ class Runtime:
             authorization=Policy(config.authorization) if config.authorization is not None else None,
             host_pattern=host_matcher(config.tenancy) if config.tenancy is not None else None,
             client_key_headers=frozenset(b.client_key_header for b in config.backends if b.client_key_header),
+            jwt_claims=claim_paths(config.auth.jwt) if config.auth.jwt is not None else None,
+            jwt_required=config.auth.jwt is None or config.auth.jwt.required,
+            jwt_grants=grant_paths(config.auth.jwt) or None,
         )

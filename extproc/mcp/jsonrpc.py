@@ -41,6 +41,7 @@ INTERNAL_ERROR: Final = -32603
 # -32000 and -32001 for a closed connection and a request timeout on the client side).
 SERVER_UNAVAILABLE: Final = -32050  # an MCP server could not be reached or failed (message names it)
 SERVER_TIMEOUT: Final = -32051  # an MCP server did not answer within request_timeout_seconds
+UNAUTHORIZED: Final = -32052  # the gateway refused the caller (HTTP 401 or 403: no, invalid or unknown identity)
 
 SEPARATOR: Final = "__"
 

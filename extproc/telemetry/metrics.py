@@ -228,6 +228,8 @@ class Metrics:
         self._attribute_sets: dict[tuple[Any, ...], _AttributeSets] = {}
         self._processor_attributes: dict[tuple[str, bool], dict[str, Any]] = {}
         header_names = set(settings.metric_header_attributes.values())
+        if settings.tenant_attribute:
+            header_names.add(settings.tenant_attribute)
         clashes = header_names & CORE_ATTRIBUTES
         if clashes:
             log.warning("metric header attributes %s clash with GenAI attributes; ignored", sorted(clashes))

@@ -56,6 +56,7 @@ class RequestRecord:
     client_api: str = ClientApi.OPENAI_CHAT  # the API the client spoke (a ClientApi value)
     session_id: str | None = None
     user_id: str | None = None
+    tenant: str | None = None  # who the request was charged to (tenancy.py: JWT claim, key, header...)
     attributes: dict[str, str] = field(default_factory=dict)  # configured request-header attributes
     request_body: dict[str, Any] | None = None  # kept only when tracing records content
     output: list[OutputMessage] | None = None  # assembled only when tracing records content

@@ -64,6 +64,8 @@ __all__ = ["apply_record"]
 _EMBEDDINGS = "embeddings"
 _COMPLETIONS = "text_completion"
 _RERANK = "rerank"
+# The tenant the request was charged to (no OpenTelemetry convention names one).
+TENANT_ID: Final = "tenant.id"
 
 # Caps on repeated things recorded from one request.
 MAX_MESSAGES: Final = 500
@@ -186,6 +188,8 @@ def apply_record(
     user_id = record.user_id or header_user_id
     if user_id:
         fixed(SpanAttributes.USER_ID, builder.cut(user_id))
+    if record.tenant:
+        fixed(TENANT_ID, record.tenant)
     if record.status:
         fixed(HTTP_RESPONSE_STATUS_CODE, record.status)
     if record.server_address:
@@ -539,6 +543,8 @@ def _metadata(record: RequestRecord, b: _Attributes) -> dict[str, Any]:
         stream=record.stream,
         complete=record.complete,
     )
+    if record.tenant:
+        data["tenant"] = record.tenant
     if record.usage is not None and record.usage.estimated:
         data["usage_estimated"] = True
     if (ttft := record.time_to_first_token) is not None:

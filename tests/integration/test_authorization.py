@@ -271,7 +271,7 @@ def test_a_revoked_stored_key_is_a_json_rpc_401_on_mcp(gateway: RunningGateway) 
         "accept": "application/json, text/event-stream"})
     assert response.status_code == 401
     assert response.json() == {"jsonrpc": "2.0", "id": None,
-                               "error": {"code": -32600, "message": "This API key has been revoked."}}
+                               "error": {"code": -32052, "message": "This API key has been revoked."}}
 
 
 # -- bring your own key ---------------------------------------------------------------------------

@@ -146,3 +146,25 @@ def test_every_provider_schema_and_a_tls_fallback_route_validate(tmp_path: Path)
     path.write_text(envoyconfig.to_yaml(envoyconfig.render(config)))
     result = _validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_jwt_providers_render_a_valid_envoy_config(tmp_path: Path) -> None:
+    """A local JWKS file and a remote one over TLS (its own cluster), in the bootstrap."""
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", '
+                    '"x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", '
+                    '"y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}')
+    config = parse_config({
+        "backends": [{"name": "a", "base_url": "http://127.0.0.1:8000/v1"}],
+        "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
+        "auth": {"jwt": {"required": False, "providers": [
+            {"name": "file", "issuer": "https://a.example.com", "jwks_file": str(jwks)},
+            {"name": "idp", "issuer": "https://login.example.com", "audiences": ["gw", "api"],
+             "jwks_uri": "https://login.example.com/.well-known/jwks.json", "tenant_claim": "org.id"},
+        ]}},
+        "budgets": [{"name": "tpm", "unit": "minute", "limit": 1000}],
+    })
+    path = tmp_path / "envoy.yaml"
+    path.write_text(envoyconfig.to_yaml(envoyconfig.render(config)))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -299,7 +299,7 @@ def test_mcp_without_identity_is_a_json_rpc_error() -> None:
     data["tenancy"] = {"header": "x-tenant-id"}
     response = Exchange(make_runtime(data)).handle(headers_request("POST", "/mcp", []))
     status, body, _, _ = immediate(response)
-    assert status == 401 and body["jsonrpc"] == "2.0" and body["error"]["code"] == -32600
+    assert status == 401 and body["jsonrpc"] == "2.0" and body["error"]["code"] == -32052
     assert "x-tenant-id" in body["error"]["message"]
 
 

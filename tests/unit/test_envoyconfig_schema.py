@@ -27,6 +27,7 @@ from typing import Any
 import envoy.extensions.access_loggers.filters.cel.v3.cel_pb2  # noqa: F401
 import envoy.extensions.access_loggers.stream.v3.stream_pb2  # noqa: F401
 import envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2  # noqa: F401
+import envoy.extensions.filters.http.jwt_authn.v3.config_pb2  # noqa: F401
 import envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2  # noqa: F401
 import envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2  # noqa: F401
 import envoy.extensions.filters.http.router.v3.router_pb2  # noqa: F401
@@ -156,8 +157,20 @@ def _authorization() -> GatewayConfig:
     return parse_config(data)
 
 
+def _jwt() -> GatewayConfig:
+    """JWT providers (remote JWKS over https and http, optional tokens) with MCP paths."""
+    data = _mcp().model_dump(mode="json", by_alias=True, exclude_none=True)
+    data["auth"] = {"jwt": {"required": False, "providers": [
+        {"name": "corp", "issuer": "https://login.example.com", "audiences": ["gw"],
+         "jwks_uri": "https://login.example.com/.well-known/jwks.json", "tenant_claim": "org.id"},
+        {"name": "dev", "issuer": "http://dev-idp", "jwks_uri": "http://127.0.0.1:8088/jwks", "cache_seconds": 5},
+    ]}}
+    return parse_config(data)
+
+
 CONFIGS: dict[str, Callable[[], GatewayConfig]] = {
     "authorization": _authorization,
+    "jwt": _jwt,
     "demo": _demo,
     "example": _example,
     "every-schema-and-fallback": _every_schema_and_fallback,

@@ -147,7 +147,7 @@ async def test_mcp_caller_headers_wait_for_the_stored_keys_tools(redis_url: str)
     manage.revoke(editor, "agent", time.time())
     rt.key_store._cache.clear()  # type: ignore[union-attr]  # as when cache_seconds have passed
     status, body, _, _ = immediate(await answer_of(Exchange(rt), headers_request("POST", "/mcp", [bearer(made.key)])))
-    assert status == 401 and body["jsonrpc"] == "2.0" and body["error"]["code"] == -32600
+    assert status == 401 and body["jsonrpc"] == "2.0" and body["error"]["code"] == -32052
     assert body["error"]["message"] == "This API key has been revoked."
     await rt.key_store.close()  # type: ignore[union-attr]
     editor.close()
@@ -158,6 +158,7 @@ async def test_mcp_with_redis_down_is_a_json_rpc_503() -> None:
     response = await answer_of(Exchange(rt), headers_request("POST", "/mcp", [bearer("sk-someone-0123456789")]))
     status, body, _, details = immediate(response)
     assert status == 503 and body["jsonrpc"] == "2.0" and details == "extproc_key_store_unavailable"
+    assert body["error"]["code"] == -32050  # the gateway cannot check the caller now, as for an unreachable JWKS
     assert "sk-someone" not in orjson.dumps(body).decode()
     await rt.key_store.close()  # type: ignore[union-attr]
 
