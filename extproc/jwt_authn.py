@@ -133,13 +133,13 @@ def _node(payload: struct_pb2.Struct, path: ClaimPath) -> struct_pb2.Value | Non
 
 
 def _globs(payload: struct_pb2.Struct, path: ClaimPath | None) -> tuple[str, ...] | None:
-    """A grant claim: a list of globs (or one string, or a space-separated scope-style string).
-    Configured but absent or malformed: no grants at all (fail closed), not "anything"."""
+    """A grant claim: a list of globs, or a space-separated (scope-style) string. Absent: the
+    tenant's grants apply (they bound every caller anyway); malformed: nothing (fail closed)."""
     if path is None:
         return None
     node = _node(payload, path)
     if node is None:
-        return ()
+        return None
     kind = node.WhichOneof("kind")
     if kind == "string_value":
         return tuple(node.string_value.split())

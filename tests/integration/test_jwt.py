@@ -525,3 +525,61 @@ def test_every_path_needs_the_token_the_model_list_too(gateway: RunningGateway) 
     assert httpx.get(f"{gateway.base_url}/models", timeout=10).status_code == 401
     listed = httpx.get(f"{gateway.base_url}/models", headers={"authorization": f"Bearer {token()}"}, timeout=10)
     assert listed.status_code == 200 and listed.json()["object"] == "list"
+
+
+# -- authorization by the token's tenant -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def authorized_gateway(sim_a: SimServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    """auth.jwt alone names tenants (no tenancy section); the authorization policy applies to
+    them, and a token's own `models` claim narrows its tenant's grants."""
+    tmp = tmp_path_factory.mktemp("jwt-authz")
+    jwks_file = tmp / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [_jwk(RSA_KEY, "rsa-1")]}))
+    config = {
+        "backends": [{"name": "sim", "base_url": sim_a.base_url}],
+        "routes": [{"name": "listed", "match": {"model": ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5"]},
+                    "backends": [{"name": "sim"}]}],
+        "auth": {"jwt": {"providers": [
+            {"name": "corp", "issuer": ISSUER, "audiences": [AUDIENCE], "jwks_file": str(jwks_file),
+             "tenant_claim": "org.id", "models_claim": "models"}]}},
+        "authorization": {"tenants": {"acme": {"models": ["gpt-*"]}, "*": {"models": ["gpt-4o-mini"]}}},
+    }
+    with running_gateway(config, tmp) as gw:
+        yield gw
+
+
+def test_a_tokens_tenant_is_authorized_by_the_policy(authorized_gateway: RunningGateway, sim_a: SimServer) -> None:
+    def refused(bearer: str, model: str) -> dict[str, Any]:
+        request_id = f"req-{uuid.uuid4().hex[:12]}"
+        before = len(sim_a.requests)
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            _client(authorized_gateway, bearer).chat.completions.create(
+                model=model, messages=USER, max_tokens=2, extra_headers={"x-request-id": request_id})
+        assert denied.value.status_code == 403
+        assert denied.value.body == {"message": f"You are not allowed to use the model `{model}`.",
+                                     "type": "permission_error", "param": "model", "code": "model_not_allowed"}
+        assert len(sim_a.requests) == before  # nothing upstream
+        return authorized_gateway.wait_access_log(lambda e: e.get("request_id") == request_id)
+
+    other = token(_tenant())  # a tenant the policy only grants gpt-4o-mini
+    logged = refused(other, "gpt-4o")
+    assert logged["status"] == 403 and logged["upstream_host"] is None and logged["tenant"] != "acme"
+    done = _client(authorized_gateway, other).chat.completions.create(model="gpt-4o-mini", messages=USER,
+                                                                      max_tokens=2)
+    assert done.choices[0].message.content
+
+    acme = token("acme")  # acme may use gpt-*, and nothing else
+    assert _client(authorized_gateway, acme).chat.completions.create(
+        model="gpt-4o", messages=USER, max_tokens=2).choices[0].message.content
+    assert refused(acme, "claude-sonnet-4-5")["tenant"] == "acme"
+    # The token's own models claim narrows acme's grants: gpt-4o-mini only.
+    narrow = token("acme", models=["gpt-4o-mini"])
+    assert refused(narrow, "gpt-4o")["tenant"] == "acme"
+    listed = httpx.get(f"{authorized_gateway.base_url}/models", headers={"authorization": f"Bearer {narrow}"},
+                       timeout=10)
+    assert listed.status_code == 200 and [m["id"] for m in listed.json()["data"]] == ["gpt-4o-mini"]
+    authorized_gateway.wait_quiet()
+    for secret in (other, acme, narrow):
+        _assert_never_seen(authorized_gateway, sim_a, secret)

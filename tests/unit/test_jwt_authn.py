@@ -43,12 +43,23 @@ def test_budgets_may_rely_on_jwt_tenants_alone(tmp_path: Path) -> None:
     assert config.auth.jwt is not None and config.tenancy is None
 
 
+def test_authorization_may_rely_on_jwt_tenants_alone(tmp_path: Path) -> None:
+    authorization = {"tenants": {"*": {"models": ["gpt-*"]}}}
+    config = parse_config(_data(tmp_path, authorization=authorization))
+    assert config.authorization is not None and config.tenancy is None
+    data = _data(tmp_path, authorization=authorization)
+    del data["auth"]
+    with pytest.raises(ConfigError, match="authorization is per tenant: add a 'tenancy' section \\(or auth.jwt\\)"):
+        parse_config(data)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"jwks_uri": "https://idp/jwks"}, "set exactly one of 'jwks_file' or 'jwks_uri'"),
     ({"jwks_file": None}, "set exactly one of 'jwks_file' or 'jwks_uri'"),
     ({"jwks_file": None, "jwks_uri": "ftp://idp/jwks"}, "must be an http:// or https:// URL"),
     ({"jwks_file": "/nonexistent/jwks.json"}, "cannot read a JWKS from /nonexistent/jwks.json"),
     ({"tenant_claim": "org..id"}, "a claim name, or up to 8 names joined by dots"),
+    ({"models_claim": "scope."}, "a claim name, or up to 8 names joined by dots"),
     ({"name": "has.dot"}, "should match pattern"),
     ({"cache_seconds": 0}, "greater than or equal to 1"),
 ])
@@ -262,7 +273,7 @@ def test_the_caller_says_how_the_gateway_knows(tmp_path: Path) -> None:
 
 def test_grant_claims_limit_the_token(tmp_path: Path) -> None:
     """models_claim / tools_claim: the token's own grants (a list, or a scope-style string);
-    a configured claim the token lacks grants nothing rather than everything."""
+    a token without the claim keeps its tenant's grants; a malformed one grants nothing."""
     from extproc.tenancy import Caller, caller_of
 
     grants = {"corp": (("models",), ("ext", "tools"))}
@@ -273,7 +284,10 @@ def test_grant_claims_limit_the_token(tmp_path: Path) -> None:
         "acme", "jwt", ("gpt-4o*", "claude-*"), ("search__*", "files__read"))
     bare = jwt_authn.read(_payloads(corp={"sub": "acme"}).filter_metadata[jwt_authn.NAMESPACE],
                           {"corp": ("sub",)}, required=True, grants=grants)
-    assert caller_of({}, None, {}, token=bare) == Caller("acme", "jwt", (), ())
+    assert caller_of({}, None, {}, token=bare) == Caller("acme", "jwt")
+    odd = jwt_authn.read(_payloads(corp={"sub": "acme", "models": 5, "ext": {"tools": {"a": 1}}}).filter_metadata[
+        jwt_authn.NAMESPACE], {"corp": ("sub",)}, required=True, grants=grants)
+    assert caller_of({}, None, {}, token=odd) == Caller("acme", "jwt", (), ())
     ungranted = jwt_authn.read(_payloads(corp=payload).filter_metadata[jwt_authn.NAMESPACE],
                                {"corp": ("sub",)}, required=True)
     assert caller_of({}, None, {}, token=ungranted) == Caller("acme", "jwt")
