@@ -405,6 +405,47 @@ class RequestMetadata(StrictModel):
         return _telemetry_header(value)
 
 
+_ENDPOINT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+_GRPC_METADATA_KEY = re.compile(r"^[a-z0-9_.-]+$")
+
+
+class OtlpAccessLog(StrictModel):
+    """Envoy's OpenTelemetry access logger: every access-log field as a log-record attribute,
+    sent over OTLP/gRPC by Envoy itself (no hop through the processor)."""
+
+    endpoint: str = Field(description="host:port of an OTLP/gRPC collector (plaintext HTTP/2)")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="gRPC metadata sent with every export (e.g. an auth token)")
+    resource_attributes: dict[str, str] = Field(
+        default_factory=dict, description="OpenTelemetry resource attributes, e.g. service.name")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if not _ENDPOINT.match(value) or not 0 < int(value.rpartition(":")[2]) < 65536:
+            raise ValueError(f"{value!r} is not host:port (an OTLP/gRPC collector, e.g. otel-collector:4317)")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for key, item in value.items():
+            key = key.lower()
+            if not _GRPC_METADATA_KEY.match(key) or key.endswith("-bin"):
+                raise ValueError(f"{key!r} is not a gRPC metadata key (lowercase letters, digits, '-', '_', '.')")
+            if not item.isprintable():
+                raise ValueError(f"the value of header {key!r} is not printable text")
+            out[key] = item
+        return out
+
+
+class AccessLogSettings(StrictModel):
+    """Where access logs go besides Envoy's stdout JSON (which always stays)."""
+
+    otlp: OtlpAccessLog | None = None
+
+
 class TelemetrySettings(StrictModel):
     """Metrics and traces. Export targets come from the standard OTEL_* variables."""
 
@@ -423,6 +464,7 @@ class TelemetrySettings(StrictModel):
     max_content_chars: int = Field(
         default=32_768, ge=256, le=16 * 1024 * 1024, description="longest text recorded in a span attribute"
     )
+    access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
 
     @field_validator("metric_header_attributes")
     @classmethod

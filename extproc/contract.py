@@ -100,6 +100,8 @@ class Meta:
     MCP_TOOL_NAME: Final = "mcp_tool_name"
     MCP_BACKEND: Final = "mcp_backend"
     MCP_TOOL_CALL: Final = "mcp_tool_call"  # 1 on every MCP tools/call, for call budgets
+    TRACE_ID: Final = "trace_id"  # the request span's ids (hex), so an access log links to its trace
+    SPAN_ID: Final = "span_id"
 
 
 TOKEN_KEYS: Final = frozenset({
@@ -110,7 +112,7 @@ TOKEN_KEYS: Final = frozenset({
 REQUEST_METADATA_KEYS: Final = frozenset({
     Meta.REQUEST_MODEL, Meta.MODEL_NAME_OVERRIDE, Meta.RESPONSE_MODEL, Meta.BACKEND_NAME, Meta.ROUTE_NAME,
     Meta.TTFT_MS, Meta.ITL_MS, Meta.SESSION_ID, Meta.TENANT, Meta.USAGE_ESTIMATED, Meta.RESPONSE_ERROR_TYPE,
-    Meta.RESERVE,
+    Meta.RESERVE, Meta.TRACE_ID, Meta.SPAN_ID,
 })
 
 

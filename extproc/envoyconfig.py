@@ -40,6 +40,7 @@ PROCESSOR_CLUSTER = "extproc"  # every processor worker
 MCP_CLUSTER = "extproc-mcp"  # the MCP gateway in processor worker 0
 BUILTIN_RATELIMIT_CLUSTER = "extproc-ratelimit"  # worker 0, which runs the built-in rate limit service
 RATELIMIT_CLUSTER = "ratelimit"  # an external rate limit service
+OTLP_LOGS_CLUSTER = "otlp-access-log"  # the collector receiving access logs over OTLP/gRPC
 DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 
 _EARLY_HEADER_MUTATION = (
@@ -57,6 +58,7 @@ _DOWNSTREAM_CONNECTIONS = (
 _RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 _LOCAL_RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 _STDOUT_LOG = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+_OTEL_LOG = "type.googleapis.com/envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig"
 _UPSTREAM_CODEC = "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
 _PREVIOUS_PRIORITIES = (
     "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
@@ -106,7 +108,9 @@ def _processor_address(grpc_address: str) -> dict[str, Any]:
     return _socket_address(host.strip("[]") or "127.0.0.1", int(port))
 
 
-def _access_log(config: GatewayConfig) -> list[dict[str, Any]]:
+def access_log_fields(config: GatewayConfig) -> dict[str, str]:
+    """Every access-log field and its Envoy format: the stdout JSON keys and the OTLP attributes."""
+
     def meta(key: str) -> str:
         return f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"
 
@@ -144,14 +148,57 @@ def _access_log(config: GatewayConfig) -> list[dict[str, Any]]:
         "mcp_tool_name": meta(Meta.MCP_TOOL_NAME),
         "mcp_backend": meta(Meta.MCP_BACKEND),
         "mcp_request_id": meta(Meta.MCP_REQUEST_ID),
+        "trace_id": meta(Meta.TRACE_ID),
+        "span_id": meta(Meta.SPAN_ID),
         **{f"cost_{c.metadata_key}": meta(c.metadata_key) for c in config.costs},
     }
-    return [
-        {
-            "name": "envoy.access_loggers.stdout",
-            "typed_config": {"@type": _STDOUT_LOG, "log_format": {"json_format": fields}},
-        }
-    ]
+    return fields
+
+
+def _access_log(config: GatewayConfig) -> list[dict[str, Any]]:
+    stdout = {
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {"@type": _STDOUT_LOG, "log_format": {"json_format": access_log_fields(config)}},
+    }
+    return [stdout, *_otlp_access_log(config)]
+
+
+def _key_values(values: dict[str, str]) -> dict[str, Any]:
+    """An OTLP KeyValueList of string values."""
+    return {"values": [{"key": k, "value": {"string_value": v}} for k, v in values.items()]}
+
+
+def _otlp_access_log(config: GatewayConfig) -> list[dict[str, Any]]:
+    """Envoy's OpenTelemetry access logger, exporting to the collector cluster over OTLP/gRPC.
+
+    Each field of the JSON log is a log-record attribute of the same name (Envoy drops an
+    attribute whose value is unknown, as the JSON log writes null). `trace_id`/`span_id` are
+    the request span's ids, set by the processor: Envoy fills the record's own trace fields
+    only from a span of its own tracer, which the gateway does not run."""
+    otlp = config.telemetry.access_log.otlp
+    if otlp is None:
+        return []
+    grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": OTLP_LOGS_CLUSTER}, "timeout": "5s"}
+    if otlp.headers:
+        grpc_service["initial_metadata"] = [{"key": k, "value": v} for k, v in otlp.headers.items()]
+    typed_config: dict[str, Any] = {
+        "@type": _OTEL_LOG,
+        "grpc_service": grpc_service,
+        "log_name": "ai_gateway",
+        "body": {"string_value": "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE%"},
+        "attributes": _key_values(access_log_fields(config)),
+    }
+    if otlp.resource_attributes:
+        typed_config["resource_attributes"] = _key_values(otlp.resource_attributes)
+    return [{"name": "envoy.access_loggers.open_telemetry", "typed_config": typed_config}]
+
+
+def _otlp_logs_cluster(config: GatewayConfig) -> list[dict[str, Any]]:
+    otlp = config.telemetry.access_log.otlp
+    if otlp is None:
+        return []
+    # A collector is usually named by DNS (a Kubernetes service, a sidecar).
+    return [_grpc_cluster(OTLP_LOGS_CLUSTER, [otlp.endpoint], discovery="STRICT_DNS")]
 
 
 def _openai_error_format(message: str, error_type: str, code: str) -> dict[str, Any]:
@@ -716,6 +763,7 @@ def clusters(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> list[dict
         else:
             # An external service may be named by DNS (e.g. a Kubernetes service).
             out.append(_grpc_cluster(RATELIMIT_CLUSTER, [config.ratelimit.address], discovery="STRICT_DNS"))
+    out.extend(_otlp_logs_cluster(config))
     return out
 
 
@@ -804,8 +852,11 @@ def render(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, A
 
 
 def fragment(config: GatewayConfig, ca_file: str = DEFAULT_CA_FILE) -> dict[str, Any]:
-    """The pieces a user adds to an Envoy they already run (filters, routes, clusters)."""
+    """The pieces a user adds to an Envoy they already run (filters, routes, clusters, and the
+    OTLP access logger for the HTTP connection manager's access_log when configured)."""
+    extra = {"access_log": _otlp_access_log(config)} if config.telemetry.access_log.otlp is not None else {}
     return {
+        **extra,
         "http_filters": http_filters(config),
         "routes": routes(config),
         "clusters": clusters(config, ca_file),

@@ -455,6 +455,8 @@ class Exchange:
             Meta.SESSION_ID: self.session_id,
             Meta.TENANT: self.tenant,
         }
+        if self.span is not None and (ids := self.span.ids()):  # the access log links to the span
+            request_metadata.update({Meta.TRACE_ID: ids["trace_id"], Meta.SPAN_ID: ids["span_id"]})
         if self.staged:
             request_metadata[Meta.CLIENT_API] = self.endpoint.client_api.value  # read by the upstream stage
         else:

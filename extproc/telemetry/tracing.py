@@ -103,6 +103,13 @@ class SpanHandle:
         """False when the span is sampled out (e.g. the client's traceparent says not sampled)."""
         return self.span.is_recording()
 
+    def ids(self) -> dict[str, str]:
+        """Trace and span id in hex (W3C form), for the access log; empty when the context is invalid."""
+        context = self.span.get_span_context()
+        if not context.is_valid:
+            return {}
+        return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+
 
 def _truthy(value: str | None) -> bool:
     return value is not None and value.strip().lower() == "true"
