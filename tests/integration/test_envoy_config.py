@@ -168,3 +168,41 @@ def test_jwt_providers_render_a_valid_envoy_config(tmp_path: Path) -> None:
     path.write_text(envoyconfig.to_yaml(envoyconfig.render(config)))
     result = _validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_otlp_access_log_validates_in_the_bootstrap_and_the_fragment(tmp_path: Path) -> None:
+    """Envoy 1.40 itself accepts the OpenTelemetry access logger (whose newest fields xds-protos lacks)."""
+    data = demo_config_data()
+    data["telemetry"] = {"access_log": {"otlp": {
+        "endpoint": "otel-collector.observability:4317", "headers": {"authorization": "Bearer t"},
+        "resource_attributes": {"service.name": "ai-gateway"}}}}
+    config = parse_config(data)
+    bootstrap = tmp_path / "envoy.yaml"
+    bootstrap.write_text(envoyconfig.to_yaml(envoyconfig.render(config)))
+    result = _validate(bootstrap)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    pieces = envoyconfig.fragment(config)
+    users_envoy = {
+        "static_resources": {
+            "listeners": [{
+                "name": "users_listener",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 18080}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "users",
+                        "access_log": pieces["access_log"],
+                        "route_config": {"virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": pieces["routes"]}]},
+                        "http_filters": pieces["http_filters"],
+                    },
+                }]}],
+            }],
+            "clusters": pieces["clusters"],
+        }
+    }
+    path = tmp_path / "users-envoy.yaml"
+    path.write_text(yaml.safe_dump(users_envoy))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -23,8 +23,11 @@ from typing import Any
 
 # The message types the renderer puts under "@type": importing a *_pb2 module registers its
 # messages with protobuf's default pool, which ParseDict asks for each Any. Every type URL
-# Envoy 1.40 is given by this renderer is in xds-protos, so no subtree is skipped.
+# Envoy 1.40 is given by this renderer is in xds-protos, so no subtree is skipped (the OpenTelemetry
+# access logger's newer `grpc_service`/`log_name` fields are checked in their older spelling, see
+# `older_otel_log_shape`).
 import envoy.extensions.access_loggers.filters.cel.v3.cel_pb2  # noqa: F401
+import envoy.extensions.access_loggers.open_telemetry.v3.logs_service_pb2  # noqa: F401
 import envoy.extensions.access_loggers.stream.v3.stream_pb2  # noqa: F401
 import envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2  # noqa: F401
 import envoy.extensions.filters.http.jwt_authn.v3.config_pb2  # noqa: F401
@@ -142,7 +145,10 @@ def _telemetry() -> GatewayConfig:
         ],
         "usage": {"estimate_when_missing": True},
         "metadata": {"session_id_header": "x-session"},
-        "telemetry": {"metric_header_attributes": {"x-team": "team"}, "user_id_header": "x-user"},
+        "telemetry": {"metric_header_attributes": {"x-team": "team"}, "user_id_header": "x-user",
+                      "access_log": {"otlp": {"endpoint": "otel-collector.observability:4317",
+                                              "headers": {"authorization": "Bearer t"},
+                                              "resource_attributes": {"service.name": "ai-gateway"}}}},
         "limits": {"max_request_body_bytes": 64 * 1024 * 1024},
         "processor": {"grpc_address": "unix:/tmp/extproc.sock", "workers": 3, "failure_mode_allow": True,
                       "message_timeout_ms": 250},
@@ -218,8 +224,27 @@ def assert_types_known(tree: Any) -> None:
             )
 
 
+_OTEL_LOG = TYPE_URL_PREFIX + "envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig"
+
+
+def older_otel_log_shape(tree: Any) -> Any:
+    """The tree with each OpenTelemetry access logger's `grpc_service` and `log_name` (Envoy 1.40,
+    not in xds-protos 1.85) moved into `common_config`, the older message with the same fields
+    (a GrpcService, a log name), so ParseDict still checks every field of the logger."""
+    if isinstance(tree, list):
+        return [older_otel_log_shape(v) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: older_otel_log_shape(v) for k, v in tree.items()}
+    if out.get("@type") == _OTEL_LOG and "grpc_service" in out:
+        out["common_config"] = {"grpc_service": out.pop("grpc_service"), "log_name": out.pop("log_name", ""),
+                                "transport_api_version": "V3"}
+    return out
+
+
 def parse(data: Any, message: Message) -> Message:
     assert_types_known(data)
+    data = older_otel_log_shape(data)
     return json_format.ParseDict(data, message)  # ignore_unknown_fields=False: a typo fails
 
 
@@ -254,14 +279,18 @@ FRAGMENT_PIECES: dict[str, Callable[[Any], tuple[Any, Message]]] = {
     "local_reply_config": lambda v: (v, hcm_pb2.LocalReplyConfig()),
     "runtime": lambda v: ({"name": "static", "static_layer": v}, bootstrap_pb2.RuntimeLayer()),
     "grpc_async_client_manager_config": lambda v: (v, bootstrap_pb2.Bootstrap.GrpcAsyncClientManagerConfig()),
+    "access_log": lambda v: ({"access_log": v}, hcm_pb2.HttpConnectionManager()),  # only with an OTLP access log
 }
 
 
 @pytest.mark.parametrize("make", CONFIGS.values(), ids=CONFIGS.keys())
 def test_fragment_pieces_parse_as_the_messages_they_become(make: Callable[[], GatewayConfig]) -> None:
     pieces = as_envoy_reads_it(envoyconfig.fragment(make()))
-    assert set(pieces) == {*FRAGMENT_PIECES, "clusters"}, "a new fragment piece needs its message here"
+    assert set(FRAGMENT_PIECES) - {"access_log"} <= set(pieces) <= {*FRAGMENT_PIECES, "clusters"}, (
+        "a new fragment piece needs its message here")
     for key, wrap in FRAGMENT_PIECES.items():
+        if key not in pieces:
+            continue
         data, message = wrap(pieces[key])
         parse(data, message)
     for cluster in pieces["clusters"]:
@@ -299,4 +328,14 @@ def test_a_spoiled_render_is_rejected(spoil: Callable[[dict[str, Any]], None]) -
     bootstrap = copy.deepcopy(envoyconfig.render(_demo()))
     spoil(bootstrap)
     with pytest.raises((json_format.ParseError, pytest.fail.Exception)):
+        parse(bootstrap, bootstrap_pb2.Bootstrap())
+
+
+def test_a_spoiled_otlp_access_logger_is_rejected() -> None:
+    """The OpenTelemetry logger is checked too, its gRPC service included, after the reshaping."""
+    bootstrap = copy.deepcopy(envoyconfig.render(_telemetry()))
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (otel,) = [log["typed_config"] for log in hcm["access_log"] if log["typed_config"]["@type"] == _OTEL_LOG]
+    otel["grpc_service"]["envoy_grpc"]["cluster"] = otel["grpc_service"]["envoy_grpc"].pop("cluster_name")
+    with pytest.raises(json_format.ParseError):
         parse(bootstrap, bootstrap_pb2.Bootstrap())
