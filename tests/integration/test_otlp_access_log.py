@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from extproc.sim import SimServer
-from tests.integration.harness import RunningGateway, running_gateway
+from tests.integration.harness import RunningGateway, free_port, running_gateway
 from tests.otlp_logs_receiver import OtlpLogsReceiver, ReceivedLog
 from tests.otlp_receiver import OtlpReceiver
 
@@ -30,12 +30,12 @@ def logs() -> Iterator[OtlpLogsReceiver]:
         yield receiver
 
 
-def _config(sim: SimServer, logs: OtlpLogsReceiver) -> dict[str, Any]:
+def _config(sim: SimServer, endpoint: str) -> dict[str, Any]:
     return {
         "backends": [{"name": "sim", "base_url": sim.base_url}],
         "routes": [{"name": "all", "default": True, "backends": [{"name": "sim"}]}],
         "telemetry": {"access_log": {"otlp": {
-            "endpoint": logs.endpoint,
+            "endpoint": endpoint,
             "headers": {"x-collector-token": "tok-123"},
             "resource_attributes": {"service.name": "ai-gateway-under-test", "deployment.environment": "test"},
         }}},
@@ -48,7 +48,7 @@ def gateway(
 ) -> Iterator[RunningGateway]:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": spans.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
            "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "60000"}
-    with running_gateway(_config(sim_a, logs), tmp_path_factory.mktemp("otlplogs"), env=env) as gw:
+    with running_gateway(_config(sim_a, logs.endpoint), tmp_path_factory.mktemp("otlplogs"), env=env) as gw:
         yield gw
 
 
@@ -122,3 +122,15 @@ def test_a_refused_request_is_logged_with_its_error_type(gateway: RunningGateway
     assert record.attributes["status"] == "400"
     assert record.attributes["error_type"] == "invalid_request_error"
     assert record.attributes["input_tokens"] == "-"  # Envoy's mark for a value never set, as in text logs
+
+
+def test_an_unreachable_collector_costs_the_client_nothing(sim_a: SimServer, tmp_path: Path) -> None:
+    """Envoy exports on its own; a collector that is down loses log records, never a request."""
+    config = _config(sim_a, f"127.0.0.1:{free_port()}")  # nothing listens there
+    with running_gateway(config, tmp_path) as gw:
+        model = f"otlp-down-{secrets.token_hex(4)}"
+        client = openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0)
+        completion = client.chat.completions.create(model=model, messages=USER, max_tokens=4)
+        assert completion.usage is not None and completion.usage.completion_tokens == 4
+        line = gw.wait_access_log(lambda entry: entry.get("request_model") == model)
+        assert line["output_tokens"] == 4  # the stdout JSON log is unaffected
