@@ -44,7 +44,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from extproc.config import TelemetrySettings
 from extproc.contract import ClientApi
 from extproc.telemetry.record import RequestRecord
-from extproc.telemetry.span_attributes import apply_record
+from extproc.telemetry.genai import span_name
+from extproc.telemetry.span_attributes import GEN_AI, apply_record
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ class Tracing:
         self._tracer: OITracer | None = None
         self._config = _trace_config(env)
         self._user_header = settings.user_id_header
+        self._conventions = tuple(settings.span_conventions)
 
         exporters = {e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if e.strip()}
         endpoint_set = bool(env.get(_OTEL_TRACES_ENDPOINT) or env.get(_OTEL_ENDPOINT))
@@ -306,7 +308,10 @@ class Tracing:
         try:
             end_ns = span.start_time_ns + max(0, int(record.duration * 1e9))
             if span.span.is_recording():
-                apply_record(span.span, record, self._config, self._limit, self._max_attributes, span.header_user_id)
+                apply_record(span.span, record, self._config, self._limit, self._max_attributes, span.header_user_id,
+                             self._conventions)
+                if GEN_AI in self._conventions:
+                    span.span.update_name(span_name(record))
         except Exception:
             log.debug("could not record span attributes", exc_info=True)
         try:
