@@ -100,9 +100,10 @@ def _usage(record: RequestRecord, out: dict[str, AttributeValue]) -> None:
 
 
 def _finish_reason(reason: str) -> str:
-    """The spec's words where it has one (`tool_call`), else the provider's own, lowercased."""
+    """As the output messages say it: the spec's `tool_call` for OpenAI's words, else the
+    provider's own, lowercased."""
     lowered = reason.lower()
-    return "tool_call" if lowered in ("tool_calls", "function_call", "tool_use") else lowered
+    return "tool_call" if lowered in ("tool_calls", "function_call") else lowered
 
 
 def _separate_instructions(out: dict[str, AttributeValue]) -> None:

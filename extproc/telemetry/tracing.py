@@ -71,6 +71,8 @@ API_SPAN_NAMES: Final[dict[str, str]] = {
     ClientApi.RERANK: "Rerank",
 }
 SPAN_KIND: Final = SpanKind.INTERNAL
+# With only the GenAI conventions: CLIENT, as they ask of a call to a model in another process.
+GENAI_SPAN_KIND: Final = SpanKind.CLIENT
 
 # Attribute slots kept free for what the SDK or OpenInference add (span kind at end()).
 _RESERVED_ATTRIBUTES: Final = 4
@@ -179,6 +181,7 @@ class Tracing:
         self._config = _trace_config(env)
         self._user_header = settings.user_id_header
         self._conventions = tuple(settings.span_conventions)
+        self._kind = SPAN_KIND if "openinference" in self._conventions else GENAI_SPAN_KIND
 
         exporters = {e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if e.strip()}
         endpoint_set = bool(env.get(_OTEL_TRACES_ENDPOINT) or env.get(_OTEL_ENDPOINT))
@@ -219,7 +222,7 @@ class Tracing:
             span = self._tracer.start_span(
                 name,
                 context=parent,
-                kind=SPAN_KIND,
+                kind=self._kind,
                 start_time=start_time_ns,
             )
             user = None

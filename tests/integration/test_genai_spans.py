@@ -179,6 +179,7 @@ def test_gen_ai_only_with_hidden_inputs(sim_a: SimServer, receiver: OtlpReceiver
         span = receiver.wait_for_span(lambda s: s.trace_id == trace_id)
     a = span.attributes
     assert span.name == "chat m"
+    assert span.kind == "CLIENT"
     assert not [k for k in a if k.startswith(("llm.", "input.", "output.", "openinference.", "metadata"))]
     assert "gen_ai.input.messages" not in a
     assert "my secret" not in json.dumps(a)

@@ -13,6 +13,7 @@ import pytest
 from openinference.instrumentation import REDACTED_VALUE
 from openinference.semconv.trace import SpanAttributes
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as G
+from opentelemetry.trace import SpanKind
 
 from extproc.config import TelemetrySettings
 from extproc.response import ResponseObserver, ResponseShape
@@ -46,6 +47,7 @@ def test_chat_span_carries_both_conventions() -> None:
     span = Harness(span_conventions=BOTH).span(record)
     a = dict(span.attributes or {})
     assert span.name == "chat gpt-4o-mini"
+    assert span.kind == SpanKind.INTERNAL  # as the OpenInference instrumentations emit
     # OpenInference as before
     assert a[SpanAttributes.OPENINFERENCE_SPAN_KIND] == "LLM"
     assert a[SpanAttributes.LLM_TOKEN_COUNT_PROMPT] == 120
@@ -84,6 +86,7 @@ def test_gen_ai_only_leaves_openinference_out() -> None:
     span = Harness(span_conventions=["gen_ai"]).span(make_record(session_id="s-1", user_id="u-1", tenant="acme"))
     a = dict(span.attributes or {})
     assert span.name == "chat gpt-4o-mini"
+    assert span.kind == SpanKind.CLIENT  # a call to a model elsewhere, as the GenAI conventions ask
     for key in a:
         assert not key.startswith(("llm.", "input.", "output.", "openinference.", "metadata", "session.")), key
     assert a[G.GEN_AI_OPERATION_NAME] == "chat"
