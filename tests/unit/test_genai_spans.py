@@ -241,3 +241,21 @@ def test_chat_body_fixture_unchanged() -> None:
     before = json.dumps(record.request_body, sort_keys=True)
     Harness(span_conventions=["gen_ai"]).span(record)
     assert json.dumps(record.request_body, sort_keys=True) == before == json.dumps(CHAT_BODY, sort_keys=True)
+
+
+def test_responses_instructions_go_to_system_instructions() -> None:
+    body = {"model": "gpt-4.1", "instructions": "Reply in French.", "input": "Hello", "max_output_tokens": 50}
+    record = make_record(client_api="openai.responses", request_model="gpt-4.1", request_body=body,
+                         response_id="resp_1", output=[OutputMessage(content="Bonjour", finish_reason="completed")])
+    a = dict(Harness(span_conventions=["gen_ai"]).span(record).attributes or {})
+    assert json.loads(a[G.GEN_AI_SYSTEM_INSTRUCTIONS]) == [{"type": "text", "content": "Reply in French."}]
+    assert json.loads(a[G.GEN_AI_INPUT_MESSAGES]) == [{"role": "user", "parts": [{"type": "text", "content": "Hello"}]}]
+    assert a[G.GEN_AI_RESPONSE_ID] == "resp_1"
+    assert a[G.GEN_AI_REQUEST_MAX_TOKENS] == 50
+
+
+def test_chat_system_message_stays_in_the_conversation() -> None:
+    """OpenAI chat has no separate instructions: its system message is part of the history."""
+    a = dict(Harness(span_conventions=["gen_ai"]).span(make_record()).attributes or {})
+    assert G.GEN_AI_SYSTEM_INSTRUCTIONS not in a
+    assert json.loads(a[G.GEN_AI_INPUT_MESSAGES])[0]["role"] == "system"
