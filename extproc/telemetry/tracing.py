@@ -16,6 +16,10 @@ same call, so Phoenix and Arize show gateway spans like SDK-instrumented ones:
   `openinference.instrumentation.OITracer` with a `TraceConfig` built from the
   `OPENINFERENCE_*` variables: the library does every hide/redact decision.
 
+With `telemetry.span_conventions` naming `gen_ai`, spans also (or only) carry the
+OpenTelemetry GenAI attributes (`extproc.telemetry.genai`) and are named as those conventions
+name them, `{gen_ai.operation.name} {gen_ai.request.model}`; with only `gen_ai`, of kind CLIENT.
+
 This module owns the OpenTelemetry side (provider, export, propagation, span lifetime);
 which attributes a finished span carries, and their size bounds, are decided in
 `extproc.telemetry.span_attributes`.
