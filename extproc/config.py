@@ -446,6 +446,13 @@ class AccessLogSettings(StrictModel):
     otlp: OtlpAccessLog | None = None
 
 
+SpanConvention = Literal["openinference", "gen_ai"]
+
+
+def _openinference_only() -> list[SpanConvention]:
+    return ["openinference"]
+
+
 class TelemetrySettings(StrictModel):
     """Metrics and traces. Export targets come from the standard OTEL_* variables."""
 
@@ -465,6 +472,11 @@ class TelemetrySettings(StrictModel):
         default=32_768, ge=256, le=16 * 1024 * 1024, description="longest text recorded in a span attribute"
     )
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
+    span_conventions: list[SpanConvention] = Field(
+        default_factory=_openinference_only, min_length=1,
+        description="attribute conventions of the LLM spans: OpenInference, the OpenTelemetry GenAI "
+        "semantic conventions (gen_ai.*), or both",
+    )
 
     @field_validator("metric_header_attributes")
     @classmethod
@@ -481,6 +493,13 @@ class TelemetrySettings(StrictModel):
     @classmethod
     def _header_name(cls, value: str | None) -> str | None:
         return _telemetry_header(value)
+
+    @field_validator("span_conventions")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each span convention may be listed once")
+        return value
 
 
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")

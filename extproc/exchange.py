@@ -713,6 +713,8 @@ class Exchange:
             attributes=self.attributes,
             request_body=self._request_body,
             output=observer.output,
+            response_id=observer.output_id,
+            embeddings=observer.embeddings,
         )
 
     def _reject(self, error: RequestError | AnthropicRequestError) -> ep.ProcessingResponse:

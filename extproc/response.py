@@ -43,7 +43,7 @@ class ResponseObserver:
         "status", "kind", "usage", "response_model", "error_type", "first_output_at", "last_output_at",
         "complete", "strip_usage", "_decoder", "_sse", "_json", "_json_limit", "_output_text", "_broken",
         "_expected_bytes", "_received_bytes", "_decoded_bytes", "_messages", "_max_chars", "_anthropic",
-        "_responses", "response_id", "_assembler", "_usage_of",
+        "_responses", "response_id", "_assembler", "_usage_of", "output_id", "embeddings",
     )
 
     def __init__(
@@ -85,6 +85,10 @@ class ResponseObserver:
         # The Responses API streams named events and reports usage in response.completed.
         self._responses: responses.StreamReader | None = responses.StreamReader() if responses_api else None
         self.response_id: str | None = None  # the Responses API id (for state affinity)
+        # For traces: the response's own id whatever the API, and (embeddings) how many
+        # vectors of how many dimensions were answered: a summary, never the vectors.
+        self.output_id: str | None = None
+        self.embeddings: tuple[int, int] | None = None
         # Output messages of the Anthropic and Responses APIs (for traces): their own shapes.
         self._assembler: OutputAssembler | None = None
         # Images, audio, rerank and token counts: usage read by their own rule (None: none counted).
@@ -227,6 +231,8 @@ class ResponseObserver:
             return True
         if self.response_model is None and isinstance(chunk.get("model"), str):
             self.response_model = chunk["model"]
+        if self.output_id is None and isinstance(chunk.get("id"), str):
+            self.output_id = chunk["id"]
         usage = openai.usage_from_openai(chunk.get("usage"))
         if usage is not None:
             self.usage = usage
@@ -274,6 +280,11 @@ class ResponseObserver:
         self.usage = reader.usage or self.usage
         if isinstance(reader, responses.StreamReader):
             self.response_id = reader.response_id or self.response_id
+            self.output_id = self.response_id
+        elif self.output_id is None and (event.event or data.get("type")) == "message_start":
+            message = data.get("message")
+            if isinstance(message, dict) and isinstance(message.get("id"), str):
+                self.output_id = message["id"]
         self.response_model = reader.response_model or self.response_model
         self.error_type = reader.error_type or self.error_type
         self.complete = self.complete or reader.complete
@@ -307,6 +318,8 @@ class ResponseObserver:
             return
         if isinstance(body.get("model"), str):
             self.response_model = body["model"]
+        if self.status < 400 and isinstance(body.get("id"), str):
+            self.output_id = body["id"]
         if self._usage_of is not None:
             if self.status >= 400:
                 self.error_type = openai.error_type_of(body)  # OpenAI's and Anthropic's error shapes alike
@@ -335,8 +348,23 @@ class ResponseObserver:
             return
         if self._output_text is not None:
             self._output_text.append(_message_text(body))
+        if body.get("object") == "list" and isinstance(body.get("data"), list):
+            self.embeddings = _embeddings_summary(body["data"])
         if self._messages is not None:
             self._messages = dict(enumerate(openai.output_from_body(body, self._max_chars)))
+
+
+def _embeddings_summary(data: list[Any]) -> tuple[int, int] | None:
+    """(vectors, dimensions of the first) of an embeddings answer; base64 vectors are
+    float32s, measured by their length, not decoded."""
+    first = data[0] if data and isinstance(data[0], dict) else None
+    vector = first.get("embedding") if first is not None else None
+    if isinstance(vector, list):
+        return len(data), len(vector)
+    if isinstance(vector, str):
+        raw = len(vector) * 3 // 4 - (len(vector) - len(vector.rstrip("=")))
+        return len(data), raw // 4
+    return None
 
 
 def _uncharged(body: dict[str, Any]) -> TokenUsage | None:

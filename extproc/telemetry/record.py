@@ -60,6 +60,8 @@ class RequestRecord:
     attributes: dict[str, str] = field(default_factory=dict)  # configured request-header attributes
     request_body: dict[str, Any] | None = None  # kept only when tracing records content
     output: list[OutputMessage] | None = None  # assembled only when tracing records content
+    response_id: str | None = None  # the response's own id (chat completion, message, response)
+    embeddings: tuple[int, int] | None = None  # embeddings answered: (vectors, dimensions of the first)
 
     @property
     def duration(self) -> float:

@@ -55,6 +55,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from extproc.contract import ClientApi
+from extproc.telemetry.genai import OPENINFERENCE_PREFIXES, genai_attributes
 from extproc.telemetry.inputs import ANTHROPIC_MESSAGES, INPUT_FIELDS, RESPONSES, input_messages
 from extproc.telemetry.record import OutputMessage, RequestRecord
 
@@ -78,6 +79,10 @@ MAX_CHOICES: Final = 128
 # in units of max_content_chars; input.value, output.value and the fixed facts (models,
 # tokens, metadata, parameters) are bounded one by one and come on top.
 SPAN_CONTENT_BUDGET_FACTOR: Final = 4
+# Attribute slots kept for the gen_ai.* attributes when both conventions are recorded.
+GENAI_SLOTS: Final = 24
+OPENINFERENCE: Final = "openinference"
+GEN_AI: Final = "gen_ai"
 
 # Request fields with attributes of their own, or that describe the exchange rather than the model call.
 _NOT_INVOCATION_PARAMETERS: Final = frozenset({"messages", "prompt", "input", "model", "stream", "tools", "functions"})
@@ -132,13 +137,19 @@ def apply_record(
     max_content_chars: int,
     max_attributes: int | None,
     header_user_id: str | None,
+    conventions: Iterable[str] = (OPENINFERENCE,),
 ) -> None:
     """Set the span's attributes and status from `record`; the caller ends the span.
 
     `max_attributes`: attribute slots this may fill (None: no count limit), so the SDK's
     limit evicts nothing. `header_user_id`: the user id header seen when the span started,
-    used when the record carries no user id of its own.
+    used when the record carries no user id of its own. `conventions`: `openinference`,
+    `gen_ai` or both (`TelemetrySettings.span_conventions`); gen_ai attributes are derived
+    from the OpenInference ones as recorded, so the same masking and bounds apply.
     """
+    conventions = frozenset(conventions)
+    if GEN_AI in conventions and OPENINFERENCE in conventions and max_attributes is not None:
+        max_attributes = max(8, max_attributes - GENAI_SLOTS)
     builder = _Attributes(config, max_content_chars, max_attributes)
     embeddings = record.operation == _EMBEDDINGS
     completions = record.operation == _COMPLETIONS
@@ -262,7 +273,16 @@ def apply_record(
     # Gateway facts, last so they can say what was left out.
     fixed(SpanAttributes.METADATA, builder.cut(_dumps(_metadata(record, builder))))
 
-    for key, value in builder.attributes:
+    attributes: list[tuple[str, AttributeValue]] = builder.attributes
+    if GEN_AI in conventions:
+        recorded: dict[str, AttributeValue] = {}
+        for key, value in attributes:
+            if (masked := mask_without_externalization(config, key, value)) is not None:
+                recorded[key] = masked
+        if OPENINFERENCE not in conventions:
+            attributes = [(k, v) for k, v in attributes if not k.startswith(OPENINFERENCE_PREFIXES)]
+        attributes.extend(genai_attributes(record, recorded).items())
+    for key, value in attributes:
         span.set_attribute(key, value)
     if record.error_type:
         span.set_status(Status(StatusCode.ERROR, _error_description(record)))
@@ -558,6 +578,8 @@ def _metadata(record: RequestRecord, b: _Attributes) -> dict[str, Any]:
         data["content_items_omitted"] = b.omitted_other
     if b.truncated:
         data["values_truncated"] = b.truncated
+    if record.embeddings is not None:  # a summary: vectors are not recorded
+        data["embeddings"] = {"count": record.embeddings[0], "dimensions": record.embeddings[1]}
     return data
 
 

@@ -16,6 +16,10 @@ same call, so Phoenix and Arize show gateway spans like SDK-instrumented ones:
   `openinference.instrumentation.OITracer` with a `TraceConfig` built from the
   `OPENINFERENCE_*` variables: the library does every hide/redact decision.
 
+With `telemetry.span_conventions` naming `gen_ai`, spans also (or only) carry the
+OpenTelemetry GenAI attributes (`extproc.telemetry.genai`) and are named as those conventions
+name them, `{gen_ai.operation.name} {gen_ai.request.model}`; with only `gen_ai`, of kind CLIENT.
+
 This module owns the OpenTelemetry side (provider, export, propagation, span lifetime);
 which attributes a finished span carries, and their size bounds, are decided in
 `extproc.telemetry.span_attributes`.
@@ -44,7 +48,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from extproc.config import TelemetrySettings
 from extproc.contract import ClientApi
 from extproc.telemetry.record import RequestRecord
-from extproc.telemetry.span_attributes import apply_record
+from extproc.telemetry.genai import span_name
+from extproc.telemetry.span_attributes import GEN_AI, apply_record
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,8 @@ API_SPAN_NAMES: Final[dict[str, str]] = {
     ClientApi.RERANK: "Rerank",
 }
 SPAN_KIND: Final = SpanKind.INTERNAL
+# With only the GenAI conventions: CLIENT, as they ask of a call to a model in another process.
+GENAI_SPAN_KIND: Final = SpanKind.CLIENT
 
 # Attribute slots kept free for what the SDK or OpenInference add (span kind at end()).
 _RESERVED_ATTRIBUTES: Final = 4
@@ -184,6 +191,8 @@ class Tracing:
         self._tracer: OITracer | None = None
         self._config = _trace_config(env)
         self._user_header = settings.user_id_header
+        self._conventions = tuple(settings.span_conventions)
+        self._kind = SPAN_KIND if "openinference" in self._conventions else GENAI_SPAN_KIND
 
         exporters = {e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if e.strip()}
         endpoint_set = bool(env.get(_OTEL_TRACES_ENDPOINT) or env.get(_OTEL_ENDPOINT))
@@ -224,7 +233,7 @@ class Tracing:
             span = self._tracer.start_span(
                 name,
                 context=parent,
-                kind=SPAN_KIND,
+                kind=self._kind,
                 start_time=start_time_ns,
             )
             user = None
@@ -313,7 +322,10 @@ class Tracing:
         try:
             end_ns = span.start_time_ns + max(0, int(record.duration * 1e9))
             if span.span.is_recording():
-                apply_record(span.span, record, self._config, self._limit, self._max_attributes, span.header_user_id)
+                apply_record(span.span, record, self._config, self._limit, self._max_attributes, span.header_user_id,
+                             self._conventions)
+                if GEN_AI in self._conventions:
+                    span.span.update_name(span_name(record))
         except Exception:
             log.debug("could not record span attributes", exc_info=True)
         try:
