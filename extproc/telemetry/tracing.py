@@ -43,7 +43,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from extproc.config import TelemetrySettings
 from extproc.contract import ClientApi
-from extproc.telemetry.record import RequestRecord
+from extproc.telemetry.attempt_attributes import ATTEMPT_SPAN_NAME, apply_attempt
+from extproc.telemetry.record import AttemptRecord, RequestRecord
 from extproc.telemetry.span_attributes import apply_record
 
 log = logging.getLogger(__name__)
@@ -313,6 +314,44 @@ class Tracing:
             span.span.end(end_time=end_ns)
         except Exception:
             log.debug("could not end span", exc_info=True)
+
+    # -- upstream attempts -----------------------------------------------------------------
+
+    def start_attempt(self, headers: Mapping[str, bytes], backend: str, start_time_ns: int) -> SpanHandle | None:
+        """Start one upstream attempt's span as a child of the request's span, which the
+        request stage named in the `traceparent` it set towards upstream (Envoy's router
+        hands every attempt the same request headers)."""
+        if self._tracer is None:
+            return None
+        try:
+            carrier = {name: _header(headers, name) for name in _PROPAGATED if name in headers}
+            parent: Context = _PROPAGATOR.extract(carrier) if carrier else Context()
+            span = self._tracer.start_span(
+                f"{ATTEMPT_SPAN_NAME} {backend}",
+                context=parent,
+                kind=SPAN_KIND,
+                start_time=start_time_ns,
+                openinference_span_kind=OpenInferenceSpanKindValues.LLM,
+            )
+            return SpanHandle(span, start_time_ns, None)
+        except Exception:
+            log.debug("could not start an attempt span", exc_info=True)
+            return None
+
+    def finish_attempt(self, span: SpanHandle, record: AttemptRecord, end_time_ns: int) -> None:
+        """Record what the attempt sent and got back, and end its span (once). Never raises."""
+        try:
+            if span._ended:
+                return
+            span._ended = True
+            if span.span.is_recording():
+                apply_attempt(span.span, record, self._config, self._limit, self._max_attributes)
+        except Exception:
+            log.debug("could not record attempt span attributes", exc_info=True)
+        try:
+            span.span.end(end_time=end_time_ns)
+        except Exception:
+            log.debug("could not end attempt span", exc_info=True)
 
     def shutdown(self) -> None:
         provider, self._provider, self._tracer = self._provider, None, None
