@@ -17,6 +17,12 @@ immediate, except an attempt whose credentials must still be found or refreshed
 that answer is a coroutine the server awaits, so the event loop keeps serving other
 streams meanwhile (extproc/aws_credentials.py, extproc/gcp_credentials.py).
 
+With tracing on, each attempt has its own span (extproc/telemetry/attempt_attributes.py),
+a child of the request's span: the request stage sets `traceparent` on the request towards
+upstream, and the router hands every attempt those same headers. The span records what
+this backend was sent and answered (bodies read here anyway; an answer this stage does not
+read ends the span at its headers), its status and error, and ends with the stream.
+
 Envoy facts this relies on (checked with Envoy 1.40): header mutations made in one
 attempt are still there in the next (the router reuses the header map) while the body
 is the router's buffered original, so every attempt sets or removes every

@@ -16,6 +16,10 @@ same call, so Phoenix and Arize show gateway spans like SDK-instrumented ones:
   `openinference.instrumentation.OITracer` with a `TraceConfig` built from the
   `OPENINFERENCE_*` variables: the library does every hide/redact decision.
 
+Each upstream attempt (fallbacks, retries) gets a span of its own, a child of the request's
+(`start_attempt` / `finish_attempt`, from the upstream stage): name `UpstreamAttempt
+{backend}`, the backend's own request and response bodies (`attempt_attributes`).
+
 This module owns the OpenTelemetry side (provider, export, propagation, span lifetime);
 which attributes a finished span carries, and their size bounds, are decided in
 `extproc.telemetry.span_attributes`.
