@@ -101,7 +101,7 @@ class UpstreamExchange:
 
     __slots__ = ("runtime", "telemetry", "target", "client_api", "stream", "include_usage", "model", "_translator",
                  "_stream", "_status", "_error_type", "_reads", "done", "_content_type", "_client_keys", "_span",
-                 "_attempt", "_started", "_kept")
+                 "_attempt", "_started", "_kept", "_answered_ns")
 
     def __init__(self, runtime: Runtime, telemetry: Telemetry | None = None) -> None:
         self.runtime = runtime
@@ -123,11 +123,19 @@ class UpstreamExchange:
         self._attempt: AttemptRecord | None = None  # what the span will say
         self._started = 0.0  # time.monotonic() at the attempt's request headers
         self._kept: list[bytes] | None = None  # the backend's answer, up to the span's content limit
+        self._answered_ns = 0  # wall clock when this stage last answered (the span's end once `done`)
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message: a response, or a coroutine when the answer must wait (the
         server awaits it); a failure either way becomes a clean error, never a dead stream."""
         phase = request.WhichOneof("request")
+        if self._span is not None:
+            answer = self._handle(request, phase)
+            self._answered_ns = time.time_ns()  # before Envoy hears it, so before any next attempt starts
+            return answer
+        return self._handle(request, phase)
+
+    def _handle(self, request: ep.ProcessingRequest, phase: str | None) -> Answer:
         try:
             if phase == "request_headers":
                 return self.on_request_headers(request)
@@ -347,6 +355,8 @@ class UpstreamExchange:
         if span is None or attempt is None or self.telemetry is None:
             return
         attempt.model, attempt.stream = self.model, self.stream
+        refused = attempt.error is not None  # the gateway answered in the backend's stead
+        ended = self._answered_ns if (self.done or refused) and self._answered_ns else time.time_ns()
         if self._kept is not None:
             attempt.response_body = b"".join(self._kept)
         if attempt.error is None:
@@ -355,7 +365,7 @@ class UpstreamExchange:
             elif attempt.status >= 400:
                 attempt.error = f"backend status {attempt.status}"
                 attempt.error_type = attempt.error_type or str(attempt.status)
-        self.telemetry.tracing.finish_attempt(span, attempt, time.time_ns())
+        self.telemetry.tracing.finish_attempt(span, attempt, ended)
 
     def _keep(self, chunk: bytes) -> None:
         """Keep the backend's answer for the span, up to its content limit (bytes >= chars)."""

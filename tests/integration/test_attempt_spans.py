@@ -18,11 +18,13 @@ import openai
 import pytest
 
 from extproc.sim import SimServer
+from extproc.sim.bedrock_api import SIM_AWS_ACCESS_KEY_ID, SIM_AWS_SECRET_ACCESS_KEY
 from tests.integration.harness import RunningGateway, running_gateway
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Envoy?"}]
 ANTHROPIC_KEY = "sk-ant-attempts-91b2"
+BEDROCK_MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
 
 
 def _config(sim: SimServer) -> dict[str, Any]:
@@ -31,8 +33,11 @@ def _config(sim: SimServer) -> dict[str, Any]:
             # Always 503 (the simulator fails models named sim-error-NNN): a backend that is down.
             {"name": "failing", "base_url": sim.base_url, "model_name_override": "sim-error-503"},
             {"name": "claude", "schema": "anthropic", "base_url": sim.url, "api_key": {"env": "T_ATT_ANTHROPIC_KEY"}},
+            {"name": "bedrock", "schema": "aws_bedrock", "base_url": sim.url,
+             "aws": {"region": "us-east-1", "access_key_id": {"env": "T_ATT_AK"}, "secret_access_key": {"env": "T_ATT_SK"}}},
         ],
         "routes": [
+            {"name": "bedrock", "match": {"prefix": "anthropic."}, "backends": [{"name": "bedrock"}]},
             {"name": "resilient", "default": True,
              "backends": [{"name": "failing"}, {"name": "claude", "priority": 1}]},
         ],
@@ -46,6 +51,8 @@ def _env(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_METRIC_EXPORT_INTERVAL": "60000",
         "T_ATT_ANTHROPIC_KEY": ANTHROPIC_KEY,
+        "T_ATT_AK": SIM_AWS_ACCESS_KEY_ID,
+        "T_ATT_SK": SIM_AWS_SECRET_ACCESS_KEY,
         **extra,
     }
 
@@ -145,6 +152,30 @@ def test_streamed_attempt_records_the_providers_event_stream(gateway: RunningGat
     deltas = [json.loads(line[len("data: "):]) for line in events.splitlines() if line.startswith("data: ")]
     streamed = "".join(d["delta"].get("text", "") for d in deltas if d["type"] == "content_block_delta")
     assert streamed == text
+
+
+def test_bedrock_attempt_shows_the_converse_request_it_received(
+    gateway: RunningGateway, receiver: OtlpReceiver, sim_a: SimServer
+) -> None:
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
+    completion = client.chat.completions.create(
+        model=BEDROCK_MODEL, messages=USER, max_tokens=20, extra_headers={"traceparent": f"00-{trace_id}-{client_span}-01"})
+    spans = receiver.wait_for_spans(lambda spans: sum(s.trace_id == trace_id for s in spans) >= 2)
+    request = next(s for s in spans if s.trace_id == trace_id and s.name == "ChatCompletion")
+    attempt = next(s for s in spans if s.trace_id == trace_id and s.name == "UpstreamAttempt bedrock")
+
+    assert attempt.parent_span_id == request.span_id and attempt.status_code == "OK"
+    assert attempt.attributes["llm.provider"] == "aws"
+    assert attempt.attributes["url.path"] == f"/model/{BEDROCK_MODEL.replace(':', '%3A')}/converse"  # as sent
+    received = json.loads(attempt.attributes["input.value"])
+    assert received == sim_a.requests[-1].json  # Converse's shape, exactly what Bedrock got
+    assert received["messages"] == [{"role": "user", "content": [{"text": "What is Envoy?"}]}]
+    assert received["inferenceConfig"]["maxTokens"] == 20
+    answer = json.loads(attempt.attributes["output.value"])
+    assert answer["usage"]["outputTokens"] == completion.usage.completion_tokens
+    assert answer["output"]["message"]["content"][0]["text"] == completion.choices[0].message.content
+    assert not any(SIM_AWS_SECRET_ACCESS_KEY in str(v) for v in attempt.attributes.values())
 
 
 def test_hidden_inputs_and_outputs_hide_the_provider_bodies(sim_a: SimServer, tmp_path: Path) -> None:
