@@ -214,6 +214,8 @@ class UpstreamExchange:
             if self.telemetry.tracing.records_content and form is None:  # type: ignore[union-attr]
                 self._attempt.request_body = new_body  # what the backend receives (never a credential)
         headers.extend(target.credentials(self._client_keys))  # a key's header and the backend's configured headers
+        if self._span is not None:  # the backend's own spans (if it traces) are this attempt's children
+            headers.extend(self.telemetry.tracing.inject(self._span))  # type: ignore[union-attr]
         if self._translator.translates_response or self._translator.translates_errors:
             headers.append(("accept-encoding", b"identity"))  # translation reads plain bytes
         auth = target.auth
@@ -340,7 +342,16 @@ class UpstreamExchange:
         if tracing is None or not tracing.enabled:
             return
         self._started = time.monotonic()
-        self._span = tracing.start_attempt(protocol.header_map(request.request_headers), target.name, time.time_ns())
+        # The request span's context: from the request stage's metadata (the traceparent
+        # header may name an earlier attempt's span, as mutations persist), else the header.
+        forwarded = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+        carrier: dict[str, bytes] = {}
+        if forwarded is not None and Meta.TRACEPARENT in forwarded.fields:
+            carrier = {k: forwarded.fields[k].string_value.encode("latin-1")
+                       for k in (Meta.TRACEPARENT, Meta.TRACESTATE) if k in forwarded.fields}
+        else:
+            carrier = protocol.header_map(request.request_headers)
+        self._span = tracing.start_attempt(carrier, target.name, time.time_ns())
         if self._span is None or not self._span.is_recording:
             self._span = None
             return

@@ -102,6 +102,9 @@ def test_fallback_gives_two_attempt_spans_under_one_request_span(
     assert all(a.parent_span_id == request.span_id for a in attempts)
     failed, served = attempts
     assert failed.end_time_ns <= served.start_time_ns  # one after the other
+    # Each backend was told its own attempt's span as the parent (for its own traces).
+    assert [r.headers["traceparent"].split("-")[1:3] for r in sim_a.requests[-2:]] == [
+        [trace_id, failed.span_id], [trace_id, served.span_id]]
     assert request.start_time_ns <= failed.start_time_ns and served.end_time_ns <= request.end_time_ns
 
     # The failed attempt: what the first backend was sent, and its error.

@@ -20,7 +20,7 @@ from extproc.config import TelemetrySettings
 from extproc.telemetry import Telemetry
 from extproc.telemetry.tracing import Tracing
 from extproc.upstream import UpstreamExchange
-from tests.unit.test_upstream import ANTHROPIC_KEY, CHAT, RUNTIME, headers_message
+from tests.unit.test_upstream import ANTHROPIC_KEY, CHAT, NS, RUNTIME, headers_message
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
@@ -36,12 +36,23 @@ class Spans:
         self.telemetry = cast(Telemetry, SimpleNamespace(tracing=self.tracing, settings=self.settings))
 
     def attempt(self, backend: str = "claude", body: bytes | None = None, traced: bool = True) -> UpstreamExchange:
+        return self.attempt_with_answer(backend, body, traced)[0]
+
+    def attempt_with_answer(
+        self, backend: str = "claude", body: bytes | None = None, traced: bool = True, forwarded: bool = False
+    ) -> tuple[UpstreamExchange, object]:
         exchange = UpstreamExchange(RUNTIME, self.telemetry)
-        extra = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01".encode()} if traced else {}
-        exchange.handle(headers_message(backend, extra=extra))
+        context = f"00-{TRACE_ID}-{PARENT_ID}-01"
+        extra = {"traceparent": context.encode()} if traced and not forwarded else {}
+        if forwarded:  # what an earlier attempt left in the header must not matter
+            extra = {"traceparent": f"00-{TRACE_ID}-{'1' * 16}-01".encode()}
+        first = headers_message(backend, extra=extra)
+        if forwarded:
+            first.metadata_context.filter_metadata[NS].fields["traceparent"].string_value = context
+        exchange.handle(first)
         raw = json.dumps(CHAT).encode() if body is None else body
-        exchange.handle(ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
-        return exchange
+        answer = exchange.handle(ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
+        return exchange, answer
 
     def one(self) -> ReadableSpan:
         spans = self.exporter.get_finished_spans()
@@ -65,8 +76,13 @@ def respond(exchange: UpstreamExchange, status: int, chunks: list[bytes], conten
             response_body=ep.HttpBody(body=chunk, end_of_stream=i == len(chunks) - 1)))
 
 
+def headers_set(answer: object) -> dict[str, bytes]:
+    assert isinstance(answer, ep.ProcessingResponse)
+    return {h.header.key: h.header.raw_value for h in answer.request_body.response.header_mutation.set_headers}
+
+
 def test_translated_attempt_records_what_the_backend_received_and_answered(spans: Spans) -> None:
-    exchange = spans.attempt()
+    exchange, answer = spans.attempt_with_answer()
     respond(exchange, 200, [orjson.dumps(ANSWER)], b"application/json")
     exchange.close()
     exchange.close()  # once
@@ -74,6 +90,7 @@ def test_translated_attempt_records_what_the_backend_received_and_answered(spans
     attributes = dict(span.attributes or {})
 
     assert span.name == "UpstreamAttempt claude"
+    assert headers_set(answer)["traceparent"] == f"00-{TRACE_ID}-{format(span.context.span_id, '016x')}-01".encode()
     assert format(span.context.trace_id, "032x") == TRACE_ID
     assert span.parent is not None and format(span.parent.span_id, "016x") == PARENT_ID
     assert span.status.status_code == StatusCode.OK
@@ -156,3 +173,11 @@ def test_hidden_inputs_and_outputs() -> None:
 def test_without_a_traceparent_the_attempt_starts_its_own_trace(spans: Spans) -> None:
     spans.attempt(traced=False).close()
     assert spans.one().parent is None
+
+
+def test_the_request_stages_metadata_names_the_parent_over_the_header(spans: Spans) -> None:
+    """The header may still name an earlier attempt's span (header mutations persist)."""
+    exchange, _ = spans.attempt_with_answer(forwarded=True)
+    exchange.close()
+    span = spans.one()
+    assert span.parent is not None and format(span.parent.span_id, "016x") == PARENT_ID
