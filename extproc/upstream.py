@@ -18,10 +18,11 @@ that answer is a coroutine the server awaits, so the event loop keeps serving ot
 streams meanwhile (extproc/aws_credentials.py, extproc/gcp_credentials.py).
 
 With tracing on, each attempt has its own span (extproc/telemetry/attempt_attributes.py),
-a child of the request's span: the request stage sets `traceparent` on the request towards
-upstream, and the router hands every attempt those same headers. The span records what
-this backend was sent and answered (bodies read here anyway; an answer this stage does not
-read ends the span at its headers), its status and error, and ends with the stream.
+a child of the request's span, whose W3C context the request stage puts in the metadata
+forwarded here (not the `traceparent` header: each attempt sets it to its own span for the
+backend, and the next attempt would see it). The span records what this backend was sent
+and answered (bodies read here anyway; an answer this stage does not read ends the span at
+its headers), its status and error.
 
 Envoy facts this relies on (checked with Envoy 1.40): header mutations made in one
 attempt are still there in the next (the router reuses the header map) while the body
@@ -345,7 +346,7 @@ class UpstreamExchange:
         # The request span's context: from the request stage's metadata (the traceparent
         # header may name an earlier attempt's span, as mutations persist), else the header.
         forwarded = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
-        carrier: dict[str, bytes] = {}
+        carrier: dict[str, bytes]
         if forwarded is not None and Meta.TRACEPARENT in forwarded.fields:
             carrier = {k: forwarded.fields[k].string_value.encode("latin-1")
                        for k in (Meta.TRACEPARENT, Meta.TRACESTATE) if k in forwarded.fields}
@@ -357,7 +358,7 @@ class UpstreamExchange:
             return
         self._attempt = AttemptRecord(
             backend=target.name, provider=PROVIDER_NAMES.get(target.backend.schema_, str(target.backend.schema_)),
-            model="", client_api=self.client_api.value, stream=False, server_address=target.host,
+            model="", client_api="", stream=False, server_address=target.host,
             server_port=target.port)
 
     def close(self) -> None:
@@ -365,7 +366,7 @@ class UpstreamExchange:
         span, attempt, self._span = self._span, self._attempt, None
         if span is None or attempt is None or self.telemetry is None:
             return
-        attempt.model, attempt.stream = self.model, self.stream
+        attempt.model, attempt.stream, attempt.client_api = self.model, self.stream, self.client_api.value
         refused = attempt.error is not None  # the gateway answered in the backend's stead
         ended = self._answered_ns if (self.done or refused) and self._answered_ns else time.time_ns()
         if self._kept is not None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -161,11 +162,12 @@ def test_bedrock_attempt_shows_the_converse_request_it_received(
     gateway: RunningGateway, receiver: OtlpReceiver, sim_a: SimServer
 ) -> None:
     trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
-    client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
-    completion = client.chat.completions.create(
-        model=BEDROCK_MODEL, messages=USER, max_tokens=20, extra_headers={"traceparent": f"00-{trace_id}-{client_span}-01"})
+    client = anthropic.Anthropic(base_url=f"{gateway.url}/anthropic", api_key="k", max_retries=0)
+    message = client.messages.create(
+        model=BEDROCK_MODEL, messages=[USER[1]], system="Be brief.", max_tokens=20,
+        extra_headers={"traceparent": f"00-{trace_id}-{client_span}-01"})
     spans = receiver.wait_for_spans(lambda spans: sum(s.trace_id == trace_id for s in spans) >= 2)
-    request = next(s for s in spans if s.trace_id == trace_id and s.name == "ChatCompletion")
+    request = next(s for s in spans if s.trace_id == trace_id and s.name == "Messages")
     attempt = next(s for s in spans if s.trace_id == trace_id and s.name == "UpstreamAttempt bedrock")
 
     assert attempt.parent_span_id == request.span_id and attempt.status_code == "OK"
@@ -176,8 +178,10 @@ def test_bedrock_attempt_shows_the_converse_request_it_received(
     assert received["messages"] == [{"role": "user", "content": [{"text": "What is Envoy?"}]}]
     assert received["inferenceConfig"]["maxTokens"] == 20
     answer = json.loads(attempt.attributes["output.value"])
-    assert answer["usage"]["outputTokens"] == completion.usage.completion_tokens
-    assert answer["output"]["message"]["content"][0]["text"] == completion.choices[0].message.content
+    assert answer["usage"]["outputTokens"] == message.usage.output_tokens
+    assert answer["output"]["message"]["content"][0]["text"] == message.content[0].text  # type: ignore[union-attr]
+    assert json.loads(attempt.attributes["metadata"])["client_api"] == "anthropic.messages"
+    assert json.loads(request.attributes["input.value"])["system"] == "Be brief."  # the client's own shape
     assert not any(SIM_AWS_SECRET_ACCESS_KEY in str(v) for v in attempt.attributes.values())
 
 
