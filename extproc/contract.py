@@ -84,6 +84,8 @@ class Meta:
     SESSION_ID: Final = "session.id"
     TENANT: Final = "tenant"
     CLIENT_API: Final = "client_api"  # for the upstream stage: the API to translate from
+    TRACEPARENT: Final = "traceparent"  # for the upstream stage: the request span's W3C trace context
+    TRACESTATE: Final = "tracestate"
     RESPONSE_ERROR_TYPE: Final = "response_error_type"
     TTFT_MS: Final = "token_latency_ttft"
     ITL_MS: Final = "token_latency_itl"

@@ -462,6 +462,8 @@ class Exchange:
         else:
             request_metadata[Meta.MODEL_NAME_OVERRIDE] = override or parsed.model
             request_metadata[Meta.BACKEND_NAME] = target.name
+        if self.span is not None:  # the upstream stage's attempt spans are its children
+            request_metadata.update((k, v.decode("latin-1")) for k, v in set_headers if k in _TRACE_HEADERS)
         if runtime.reserve_budgets:
             # A form's bytes are mostly a file: no measure of tokens (usage is charged at the end).
             self._reserved = 0 if self.endpoint.form else openai.reserve_estimate(len(message.body), parsed.body)

@@ -72,6 +72,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     ) -> AsyncIterator[ep.ProcessingResponse]:
         clock = time.perf_counter
         stage: Exchange | UpstreamExchange | None = None
+        upstream: UpstreamExchange | None = None  # an attempt, whose span ends with the stream
         exchange: Exchange | None = None  # the request stage, which also keeps the request's record
         messages = self.messages
         stage_name = "request"
@@ -81,7 +82,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 began = clock()
                 if stage is None:  # the first message says which stage this stream serves
                     if is_upstream_stream(request):
-                        stage, stage_name = UpstreamExchange(self.runtime), "upstream"
+                        stage = upstream = UpstreamExchange(self.runtime, self.telemetry)
+                        stage_name = "upstream"
                     else:
                         stage = exchange = Exchange(self.runtime, self.telemetry, self.affinity)
                 key = (stage_name, request.WhichOneof("request") or "none")
@@ -100,6 +102,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             self.in_flight -= 1
             if exchange is not None:
                 exchange.close()
+            if upstream is not None:
+                upstream.close()
 
 
 @dataclass(slots=True)

@@ -17,6 +17,13 @@ immediate, except an attempt whose credentials must still be found or refreshed
 that answer is a coroutine the server awaits, so the event loop keeps serving other
 streams meanwhile (extproc/aws_credentials.py, extproc/gcp_credentials.py).
 
+With tracing on, each attempt has its own span (extproc/telemetry/attempt_attributes.py),
+a child of the request's span, whose W3C context the request stage puts in the metadata
+forwarded here (not the `traceparent` header: each attempt sets it to its own span for the
+backend, and the next attempt would see it). The span records what this backend was sent
+and answered (bodies read here anyway; an answer this stage does not read ends the span at
+its headers), its status and error.
+
 Envoy facts this relies on (checked with Envoy 1.40): header mutations made in one
 attempt are still there in the next (the router reuses the header map) while the body
 is the router's buffered original, so every attempt sets or removes every
@@ -26,8 +33,9 @@ provider-specific header and always sets content-length.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from envoy.config.core.v3 import base_pb2
@@ -48,13 +56,19 @@ from extproc.contract import (
     Meta,
 )
 from extproc.client_errors import error_reply
+from extproc.exchange import PROVIDER_NAMES
 from extproc.protocol import Answer
 from extproc.routing import BackendTarget
 from extproc.runtime import Runtime
 from extproc.client_apis import SPECS
 from extproc.schemas import anthropic, forms, openai
 from extproc.schemas.openai import RequestError
+from extproc.telemetry.record import AttemptRecord
 from extproc.translators import Attempt, StreamTranslator, Translator, translator_for
+
+if TYPE_CHECKING:
+    from extproc.telemetry import Telemetry
+    from extproc.telemetry.tracing import SpanHandle
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +100,13 @@ def backend_of_host(metadata_text: str) -> str | None:
 class UpstreamExchange:
     """One attempt of one request, against the backend Envoy picked for it."""
 
-    __slots__ = ("runtime", "target", "client_api", "stream", "include_usage", "model", "_translator", "_stream",
-                 "_status", "_error_type", "_reads", "done", "_content_type", "_client_keys")
+    __slots__ = ("runtime", "telemetry", "target", "client_api", "stream", "include_usage", "model", "_translator",
+                 "_stream", "_status", "_error_type", "_reads", "done", "_content_type", "_client_keys", "_span",
+                 "_attempt", "_started", "_kept", "_answered_ns")
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, telemetry: Telemetry | None = None) -> None:
         self.runtime = runtime
+        self.telemetry = telemetry
         self.target: BackendTarget | None = None
         self.client_api = ClientApi.OPENAI_CHAT
         self.stream = False
@@ -104,11 +120,23 @@ class UpstreamExchange:
         self.done = False  # Envoy will send nothing more this attempt needs (the processor then ends the stream)
         self._content_type = ""  # a multipart/form-data request's (its boundary)
         self._client_keys: dict[str, bytes] = {}  # the client's own key for this backend (never logged)
+        self._span: SpanHandle | None = None  # this attempt's span (tracing on)
+        self._attempt: AttemptRecord | None = None  # what the span will say
+        self._started = 0.0  # time.monotonic() at the attempt's request headers
+        self._kept: list[bytes] | None = None  # the backend's answer, up to the span's content limit
+        self._answered_ns = 0  # wall clock when this stage last answered (the span's end once `done`)
 
     def handle(self, request: ep.ProcessingRequest) -> Answer:
         """Answer one message: a response, or a coroutine when the answer must wait (the
         server awaits it); a failure either way becomes a clean error, never a dead stream."""
         phase = request.WhichOneof("request")
+        if self._span is not None:
+            answer = self._handle(request, phase)
+            self._answered_ns = time.time_ns()  # before Envoy hears it, so before any next attempt starts
+            return answer
+        return self._handle(request, phase)
+
+    def _handle(self, request: ep.ProcessingRequest, phase: str | None) -> Answer:
         try:
             if phase == "request_headers":
                 return self.on_request_headers(request)
@@ -148,6 +176,7 @@ class UpstreamExchange:
         if self.target is None:
             raise RequestError(500, "The gateway's Envoy config names a backend this processor does not know.",
                                "server_error", "gateway_config_error")
+        self._start_span(request, self.target)
         forwarded = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
         if forwarded is not None and Meta.CLIENT_API in forwarded.fields:
             self.client_api = ClientApi(forwarded.fields[Meta.CLIENT_API].string_value)
@@ -181,7 +210,13 @@ class UpstreamExchange:
         self._translator = translator_for(attempt, body["model"])
         upstream = self._translator.request(body, raw)
         path, new_body, headers = upstream.path, upstream.body, upstream.headers
+        if self._attempt is not None:
+            self._attempt.path = path
+            if self.telemetry.tracing.records_content and form is None:  # type: ignore[union-attr]
+                self._attempt.request_body = new_body  # what the backend receives (never a credential)
         headers.extend(target.credentials(self._client_keys))  # a key's header and the backend's configured headers
+        if self._span is not None:  # the backend's own spans (if it traces) are this attempt's children
+            headers.extend(self.telemetry.tracing.inject(self._span))  # type: ignore[union-attr]
         if self._translator.translates_response or self._translator.translates_errors:
             headers.append(("accept-encoding", b"identity"))  # translation reads plain bytes
         auth = target.auth
@@ -235,6 +270,10 @@ class UpstreamExchange:
         self._status = int(status_text) if status_text.isdigit() else 0
         errortype = headers.get("x-amzn-errortype")
         self._error_type = errortype.decode("latin-1") if errortype else None
+        if (attempt := self._attempt) is not None:
+            attempt.status = self._status
+            attempt.error_type = self._error_type.split(":", 1)[0] if self._error_type else None
+            attempt.response_headers_ms = (time.monotonic() - self._started) * 1000
         set_headers: list[tuple[str, bytes]] = [(BACKEND_HEADER, target.name.encode())]
         response = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
         translator = self._translator
@@ -246,6 +285,11 @@ class UpstreamExchange:
             return response
         remove = ["content-length"]
         self._stream = translator.stream_translator() if self.stream and self._status < 300 else None
+        if self._attempt is not None and self.telemetry.tracing.records_content:  # type: ignore[union-attr]
+            kind = headers.get("content-type", b"").split(b";", 1)[0].strip().lower()
+            if kind.startswith(b"text/") or kind.endswith(b"json"):  # not Bedrock's binary event stream
+                self._kept = []
+                self._attempt.response_is_json = self._stream is None and kind.endswith(b"json")
         if self._stream is None:  # errors and JSON replies are translated whole
             set_headers.append(("content-type", b"application/json"))
             response.mode_override.response_body_mode = _BUFFERED
@@ -259,12 +303,15 @@ class UpstreamExchange:
         translator = self._translator
         if translator is None or not self._reads:
             return protocol.CONTINUE_RESPONSE_BODY
+        body = message.body  # one read
+        if self._kept is not None:
+            self._keep(body)
         if self._stream is not None:
-            out = self._stream.feed(message.body) if message.body else b""
+            out = self._stream.feed(body) if body else b""
             if message.end_of_stream:
                 out += self._stream.finish()
         else:
-            out = self._translate_whole(translator, message.body)
+            out = self._translate_whole(translator, body)
         self.done = message.end_of_stream
         response = ep.ProcessingResponse(response_body=ep.BodyResponse())
         mutation = response.response_body.response.body_mutation
@@ -283,4 +330,61 @@ class UpstreamExchange:
                                      "server_error", "bad_backend_response")
 
     def _reject(self, error: RequestError | anthropic.AnthropicRequestError) -> ep.ProcessingResponse:
+        if self._attempt is not None:  # refused by the gateway: the backend was never asked
+            self._attempt.error = f"refused by the gateway: {error.message}"
+            self._attempt.error_type = getattr(error, "code", None) or error.error_type
         return error_reply(self.client_api, error, UPSTREAM_DETAILS_PREFIX)
+
+    # -- the attempt's span ---------------------------------------------------------
+
+    def _start_span(self, request: ep.ProcessingRequest, target: BackendTarget) -> None:
+        """A span for this attempt, child of the request's span (its `traceparent`)."""
+        tracing = self.telemetry.tracing if self.telemetry is not None else None
+        if tracing is None or not tracing.enabled:
+            return
+        self._started = time.monotonic()
+        # The request span's context: from the request stage's metadata (the traceparent
+        # header may name an earlier attempt's span, as mutations persist), else the header.
+        forwarded = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+        carrier: dict[str, bytes]
+        if forwarded is not None and Meta.TRACEPARENT in forwarded.fields:
+            carrier = {k: forwarded.fields[k].string_value.encode("latin-1")
+                       for k in (Meta.TRACEPARENT, Meta.TRACESTATE) if k in forwarded.fields}
+        else:
+            carrier = protocol.header_map(request.request_headers)
+        self._span = tracing.start_attempt(carrier, target.name, time.time_ns())
+        if self._span is None or not self._span.is_recording:
+            self._span = None
+            return
+        self._attempt = AttemptRecord(
+            backend=target.name, provider=PROVIDER_NAMES.get(target.backend.schema_, str(target.backend.schema_)),
+            model="", client_api="", stream=False, server_address=target.host,
+            server_port=target.port)
+
+    def close(self) -> None:
+        """Envoy ended this attempt's stream: end its span with what was seen."""
+        span, attempt, self._span = self._span, self._attempt, None
+        if span is None or attempt is None or self.telemetry is None:
+            return
+        attempt.model, attempt.stream, attempt.client_api = self.model, self.stream, self.client_api.value
+        refused = attempt.error is not None  # the gateway answered in the backend's stead
+        ended = self._answered_ns if (self.done or refused) and self._answered_ns else time.time_ns()
+        if self._kept is not None:
+            attempt.response_body = b"".join(self._kept)
+        if attempt.error is None:
+            if attempt.status == 0:
+                attempt.error = "no response from the backend"
+            elif attempt.status >= 400:
+                attempt.error = f"backend status {attempt.status}"
+                attempt.error_type = attempt.error_type or str(attempt.status)
+        self.telemetry.tracing.finish_attempt(span, attempt, ended)
+
+    def _keep(self, chunk: bytes) -> None:
+        """Keep the backend's answer for the span, up to its content limit (bytes >= chars)."""
+        kept, attempt = self._kept, self._attempt
+        if kept is None or attempt is None or not chunk:
+            return
+        room = self.telemetry.settings.max_content_chars - attempt.response_size  # type: ignore[union-attr]
+        if room > 0:
+            kept.append(chunk[:room])
+        attempt.response_size += len(chunk)

@@ -39,6 +39,12 @@ class _NoTracing:
     def inject(self, span: SpanHandle) -> list[tuple[str, bytes]]:
         return []
 
+    def start_attempt(self, headers: Mapping[str, bytes], backend: str, start_time_ns: int) -> SpanHandle | None:
+        return None
+
+    def finish_attempt(self, span: Any, record: Any, end_time_ns: int) -> None:  # pragma: no cover - never started
+        pass
+
     def finish(self, span: Any, record: RequestRecord) -> None:  # pragma: no cover - never started
         pass
 

@@ -81,3 +81,31 @@ class RequestRecord:
         if self.usage.output_tokens <= 1:
             return None
         return (self.last_output_at - self.first_output_at) / (self.usage.output_tokens - 1)
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """What one upstream attempt sent and got back, in the backend's own API, for its span.
+
+    The bodies are the bytes the backend received and answered (after translation and
+    before the answer is translated back), kept only when tracing records content;
+    `response_body` is at most the span's content limit (`response_size`: how much there was).
+    """
+
+    backend: str
+    provider: str  # gen_ai.provider.name
+    model: str  # the model the backend was sent
+    client_api: str
+    stream: bool
+    server_address: str
+    server_port: int
+    path: str = ""
+    status: int = 0  # 0: no response seen
+    error_type: str | None = None
+    error: str | None = None  # the span's ERROR description; None: the attempt succeeded
+    request_body: bytes | None = None
+    request_is_json: bool = True
+    response_body: bytes | None = None
+    response_is_json: bool = True  # False: an event stream (several documents) or text
+    response_size: int = 0
+    response_headers_ms: float | None = None  # from the attempt's start to the backend's response headers

@@ -20,6 +20,10 @@ With `telemetry.span_conventions` naming `gen_ai`, spans also (or only) carry th
 OpenTelemetry GenAI attributes (`extproc.telemetry.genai`) and are named as those conventions
 name them, `{gen_ai.operation.name} {gen_ai.request.model}`; with only `gen_ai`, of kind CLIENT.
 
+Each upstream attempt (fallbacks, retries) gets a span of its own, a child of the request's
+(`start_attempt` / `finish_attempt`, from the upstream stage): name `UpstreamAttempt
+{backend}`, the backend's own request and response bodies (`attempt_attributes`).
+
 This module owns the OpenTelemetry side (provider, export, propagation, span lifetime);
 which attributes a finished span carries, and their size bounds, are decided in
 `extproc.telemetry.span_attributes`.
@@ -47,8 +51,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from extproc.config import TelemetrySettings
 from extproc.contract import ClientApi
-from extproc.telemetry.record import RequestRecord
+from extproc.telemetry.attempt_attributes import ATTEMPT_SPAN_NAME, apply_attempt
 from extproc.telemetry.genai import span_name
+from extproc.telemetry.record import AttemptRecord, RequestRecord
 from extproc.telemetry.span_attributes import GEN_AI, apply_record
 
 log = logging.getLogger(__name__)
@@ -332,6 +337,44 @@ class Tracing:
             span.span.end(end_time=end_ns)
         except Exception:
             log.debug("could not end span", exc_info=True)
+
+    # -- upstream attempts -----------------------------------------------------------------
+
+    def start_attempt(self, headers: Mapping[str, bytes], backend: str, start_time_ns: int) -> SpanHandle | None:
+        """Start one upstream attempt's span as a child of the request's span, which the
+        request stage named in the `traceparent` it set towards upstream (Envoy's router
+        hands every attempt the same request headers)."""
+        if self._tracer is None:
+            return None
+        try:
+            carrier = {name: _header(headers, name) for name in _PROPAGATED if name in headers}
+            parent: Context = _PROPAGATOR.extract(carrier) if carrier else Context()
+            span = self._tracer.start_span(
+                f"{ATTEMPT_SPAN_NAME} {backend}",
+                context=parent,
+                kind=SPAN_KIND,
+                start_time=start_time_ns,
+                openinference_span_kind=OpenInferenceSpanKindValues.LLM,
+            )
+            return SpanHandle(span, start_time_ns, None)
+        except Exception:
+            log.debug("could not start an attempt span", exc_info=True)
+            return None
+
+    def finish_attempt(self, span: SpanHandle, record: AttemptRecord, end_time_ns: int) -> None:
+        """Record what the attempt sent and got back, and end its span (once). Never raises."""
+        try:
+            if span._ended:
+                return
+            span._ended = True
+            if span.span.is_recording():
+                apply_attempt(span.span, record, self._config, self._limit, self._max_attributes)
+        except Exception:
+            log.debug("could not record attempt span attributes", exc_info=True)
+        try:
+            span.span.end(end_time=end_time_ns)
+        except Exception:
+            log.debug("could not end attempt span", exc_info=True)
 
     def shutdown(self) -> None:
         provider, self._provider, self._tracer = self._provider, None, None
