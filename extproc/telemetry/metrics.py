@@ -380,9 +380,9 @@ class Metrics:
             if reasoning and reasoning > 0:
                 tokens.record(reasoning, sets.output_reasoning)
         self._request_duration.record(max(record.duration, 0.0), sets.duration)
-        for key, value in record.costs.items():
+        for cost_key, value in record.costs.items():
             if value > 0:
-                self._cost.add(value, sets.cost(key))
+                self._cost.add(value, sets.cost(cost_key))
         if record.stream and record.error_type is None:
             ttft = record.time_to_first_token
             if ttft is not None:
