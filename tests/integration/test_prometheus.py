@@ -103,8 +103,8 @@ def checks() -> dict[str, tuple[str, set[str]]]:
     out: dict[str, tuple[str, set[str]]] = {}
     for i, expr in enumerate(readme_expressions()):
         out[f"README #{i + 1}"] = (expr, grouped_by(expr))
-    for title, expr in dashboard_expressions():
-        out[f"dashboard {title!r}: {expr}"] = (expr, grouped_by(expr))
+    for i, (title, expr) in enumerate(dashboard_expressions()):
+        out[f"dashboard target #{i + 1} ({title!r})"] = (expr, grouped_by(expr))
     recorded = {rule["record"]: rule["expr"] for rule in rules() if "record" in rule}
     for name, expr in recorded.items():
         out[f"recording rule {name} (its expression)"] = (expr, grouped_by(expr))
