@@ -21,12 +21,17 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/extproc run $(if $(CONFIG),--config $(CONFIG))
 
-## system-deps: redis-server, which the rate-limit tests start on a free port (Debian package)
+## system-deps: redis-server, which the rate-limit tests start on a free port, and prometheus
+## (with promtool), which tests/integration/test_prometheus.py runs against the gateway (Debian packages)
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; \
 	  else echo "the tests need redis-server: sudo apt-get install redis-server" >&2; exit 1; fi; }
+	@{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else echo "the tests need prometheus: sudo apt-get install prometheus" >&2; exit 1; fi; }
 
 ## test: mypy on extproc/, then unit and integration tests (real Envoy, real processor,
 ## official SDK clients, real Redis); requests of 70 s included, the 5-minute ones left to test-long

@@ -134,6 +134,7 @@ class Metric:
     RATELIMIT_STORE_ERRORS: Final = "extproc.ratelimit.store_errors"
     MCP_REQUEST_DURATION: Final = "mcp.request.duration"  # the MCP gateway, one per client message
     MCP_REQUESTS: Final = "mcp.requests"
+    COST: Final = "extproc.cost"  # Prometheus: extproc_cost_total, one series per configured cost key
 
 
 class Attr:
@@ -152,6 +153,7 @@ class Attr:
     MCP_METHOD: Final = "mcp.method.name"
     MCP_TOOL: Final = "mcp.tool.name"
     MCP_SERVER: Final = "mcp.server"
+    COST_KEY: Final = "cost"  # extproc.cost: the configured cost's metadata_key
     MCP_ORIGINAL_TOOL: Final = "mcp.tool.original_name"  # the name the server knows the tool by
     MCP_PROTOCOL_VERSION: Final = "mcp.protocol.version"
     JSONRPC_ID: Final = "jsonrpc.request.id"

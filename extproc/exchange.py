@@ -61,6 +61,7 @@ from extproc.schemas.anthropic import AnthropicRequestError
 from extproc.schemas.openai import Operation, RequestError
 from extproc import translators
 from extproc.telemetry.record import RequestRecord
+from extproc.usage import cost_metadata
 from extproc.tenancy import Caller, caller_of
 
 if TYPE_CHECKING:
@@ -649,6 +650,9 @@ class Exchange:
         recorded with what was seen; Envoy no longer listens for metadata then, so the
         processor also logs it."""
         record = self.record()
+        if record is not None and record.usage is not None and self.runtime.costs:
+            record.costs = cost_metadata(self.runtime.costs, record.usage, record.request_model, record.backend,
+                                         record.route)
         if record is not None and self.telemetry is not None:
             try:
                 self.telemetry.publish(record, self.span)

@@ -3,6 +3,11 @@
 Every worker records its own requests; the operator scrapes one port. Counters,
 histogram buckets/sums/counts and gauges with the same labels are added up; identity
 series (`target_info`, values equal in every worker) are kept once.
+
+A label with an empty value is the same as no label to Prometheus, and each worker's
+exporter pads a family's series to the label names that worker has seen (`""` for the
+others), so series are keyed without their empty labels: two workers' spellings of one
+series would otherwise come out as two samples Prometheus counts as one (keeping either).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ def merge_expositions(texts: Iterable[str]) -> str:
             families.setdefault(family.name, (family.type, family.documentation))
             series = samples.setdefault(family.name, {})
             for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
+                key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if v != "")))
                 if family.name in _KEEP_ONE or family.type == "info":
                     series.setdefault(key, sample.value)
                 elif sample.name.endswith("_created"):  # a timestamp: the earliest start

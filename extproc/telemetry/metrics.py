@@ -18,6 +18,9 @@ metrics page, released v1.41 set; the boundaries are set with SDK views):
   (``s``): streams only, and, as the conventions define them, successful responses only.
 - ``extproc.processor.duration`` (``s``): the time the processor itself spent on a
   request (upstream excluded), with only ``gen_ai.operation.name`` and ``stream``.
+- ``extproc.cost`` (a counter, no unit: each configured cost's own): the sum of every
+  configured cost (``costs[]``) over successful requests, one series per ``cost`` (its
+  ``metadata_key``), with the request's attributes (model, provider, tenant...).
 - ``mcp.request.duration`` (``s``) and ``mcp.requests`` (``{request}``): one per message the
   MCP gateway (``extproc.mcp``) answered, with ``mcp.method.name``, ``mcp.tool.name``,
   ``mcp.server`` and ``error.type`` when known (``record_mcp_request``).
@@ -90,7 +93,7 @@ MCP_REQUEST_DURATION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30
 # Attribute names.
 CORE_ATTRIBUTES = frozenset(
     {Attr.OPERATION_NAME, Attr.PROVIDER_NAME, Attr.REQUEST_MODEL, Attr.RESPONSE_MODEL, Attr.ORIGINAL_MODEL,
-     Attr.TOKEN_TYPE, Attr.SERVER_ADDRESS, Attr.SERVER_PORT, Attr.ERROR_TYPE}
+     Attr.TOKEN_TYPE, Attr.SERVER_ADDRESS, Attr.SERVER_PORT, Attr.ERROR_TYPE, Attr.COST_KEY}
 )
 
 # gen_ai.token.type values: the conventions' two, then the custom ones (see the module docstring).
@@ -202,7 +205,7 @@ class _AttributeSets:
     The SDK only reads the dicts it is given, so they are shared between measurements.
     """
 
-    __slots__ = ("input", "output", "input_cached", "output_reasoning", "duration", "latency")
+    __slots__ = ("input", "output", "input_cached", "output_reasoning", "duration", "latency", "costs")
 
     def __init__(self, base: dict[str, Any], error_type: str | None) -> None:
         self.latency = base
@@ -211,6 +214,14 @@ class _AttributeSets:
         self.output = {**base, Attr.TOKEN_TYPE: TOKEN_OUTPUT}
         self.input_cached = {**base, Attr.TOKEN_TYPE: TOKEN_INPUT_CACHED}
         self.output_reasoning = {**base, Attr.TOKEN_TYPE: TOKEN_OUTPUT_REASONING}
+        self.costs: dict[str, dict[str, Any]] = {}
+
+    def cost(self, key: str) -> dict[str, Any]:
+        """The attributes for one cost key (few: the configured costs), built once."""
+        attributes = self.costs.get(key)
+        if attributes is None:
+            attributes = self.costs[key] = {**self.latency, Attr.COST_KEY: key}
+        return attributes
 
 
 class Metrics:
@@ -297,6 +308,9 @@ class Metrics:
         self._mcp_requests = meter.create_counter(
             Metric.MCP_REQUESTS, unit="{request}", description="MCP gateway: client messages answered."
         )
+        self._cost = meter.create_counter(
+            Metric.COST, description="Configured costs of successful requests, by cost key (costs[].metadata_key)."
+        )
 
     def watch_rate_limit_service(self, service: Any) -> None:
         """Count the built-in rate limit service's store failures (`failures`: reason -> n)."""
@@ -366,6 +380,9 @@ class Metrics:
             if reasoning and reasoning > 0:
                 tokens.record(reasoning, sets.output_reasoning)
         self._request_duration.record(max(record.duration, 0.0), sets.duration)
+        for cost_key, value in record.costs.items():
+            if value > 0:
+                self._cost.add(value, sets.cost(cost_key))
         if record.stream and record.error_type is None:
             ttft = record.time_to_first_token
             if ttft is not None:

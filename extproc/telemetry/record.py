@@ -58,6 +58,7 @@ class RequestRecord:
     user_id: str | None = None
     tenant: str | None = None  # who the request was charged to (tenancy.py: JWT claim, key, header...)
     attributes: dict[str, str] = field(default_factory=dict)  # configured request-header attributes
+    costs: dict[str, float] = field(default_factory=dict)  # configured costs (metadata_key -> value), 2xx only
     request_body: dict[str, Any] | None = None  # kept only when tracing records content
     output: list[OutputMessage] | None = None  # assembled only when tracing records content
     response_id: str | None = None  # the response's own id (chat completion, message, response)

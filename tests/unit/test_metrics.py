@@ -165,6 +165,20 @@ def test_token_types_follow_the_conventions() -> None:
     assert {v.value for v in GenAiTokenTypeValues} == {"input", "output"}
 
 
+def test_configured_costs_add_up_per_cost_key_and_model(m: Metrics) -> None:
+    m.record(make_record(costs={"micro_usd": 1250, "total": 42}))
+    m.record(make_record(costs={"micro_usd": 0.5, "total": 0}))  # 0: nothing added
+    m.record(make_record(backend_model="gpt-4o-mini", request_model="gpt-4o-mini", costs={"micro_usd": 7}))
+    m.record(make_record(status=500, error_type="server_error", usage=None))  # no costs: no series
+    samples = scrape(m)
+    cost = "extproc_cost"
+    assert value(samples, cost, "_total", cost="micro_usd", gen_ai_request_model="gpt-4o") == 1250.5
+    assert value(samples, cost, "_total", cost="total", gen_ai_request_model="gpt-4o") == 42
+    assert value(samples, cost, "_total", cost="micro_usd", gen_ai_request_model="gpt-4o-mini") == 7
+    labels = series(samples, cost, "_total", cost="total")[0].labels
+    assert labels["gen_ai_provider_name"] == "openai" and "error_type" not in labels
+
+
 def test_no_usage_no_token_series(m: Metrics) -> None:
     m.record(make_record(status=502, error_type="502", usage=None))
     samples = scrape(m)
