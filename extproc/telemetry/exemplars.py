@@ -14,7 +14,11 @@ from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from opentelemetry.exporter.prometheus._mapping import map_unit, sanitize_attribute, sanitize_full_name
+from opentelemetry.exporter.prometheus._mapping import (
+    map_unit,
+    sanitize_attribute,
+    sanitize_full_name,
+)
 
 Labels = tuple[tuple[str, str], ...]  # a series' Prometheus labels, sorted, without empty values and `le`
 Key = tuple[str, Labels, float]  # (bucket sample name, labels, bucket upper bound)
@@ -26,7 +30,7 @@ _MAX_EXEMPLARS = 16384  # series x buckets; bounded like the attribute sets
 class Histogram:
     """One histogram's bucket sample name (as the exporter spells it) and bucket bounds."""
 
-    __slots__ = ("bucket_sample", "bounds")
+    __slots__ = ("bounds", "bucket_sample")
 
     def __init__(self, name: str, unit: str, bounds: tuple[float, ...]) -> None:
         family = sanitize_full_name(name)

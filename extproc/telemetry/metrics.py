@@ -64,7 +64,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from extproc import __version__
 from extproc.contract import Attr, Metric
 from extproc.config import TelemetrySettings
-from extproc.telemetry.exemplars import ExemplarStore, Exemplar, Histogram, Key, Labels, series_labels
+from extproc.telemetry.exemplars import Exemplar, ExemplarStore, Histogram, Key, Labels, series_labels
 from extproc.telemetry.record import RequestRecord
 
 log = logging.getLogger(__name__)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.telemetry import exemplars
 from extproc.telemetry.merge import merge_expositions, merge_openmetrics
-from tests.unit.test_metrics import DURATION, PROCESSOR, TTFT, make_record, metrics, stream_record
+from tests.unit.test_metrics import (
+    DURATION,
+    PROCESSOR,
+    TTFT,
+    make_record,
+    metrics,
+    stream_record,
+)
 
 TRACE_A, SPAN_A = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
 TRACE_B, SPAN_B = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
