@@ -270,7 +270,7 @@ class ProcessorServer:
         try:
             status, body = await admin.fetch(self.options.admin_host, port, "/metrics?local=1&exemplars=1", timeout=2)
             return exemplars.from_json(body) if status == 200 else {}
-        except (OSError, TimeoutError, h11.ProtocolError, ValueError) as exc:
+        except (OSError, TimeoutError, h11.ProtocolError, ValueError, TypeError) as exc:
             log.warning("exemplars of the worker on admin port %d not included: %r", port, exc)
             return {}
 

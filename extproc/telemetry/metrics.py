@@ -33,6 +33,11 @@ when the gateway overrode it), and the configured request-header attributes. Eac
 attribute passes at most ``max_attribute_values`` distinct values (truncated to 128
 characters); later new values become ``other``.
 
+Exemplars: for a request whose span was sampled, the duration histograms (request
+duration, TTFT, time per output token, processor duration) keep its trace and span id as
+the exemplar of the bucket each value fell in (the newest per bucket; ``exemplars``);
+/metrics renders them only in OpenMetrics (telemetry/exemplars.py, merge.merge_openmetrics).
+
 Export: Prometheus text from a private registry (``render_prometheus``, served by the
 admin port), and OTLP (``http/protobuf`` or ``grpc``) when ``OTEL_EXPORTER_OTLP_ENDPOINT``
 or ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` is set. The endpoint, protocol, headers,
