@@ -26,6 +26,7 @@ _READ_TIMEOUT = 10.0
 class AdminRequest:
     path: str
     query: dict[str, list[str]] = field(default_factory=dict)
+    accept: str = ""  # the Accept header (/metrics answers OpenMetrics when asked)
 
 
 @dataclass(slots=True)
@@ -80,7 +81,8 @@ class AdminServer:
         if request.method != b"GET":
             return AdminResponse(405, b'{"error": "method not allowed"}')
         try:
-            return await handler(AdminRequest(target.path, parse_qs(target.query)))
+            accept = b",".join(value for name, value in request.headers if name == b"accept").decode("latin-1")
+            return await handler(AdminRequest(target.path, parse_qs(target.query), accept))
         except Exception:  # never let one scrape take the worker down
             log.exception("admin request %s failed", target.path)
             return AdminResponse(500, b'{"error": "internal error"}')

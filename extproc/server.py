@@ -39,7 +39,8 @@ from extproc.reload import ConfigWatcher
 from extproc.upstream import UpstreamExchange, is_upstream_stream
 from extproc.runtime import Runtime
 from extproc.telemetry import Telemetry
-from extproc.telemetry.merge import merge_expositions
+from extproc.telemetry import exemplars
+from extproc.telemetry.merge import OPENMETRICS_CONTENT_TYPE, merge_expositions, merge_openmetrics
 from extproc.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -236,12 +237,25 @@ class ProcessorServer:
         }
 
     async def _metrics(self, request: AdminRequest) -> AdminResponse:
-        body, content_type = self.telemetry.metrics.render_prometheus()
-        if request.query.get("local") or not self.options.peer_admin_ports:
+        metrics = self.telemetry.metrics
+        if request.query.get("exemplars"):  # worker 0 asking for this worker's exemplars
+            return AdminResponse(200, exemplars.to_json(metrics.exemplars()))
+        body, content_type = metrics.render_prometheus()
+        openmetrics = "application/openmetrics-text" in request.accept
+        local = request.query.get("local") or not self.options.peer_admin_ports
+        if local and not openmetrics:
             return AdminResponse(200, body, content_type)
-        # Worker 0 answers for all workers: fetch theirs and add the series up.
-        peers = await asyncio.gather(*(self._peer_metrics(port) for port in self.options.peer_admin_ports))
-        texts = [body.decode(), *(text for text in peers if text is not None)]
+        texts = [body.decode()]
+        found = [metrics.exemplars()]
+        if not local:
+            # Worker 0 answers for all workers: fetch theirs and add the series up.
+            peers = await asyncio.gather(*(self._peer_metrics(port) for port in self.options.peer_admin_ports))
+            texts += [text for text in peers if text is not None]
+            if openmetrics:
+                found += await asyncio.gather(*(self._peer_exemplars(port) for port in self.options.peer_admin_ports))
+        if openmetrics:
+            text = merge_openmetrics(texts, exemplars.newest(found))
+            return AdminResponse(200, text.encode(), OPENMETRICS_CONTENT_TYPE)
         return AdminResponse(200, merge_expositions(texts).encode(), "text/plain; version=0.0.4")
 
     async def _peer_metrics(self, port: int) -> str | None:
@@ -251,6 +265,14 @@ class ProcessorServer:
             log.warning("metrics of the worker on admin port %d not included: %r", port, exc)
             return None
         return body.decode() if status == 200 else None
+
+    async def _peer_exemplars(self, port: int) -> dict[exemplars.Key, exemplars.Exemplar]:
+        try:
+            status, body = await admin.fetch(self.options.admin_host, port, "/metrics?local=1&exemplars=1", timeout=2)
+            return exemplars.from_json(body) if status == 200 else {}
+        except (OSError, TimeoutError, h11.ProtocolError, ValueError, TypeError) as exc:
+            log.warning("exemplars of the worker on admin port %d not included: %r", port, exc)
+            return {}
 
     def apply_config(self, loaded: LoadedConfig) -> None:
         """Swap in a reloaded config: new requests use it, requests in flight keep theirs.

@@ -31,12 +31,13 @@ def promtool_binary() -> str | None:
 class PrometheusServer:
     """Context manager running one `prometheus` with the given config text (YAML)."""
 
-    def __init__(self, config: str, startup_timeout: float = 30.0) -> None:
+    def __init__(self, config: str, startup_timeout: float = 30.0, flags: tuple[str, ...] = ()) -> None:
         binary = prometheus_binary()
         if binary is None:
             raise RuntimeError("prometheus is not installed (make system-deps, or apt-get install prometheus)")
         self._binary = binary
         self._config = config
+        self._flags = flags  # e.g. --enable-feature=exemplar-storage
         self._startup_timeout = startup_timeout
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._log: BinaryIO | None = None
@@ -55,7 +56,7 @@ class PrometheusServer:
         self.port = free_port()
         self._process = subprocess.Popen(
             [self._binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn", *self._flags],
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + self._startup_timeout

@@ -69,7 +69,12 @@ class Telemetry:
 
     def publish(self, record: RequestRecord, span: SpanHandle | None) -> None:
         """Hand a finished request to metrics and (if it has a span) to tracing."""
-        self.metrics.record(record)
+        trace = None
+        if span is not None:  # a sampled span: its ids become the durations' exemplars
+            context = span.span.get_span_context()
+            if context.is_valid and context.trace_flags.sampled:
+                trace = (context.trace_id, context.span_id)
+        self.metrics.record(record, trace)
         if span is not None:
             self.tracing.finish(span, record)
 

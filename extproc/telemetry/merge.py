@@ -12,17 +12,61 @@ series would otherwise come out as two samples Prometheus counts as one (keeping
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.telemetry.exemplars import Exemplar, Key
+
 _KEEP_ONE = frozenset({"target_info"})
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 def merge_expositions(texts: Iterable[str]) -> str:
     """One Prometheus text exposition whose series are the sums over `texts`."""
+    families, samples = _add_up(texts)
+    lines: list[str] = []
+    for name, (kind, documentation) in families.items():
+        exposed = name + "_total" if kind == "counter" and not name.endswith("_total") else name
+        if documentation:
+            lines.append(f"# HELP {exposed} {_escape_help(documentation)}")
+        lines.append(f"# TYPE {exposed} {'gauge' if kind == 'info' else kind}")
+        for (sample_name, labels), value in samples[name].items():
+            rendered = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
+            lines.append(f"{sample_name}{{{rendered}}} {_number(value)}" if rendered else f"{sample_name} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def merge_openmetrics(texts: Iterable[str], exemplars: Mapping[Key, Exemplar]) -> str:
+    """The same sums as `merge_expositions`, as OpenMetrics text with each bucket's exemplar
+    (`# {trace_id="...",span_id="..."} value timestamp`) and the closing `# EOF`."""
+    families, samples = _add_up(texts)
+    lines: list[str] = []
+    for name, (kind, documentation) in families.items():
+        kind = "gauge" if kind == "info" else kind  # target_info: a gauge, as in the text format
+        if documentation:
+            lines.append(f"# HELP {name} {_escape_label(documentation)}")
+        lines.append(f"# TYPE {name} {kind}")
+        for (sample_name, labels), value in samples[name].items():
+            rendered = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
+            line = f"{sample_name}{{{rendered}}} {_om_number(value)}" if rendered else f"{sample_name} {_om_number(value)}"
+            if sample_name.endswith("_bucket"):
+                exemplar = exemplars.get(_exemplar_key(sample_name, labels))
+                if exemplar is not None:
+                    trace_id, span_id, observed, at = exemplar
+                    line += f' # {{trace_id="{trace_id}",span_id="{span_id}"}} {_om_number(observed)} {at:.3f}'
+            lines.append(line)
+    lines.append("# EOF")
+    return "\n".join(lines) + "\n"
+
+
+_Series = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _add_up(texts: Iterable[str]) -> tuple[dict[str, tuple[str, str]], dict[str, dict[_Series, float]]]:
     families: dict[str, tuple[str, str]] = {}  # name -> (type, help), first seen wins
-    samples: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    samples: dict[str, dict[_Series, float]] = {}
     for text in texts:
         for family in text_string_to_metric_families(text):
             families.setdefault(family.name, (family.type, family.documentation))
@@ -35,16 +79,28 @@ def merge_expositions(texts: Iterable[str]) -> str:
                     series[key] = min(series.get(key, sample.value), sample.value)
                 else:
                     series[key] = series.get(key, 0.0) + sample.value
-    lines: list[str] = []
-    for name, (kind, documentation) in families.items():
-        exposed = name + "_total" if kind == "counter" and not name.endswith("_total") else name
-        if documentation:
-            lines.append(f"# HELP {exposed} {_escape_help(documentation)}")
-        lines.append(f"# TYPE {exposed} {'gauge' if kind == 'info' else kind}")
-        for (sample_name, labels), value in samples[name].items():
-            rendered = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
-            lines.append(f"{sample_name}{{{rendered}}} {_number(value)}" if rendered else f"{sample_name} {_number(value)}")
-    return "\n".join(lines) + "\n"
+    return families, samples
+
+
+def _exemplar_key(sample_name: str, labels: tuple[tuple[str, str], ...]) -> Key:
+    """A bucket sample's exemplar key: its labels without `le` and the exporter's constant
+    `otel_scope_*` labels (the store keys series by the measurement's attributes)."""
+    bound = float("inf")
+    kept = []
+    for k, v in labels:
+        if k == "le":
+            bound = float(v)
+        elif not k.startswith("otel_scope_"):
+            kept.append((k, v))
+    return sample_name, tuple(kept), bound
+
+
+def _om_number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return _number(value)
 
 
 def _number(value: float) -> str:

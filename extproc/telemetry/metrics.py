@@ -33,6 +33,11 @@ when the gateway overrode it), and the configured request-header attributes. Eac
 attribute passes at most ``max_attribute_values`` distinct values (truncated to 128
 characters); later new values become ``other``.
 
+Exemplars: for a request whose span was sampled, the duration histograms (request
+duration, TTFT, time per output token, processor duration) keep its trace and span id as
+the exemplar of the bucket each value fell in (the newest per bucket; ``exemplars``);
+/metrics renders them only in OpenMetrics (telemetry/exemplars.py, merge.merge_openmetrics).
+
 Export: Prometheus text from a private registry (``render_prometheus``, served by the
 admin port), and OTLP (``http/protobuf`` or ``grpc``) when ``OTEL_EXPORTER_OTLP_ENDPOINT``
 or ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` is set. The endpoint, protocol, headers,
@@ -47,6 +52,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
@@ -63,6 +69,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from extproc import __version__
 from extproc.contract import Attr, Metric
 from extproc.config import TelemetrySettings
+from extproc.telemetry.exemplars import Exemplar, ExemplarStore, Histogram, Key, Labels, series_labels
 from extproc.telemetry.record import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -101,6 +108,12 @@ TOKEN_INPUT = "input"
 TOKEN_OUTPUT = "output"
 TOKEN_INPUT_CACHED = "input_cached"
 TOKEN_OUTPUT_REASONING = "output_reasoning"
+
+# The histograms that carry exemplars (the trace of the latest sampled request per bucket).
+_DURATION = Histogram(Metric.REQUEST_DURATION, "s", REQUEST_DURATION_BUCKETS)
+_TTFT = Histogram(Metric.TIME_TO_FIRST_TOKEN, "s", TIME_TO_FIRST_TOKEN_BUCKETS)
+_TPOT = Histogram(Metric.TIME_PER_OUTPUT_TOKEN, "s", TIME_PER_OUTPUT_TOKEN_BUCKETS)
+_PROCESSOR = Histogram(Metric.PROCESSOR_DURATION, "s", PROCESSOR_DURATION_BUCKETS)
 
 OTHER = "other"  # replaces header-attribute values past the cap
 MAX_VALUE_CHARS = 128
@@ -205,7 +218,8 @@ class _AttributeSets:
     The SDK only reads the dicts it is given, so they are shared between measurements.
     """
 
-    __slots__ = ("input", "output", "input_cached", "output_reasoning", "duration", "latency", "costs")
+    __slots__ = ("input", "output", "input_cached", "output_reasoning", "duration", "latency", "costs",
+                 "duration_labels", "latency_labels")
 
     def __init__(self, base: dict[str, Any], error_type: str | None) -> None:
         self.latency = base
@@ -215,6 +229,8 @@ class _AttributeSets:
         self.input_cached = {**base, Attr.TOKEN_TYPE: TOKEN_INPUT_CACHED}
         self.output_reasoning = {**base, Attr.TOKEN_TYPE: TOKEN_OUTPUT_REASONING}
         self.costs: dict[str, dict[str, Any]] = {}
+        self.duration_labels = series_labels(self.duration)  # exemplar keys
+        self.latency_labels = series_labels(self.latency)
 
     def cost(self, key: str) -> dict[str, Any]:
         """The attributes for one cost key (few: the configured costs), built once."""
@@ -237,7 +253,8 @@ class Metrics:
         self._closed = False
         self._provider: MeterProvider | None = None
         self._attribute_sets: dict[tuple[Any, ...], _AttributeSets] = {}
-        self._processor_attributes: dict[tuple[str, bool], dict[str, Any]] = {}
+        self._processor_attributes: dict[tuple[str, bool], tuple[dict[str, Any], Labels]] = {}
+        self._exemplars = ExemplarStore()
         header_names = set(settings.metric_header_attributes.values())
         if settings.tenant_attribute:
             header_names.add(settings.tenant_attribute)
@@ -358,16 +375,23 @@ class Metrics:
         except Exception:
             log.debug("MCP metrics not recorded", exc_info=True)
 
-    def record(self, record: RequestRecord) -> None:
-        """Record one finished request. Cheap, and never raises."""
+    def record(self, record: RequestRecord, trace: tuple[int, int] | None = None) -> None:
+        """Record one finished request. Cheap, and never raises.
+
+        `trace`: the (trace id, span id) of the request's sampled span: kept as the exemplar of
+        the buckets its durations fall in."""
         if self._provider is None or self._closed:
             return
         try:
-            self._record(record)
+            self._record(record, trace)
         except Exception:
             log.debug("metrics for a request not recorded", exc_info=True)
 
-    def _record(self, record: RequestRecord) -> None:
+    def exemplars(self) -> dict[Key, Exemplar]:
+        """This worker's histogram exemplars (for OpenMetrics /metrics)."""
+        return self._exemplars.snapshot()
+
+    def _record(self, record: RequestRecord, trace: tuple[int, int] | None) -> None:
         sets = self._attributes(record)
         usage = record.usage
         if usage is not None:
@@ -379,23 +403,36 @@ class Metrics:
                 tokens.record(cached, sets.input_cached)
             if reasoning and reasoning > 0:
                 tokens.record(reasoning, sets.output_reasoning)
-        self._request_duration.record(max(record.duration, 0.0), sets.duration)
+        duration = max(record.duration, 0.0)
+        self._request_duration.record(duration, sets.duration)
+        exemplars = self._exemplars if trace is not None else None
+        now = time.time() if trace is not None else 0.0
+        if exemplars is not None and trace is not None:
+            exemplars.record(_DURATION, sets.duration_labels, duration, trace[0], trace[1], now)
         for cost_key, value in record.costs.items():
             if value > 0:
                 self._cost.add(value, sets.cost(cost_key))
         if record.stream and record.error_type is None:
             ttft = record.time_to_first_token
             if ttft is not None:
-                self._time_to_first_token.record(max(ttft, 0.0), sets.latency)
+                ttft = max(ttft, 0.0)
+                self._time_to_first_token.record(ttft, sets.latency)
+                if exemplars is not None and trace is not None:
+                    exemplars.record(_TTFT, sets.latency_labels, ttft, trace[0], trace[1], now)
                 tpot = record.time_per_output_token
                 if tpot is not None:
-                    self._time_per_output_token.record(max(tpot, 0.0), sets.latency)
+                    tpot = max(tpot, 0.0)
+                    self._time_per_output_token.record(tpot, sets.latency)
+                    if exemplars is not None and trace is not None:
+                        exemplars.record(_TPOT, sets.latency_labels, tpot, trace[0], trace[1], now)
         key = (record.operation, record.stream)
         processor = self._processor_attributes.get(key)
         if processor is None:
-            processor = {Attr.OPERATION_NAME: record.operation, Attr.STREAM: record.stream}
-            self._processor_attributes[key] = processor
-        self._processor_duration.record(record.processor_seconds, processor)
+            attributes: dict[str, Any] = {Attr.OPERATION_NAME: record.operation, Attr.STREAM: record.stream}
+            processor = self._processor_attributes[key] = (attributes, series_labels(attributes))
+        self._processor_duration.record(record.processor_seconds, processor[0])
+        if exemplars is not None and trace is not None:
+            exemplars.record(_PROCESSOR, processor[1], record.processor_seconds, trace[0], trace[1], now)
 
     def _attributes(self, record: RequestRecord) -> _AttributeSets:
         headers: tuple[tuple[str, str], ...] = ()

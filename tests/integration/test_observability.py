@@ -12,6 +12,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.sim import SimServer
@@ -390,3 +391,35 @@ def test_hidden_inputs_are_absent(sim_a: SimServer, receiver: OtlpReceiver, tmp_
         assert attributes["output.value"] == "__REDACTED__"  # the simulator echoes the prompt in its reply
         assert not [k for k in attributes if k.startswith("llm.output_messages")]
         assert attributes["llm.token_count.total"] > 0  # counts are not content: still recorded
+
+
+OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"  # as Prometheus asks
+
+
+def test_openmetrics_buckets_carry_the_request_span_as_exemplar(observed: RunningGateway, receiver: OtlpReceiver) -> None:
+    trace_id, headers = _traceparent()
+    model = f"exemplar-{secrets.token_hex(4)}"
+    client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
+    assert list(client.chat.completions.create(model=model, messages=USER, stream=True, extra_headers=headers))
+    span = _request_span(receiver, trace_id)
+
+    response = httpx.get(f"http://127.0.0.1:{observed.processor_admin_port}/metrics",
+                         headers={"accept": OPENMETRICS}, timeout=10)
+    assert response.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert response.text.endswith("# EOF\n")
+    families = {f.name: f.samples for f in openmetrics_families(response.text)}  # the parser validates the format
+
+    for family in ("gen_ai_server_request_duration_seconds", "gen_ai_server_time_to_first_token_seconds"):
+        exemplars = [s for s in families[family] if s.labels.get("gen_ai_request_model") == model and s.exemplar]
+        assert len(exemplars) == 1, family  # on the one bucket the request's duration fell in
+        (bucket,) = exemplars
+        assert bucket.exemplar.labels == {"trace_id": trace_id, "span_id": span.span_id}
+        assert bucket.exemplar.value <= float(bucket.labels["le"])
+        assert bucket.value >= 1
+    overhead = [s.exemplar.labels["trace_id"] for s in families["extproc_processor_duration_seconds"] if s.exemplar]
+    assert trace_id in overhead
+
+    plain = httpx.get(f"http://127.0.0.1:{observed.processor_admin_port}/metrics", timeout=10)
+    assert plain.headers["content-type"].startswith("text/plain")
+    assert trace_id not in plain.text and "# EOF" not in plain.text
+    assert _family(_metrics(observed), "gen_ai_server_request_duration")  # still the Prometheus text format

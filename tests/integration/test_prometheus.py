@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 from extproc.sim import SimServer  # noqa: E402
 from tests.integration.harness import RunningGateway, free_port, running_gateway  # noqa: E402
 from tests.integration.test_mcp_gateway import ServerThread, build_a  # noqa: E402
+from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 from tests.prometheus_server import PrometheusServer, promtool_binary  # noqa: E402
 
 pytestmark = pytest.mark.timeout(360)
@@ -287,3 +289,39 @@ def test_every_shipped_expression_returns_data_with_its_labels(gateway: RunningG
     assert {a.get("gen_ai_provider_name") for a in states.get("AIGatewayProviderErrorRatioHigh", [])} == {"openai"}
     assert {a.get("tenant") for a in states.get("AIGatewayBudgetExhausted", [])} == {"capped"}, json.dumps(
         (states, prometheus.query("gen_ai:budget_refusals:rate5m")))
+
+
+# -- exemplars: a latency bucket links to its trace ----------------------------------------------
+
+
+def test_prometheus_stores_the_request_span_as_the_bucket_exemplar(sim_a: SimServer, tmp_path: Path) -> None:
+    """Prometheus asks for OpenMetrics; with exemplar storage on it keeps each bucket's trace id."""
+    config = {"backends": [{"name": "sim", "base_url": sim_a.base_url}],
+              "routes": [{"name": "all", "default": True, "backends": [{"name": "sim"}]}]}
+    env = {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "100",
+           "OTEL_METRIC_EXPORT_INTERVAL": "60000"}
+    with OtlpReceiver() as receiver, \
+            running_gateway(config, tmp_path, env={**env, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}) as gw:
+        scrape = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+        scrape["global"].update(scrape_interval="1s")
+        scrape["rule_files"] = []
+        scrape["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{gw.processor_admin_port}"]}]
+        with PrometheusServer(yaml.safe_dump(scrape), flags=("--enable-feature=exemplar-storage",)) as prometheus:
+            trace_id = secrets.token_hex(16)
+            model = f"exemplar-{secrets.token_hex(4)}"
+            client = openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0, timeout=30)
+            client.chat.completions.create(model=model, messages=USER, max_tokens=5, extra_headers={
+                "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+            span = receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("Upstream"))
+
+            query = f'gen_ai_server_request_duration_seconds_bucket{{gen_ai_request_model="{model}"}}'
+            found: list[dict[str, Any]] = []
+            deadline = time.monotonic() + WAIT
+            while not found and time.monotonic() < deadline:
+                time.sleep(0.5)
+                now = time.time()
+                found = [e for series in prometheus.api("query_exemplars", query=query, start=str(now - 600),
+                                                        end=str(now + 60))
+                         for e in series["exemplars"]]
+            assert found, prometheus.log()
+            assert [e["labels"] for e in found] == [{"trace_id": trace_id, "span_id": span.span_id}]
