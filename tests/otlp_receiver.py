@@ -278,6 +278,10 @@ class OtlpReceiver:
         spans = self.wait_for_spans(lambda spans: any(predicate(s) for s in spans), timeout)
         return next(s for s in spans if predicate(s))
 
+    def wait_for_request_span(self, trace_id: str, timeout: float = 10.0) -> ReceivedSpan:
+        """The request's span of a trace: not one of its upstream attempts' (`UpstreamAttempt ...`)."""
+        return self.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt"), timeout)
+
     def wait_for_metrics(
         self, predicate: Callable[[list[MetricPoint]], bool] | None = None, timeout: float = 10.0
     ) -> list[MetricPoint]:

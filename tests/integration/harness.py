@@ -19,8 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.workers import PORT_STRIDE
 
@@ -158,6 +160,17 @@ class RunningGateway:
             if line.startswith("{"):
                 entries.append(orjson.loads(line))
         return entries
+
+    def metric_sum(self, family: str, suffix: str, **labels: str) -> float:
+        """The sum of the processor's `/metrics` samples of metric families named `family...`
+        whose sample name ends in `suffix` (e.g. `_sum`) and whose labels include `labels`."""
+        text = httpx.get(f"http://127.0.0.1:{self.processor_admin_port}/metrics", timeout=10).text
+        return sum(
+            sample.value
+            for metric in text_string_to_metric_families(text) if metric.name.startswith(family)
+            for sample in metric.samples
+            if sample.name.endswith(suffix) and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
 
     def wait_access_log(self, predicate: Any, timeout: float = 15) -> dict[str, Any]:
         """Envoy flushes its access log about once a second: wait for a matching entry."""

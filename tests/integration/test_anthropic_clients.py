@@ -14,12 +14,10 @@ from typing import Any
 
 import anthropic
 import boto3
-import httpx
 import openai
 import pytest
 from google import genai
 from google.genai import types
-from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.sim import SimServer
 from extproc.sim.bedrock_api import SIM_AWS_ACCESS_KEY_ID, SIM_AWS_SECRET_ACCESS_KEY
@@ -101,15 +99,6 @@ def _direct_bedrock(sim: SimServer, text: str, max_tokens: int) -> dict[str, Any
                             inferenceConfig={"maxTokens": max_tokens})
 
 
-def _metric_sum(gateway: RunningGateway, family: str, suffix: str, **labels: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{gateway.processor_admin_port}/metrics", timeout=10).text
-    total = 0.0
-    for metric in text_string_to_metric_families(text):
-        if metric.name.startswith(family):
-            for sample in metric.samples:
-                if sample.name.endswith(suffix) and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    total += sample.value
-    return total
 
 
 def _texts(message: anthropic.types.Message) -> str:
@@ -152,9 +141,9 @@ def test_message_from_an_openai_backend_with_exact_usage(
     assert _tokens(entry) == (prompt, completion, prompt + completion)  # the gateway's: the whole prompt
     assert int(entry["cached_input_tokens"]) == 3
     assert entry["backend_name"] == "oa" and entry["status"] == 200
-    assert _metric_sum(gateway, "gen_ai_client_token_usage", "_sum", gen_ai_request_model="gpt-json",
+    assert gateway.metric_sum("gen_ai_client_token_usage", "_sum", gen_ai_request_model="gpt-json",
                        gen_ai_provider_name="openai", gen_ai_token_type="input") == prompt
-    assert _metric_sum(gateway, "gen_ai_client_token_usage", "_sum", gen_ai_request_model="gpt-json",
+    assert gateway.metric_sum("gen_ai_client_token_usage", "_sum", gen_ai_request_model="gpt-json",
                        gen_ai_provider_name="openai", gen_ai_token_type="output") == completion
 
 
@@ -284,7 +273,7 @@ def test_message_and_stream_from_bedrock_with_exact_usage(
     entry = _entry(gateway, "br-stream-1")
     assert _tokens(entry)[:2] == (direct["usage"]["inputTokens"], direct["usage"]["outputTokens"])
     assert int(entry["cached_input_tokens"]) == 2
-    assert _metric_sum(gateway, "gen_ai_client_token_usage", "_sum", gen_ai_request_model=BEDROCK_MODEL,
+    assert gateway.metric_sum("gen_ai_client_token_usage", "_sum", gen_ai_request_model=BEDROCK_MODEL,
                        gen_ai_provider_name="aws.bedrock", gen_ai_token_type="output") == 2 * direct["usage"][
                            "outputTokens"]
 

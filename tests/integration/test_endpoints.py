@@ -21,7 +21,6 @@ import cohere
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.sim import SimServer
 from extproc.sim import media_api
@@ -115,14 +114,6 @@ def _tokens(entry: dict[str, Any]) -> tuple[Any, Any, Any]:
     return entry["input_tokens"], entry["output_tokens"], entry["total_tokens"]
 
 
-def _metric_sum(gateway: RunningGateway, family: str, suffix: str, **labels: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{gateway.processor_admin_port}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for metric in text_string_to_metric_families(text) if metric.name.startswith(family)
-        for sample in metric.samples
-        if sample.name.endswith(suffix) and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def _rid() -> str:
@@ -156,9 +147,9 @@ def test_gpt_image_usage_is_accounted_exactly(
     assert entry["status"] == 200 and entry["route_name"] == "openai"
     assert _tokens(entry) == (usage.input_tokens, usage.output_tokens, usage.total_tokens)
     labels = {"gen_ai_request_model": "gpt-image-1", "gen_ai_operation_name": "generate_content"}
-    assert _metric_sum(gateway, "gen_ai_client_token_usage", "_sum", gen_ai_token_type="output", **labels) >= (
+    assert gateway.metric_sum("gen_ai_client_token_usage", "_sum", gen_ai_token_type="output", **labels) >= (
         usage.output_tokens)
-    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt"))
+    span = receiver.wait_for_request_span(trace_id)
     assert span.name == "ImagesResponse" and span.attributes["openinference.span.kind"] == "LLM"
     assert span.attributes["llm.token_count.completion"] == usage.output_tokens
 
@@ -387,9 +378,9 @@ def test_rerank_with_the_cohere_sdk_is_accounted_and_traced(
     assert tokens
     entry = _entry(gateway, rid)
     assert entry["route_name"] == "rerank" and _tokens(entry) == (tokens, 0, tokens)
-    assert _metric_sum(gateway, "gen_ai_client_token_usage", "_sum", gen_ai_operation_name="rerank",
+    assert gateway.metric_sum("gen_ai_client_token_usage", "_sum", gen_ai_operation_name="rerank",
                        gen_ai_token_type="input", gen_ai_request_model="rerank-v3.5") >= tokens
-    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt"))
+    span = receiver.wait_for_request_span(trace_id)
     assert span.name == "Rerank" and span.attributes["openinference.span.kind"] == "RERANKER"
     assert span.attributes["reranker.model_name"] == "rerank-v3.5" and span.attributes["reranker.top_k"] == 2
 

@@ -12,12 +12,10 @@ import secrets
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from google import genai
 from google.genai import types
-from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.sim import SimServer
 from extproc.sim import text as simtext
@@ -106,15 +104,6 @@ def _tokens(entry: dict[str, Any]) -> tuple[int, int, int]:
     return int(entry["input_tokens"]), int(entry["output_tokens"]), int(entry["total_tokens"])
 
 
-def _metric_sum(gateway: RunningGateway, family: str, suffix: str, **labels: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{gateway.processor_admin_port}/metrics", timeout=10).text
-    total = 0.0
-    for metric in text_string_to_metric_families(text):
-        if metric.name.startswith(family):
-            for sample in metric.samples:
-                if sample.name.endswith(suffix) and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    total += sample.value
-    return total
 
 
 def test_json_reply_with_exact_usage_in_response_log_and_metrics(
@@ -153,8 +142,8 @@ def test_json_reply_with_exact_usage_in_response_log_and_metrics(
     assert int(entry["cached_input_tokens"]) == 3 and int(entry["reasoning_tokens"]) == 4
     assert entry["backend_name"] == "gemini" and entry["status"] == 200
     labels = {"gen_ai_request_model": "gemini-json", "gen_ai_provider_name": "gcp.gemini"}
-    assert _metric_sum(gateway, "gen_ai_client_token_usage", "_sum", gen_ai_token_type="input", **labels) == prompt
-    assert _metric_sum(gateway, "gen_ai_client_token_usage", "_sum", gen_ai_token_type="output", **labels) == output
+    assert gateway.metric_sum("gen_ai_client_token_usage", "_sum", gen_ai_token_type="input", **labels) == prompt
+    assert gateway.metric_sum("gen_ai_client_token_usage", "_sum", gen_ai_token_type="output", **labels) == output
 
 
 def test_span_names_google_and_carries_the_exact_usage(client: openai.OpenAI, receiver: OtlpReceiver) -> None:
@@ -162,7 +151,7 @@ def test_span_names_google_and_carries_the_exact_usage(client: openai.OpenAI, re
     completion = client.chat.completions.create(
         model="gemini-traced", messages=USER, max_tokens=8,
         extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
-    attributes = receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt")).attributes
+    attributes = receiver.wait_for_request_span(trace_id).attributes
     assert attributes["llm.provider"] == "google"
     assert attributes["llm.model_name"] == "gemini-traced"
     assert attributes["llm.output_messages.0.message.content"] == completion.choices[0].message.content

@@ -73,7 +73,7 @@ def test_chat_span_in_both_conventions(both: RunningGateway, receiver: OtlpRecei
     completion = _openai(both).chat.completions.create(
         model="genai-model", messages=USER, temperature=0.5, max_tokens=6, top_p=0.9, extra_headers=headers,
     )
-    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt"))
+    span = receiver.wait_for_request_span(trace_id)
     a = span.attributes
     assert span.name == "chat genai-model"
     assert a["openinference.span.kind"] == "LLM"  # OpenInference still there
@@ -106,7 +106,7 @@ def test_streamed_chat_span(both: RunningGateway, receiver: OtlpReceiver) -> Non
     ))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     usage = next(c.usage for c in chunks if c.usage is not None)
-    a = receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt")).attributes
+    a = receiver.wait_for_request_span(trace_id).attributes
     assert a["gen_ai.response.id"] == chunks[0].id
     assert json.loads(a["gen_ai.output.messages"])[0]["parts"] == [{"type": "text", "content": text}]
     assert a["gen_ai.usage.output_tokens"] == usage.completion_tokens
@@ -121,7 +121,7 @@ def test_anthropic_span_has_system_instructions_apart(both: RunningGateway, rece
         messages=[{"role": "user", "content": "Describe the sea"}], extra_headers=headers,
     )
     text = "".join(block.text for block in message.content if block.type == "text")
-    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt"))
+    span = receiver.wait_for_request_span(trace_id)
     a = span.attributes
     assert span.name == "chat claude-haiku-genai"
     assert a["gen_ai.provider.name"] == "anthropic"
@@ -138,7 +138,7 @@ def test_completions_span_records_prompts_and_choices(both: RunningGateway, rece
     trace_id, headers = _traced()
     completion = _openai(both).completions.create(
         model="instruct-genai", prompt="Say hello", max_tokens=7, extra_headers=headers)
-    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt"))
+    span = receiver.wait_for_request_span(trace_id)
     a = span.attributes
     assert span.name == "text_completion instruct-genai"
     assert a["llm.prompts.0.prompt.text"] == "Say hello"
@@ -156,7 +156,7 @@ def test_embeddings_span_records_inputs_and_a_vector_summary(both: RunningGatewa
     # the SDK asks for base64 vectors by default: measured, never decoded nor recorded
     result = _openai(both).embeddings.create(model="embedder", input=["vector me", "and me"], dimensions=12,
                                              extra_headers=headers)
-    span = receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt"))
+    span = receiver.wait_for_request_span(trace_id)
     a = span.attributes
     assert span.name == "embeddings embedder"
     assert a["embedding.embeddings.0.embedding.text"] == "vector me"
@@ -176,7 +176,7 @@ def test_gen_ai_only_with_hidden_inputs(sim_a: SimServer, receiver: OtlpReceiver
         trace_id, headers = _traced()
         completion = _openai(gateway).chat.completions.create(
             model="m", messages=[{"role": "user", "content": "my secret plan"}], max_tokens=5, extra_headers=headers)
-        span = receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt"))
+        span = receiver.wait_for_request_span(trace_id)
     a = span.attributes
     assert span.name == "chat m"
     assert span.kind == "CLIENT"

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.sim import SimServer
 from tests.integration.harness import RunningGateway, running_gateway
-from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.otlp_receiver import OtlpReceiver
 
 USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Envoy?"}]
 ANTHROPIC_KEY = "sk-ant-observability-5e6f"  # the gateway's credential for the Anthropic backend
@@ -62,10 +62,6 @@ def observed(sim_a: SimServer, receiver: OtlpReceiver, tmp_path_factory: pytest.
     with running_gateway(_config(sim_a), tmp_path_factory.mktemp("observed"), env=_otel_env(receiver)) as gateway:
         yield gateway
 
-
-def _request_span(receiver: OtlpReceiver, trace_id: str) -> ReceivedSpan:
-    """The request's span of a trace (not one of its upstream attempts' spans)."""
-    return receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt"))
 
 
 def _metrics(gateway: RunningGateway) -> dict[str, list[Any]]:
@@ -174,7 +170,7 @@ def test_span_joins_the_client_trace_and_parents_the_upstream_call(
             "x-user-id": "user-9",
         },
     )
-    span = _request_span(receiver, trace_id)
+    span = receiver.wait_for_request_span(trace_id)
     attributes = span.attributes
 
     assert span.name == "ChatCompletion"
@@ -208,7 +204,7 @@ def test_streamed_output_is_assembled_in_the_span(observed: RunningGateway, rece
         model="m", messages=USER, stream=True, extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
     ))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    span = _request_span(receiver, trace_id)
+    span = receiver.wait_for_request_span(trace_id)
     assert span.attributes["llm.output_messages.0.message.content"] == text
     assert span.attributes["llm.token_count.completion"] > 0  # forced usage reached the span too
 
@@ -259,7 +255,7 @@ def test_anthropic_sdk_span_names_anthropic_and_carries_the_answer(
     )
     text = "".join(block.text for block in message.content if block.type == "text")
     assert text
-    span = _request_span(receiver, trace_id)
+    span = receiver.wait_for_request_span(trace_id)
     _assert_anthropic_span(span, text, message.usage)
     assert json.loads(span.attributes["input.value"])["system"] == ANTHROPIC_SYSTEM
 
@@ -273,7 +269,7 @@ def test_anthropic_sdk_stream_span_assembles_the_answer(observed: RunningGateway
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text
-    span = _request_span(receiver, trace_id)
+    span = receiver.wait_for_request_span(trace_id)
     _assert_anthropic_span(span, text, final.usage)
     assert json.loads(span.attributes["metadata"])["stream"] is True
 
@@ -288,7 +284,7 @@ def test_anthropic_sdk_streamed_tool_call_in_the_span(observed: RunningGateway, 
     ) as stream:
         final = stream.get_final_message()
     (call,) = [block for block in final.content if block.type == "tool_use"]
-    span = _request_span(receiver, trace_id)
+    span = receiver.wait_for_request_span(trace_id)
     attributes = span.attributes
     assert attributes["llm.input_messages.0.message.content"] == "What is the weather in Paris?"
     assert json.loads(attributes["llm.tools.0.tool.json_schema"]) == tool
@@ -324,7 +320,7 @@ def test_responses_api_span_carries_input_and_output(observed: RunningGateway, r
     response = client.responses.create(model="resp-obs", instructions="Be brief.", input="What is Envoy?",
                                        max_output_tokens=40, temperature=0.2, extra_headers=headers)
     assert response.output_text and response.usage is not None
-    span = _request_span(receiver, trace_id)
+    span = receiver.wait_for_request_span(trace_id)
     _assert_responses_span(span, response.output_text, response.usage)
     assert span.attributes["llm.model_name"] == response.model
 
@@ -339,7 +335,7 @@ def test_responses_api_stream_span_assembles_the_output(observed: RunningGateway
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     (completed,) = [e for e in events if e.type == "response.completed"]
     assert text and text == completed.response.output_text
-    span = _request_span(receiver, trace_id)
+    span = receiver.wait_for_request_span(trace_id)
     _assert_responses_span(span, text, completed.response.usage)
     assert json.loads(span.attributes["metadata"])["client_api"] == "openai.responses"
 
@@ -349,7 +345,7 @@ def test_embedding_span(observed: RunningGateway, receiver: OtlpReceiver) -> Non
     client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
     client.embeddings.create(model="embedder", input="vector me",
                              extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
-    span = _request_span(receiver, trace_id)
+    span = receiver.wait_for_request_span(trace_id)
     assert span.attributes["openinference.span.kind"] == "EMBEDDING"
     assert span.attributes["embedding.model_name"] == "embedder"
 
@@ -360,7 +356,7 @@ def test_error_span_has_error_status(observed: RunningGateway, receiver: OtlpRec
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model="m", messages=USER, extra_headers={
             "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01", "x-sim-error": "503"})
-    span = _request_span(receiver, trace_id)
+    span = receiver.wait_for_request_span(trace_id)
     assert span.status_code == "ERROR"
 
 
@@ -371,7 +367,7 @@ def test_hidden_inputs_are_absent(sim_a: SimServer, receiver: OtlpReceiver, tmp_
         client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "my secret plan"}],
                                        extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
-        spans = [_request_span(receiver, trace_id)]
+        spans = [receiver.wait_for_request_span(trace_id)]
         # The other client APIs' shapes are hidden the same way.
         anthropic_trace, headers = _traceparent()
         _anthropic_client(gateway).messages.create(
@@ -380,8 +376,8 @@ def test_hidden_inputs_are_absent(sim_a: SimServer, receiver: OtlpReceiver, tmp_
         responses_trace, headers = _traceparent()
         client.responses.create(model="m", instructions="my secret system", input="my secret plan",
                                 extra_headers=headers)
-        spans.append(_request_span(receiver, anthropic_trace))
-        spans.append(_request_span(receiver, responses_trace))
+        spans.append(receiver.wait_for_request_span(anthropic_trace))
+        spans.append(receiver.wait_for_request_span(responses_trace))
     assert [s.name for s in spans] == ["ChatCompletion", "Messages", "Response"]
     for span in spans:
         attributes = span.attributes
@@ -401,7 +397,7 @@ def test_openmetrics_buckets_carry_the_request_span_as_exemplar(observed: Runnin
     model = f"exemplar-{secrets.token_hex(4)}"
     client = openai.OpenAI(base_url=observed.base_url, api_key="k", max_retries=0)
     assert list(client.chat.completions.create(model=model, messages=USER, stream=True, extra_headers=headers))
-    span = _request_span(receiver, trace_id)
+    span = receiver.wait_for_request_span(trace_id)
 
     response = httpx.get(f"http://127.0.0.1:{observed.processor_admin_port}/metrics",
                          headers={"accept": OPENMETRICS}, timeout=10)

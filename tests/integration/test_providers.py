@@ -15,10 +15,8 @@ from typing import Any
 
 import anthropic
 import boto3
-import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.sim import SimServer
 from extproc.sim.bedrock_api import SIM_AWS_ACCESS_KEY_ID, SIM_AWS_SECRET_ACCESS_KEY
@@ -111,16 +109,6 @@ def _direct_bedrock(sim: SimServer, model: str, text: str, max_tokens: int) -> d
                             inferenceConfig={"maxTokens": max_tokens})
 
 
-def _metric_sum(gateway: RunningGateway, family: str, suffix: str, **labels: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{gateway.processor_admin_port}/metrics", timeout=10).text
-    total = 0.0
-    for metric in text_string_to_metric_families(text):
-        if not metric.name.startswith(family):
-            continue
-        for sample in metric.samples:
-            if sample.name.endswith(suffix) and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 # -- OpenAI clients served by Anthropic -------------------------------------------------
@@ -335,7 +323,7 @@ def test_fallback_from_a_failing_openai_backend_to_anthropic(
     assert entry["backend_name"] == "claude-for-fallback" and entry["status"] == 200
     assert entry["model_name_override"] == "claude-fallback-target"
     assert int(entry["output_tokens"]) == completion.usage.completion_tokens  # type: ignore[union-attr]
-    served = _metric_sum(providers, "gen_ai_client_token_usage", "_count", gen_ai_request_model="claude-fallback-target",
+    served = providers.metric_sum("gen_ai_client_token_usage", "_count", gen_ai_request_model="claude-fallback-target",
                          gen_ai_provider_name="anthropic", gen_ai_token_type="output")
     assert served >= 1
 

@@ -16,7 +16,6 @@ from typing import Any
 import secrets
 
 import anthropic
-import httpx
 import openai
 import orjson
 import pytest
@@ -24,7 +23,6 @@ from google import genai
 from google.auth.transport.requests import Request
 from google.genai import types as genai_types
 from google.oauth2 import service_account
-from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.sim import SimServer
 from extproc.sim.google_auth import service_account_key
@@ -132,11 +130,6 @@ def _tokens(entry: dict[str, Any]) -> tuple[int, int, int]:
     return int(entry["input_tokens"]), int(entry["output_tokens"]), int(entry["total_tokens"])
 
 
-def _metric_sum(gateway: RunningGateway, family: str, suffix: str, **labels: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{gateway.processor_admin_port}/metrics", timeout=10).text
-    return sum(sample.value for metric in text_string_to_metric_families(text) if metric.name.startswith(family)
-               for sample in metric.samples
-               if sample.name.endswith(suffix) and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def _assert_issued_bearer(sim: SimServer) -> None:
@@ -170,7 +163,7 @@ def test_openai_sdk_json_with_exact_usage(client: openai.OpenAI, vertex: Running
     assert _tokens(entry) == (prompt, direct.usage.output_tokens, prompt + direct.usage.output_tokens)
     assert int(entry["cached_input_tokens"]) == 3
     assert entry["backend_name"] == "vertex" and entry["status"] == 200
-    assert _metric_sum(vertex, "gen_ai_client_token_usage", "_sum", gen_ai_provider_name="gcp.vertex_ai",
+    assert vertex.metric_sum("gen_ai_client_token_usage", "_sum", gen_ai_provider_name="gcp.vertex_ai",
                        gen_ai_request_model=MODEL, gen_ai_token_type="output") >= direct.usage.output_tokens
 
 
@@ -362,7 +355,7 @@ def test_span_names_google_and_carries_the_exact_usage(
     message = claude.messages.create(
         model=model, max_tokens=16, messages=USER,
         extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
-    attributes = receiver.wait_for_span(lambda s: s.trace_id == trace_id and not s.name.startswith("UpstreamAttempt")).attributes
+    attributes = receiver.wait_for_request_span(trace_id).attributes
     assert attributes["llm.provider"] == "google"
     assert attributes["llm.model_name"] == model
     assert attributes["llm.input_messages.0.message.content"] == USER[0]["content"]
