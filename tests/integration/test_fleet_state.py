@@ -10,6 +10,7 @@ first one drew in Redis.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,7 @@ from tests.redis_server import RedisServer  # noqa: E402
 pytestmark = pytest.mark.timeout(120)
 
 ACCEPT = "application/json, text/event-stream"
+BUDGET = 100  # tokens per hour for tenant "capped" (an hour, so the test never straddles a window)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,9 @@ def fleet(sim_a: SimServer, sim_b: SimServer, shared_redis: RedisServer, mcp_ser
                         "backends": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]}],
             "mcp": {"port": free_port(), "servers": [{"name": "a", "url": mcp_server.url}],
                     "routes": [{"path": "/mcp", "servers": ["a"]}]},
-            "state": {"redis": shared_redis.url},
+            "tenancy": {"header": "x-tenant-id", "default_tenant": "anyone"},
+            "budgets": [{"name": "capped", "tenant": "capped", "unit": "hour", "limit": BUDGET}],
+            "state": {"redis": shared_redis.url},  # budgets count there too (ratelimit.store unset)
         }
 
     with running_gateway(config(), tmp_path_factory.mktemp("fleet-1")) as one, \
@@ -118,3 +122,33 @@ def test_an_mcp_session_opened_on_one_gateway_continues_on_the_other(
     assert mcp_server.recorder.calls("tools/call")[-1].json()["params"]["name"] == "add"
     foreign = _rpc(two, {"jsonrpc": "2.0", "id": 4, "method": "tools/list"}, session[:-4] + "AAAA")
     assert foreign.status_code == 404  # a tampered id is still unknown on every gateway
+
+
+def test_a_budget_spent_on_one_gateway_is_spent_on_the_other(fleet: list[RunningGateway]) -> None:
+    one, two = (openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0, timeout=30,
+                              default_headers={"x-tenant-id": "capped"}) for gw in fleet)
+    user = [{"role": "user", "content": "Tell me a story"}]
+    spent = one.chat.completions.create(model="m", messages=user, max_tokens=BUDGET)  # type: ignore[arg-type]
+    assert spent.usage is not None and spent.usage.total_tokens > BUDGET
+
+    probed = 0  # tokens gateway two served the tenant itself: far below the budget
+
+    def refused() -> bool:
+        nonlocal probed
+        try:
+            probe = two.chat.completions.create(model="m", messages=user, max_tokens=1)  # type: ignore[arg-type]
+        except openai.RateLimitError:
+            return True
+        probed += probe.usage.total_tokens if probe.usage is not None else BUDGET
+        return False
+
+    # The charge lands a few ms after the response ends (Envoy calls the rate limit service then).
+    for _ in range(60):
+        if refused():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the budget spent on gateway one was not seen by gateway two")
+    assert probed < BUDGET // 2  # refused for what gateway one served, not for the probes
+    other = openai.OpenAI(base_url=fleet[1].base_url, api_key="k", max_retries=0, timeout=30)
+    assert other.chat.completions.create(model="m", messages=user, max_tokens=3).choices  # type: ignore[arg-type]
