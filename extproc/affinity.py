@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -65,6 +65,17 @@ def default_path(address: str, directory: str | os.PathLike[str] | None = None) 
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", address).strip("._-") or "default"
     base = Path(directory) if directory is not None else Path(tempfile.gettempdir())
     return base / f"extproc-affinity-{name[:100]}.sqlite3"
+
+
+class Affinity(Protocol):
+    """What the request stage needs: this host's SQLite store or the fleet's Redis one (extproc.state)."""
+
+    errors: int
+
+    async def aremember(self, response_id: str, backend: str) -> None: ...
+    async def alookup(self, response_id: str) -> str | None: ...
+    async def aforget(self, response_id: str) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 class AffinityStore:
@@ -199,6 +210,9 @@ class AffinityStore:
 
     async def aforget(self, response_id: str) -> None:
         await self._run(self.forget, response_id)
+
+    async def aclose(self) -> None:
+        self.close()
 
     # -- internals -----------------------------------------------------------------------------------
 

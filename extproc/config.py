@@ -694,6 +694,24 @@ class RateLimitService(StrictModel):
         return value
 
 
+class StateSettings(StrictModel):
+    """State replicas share (Responses affinity, the MCP session key; budgets by default)."""
+
+    redis: str | None = Field(
+        default=None,
+        description="redis:// / rediss:// URL shared by every replica; absent: per-host state (one machine)",
+    )
+    affinity_ttl_seconds: float = Field(
+        default=30 * 24 * 3600, gt=0, description="how long a Responses id keeps pointing at its backend")
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        return value
+
+
 class EnvoySettings(StrictModel):
     """Where the bundled Envoy listens."""
 
@@ -737,11 +755,24 @@ class GatewayConfig(StrictModel):
     budgets: list[Budget] = Field(default_factory=list)
     request_limits: list[RequestLimit] = Field(default_factory=list)
     ratelimit: RateLimitService = Field(default_factory=RateLimitService)
+    state: StateSettings = Field(default_factory=StateSettings, description="state shared by replicas (Redis)")
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
     mcp: McpSettings | None = Field(default=None, description="MCP servers served behind the gateway's MCP paths")
     authorization: Authorization | None = Field(
         default=None, description="which models and MCP tools each tenant may use (absent: everything)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budgets_follow_state(cls, data: Any) -> Any:
+        """Budgets count in state.redis unless ratelimit.store says otherwise."""
+        if not isinstance(data, dict):
+            return data
+        state, ratelimit = data.get("state"), data.get("ratelimit")
+        redis = state.get("redis") if isinstance(state, dict) else None
+        if isinstance(redis, str) and (ratelimit is None or (isinstance(ratelimit, dict) and "store" not in ratelimit)):
+            data = {**data, "ratelimit": {**(ratelimit or {}), "store": redis}}
+        return data
 
     @model_validator(mode="after")
     def _cross_references(self) -> GatewayConfig:

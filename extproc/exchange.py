@@ -65,7 +65,7 @@ from extproc.usage import cost_metadata
 from extproc.tenancy import Caller, caller_of
 
 if TYPE_CHECKING:
-    from extproc.affinity import AffinityStore
+    from extproc.affinity import Affinity
     from extproc.telemetry import Telemetry
     from extproc.telemetry.tracing import SpanHandle
 
@@ -106,7 +106,7 @@ class Exchange:
     )
 
     def __init__(
-        self, runtime: Runtime, telemetry: Telemetry | None = None, affinity: AffinityStore | None = None
+        self, runtime: Runtime, telemetry: Telemetry | None = None, affinity: Affinity | None = None
     ) -> None:
         self.runtime = runtime
         self.telemetry = telemetry

@@ -31,7 +31,7 @@ from extproc.admin import AdminRequest, AdminResponse, AdminServer
 from extproc.budgets import descriptor_config
 from extproc.config import GatewayConfig, LoadedConfig
 from extproc.ratelimit import RateLimitServicer, load_rules, store_from_url
-from extproc.affinity import AffinityStore
+from extproc.affinity import Affinity, AffinityStore
 from extproc.exchange import Exchange
 from extproc.protocol import PROCESSOR_SERVICE
 from extproc.redact import install_secret_scrubber
@@ -58,7 +58,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     self-contained, and the processor ends it itself as soon as Envoy needs nothing more."""
 
     def __init__(
-        self, runtime: Runtime, telemetry: Telemetry | None = None, affinity: AffinityStore | None = None
+        self, runtime: Runtime, telemetry: Telemetry | None = None, affinity: Affinity | None = None
     ) -> None:
         self.runtime = runtime
         self.telemetry = telemetry
@@ -127,7 +127,7 @@ class ProcessorServer:
         self.options = options
         self.loaded = loaded
         self.telemetry = Telemetry(loaded.config.telemetry)
-        self.affinity = AffinityStore(Path(options.affinity_path)) if options.affinity_path else None
+        self.affinity = self._affinity_store(loaded.config, options)
         runtime = Runtime.build(loaded)  # opens the key store, if any (a file is read here)
         self.key_store = runtime.key_store
         self.processor = ExternalProcessor(runtime, self.telemetry, self.affinity)
@@ -204,15 +204,28 @@ class ProcessorServer:
             ) from None
         self._admin = server
 
+    @staticmethod
+    def _affinity_store(config: GatewayConfig, options: ServeOptions) -> Affinity | None:
+        """state.redis: one store for the fleet; else this host's SQLite file (if a path is given)."""
+        if config.state.redis is not None:
+            from extproc.state import RedisAffinityStore
+
+            return RedisAffinityStore.from_url(config.state.redis, ttl_s=config.state.affinity_ttl_seconds)
+        return AffinityStore(Path(options.affinity_path)) if options.affinity_path else None
+
     async def _start_mcp(self) -> None:
         """Worker 0 runs the MCP gateway (its own HTTP port) when the config has `mcp`."""
         settings = getattr(self.loaded.config, "mcp", None)
         if settings is None or self.options.worker_index != 0:
             return
         from extproc.mcp import McpGateway, resolve_mcp_secrets  # aiohttp only in this process
+        from extproc.mcp.config import SESSION_SECRET_KEY
 
-        gateway = McpGateway(settings, resolve_mcp_secrets(settings, os.environ), self.telemetry,
-                             self.processor.runtime.authorization)
+        secrets = resolve_mcp_secrets(settings, os.environ)
+        state_url = self.loaded.config.state.redis
+        if state_url is not None and SESSION_SECRET_KEY not in secrets:
+            secrets[SESSION_SECRET_KEY] = await _shared_session_secret(state_url)
+        gateway = McpGateway(settings, secrets, self.telemetry, self.processor.runtime.authorization)
         try:
             self.mcp_port = await gateway.start(
                 self.options.admin_host, settings.port, shutdown_timeout=self.options.grace_period_seconds
@@ -347,7 +360,7 @@ class ProcessorServer:
         if self.ratelimit is not None:
             await self.ratelimit.store.close()
         if self.affinity is not None:
-            self.affinity.close()
+            await self.affinity.aclose()
         if self.key_store is not None:
             await self.key_store.close()
         # Flush what the exporters still hold, off the event loop (it may touch the network).
@@ -419,3 +432,17 @@ def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+async def _shared_session_secret(url: str) -> str:
+    """The fleet's MCP session key from Redis (drawn by the first replica). Redis down at start:
+    a start-up error, since a random key would make this replica's sessions unknown to the others."""
+    from extproc.state import StateUnavailable, redis_client, shared_session_secret
+
+    client = redis_client(url, timeout=2.0)
+    try:
+        return await shared_session_secret(client)
+    except StateUnavailable as exc:
+        raise ListenError(f"state.redis: cannot read the shared MCP session key: {exc}") from None
+    finally:
+        await client.aclose()
