@@ -6,6 +6,7 @@ at teardown, and the test fails if the gateway leaves one behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -135,6 +136,7 @@ class RunningGateway:
 
     def start(self, timeout: float = 60) -> RunningGateway:
         argv = [sys.executable, "-m", "extproc", "run", "--config", str(self.config_path), *self.args]
+        self._ready.clear()  # a killed gateway starts again on the same ports
         self.process = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=self.env
         )
@@ -222,6 +224,22 @@ class RunningGateway:
             os.kill(pid, signal.SIGKILL)
         assert not leftover, f"extproc run left processes behind: {leftover}"
         return code
+
+
+    def kill(self) -> None:
+        """SIGKILL `extproc run`, its Envoy and every processor worker at once, as when a
+        node is lost: nothing drains, open connections are cut. `start` runs it again on the
+        same ports."""
+        assert self.process is not None
+        pids = [self.process.pid, *descendants(self.process.pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(10)
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids if alive(p)], "a killed replica left processes behind"
 
 
 class AttachedGateway:

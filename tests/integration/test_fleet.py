@@ -1,0 +1,324 @@
+"""A fleet: three gateway replicas (each its own real Envoy + processor, `extproc run`) behind
+a front Envoy doing round robin, sharing one real Redis through `state.redis`.
+
+What a team running replicas expects, checked with the official SDKs through the front:
+a tenant's budget is one budget whichever replica serves it; a Responses chain stays on the
+backend holding its state whichever replica serves each turn (the route splits 50/50 between
+two simulators that answer an id they did not issue with 400 `previous_response_not_found`);
+an MCP session opened on one replica continues on the others; and a replica SIGKILLed under
+load loses only the requests it was serving, which clients can retry, while the others keep
+serving and accounting, and the replica rejoins when it comes back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+import redis
+
+pytest.importorskip("mcp.server.mcpserver", reason="needs the official MCP SDK 2.x")
+
+from extproc.sim import SimServer  # noqa: E402
+from tests.integration.front_envoy import REPLICA_HEADER, FrontEnvoy  # noqa: E402
+from tests.integration.harness import RunningGateway, free_port  # noqa: E402
+from tests.integration.test_mcp_gateway import ServerThread, build_a  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+REPLICAS = 3
+ACCEPT = "application/json, text/event-stream"
+BUDGET = 100  # tokens per hour for tenant "capped" (an hour, so the test never straddles a window)
+LOAD_THREADS = 6
+USER = [{"role": "user", "content": "Tell me a story"}]
+
+
+@dataclass
+class Fleet:
+    replicas: list[RunningGateway]
+    front: FrontEnvoy
+    redis_url: str
+
+    def replica_of(self, address: str | None) -> int:
+        """Which replica an `x-fleet-replica` / access-log address (127.0.0.1:PORT) names."""
+        ports = [gw.listen_port for gw in self.replicas]
+        assert address is not None
+        return ports.index(int(address.rpartition(":")[2]))
+
+    def client(self, tenant: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.front.url}/v1", api_key="client-key", max_retries=0, timeout=60,
+                             default_headers={"x-tenant-id": tenant})
+
+
+@pytest.fixture(scope="module")
+def fleet(sim_a: SimServer, sim_b: SimServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    with RedisServer() as shared_redis, ServerThread(build_a(), json_response=True) as mcp_server:
+        def config() -> dict[str, Any]:
+            return {
+                "backends": [{"name": "a", "base_url": sim_a.base_url}, {"name": "b", "base_url": sim_b.base_url}],
+                "routes": [{"name": "split", "default": True,
+                            "backends": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]}],
+                "mcp": {"port": free_port(), "servers": [{"name": "a", "url": mcp_server.url}],
+                        "routes": [{"path": "/mcp", "servers": ["a"]}]},
+                "tenancy": {"header": "x-tenant-id", "default_tenant": "anyone"},
+                "budgets": [{"name": "capped", "tenant": "capped", "unit": "hour", "limit": BUDGET},
+                            {"name": "load", "tenant": "load", "unit": "hour", "limit": 4_000_000_000}],
+                "state": {"redis": shared_redis.url},  # budgets count there too (ratelimit.store unset)
+                "processor": {"workers": 1},  # three replicas on a 2-core machine
+            }
+
+        replicas: list[RunningGateway] = []
+        front = None
+        try:
+            for index in range(REPLICAS):  # one by one: a started replica holds the ports it was given
+                replicas.append(RunningGateway(config(), tmp_path_factory.mktemp(f"replica-{index}")).start())
+            front = FrontEnvoy(tmp_path_factory.mktemp("front"), [gw.listen_port for gw in replicas])
+            front.wait_healthy({gw.listen_port for gw in replicas})
+            yield Fleet(replicas, front, shared_redis.url)
+        finally:
+            if front is not None:
+                front.close()
+            for replica in replicas:
+                if replica.process is not None and replica.process.poll() is None:
+                    replica.stop()
+
+
+def _replica_log(fleet: Fleet, index: int, request_id: str) -> dict[str, Any]:
+    return fleet.replicas[index].wait_access_log(lambda e: e.get("request_id") == request_id)
+
+
+def test_a_budget_is_one_budget_across_replicas(fleet: Fleet) -> None:
+    client = fleet.client("capped")
+    spent = client.chat.completions.create(model="m", messages=USER, max_tokens=BUDGET)  # type: ignore[arg-type]
+    assert spent.usage is not None and spent.usage.total_tokens > BUDGET
+
+    probed = 0  # tokens the probes themselves were served: far below the budget
+    refused_by: list[int] = []
+    for _ in range(100):  # the charge lands a few ms after the response ends
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model="m", messages=USER, max_tokens=1)  # type: ignore[arg-type]
+        except openai.RateLimitError as exc:
+            refused_by.append(fleet.replica_of(exc.response.headers.get(REPLICA_HEADER)))
+            if len(refused_by) == REPLICAS:
+                break
+            continue
+        assert not refused_by, "a replica served the tenant after another had refused it"
+        usage = raw.parse().usage
+        probed += usage.total_tokens if usage is not None else BUDGET
+        time.sleep(0.05)
+    assert sorted(refused_by) == list(range(REPLICAS))  # round robin: every replica refused in turn
+    assert probed < BUDGET // 2  # refused for what was spent, not for the probes
+    other = fleet.client("someone-else").chat.completions.create(
+        model="m", messages=USER, max_tokens=3)  # type: ignore[arg-type]
+    assert other.choices[0].message.content
+
+
+def test_a_responses_chain_sticks_to_its_backend_whichever_replica_serves_a_turn(fleet: Fleet) -> None:
+    client = fleet.client("chains")
+    replicas_seen: set[int] = set()
+    for conversation in range(3):
+        previous: str | None = None
+        backends = set()
+        for turn in range(3):
+            request_id = f"chain-{conversation}-{turn}"
+            raw = client.responses.with_raw_response.create(
+                model="resp-model", input=f"conversation {conversation}, turn {turn}",
+                previous_response_id=previous or openai.NOT_GIVEN, extra_headers={"x-request-id": request_id})
+            answer = raw.parse()  # a turn sent to the other backend would be a 400 here
+            assert answer.output_text
+            replica = fleet.replica_of(raw.headers.get(REPLICA_HEADER))
+            replicas_seen.add(replica)
+            backends.add(_replica_log(fleet, replica, request_id)["backend_name"])
+            previous = answer.id
+        assert len(backends) == 1
+    assert replicas_seen == set(range(REPLICAS))
+    stored = redis.Redis.from_url(fleet.redis_url)
+    try:
+        assert len(stored.keys("extproc:state:affinity:*")) == 3 * 3  # every response id, once
+    finally:
+        stored.close()
+
+
+def _rpc(fleet: Fleet, body: dict[str, Any], session: str | None = None) -> tuple[httpx.Response, int]:
+    headers = {"content-type": "application/json", "accept": ACCEPT, "mcp-protocol-version": "2025-06-18"}
+    if session:
+        headers["mcp-session-id"] = session
+    response = httpx.post(f"{fleet.front.url}/mcp", content=orjson.dumps(body), headers=headers, timeout=30)
+    return response, fleet.replica_of(response.headers.get(REPLICA_HEADER))
+
+
+def test_an_mcp_session_opened_on_one_replica_continues_on_the_others(fleet: Fleet) -> None:
+    init, opened_on = _rpc(fleet, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}})
+    assert init.status_code == 200, init.text
+    session = init.headers["mcp-session-id"]
+    notified, _ = _rpc(fleet, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+    assert notified.status_code == 202
+    served_by = {opened_on}
+    for call in range(REPLICAS):
+        called, replica = _rpc(fleet, {"jsonrpc": "2.0", "id": 10 + call, "method": "tools/call",
+                                       "params": {"name": "a__add", "arguments": {"a": call, "b": 3}}}, session)
+        assert called.status_code == 200, called.text
+        assert str(call + 3) in orjson.dumps(called.json()["result"]["content"]).decode()
+        served_by.add(replica)
+    assert served_by == set(range(REPLICAS))
+    foreign, _ = _rpc(fleet, {"jsonrpc": "2.0", "id": 99, "method": "tools/list"}, session[:-4] + "AAAA")
+    assert foreign.status_code == 404  # a tampered id is still unknown on every replica
+
+
+# -- a replica killed under load ---------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    request_id: str
+    started: float
+    ended: float
+    replica: int | None  # None: the response never started
+    tokens: int | None  # the stream's usage; None when the request failed
+    error: str | None = None
+
+
+def _stream(fleet: Fleet, client: openai.OpenAI, request_id: str, answering: threading.Event | None = None,
+            **headers: str) -> Outcome:
+    """One streamed chat completion through the front, as a client sees it (`answering` is
+    set once the response has started)."""
+    started, replica = time.monotonic(), None
+    try:
+        raw = client.chat.completions.with_raw_response.create(
+            model="m", messages=USER, max_tokens=24, stream=True,  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+            extra_headers={"x-request-id": request_id, "x-sim-chunks": "6", "x-sim-chunk-delay-ms": "40", **headers})
+        replica = fleet.replica_of(raw.headers.get(REPLICA_HEADER))
+        if answering is not None:
+            answering.set()
+        tokens = None
+        for chunk in raw.parse():
+            if chunk.usage is not None:
+                tokens = chunk.usage.total_tokens
+        if tokens is None:
+            raise AssertionError("the stream ended without its usage chunk")
+        return Outcome(request_id, started, time.monotonic(), replica, tokens)
+    except Exception as exc:  # noqa: BLE001 - every way a client can see a request fail
+        return Outcome(request_id, started, time.monotonic(), replica, None, f"{type(exc).__name__}: {exc}")
+
+
+class Load:
+    """Client threads streaming chat completions through the front until stopped."""
+
+    def __init__(self, fleet: Fleet, threads: int) -> None:
+        self.fleet = fleet
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        client = self.fleet.client("load")
+        while not self._stop.is_set():
+            self.outcomes.append(_stream(self.fleet, client, f"load-{next(self._ids)}"))
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def wait_served(self, replica: int, count: int, since: float, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sum(1 for o in list(self.outcomes) if o.replica == replica and o.tokens and o.started >= since) >= count:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"replica {replica} served fewer than {count} requests")
+
+
+def _charged(redis_url: str, budget: str) -> int:
+    """Tokens charged to a budget in the fleet's Redis (every window, every replica)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return sum(int(client.get(key) or 0) for key in client.scan_iter(match=f"*budget={budget}|*"))
+    finally:
+        client.close()
+
+
+def test_a_replica_killed_under_load_loses_only_its_in_flight_requests_and_rejoins(
+    fleet: Fleet, sim_a: SimServer, sim_b: SimServer
+) -> None:
+    victim, survivors = 1, [0, 2]
+    victim_address = f"127.0.0.1:{fleet.replicas[victim].listen_port}"
+    client = fleet.client("load")
+    with Load(fleet, LOAD_THREADS) as load:
+        for replica in range(REPLICAS):
+            load.wait_served(replica, 3, since=0)
+        # Streams held after their first chunk on every replica: in flight, by construction,
+        # when the victim dies (round robin puts one of each three consecutive ones on it).
+        held: dict[str, Outcome] = {}
+        answering = [threading.Event() for _ in range(6)]
+        holders = [threading.Thread(target=lambda n=n: held.__setitem__(f"held-{n}", _stream(
+            fleet, client, f"held-{n}", answering[n], **{"x-sim-hold": f"held-{n}"}))) for n in range(6)]
+        for thread in holders:
+            thread.start()
+        assert all(event.wait(30) for event in answering)
+        killed_at = time.monotonic()
+        fleet.replicas[victim].kill()
+        fleet.front.wait_healthy({fleet.replicas[i].listen_port for i in survivors})
+        for name in (f"held-{n}" for n in range(6)):
+            sim_a.release(name)
+            sim_b.release(name)
+        for thread in holders:
+            thread.join(60)
+        after_kill = time.monotonic()
+        for replica in survivors:
+            load.wait_served(replica, 5, since=after_kill)
+        fleet.replicas[victim].start()  # same ports, same Redis
+        fleet.front.wait_healthy({gw.listen_port for gw in fleet.replicas})
+        rejoined = time.monotonic()
+        load.wait_served(victim, 5, since=rejoined)
+
+    outcomes = load.outcomes + list(held.values())
+    failed = [o for o in outcomes if o.error is not None]
+    served = [o for o in outcomes if o.error is None]
+    # Every failure was a request the front had handed to the victim, before it died.
+    deadline = time.monotonic() + 15
+    while not all(o.request_id in fleet.front.access_log() for o in failed) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    front_log = fleet.front.access_log()
+    for outcome in failed:
+        assert front_log[outcome.request_id]["upstream_host"] == victim_address, (outcome, front_log[outcome.request_id])
+        assert outcome.started < killed_at, outcome
+    held_on_victim = [o for o in held.values() if o.replica == victim]
+    assert held_on_victim and all(o.error for o in held_on_victim)  # in flight there: lost
+    assert all(o.tokens for o in held.values() if o.replica != victim)  # in flight elsewhere: served
+    # A client retrying what failed gets an answer from a live replica.
+    retried = [_stream(fleet, client, f"{o.request_id}-retry") for o in failed]
+    assert all(o.tokens for o in retried), retried
+    served += retried
+    # The killed replica's in-flight requests are lost, so is their charge; everything served
+    # is charged once. A response that ended in the last second before the kill may have lost
+    # its charge with the replica (Envoy charges as the stream closes): that is the only slack.
+    sent = sum(o.tokens or 0 for o in served)
+    at_risk = sum(o.tokens or 0 for o in served if o.replica == victim and killed_at - 1 <= o.ended <= killed_at)
+    deadline = time.monotonic() + 10
+    while _charged(fleet.redis_url, "load") < sent - at_risk and time.monotonic() < deadline:
+        time.sleep(0.1)
+    charged = _charged(fleet.redis_url, "load")
+    print(f"\nfleet kill drill: {len(outcomes) + len(retried)} requests, {len(served)} served "
+          f"({sum(1 for o in served if o.replica == victim and o.started >= rejoined)} by the victim after it "
+          f"rejoined), {len(failed)} lost (all in flight on the killed replica), {len(retried)} retried and "
+          f"served; tokens served {sent}, charged {charged} (at risk {at_risk})", flush=True)
+    assert sent - at_risk <= charged <= sent
