@@ -70,7 +70,8 @@ def default_path(address: str, directory: str | os.PathLike[str] | None = None) 
 class Affinity(Protocol):
     """What the request stage needs: this host's SQLite store or the fleet's Redis one (extproc.state)."""
 
-    errors: int
+    errors: int  # failures swallowed so far (for metrics)
+    kind: str  # "sqlite" or "redis" (a metric label)
 
     async def aremember(self, response_id: str, backend: str) -> None: ...
     async def alookup(self, response_id: str) -> str | None: ...
@@ -80,6 +81,8 @@ class Affinity(Protocol):
 
 class AffinityStore:
     """``response_id -> backend`` in a SQLite file shared by the processes of one host."""
+
+    kind = "sqlite"
 
     def __init__(
         self,

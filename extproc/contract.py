@@ -132,6 +132,7 @@ class Metric:
     PROCESSOR_DURATION: Final = "extproc.processor.duration"
     PROCESSOR_MESSAGES: Final = "extproc.processor.messages"  # Prometheus: extproc_processor_messages_total
     RATELIMIT_STORE_ERRORS: Final = "extproc.ratelimit.store_errors"
+    AFFINITY_ERRORS: Final = "extproc.affinity.errors"  # Responses affinity store calls that failed
     MCP_REQUEST_DURATION: Final = "mcp.request.duration"  # the MCP gateway, one per client message
     MCP_REQUESTS: Final = "mcp.requests"
     COST: Final = "extproc.cost"  # Prometheus: extproc_cost_total, one series per configured cost key

@@ -135,6 +135,8 @@ class ProcessorServer:
         self.ratelimit = builtin_rate_limit_service(loaded.config) if options.worker_index == 0 else None
         if self.ratelimit is not None:
             self.telemetry.metrics.watch_rate_limit_service(self.ratelimit)
+        if self.affinity is not None:
+            self.telemetry.metrics.watch_affinity_store(self.affinity)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._admin: AdminServer | None = None

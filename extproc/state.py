@@ -53,6 +53,8 @@ def _errors() -> tuple[type[BaseException], ...]:
 class RedisAffinityStore:
     """``response_id -> backend`` shared by every replica: one key per id, expiring after ``ttl_s``."""
 
+    kind = "redis"
+
     def __init__(self, client: Any, *, prefix: str = DEFAULT_PREFIX, ttl_s: float = DEFAULT_TTL_S) -> None:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")

@@ -344,6 +344,22 @@ class Metrics:
             description="Rate limit store calls that failed; Envoy then applied its failure mode.",
         )
 
+    def watch_affinity_store(self, store: Any) -> None:
+        """Count the Responses affinity store's failures (`errors`; `kind`: redis or sqlite):
+        each one sent a follow-up where its route's policy sends any request."""
+        if self._provider is None:
+            return
+
+        def observe(_options: CallbackOptions) -> list[Observation]:
+            return [Observation(store.errors, {"store": store.kind})]
+
+        self._meter.create_observable_counter(
+            Metric.AFFINITY_ERRORS,
+            callbacks=[observe],
+            unit="{error}",
+            description="Responses affinity store calls that failed (the request went where its route sends it).",
+        )
+
     def watch_processor_messages(self, counts: Mapping[tuple[str, str], int]) -> None:
         """Export the ext_proc messages the processor answered, by stage and phase, from a
         plain dict it counts into (`(stage, phase) -> n`): adding to an OpenTelemetry
