@@ -29,7 +29,7 @@ import orjson
 from extproc.contract import GATEWAY_HEADER_PREFIX
 
 if TYPE_CHECKING:
-    from extproc.config import LoadedConfig
+    from extproc.config import GatewayConfig, LoadedConfig
 
 __all__ = [
     "MAX_HEADER_VALUE_CHARS",
@@ -274,10 +274,31 @@ def config_secrets(loaded: LoadedConfig, environ: Mapping[str, str] | None = Non
         except ConfigError:  # reported where the gateway starts; nothing to scrub then
             pass
 
+    found.update(_redis_passwords(loaded.config))
     if any(b.schema_ is Schema.aws_bedrock and b.aws is not None and b.aws.secret_access_key is None
            for b in loaded.config.backends):
         found.update(value for name in _AWS_ENV_SECRETS if (value := env.get(name, "").strip()))
     return {s for s in found if len(s) >= MIN_SECRET_CHARS}
+
+
+def _redis_passwords(config: GatewayConfig) -> set[str]:
+    """Passwords in the Redis URLs the config names (state, budgets, the key store): a
+    connection error may print its URL."""
+    from urllib.parse import urlsplit
+
+    key_store = config.tenancy.key_store if config.tenancy is not None else None
+    urls = [config.state.redis, config.ratelimit.store,
+            key_store.redis.url if key_store is not None and key_store.redis is not None else None]
+    found = set()
+    for url in urls:
+        if url and url.startswith(("redis://", "rediss://")):
+            try:
+                password = urlsplit(url).password
+            except ValueError:  # a malformed port: there is still no password to find
+                continue
+            if password:
+                found.add(password)
+    return found
 
 
 def install_secret_scrubber(loaded: LoadedConfig, environ: Mapping[str, str] | None = None) -> SecretScrubber:

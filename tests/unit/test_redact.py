@@ -379,3 +379,21 @@ def test_cli_main_still_runs_a_command(tmp_path: Any, capsys: pytest.CaptureFixt
                     "routes: [{name: r, default: true, backends: [{name: a}]}]\n")
     assert main(["check", str(path)]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def test_config_secrets_cover_redis_url_passwords() -> None:
+    from extproc.config import LoadedConfig
+
+    config = parse_config({
+        "backends": [{"name": "a", "base_url": "https://x.example/v1"}],
+        "routes": [{"name": "r", "default": True, "backends": [{"name": "a"}]}],
+        "state": {"redis": "rediss://gateway:state-pass-123456@redis.example:6380/0"},
+        "ratelimit": {"store": "redis://:budget-pass-123456@redis.example:6379/1"},
+        "tenancy": {"key_store": {"redis": {"url": "redis://keys:keys-pass-1234567@redis.example/2"}}},
+    })
+    found = config_secrets(LoadedConfig(config=config, source="t"), {})
+    assert found == {"state-pass-123456", "budget-pass-123456", "keys-pass-1234567"}
+    without = parse_config({**config.model_dump(mode="json", by_alias=True, exclude_none=True),
+                            "state": {"redis": "redis://redis:6379/0"}, "ratelimit": {"store": "memory"},
+                            "tenancy": None})
+    assert config_secrets(LoadedConfig(config=without, source="t"), {}) == set()
