@@ -11,10 +11,13 @@ process or file outlives the test.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import BinaryIO
 
@@ -121,6 +124,17 @@ class RedisServer:
     def stop(self) -> None:
         self._stop_process()
         self._cleanup_dir()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Redis hung (SIGSTOP) for the duration: connections open but nothing answers, so
+        clients meet their timeouts; the data is intact when it resumes (SIGCONT)."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._process.send_signal(signal.SIGCONT)
 
     @property
     def running(self) -> bool:

@@ -46,7 +46,7 @@ USER = [{"role": "user", "content": "Tell me a story"}]
 class Fleet:
     replicas: list[RunningGateway]
     front: FrontEnvoy
-    redis_url: str
+    redis: RedisServer
 
     def replica_of(self, address: str | None) -> int:
         """Which replica an `x-fleet-replica` / access-log address (127.0.0.1:PORT) names."""
@@ -71,7 +71,8 @@ def fleet(sim_a: SimServer, sim_b: SimServer, tmp_path_factory: pytest.TempPathF
                         "routes": [{"path": "/mcp", "servers": ["a"]}]},
                 "tenancy": {"header": "x-tenant-id", "default_tenant": "anyone"},
                 "budgets": [{"name": "capped", "tenant": "capped", "unit": "hour", "limit": BUDGET},
-                            {"name": "load", "tenant": "load", "unit": "hour", "limit": 4_000_000_000}],
+                            {"name": "load", "tenant": "load", "unit": "hour", "limit": 4_000_000_000},
+                            {"name": "hung", "tenant": "while-redis-hangs", "unit": "hour", "limit": 1000}],
                 "state": {"redis": shared_redis.url},  # budgets count there too (ratelimit.store unset)
                 "processor": {"workers": 1},  # three replicas on a 2-core machine
             }
@@ -83,7 +84,7 @@ def fleet(sim_a: SimServer, sim_b: SimServer, tmp_path_factory: pytest.TempPathF
                 replicas.append(RunningGateway(config(), tmp_path_factory.mktemp(f"replica-{index}")).start())
             front = FrontEnvoy(tmp_path_factory.mktemp("front"), [gw.listen_port for gw in replicas])
             front.wait_healthy({gw.listen_port for gw in replicas})
-            yield Fleet(replicas, front, shared_redis.url)
+            yield Fleet(replicas, front, shared_redis)
         finally:
             if front is not None:
                 front.close()
@@ -133,7 +134,7 @@ def test_a_responses_chain_sticks_to_its_backend_whichever_replica_serves_a_turn
             request_id = f"chain-{conversation}-{turn}"
             raw = client.responses.with_raw_response.create(
                 model="resp-model", input=f"conversation {conversation}, turn {turn}",
-                previous_response_id=previous or openai.NOT_GIVEN, extra_headers={"x-request-id": request_id})
+                previous_response_id=previous, extra_headers={"x-request-id": request_id})
             answer = raw.parse()  # a turn sent to the other backend would be a 400 here
             assert answer.output_text
             replica = fleet.replica_of(raw.headers.get(REPLICA_HEADER))
@@ -142,7 +143,7 @@ def test_a_responses_chain_sticks_to_its_backend_whichever_replica_serves_a_turn
             previous = answer.id
         assert len(backends) == 1
     assert replicas_seen == set(range(REPLICAS))
-    stored = redis.Redis.from_url(fleet.redis_url)
+    stored = redis.Redis.from_url(fleet.redis.url)
     try:
         assert len(stored.keys("extproc:state:affinity:*")) == 3 * 3  # every response id, once
     finally:
@@ -174,6 +175,36 @@ def test_an_mcp_session_opened_on_one_replica_continues_on_the_others(fleet: Fle
     assert served_by == set(range(REPLICAS))
     foreign, _ = _rpc(fleet, {"jsonrpc": "2.0", "id": 99, "method": "tools/list"}, session[:-4] + "AAAA")
     assert foreign.status_code == 404  # a tampered id is still unknown on every replica
+
+
+def test_with_redis_hung_the_fleet_keeps_serving_and_counts_the_failures(fleet: Fleet) -> None:
+    """The documented failure mode: budgets fail open (`ratelimit.failure_mode: open`, the
+    default) and go uncharged, a Responses follow-up goes where its route sends any request,
+    and each replica counts what failed. Nothing is refused, nothing crashes."""
+    client = fleet.client("while-redis-hangs")
+    served: set[int] = set()
+    with fleet.redis.paused():
+        for _ in range(REPLICAS):
+            raw = client.chat.completions.with_raw_response.create(
+                model="m", messages=USER, max_tokens=5)  # type: ignore[arg-type]
+            assert raw.parse().choices[0].message.content
+            served.add(fleet.replica_of(raw.headers.get(REPLICA_HEADER)))
+        first = client.responses.with_raw_response.create(model="resp-model", input="while Redis hangs")
+        assert first.parse().output_text
+        remembered_by = fleet.replica_of(first.headers.get(REPLICA_HEADER))
+        replica = fleet.replicas[remembered_by]
+        deadline = time.monotonic() + 15
+        while replica.metric_sum("extproc_affinity_errors", "_total", store="redis") < 1:
+            assert time.monotonic() < deadline, "the failed affinity write was not counted"
+            time.sleep(0.2)
+    assert served == set(range(REPLICAS))
+    for gateway in fleet.replicas:
+        assert gateway.metric_sum("extproc_ratelimit_store_errors", "_total") >= 1
+    # Redis back: a new chain sticks to its backend again.
+    previous = client.responses.create(model="resp-model", input="Redis is back").id
+    for turn in range(REPLICAS):
+        previous = client.responses.create(model="resp-model", input=f"turn {turn}", previous_response_id=previous).id
+    assert all(gateway.process is not None and gateway.process.poll() is None for gateway in fleet.replicas)
 
 
 # -- a replica killed under load ---------------------------------------------------------------
@@ -314,9 +345,9 @@ def test_a_replica_killed_under_load_loses_only_its_in_flight_requests_and_rejoi
     sent = sum(o.tokens or 0 for o in served)
     at_risk = sum(o.tokens or 0 for o in served if o.replica == victim and killed_at - 1 <= o.ended <= killed_at)
     deadline = time.monotonic() + 10
-    while _charged(fleet.redis_url, "load") < sent - at_risk and time.monotonic() < deadline:
+    while _charged(fleet.redis.url, "load") < sent - at_risk and time.monotonic() < deadline:
         time.sleep(0.1)
-    charged = _charged(fleet.redis_url, "load")
+    charged = _charged(fleet.redis.url, "load")
     print(f"\nfleet kill drill: {len(outcomes) + len(retried)} requests, {len(served)} served "
           f"({sum(1 for o in served if o.replica == victim and o.started >= rejoined)} by the victim after it "
           f"rejoined), {len(failed)} lost (all in flight on the killed replica), {len(retried)} retried and "
