@@ -3,7 +3,7 @@
 No container or cluster can run here, so what can drift is checked instead: every manifest
 parses, probes hit the ports and paths the mounted config makes the processor and Envoy serve,
 the preStop waits follow processor.grace_period_seconds, the Dockerfile's entrypoint is the
-one the deploy README shows, and the mounted config passes `extproc check --skip-secrets`.
+one the README's Deploy section shows, and the mounted config passes `extproc check --skip-secrets`.
 """
 
 from __future__ import annotations
@@ -218,7 +218,8 @@ def test_service_hpa_and_pdb_select_the_gateway_pods(manifests: dict[tuple[str, 
 def test_redis_service_is_the_store_the_config_names(
     config: GatewayConfig, manifests: dict[tuple[str, str], dict[str, Any]]
 ) -> None:
-    url = urlsplit(config.ratelimit.store)
+    assert config.state.redis is not None and config.ratelimit.store == config.state.redis  # budgets follow it
+    url = urlsplit(config.state.redis)
     service = manifests["Service", url.hostname or ""]["spec"]
     assert [p["port"] for p in service["ports"]] == [url.port]
     redis = manifests["Deployment", url.hostname or ""]["spec"]["template"]
@@ -230,7 +231,7 @@ def test_dockerfile_entrypoint_matches_the_readme_and_the_config() -> None:
     entrypoint, cmd = _dockerfile_instruction("ENTRYPOINT"), _dockerfile_instruction("CMD")
     assert entrypoint == ["extproc"]
     assert cmd == ["run", "--config", CONFIG_PATH]
-    assert f"`{' '.join(entrypoint + cmd)}`" in (DEPLOY / "README.md").read_text()
+    assert f"`{' '.join(entrypoint + cmd)}`" in (ROOT / "README.md").read_text()
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"COPY deploy/gateway.yaml {CONFIG_PATH}" in dockerfile
     config = parse_config(yaml.safe_load((DEPLOY / "gateway.yaml").read_text()), "deploy/gateway.yaml")
