@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,7 +17,7 @@ from envoy.type.v3 import ratelimit_unit_pb2
 from google.protobuf import wrappers_pb2
 
 from extproc.ratelimit import MemoryStore, RateLimitServicer, RedisStore, RuleSet, Store, load_rules
-from tests.redis_server import RedisServer, free_port, redis_server_binary
+from tests.redis_server import RedisServer, free_port
 
 T0 = 1_700_006_400.0  # a whole day since the epoch
 OK = rls_pb2.RateLimitResponse.OK
@@ -117,13 +117,6 @@ async def stub(servicer: RateLimitServicer) -> AsyncIterator[rls_pb2_grpc.RateLi
     async with serving(servicer) as client:
         yield client
 
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed")
-    with RedisServer() as server:
-        yield server
 
 
 def headers(response: rls_pb2.RateLimitResponse) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -25,20 +25,6 @@ T0 = 1_700_006_400.0  # a whole day since the epoch: every unit's window starts 
 needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed")
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed")
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture()
-async def raw_redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -21,18 +20,6 @@ from extproc.state import (
 from tests.redis_server import RedisServer, free_port
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture()
-async def raw_redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    await client.flushall()
-    yield client
-    await client.aclose()
 
 
 def config(**extra: Any) -> dict[str, Any]:
