@@ -43,7 +43,7 @@ test: $(STAMP) system-deps
 mypy: $(STAMP)
 	$(BIN)/mypy
 
-## test-long: the tests that last minutes each (5-minute requests and streams through real Envoy)
+## test-long: the tests that last minutes each (5-minute requests and streams through real Envoy, the fleet drill)
 test-long: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m long tests
 
