@@ -6,8 +6,9 @@ after any request whose ext_proc stream outlived the gRPC client cache's idle ti
 README "Long requests"). These tests recreate exactly that state: long requests started
 together on a gateway that gets no other traffic meanwhile, so the cache goes idle.
 
-The 70-second cases run in `make test` (all at once, ~75 s); the 5-minute ones are marked
-`long` and run with `make test-long`.
+The 70-second cases (OpenAI JSON and streams, streams translated to and from Anthropic and
+Gemini, an MCP tool call, a client hanging up) run in `make test`, all at once (~75 s); the
+5-minute ones are marked `long` and run with `make test-long`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -59,14 +61,20 @@ def slow_tools() -> Iterator[ServerThread]:
 
 @pytest.fixture(scope="module")
 def gateway(sim_a: SimServer, slow_tools: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    """Defaults everywhere (timeouts included): what a new user runs."""
+    """Defaults everywhere (timeouts included): what a new user runs. Translated backends
+    (Anthropic, Gemini) add the upstream ext_proc stage: a second processor stream per request."""
     config = {
-        "backends": [{"name": "thinker", "base_url": sim_a.base_url}],
-        "routes": [{"name": "all", "default": True, "backends": [{"name": "thinker"}]}],
+        "backends": [{"name": "thinker", "base_url": sim_a.base_url},
+                     {"name": "claude", "schema": "anthropic", "base_url": sim_a.url, "api_key": {"env": "T_LONG_KEY"}},
+                     {"name": "gemini", "schema": "gemini", "base_url": f"{sim_a.url}/v1beta",
+                      "api_key": {"env": "T_LONG_KEY"}}],
+        "routes": [{"name": "claude", "match": {"prefix": "claude-"}, "backends": [{"name": "claude"}]},
+                   {"name": "gemini", "match": {"prefix": "gemini-"}, "backends": [{"name": "gemini"}]},
+                   {"name": "all", "default": True, "backends": [{"name": "thinker"}]}],
         "mcp": {"port": free_port(), "servers": [{"name": "slow", "url": slow_tools.url}],
                 "routes": [{"path": "/mcp", "servers": ["slow"]}]},
     }
-    with running_gateway(config, tmp_path_factory.mktemp("long")) as gw:
+    with running_gateway(config, tmp_path_factory.mktemp("long"), env={"T_LONG_KEY": "long-test-key"}) as gw:
         yield gw
 
 
@@ -84,7 +92,7 @@ class LongRequests:
     def __init__(self, gateway: RunningGateway) -> None:
         self.gateway = gateway
         self.envoy_before = envoy_pid(gateway)
-        self._pool = ThreadPoolExecutor(max_workers=4)
+        self._pool = ThreadPoolExecutor(max_workers=8)
         self.results: dict[str, Future[Any]] = {}
         self.request_ids: dict[str, str] = {}
 
@@ -111,13 +119,28 @@ def json_answer_after(gateway: RunningGateway, delay_ms: int) -> Callable[[dict[
     return call
 
 
-def stream_paced(gateway: RunningGateway, pieces: int, pause_ms: int) -> Callable[[dict[str, str]], Any]:
+def stream_paced(gateway: RunningGateway, pieces: int, pause_ms: int, model: str = "reasoner"
+                 ) -> Callable[[dict[str, str]], Any]:
     """A stream of `pieces` content chunks with `pause_ms` of silence between them."""
     def call(headers: dict[str, str]) -> Any:
         stream = sdk(gateway).chat.completions.create(
-            model="reasoner", messages=USER, stream=True, stream_options={"include_usage": True}, max_tokens=64,
+            model=model, messages=USER, stream=True, stream_options={"include_usage": True}, max_tokens=64,
             extra_headers={**headers, "x-sim-chunks": str(pieces), "x-sim-chunk-delay-ms": str(pause_ms)})
         return list(stream)
+    return call
+
+
+def anthropic_stream_paced(gateway: RunningGateway, pause_ms: int) -> Callable[[dict[str, str]], Any]:
+    """The anthropic SDK streaming from the OpenAI backend (Messages translated to chat and
+    back in the upstream stage), with `pause_ms` of silence between its two content pieces."""
+    def call(headers: dict[str, str]) -> Any:
+        client = anthropic.Anthropic(base_url=f"{gateway.url}/anthropic", api_key="unused", max_retries=0,
+                                     timeout=420)
+        with client.messages.stream(
+            model="reasoner", max_tokens=64, messages=[{"role": "user", "content": USER[0]["content"]}],
+            extra_headers={**headers, "x-sim-chunks": "2", "x-sim-chunk-delay-ms": str(pause_ms)},
+        ) as stream:
+            return stream.get_final_message()
     return call
 
 
@@ -175,6 +198,9 @@ def seventy_seconds(gateway: RunningGateway) -> Iterator[LongRequests]:
     requests.start("paused-stream", stream_paced(gateway, pieces=2, pause_ms=SEVENTY_S))
     requests.start("mcp", mcp_call(gateway, SEVENTY_S / 1000))
     requests.start("abandoned", stream_abandoned(gateway, pause_ms=SEVENTY_S, hang_up_after_s=60))
+    requests.start("to-anthropic", stream_paced(gateway, pieces=2, pause_ms=SEVENTY_S, model="claude-thinker"))
+    requests.start("to-gemini", stream_paced(gateway, pieces=2, pause_ms=SEVENTY_S, model="gemini-2.5-pro"))
+    requests.start("from-anthropic", anthropic_stream_paced(gateway, pause_ms=SEVENTY_S))
     yield requests
     requests.close()
 
@@ -203,6 +229,34 @@ def test_stream_with_a_70_second_pause(gateway: RunningGateway, seventy_seconds:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text and chunks[-1].usage is not None
     assert_accounted(gateway, seventy_seconds.request_ids["paused-stream"], chunks[-1].usage, stream=True)
+    assert_gateway_unharmed(gateway, seventy_seconds.envoy_before)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("name", "backend"), [("to-anthropic", "claude"), ("to-gemini", "gemini")])
+def test_translated_stream_with_a_70_second_pause(
+    gateway: RunningGateway, seventy_seconds: LongRequests, name: str, backend: str
+) -> None:
+    """An OpenAI stream from an Anthropic or Gemini backend: both processor streams (request
+    and upstream stage) stay open through the pause."""
+    chunks = seventy_seconds.result(name)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage is not None
+    entry = gateway.wait_access_log(lambda e: e.get("request_id") == seventy_seconds.request_ids[name])
+    assert entry["backend_name"] == backend
+    assert_accounted(gateway, seventy_seconds.request_ids[name], chunks[-1].usage, stream=True)
+    assert_gateway_unharmed(gateway, seventy_seconds.envoy_before)
+
+
+@pytest.mark.timeout(240)
+def test_anthropic_client_stream_from_an_openai_backend_with_a_70_second_pause(
+    gateway: RunningGateway, seventy_seconds: LongRequests
+) -> None:
+    message = seventy_seconds.result("from-anthropic")
+    assert message.content[0].text and message.usage.output_tokens > 0
+    entry = gateway.wait_access_log(lambda e: e.get("request_id") == seventy_seconds.request_ids["from-anthropic"])
+    assert entry["status"] == 200 and entry["backend_name"] == "thinker"
+    assert (entry["input_tokens"], entry["output_tokens"]) == (message.usage.input_tokens, message.usage.output_tokens)
     assert_gateway_unharmed(gateway, seventy_seconds.envoy_before)
 
 
