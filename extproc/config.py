@@ -75,6 +75,7 @@ MCP_TOOL_CALL_KEY = Meta.MCP_TOOL_CALL  # the cost a tool budget charges: 1 per 
 GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"  # Google AI Studio's Gemini API
 AWS_SECRET_SEPARATOR = "/aws."  # LoadedConfig.secrets key for a backend's AWS keys: "<backend>/aws.<field>"
 VERTEX_CREDENTIALS_SUFFIX = "/vertex.credentials"  # LoadedConfig.secrets key of a backend's Google credential JSON
+STATE_REDIS_PASSWORD = "state/redis_password"  # LoadedConfig.secrets key of state.redis_password (no backend has a /)
 
 
 class Schema(str, Enum):
@@ -701,6 +702,11 @@ class StateSettings(StrictModel):
         default=None,
         description="redis:// / rediss:// URL shared by every replica; absent: per-host state (one machine)",
     )
+    redis_password: SecretRef | None = Field(
+        default=None,
+        description="the Redis password, from the environment or a file (keeps it out of the config); "
+                    "also used by budgets while ratelimit.store follows state.redis",
+    )
     affinity_ttl_seconds: float = Field(
         default=30 * 24 * 3600, gt=0, description="how long a Responses id keeps pointing at its backend")
 
@@ -710,6 +716,12 @@ class StateSettings(StrictModel):
         if value is not None and not value.startswith(("redis://", "rediss://")):
             raise ValueError("must be a redis:// or rediss:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _password_needs_redis(self) -> StateSettings:
+        if self.redis_password is not None and self.redis is None:
+            raise ValueError("redis_password needs redis")
+        return self
 
 
 class EnvoySettings(StrictModel):
@@ -858,11 +870,17 @@ class LoadedConfig(BaseModel):
     config: GatewayConfig
     source: str
     secrets: dict[str, SecretStr] = Field(
-        default_factory=dict, description="backend name -> api key; '<backend>/aws.<field>' -> AWS key"
+        default_factory=dict,
+        description="backend name -> api key; '<backend>/aws.<field>' -> AWS key; 'state/redis_password'",
     )
     tenant_keys: dict[str, ApiKeyTenant] = Field(
         default_factory=dict, description="sha256 of a client API key -> its entry (keys themselves are not kept)"
     )
+
+    def redis_password(self, url: str) -> str | None:
+        """The password for a connection to `url`: state.redis_password when `url` is state.redis."""
+        secret = self.secrets.get(STATE_REDIS_PASSWORD)
+        return secret.get_secret_value() if secret is not None and url == self.config.state.redis else None
 
 
 def format_loc(loc: tuple[str | int, ...]) -> str:
@@ -924,7 +942,8 @@ def resolve_tenant_keys(config: GatewayConfig, environ: Mapping[str, str], sourc
 
 
 def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str], source: str) -> dict[str, SecretStr]:
-    """Resolve every backend's credential reference; errors name the field, never a value."""
+    """Resolve every backend's credential reference (and the state Redis password); errors
+    name the field, never a value."""
     refs: list[tuple[str, str, SecretRef]] = []
     for i, backend in enumerate(config.backends):
         fields: list[tuple[str, str, SecretRef | None]] = [(backend.name, "api_key", backend.api_key)]
@@ -937,6 +956,8 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str], source: s
             field = "vertex.credentials_file" if backend.vertex.credentials_file else "vertex.credentials"
             fields.append((backend.name + VERTEX_CREDENTIALS_SUFFIX, field, backend.vertex.credentials_ref()))
         refs += [(key, f"backends[{i}].{field}", ref) for key, field, ref in fields if ref is not None]
+    if config.state.redis_password is not None:
+        refs.append((STATE_REDIS_PASSWORD, "state.redis_password", config.state.redis_password))
     secrets = resolve_secret_refs(refs, environ, f"{source}: cannot resolve credentials", multiline=_is_json_secret)
     for i, backend in enumerate(config.backends):
         if (json_text := secrets.get(backend.name + VERTEX_CREDENTIALS_SUFFIX)) is not None:

@@ -127,12 +127,12 @@ class ProcessorServer:
         self.options = options
         self.loaded = loaded
         self.telemetry = Telemetry(loaded.config.telemetry)
-        self.affinity = self._affinity_store(loaded.config, options)
+        self.affinity = self._affinity_store(loaded, options)
         runtime = Runtime.build(loaded)  # opens the key store, if any (a file is read here)
         self.key_store = runtime.key_store
         self.processor = ExternalProcessor(runtime, self.telemetry, self.affinity)
         # One process owns the rate limit counters (a memory store must be one budget).
-        self.ratelimit = builtin_rate_limit_service(loaded.config) if options.worker_index == 0 else None
+        self.ratelimit = builtin_rate_limit_service(loaded) if options.worker_index == 0 else None
         if self.ratelimit is not None:
             self.telemetry.metrics.watch_rate_limit_service(self.ratelimit)
         if self.affinity is not None:
@@ -207,12 +207,14 @@ class ProcessorServer:
         self._admin = server
 
     @staticmethod
-    def _affinity_store(config: GatewayConfig, options: ServeOptions) -> Affinity | None:
+    def _affinity_store(loaded: LoadedConfig, options: ServeOptions) -> Affinity | None:
         """state.redis: one store for the fleet; else this host's SQLite file (if a path is given)."""
-        if config.state.redis is not None:
+        state = loaded.config.state
+        if state.redis is not None:
             from extproc.state import RedisAffinityStore
 
-            return RedisAffinityStore.from_url(config.state.redis, ttl_s=config.state.affinity_ttl_seconds)
+            return RedisAffinityStore.from_url(state.redis, password=loaded.redis_password(state.redis),
+                                               ttl_s=state.affinity_ttl_seconds)
         return AffinityStore(Path(options.affinity_path)) if options.affinity_path else None
 
     async def _start_mcp(self) -> None:
@@ -226,7 +228,7 @@ class ProcessorServer:
         secrets = resolve_mcp_secrets(settings, os.environ)
         state_url = self.loaded.config.state.redis
         if state_url is not None and SESSION_SECRET_KEY not in secrets:
-            secrets[SESSION_SECRET_KEY] = await _shared_session_secret(state_url)
+            secrets[SESSION_SECRET_KEY] = await _shared_session_secret(state_url, self.loaded.redis_password(state_url))
         gateway = McpGateway(settings, secrets, self.telemetry, self.processor.runtime.authorization)
         try:
             self.mcp_port = await gateway.start(
@@ -370,14 +372,17 @@ class ProcessorServer:
         log.info("processor stopped")
 
 
-def builtin_rate_limit_service(config: GatewayConfig) -> RateLimitServicer | None:
+def builtin_rate_limit_service(loaded: LoadedConfig) -> RateLimitServicer | None:
     """The rate limit service Envoy's budget filter calls, when it runs in this process."""
+    config = loaded.config
     if not config.budgets or config.ratelimit.address != "builtin":
         return None
     rules = load_rules(descriptor_config(config), "<budgets>")
     # Answer (or fail) before Envoy's own timeout, so its failure mode is what applies.
     store_timeout = config.ratelimit.timeout_ms / 1000 * 0.8
-    store = store_from_url(config.ratelimit.store, timeout=store_timeout)
+    url = config.ratelimit.store
+    password = loaded.redis_password(url)
+    store = store_from_url(url, timeout=store_timeout, **({"password": password} if password is not None else {}))
     return RateLimitServicer(rules, store, store_timeout=store_timeout)
 
 
@@ -436,12 +441,12 @@ def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(main)
 
 
-async def _shared_session_secret(url: str) -> str:
+async def _shared_session_secret(url: str, password: str | None = None) -> str:
     """The fleet's MCP session key from Redis (drawn by the first replica). Redis down at start:
     a start-up error, since a random key would make this replica's sessions unknown to the others."""
     from extproc.state import StateUnavailable, redis_client, shared_session_secret
 
-    client = redis_client(url, timeout=2.0)
+    client = redis_client(url, timeout=2.0, password=password)
     try:
         return await shared_session_secret(client)
     except StateUnavailable as exc:

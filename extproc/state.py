@@ -31,15 +31,16 @@ class StateUnavailable(RuntimeError):
     """Redis could not answer a start-up question (the MCP session key)."""
 
 
-def redis_client(url: str, *, timeout: float = 0.5) -> Any:
-    """A redis.asyncio client with short timeouts and one immediate retry (as the key store)."""
+def redis_client(url: str, *, timeout: float = 0.5, password: str | None = None) -> Any:
+    """A redis.asyncio client with short timeouts and one immediate retry (as the key store).
+    `password` (state.redis_password) applies when the URL carries none."""
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=32, timeout=timeout, socket_timeout=timeout, socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1), **({"password": password} if password is not None else {}),
     )
     return aioredis.Redis.from_pool(pool)
 
@@ -64,8 +65,8 @@ class RedisAffinityStore:
         self.errors = 0  # Redis failures swallowed so far (for metrics)
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> RedisAffinityStore:
-        return cls(redis_client(url), **options)
+    def from_url(cls, url: str, *, password: str | None = None, **options: Any) -> RedisAffinityStore:
+        return cls(redis_client(url, password=password), **options)
 
     def _key(self, response_id: str) -> str:
         return f"{self.prefix}affinity:{response_id}"

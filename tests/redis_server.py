@@ -36,9 +36,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _answers_ping(port: int) -> bool:
+def _answers_ping(port: int, password: str | None = None) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            if password:
+                sock.sendall(f"AUTH {password}\r\n".encode())
+                if not sock.recv(64).startswith(b"+OK"):
+                    return False
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
@@ -48,8 +52,9 @@ def _answers_ping(port: int) -> bool:
 class RedisServer:
     """Context manager running one redis-server; `.url` is `redis://127.0.0.1:PORT/0`."""
 
-    def __init__(self, *, port: int | None = None, startup_timeout: float = 10.0) -> None:
-        """`port`: listen there (e.g. to restart a server in place); default: a free port."""
+    def __init__(self, *, port: int | None = None, startup_timeout: float = 10.0, password: str | None = None) -> None:
+        """`port`: listen there (e.g. to restart a server in place); default: a free port.
+        `password`: clients must AUTH with it (`requirepass`); `.url` does not carry it."""
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed")
@@ -59,6 +64,7 @@ class RedisServer:
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._log: BinaryIO | None = None
         self._requested_port = port
+        self._password = password
         self.port = port or 0
 
     @property
@@ -81,13 +87,14 @@ class RedisServer:
                     "--dir", self._workdir.name,
                     "--daemonize", "no",
                     "--loglevel", "warning",
+                    *(["--requirepass", self._password] if self._password else []),
                 ],
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
             )
             deadline = time.monotonic() + self._startup_timeout
             while time.monotonic() < deadline and self._process.poll() is None:
-                if _answers_ping(self.port):
+                if _answers_ping(self.port, self._password):
                     return self
                 time.sleep(0.02)
             error = self._stop_process()

@@ -180,12 +180,14 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout: float = 0.5, max_connections: int = 64, prefix: str = REDIS_KEY_PREFIX
+        cls, url: str, *, timeout: float = 0.5, max_connections: int = 64, prefix: str = REDIS_KEY_PREFIX,
+        password: str | None = None,
     ) -> RedisStore:
         """Connect lazily to `redis://host:port/db` (or rediss://, unix://) with short timeouts.
 
         The pool holds at most `max_connections`; extra concurrent calls wait up to `timeout`
-        for a free connection instead of failing at once.
+        for a free connection instead of failing at once. `password` applies when the URL
+        carries none (state.redis_password).
         """
         try:
             import redis.asyncio as aioredis
@@ -200,6 +202,7 @@ class RedisStore:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),  # one reconnect for a stale pooled connection, no backoff
+            **({"password": password} if password is not None else {}),
         )
         return cls(aioredis.Redis.from_pool(pool), prefix=prefix, owns_client=True)
 

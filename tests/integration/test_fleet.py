@@ -1,5 +1,5 @@
 """A fleet: three gateway replicas (each its own real Envoy + processor, `extproc run`) behind
-a front Envoy doing round robin, sharing one real Redis through `state.redis`.
+a front Envoy doing round robin, sharing one real, password-protected Redis through `state.redis`.
 
 What a team running replicas expects, checked with the official SDKs through the front:
 a tenant's budget is one budget whichever replica serves it; a Responses chain stays on the
@@ -39,6 +39,7 @@ REPLICAS = 3
 ACCEPT = "application/json, text/event-stream"
 BUDGET = 100  # tokens per hour for tenant "capped" (an hour, so the test never straddles a window)
 LOAD_THREADS = 6
+REDIS_PASSWORD = "fleet-redis-password"  # the replicas read it from the environment (state.redis_password)
 USER = [{"role": "user", "content": "Tell me a story"}]
 
 
@@ -61,7 +62,8 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(sim_a: SimServer, sim_b: SimServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    with RedisServer() as shared_redis, ServerThread(build_a(), json_response=True) as mcp_server:
+    with RedisServer(password=REDIS_PASSWORD) as shared_redis, \
+            ServerThread(build_a(), json_response=True) as mcp_server:
         def config() -> dict[str, Any]:
             return {
                 "backends": [{"name": "a", "base_url": sim_a.base_url}, {"name": "b", "base_url": sim_b.base_url}],
@@ -72,7 +74,8 @@ def fleet(sim_a: SimServer, sim_b: SimServer, tmp_path_factory: pytest.TempPathF
                 "tenancy": {"header": "x-tenant-id", "default_tenant": "anyone"},
                 "budgets": [{"name": "capped", "tenant": "capped", "unit": "hour", "limit": BUDGET},
                             {"name": "each", "tenant": "*", "unit": "hour", "limit": 4_000_000_000}],
-                "state": {"redis": shared_redis.url},  # budgets count there too (ratelimit.store unset)
+                # Budgets count there too (ratelimit.store unset); the password is not in the config.
+                "state": {"redis": shared_redis.url, "redis_password": {"env": "T_FLEET_REDIS_PASSWORD"}},
                 "processor": {"workers": 1},  # three replicas on a 2-core machine
             }
 
@@ -80,7 +83,8 @@ def fleet(sim_a: SimServer, sim_b: SimServer, tmp_path_factory: pytest.TempPathF
         front = None
         try:
             for index in range(REPLICAS):  # one by one: a started replica holds the ports it was given
-                replicas.append(RunningGateway(config(), tmp_path_factory.mktemp(f"replica-{index}")).start())
+                replicas.append(RunningGateway(config(), tmp_path_factory.mktemp(f"replica-{index}"),
+                                               env={"T_FLEET_REDIS_PASSWORD": REDIS_PASSWORD}).start())
             front = FrontEnvoy(tmp_path_factory.mktemp("front"), [gw.listen_port for gw in replicas])
             front.wait_healthy({gw.listen_port for gw in replicas})
             yield Fleet(replicas, front, shared_redis)
@@ -142,7 +146,7 @@ def test_a_responses_chain_sticks_to_its_backend_whichever_replica_serves_a_turn
             previous = answer.id
         assert len(backends) == 1
     assert replicas_seen == set(range(REPLICAS))
-    stored = redis.Redis.from_url(fleet.redis.url)
+    stored = redis.Redis.from_url(fleet.redis.url, password=REDIS_PASSWORD)
     try:
         assert len(stored.keys("extproc:state:affinity:*")) == 3 * 3  # every response id, once
     finally:
@@ -297,7 +301,7 @@ class Kill:
 
 def _charged(redis_url: str, tenant: str) -> int:
     """Tokens charged to `tenant`'s budget in the fleet's Redis (every window, every replica)."""
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, password=REDIS_PASSWORD)
     try:
         return sum(int(client.get(key) or 0) for key in client.scan_iter(match=f"*|tenant={tenant}:*"))
     finally:

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 ATTACH = K8S / "attach"
+REDIS = K8S / "redis"
+FLEET_STATE = {"redis": "redis://redis:6379/0", "redis_password": {"env": "REDIS_PASSWORD"}}
 FRAGMENT = ATTACH / "envoy-fragment.yaml"
 CONFIG_PATH = "/etc/extproc/gateway.yaml"
 
@@ -91,7 +93,7 @@ def _dockerfile_instruction(name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def manifests() -> dict[tuple[str, str], dict[str, Any]]:
-    return _manifests(K8S)
+    return {**_manifests(K8S), **_manifests(REDIS)}
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +108,12 @@ def pod(manifests: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
     return spec
 
 
-@pytest.mark.parametrize("directory", [K8S, ATTACH], ids=["kubernetes", "attach"])
-def test_every_manifest_parses_and_the_kustomization_lists_it(directory: Path) -> None:
+@pytest.mark.parametrize(("directory", "shared"), [(K8S, ["redis"]), (ATTACH, ["../redis"]), (REDIS, [])],
+                         ids=["kubernetes", "attach", "redis"])
+def test_every_manifest_parses_and_the_kustomization_lists_it(directory: Path, shared: list[str]) -> None:
     listed = _docs(directory / "kustomization.yaml")[0]["resources"]
     files = sorted(p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml" and p != FRAGMENT)
-    assert sorted(listed) == files
+    assert sorted(listed) == sorted(files + shared)  # both variants share the one Redis kustomization
     for name in files:
         for doc in _docs(directory / name):
             assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], name
@@ -119,18 +122,24 @@ def test_every_manifest_parses_and_the_kustomization_lists_it(directory: Path) -
 def test_the_configmaps_hold_the_image_config_and_it_passes_check(
     manifests: dict[tuple[str, str], dict[str, Any]], tmp_path: Path
 ) -> None:
-    image_config = (DEPLOY / "gateway.yaml").read_text()
-    attach = _manifests(ATTACH)["ConfigMap", "ai-gateway-config"]
-    assert _gateway_text(manifests["ConfigMap", "ai-gateway-config"]) == image_config
-    assert _gateway_text(attach) == image_config
-    mounted = tmp_path / "gateway.yaml"
-    mounted.write_text(image_config)
-    result = subprocess.run(
-        [sys.executable, "-m", "extproc", "check", str(mounted), "--skip-secrets"],
-        capture_output=True, text=True, cwd=ROOT, check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "OK (2 backend(s), 2 route(s))" in result.stdout
+    """The pods mount the image's config plus `state` (one Redis for every replica); the image
+    alone is one replica and needs no Redis."""
+    image_config = yaml.safe_load((DEPLOY / "gateway.yaml").read_text())
+    assert "state" not in image_config
+    mounted_text = _gateway_text(manifests["ConfigMap", "ai-gateway-config"])
+    assert _gateway_text(_manifests(ATTACH)["ConfigMap", "ai-gateway-config"]) == mounted_text
+    mounted_config = yaml.safe_load(mounted_text)
+    assert mounted_config.pop("state") == FLEET_STATE
+    assert mounted_config == image_config
+    for text in ((DEPLOY / "gateway.yaml").read_text(), mounted_text):
+        mounted = tmp_path / "gateway.yaml"
+        mounted.write_text(text)
+        result = subprocess.run(
+            [sys.executable, "-m", "extproc", "check", str(mounted), "--skip-secrets"],
+            capture_output=True, text=True, cwd=ROOT, check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "OK (2 backend(s), 2 route(s))" in result.stdout
 
 
 def test_the_config_listens_where_a_pod_can_be_reached(config: GatewayConfig) -> None:
@@ -189,12 +198,23 @@ def test_prestop_drain_follows_the_grace_period(config: GatewayConfig, pod: dict
     assert pod["terminationGracePeriodSeconds"] > 2 * grace
 
 
-def test_provider_keys_come_from_the_secret(config: GatewayConfig, pod: dict[str, Any]) -> None:
-    raw = yaml.safe_load((DEPLOY / "gateway.yaml").read_text())
+def test_provider_keys_and_the_redis_password_come_from_secrets(
+    manifests: dict[tuple[str, str], dict[str, Any]], pod: dict[str, Any]
+) -> None:
+    raw = yaml.safe_load(_gateway_text(manifests["ConfigMap", "ai-gateway-config"]))
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in _container(pod, "processor")["env"]}
-    assert set(env) == _env_refs(raw["backends"]) == {"OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
-    assert all(ref == {"name": "ai-gateway-provider-keys", "key": name} for name, ref in env.items())
+    assert set(env) == _env_refs(raw) == {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "REDIS_PASSWORD"}
+    assert _env_refs(raw["backends"]) == {"OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
+    assert all(ref == {"name": "ai-gateway-provider-keys", "key": name} for name, ref in env.items()
+               if name != "REDIS_PASSWORD")
+    redis_secret = {"name": "ai-gateway-redis", "key": "REDIS_PASSWORD"}
+    assert env["REDIS_PASSWORD"] == redis_secret
     assert "env" not in _container(pod, "envoy")  # Envoy never holds a provider key
+    # Redis asks for the same password, and its probe's redis-cli logs in with it.
+    [redis] = manifests["Deployment", "redis"]["spec"]["template"]["spec"]["containers"]
+    redis_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis["env"]}
+    assert redis_env == {"REDIS_PASSWORD": redis_secret, "REDISCLI_AUTH": redis_secret}
+    assert redis["args"][redis["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
 
 
 def test_service_hpa_and_pdb_select_the_gateway_pods(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:

@@ -6,10 +6,18 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
-from extproc.config import ConfigError, parse_config
+from extproc.config import ConfigError, LoadedConfig, load_config, parse_config
 from extproc.mcp.sessions import GatewaySession, InvalidSession, ServerSession, SessionCodec
-from extproc.server import ListenError, ProcessorServer, ServeOptions, _shared_session_secret
+from extproc.redact import config_secrets
+from extproc.server import (
+    ListenError,
+    ProcessorServer,
+    ServeOptions,
+    _shared_session_secret,
+    builtin_rate_limit_service,
+)
 from extproc.state import (
     DEFAULT_PREFIX,
     RedisAffinityStore,
@@ -149,9 +157,44 @@ def test_state_redis_config() -> None:
 async def test_processor_uses_the_redis_affinity_store(redis_server: RedisServer, tmp_path: Any) -> None:
     options = ServeOptions("127.0.0.1:0", "127.0.0.1", 0, 0, affinity_path=str(tmp_path / "a.sqlite3"))
     fleet = parse_config(config(state={"redis": redis_server.url, "affinity_ttl_seconds": 60}))
-    store = ProcessorServer._affinity_store(fleet, options)
+    store = ProcessorServer._affinity_store(LoadedConfig(config=fleet, source="t"), options)
     assert isinstance(store, RedisAffinityStore) and store.ttl_s == 60
     await store.aclose()
-    local = ProcessorServer._affinity_store(parse_config(config()), options)
+    local = ProcessorServer._affinity_store(LoadedConfig(config=parse_config(config()), source="t"), options)
     assert local is not None and not isinstance(local, RedisAffinityStore)
     await local.aclose()
+
+
+async def test_a_password_protected_redis_takes_state_redis_password(tmp_path: Any) -> None:
+    """The password comes from the environment (a Kubernetes Secret), not the URL: affinity,
+    the MCP key and budgets following state.redis all log in with it."""
+    with RedisServer(password="s3cret-state-pass") as protected:
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(config(
+            state={"redis": protected.url, "redis_password": {"env": "T_REDIS_PASSWORD"}},
+            budgets=[{"name": "b", "unit": "hour", "limit": 10}], tenancy={"header": "x-tenant-id"})))
+        loaded = load_config(path, {"T_REDIS_PASSWORD": "s3cret-state-pass"})
+        assert loaded.redis_password(protected.url) == "s3cret-state-pass"
+        assert loaded.redis_password("redis://elsewhere:6379/0") is None  # only for state.redis
+        assert "s3cret-state-pass" in config_secrets(loaded, {})  # scrubbed from logs
+
+        options = ServeOptions("127.0.0.1:0", "127.0.0.1", 0, 0)
+        store = ProcessorServer._affinity_store(loaded, options)
+        assert store is not None
+        await store.aremember("resp_1", "a")
+        assert await store.alookup("resp_1") == "a" and store.errors == 0
+        await store.aclose()
+        assert await _shared_session_secret(protected.url, loaded.redis_password(protected.url))
+        service = builtin_rate_limit_service(loaded)
+        assert service is not None
+        assert await service.store.add("k", 3, 3600, 0.0) == 3
+        await service.store.close()
+
+        anonymous = RedisAffinityStore.from_url(protected.url)
+        await anonymous.aremember("resp_2", "a")
+        assert await anonymous.alookup("resp_2") is None and anonymous.errors == 2  # refused, counted
+        await anonymous.aclose()
+        with pytest.raises(ConfigError, match="T_REDIS_PASSWORD"):
+            load_config(path, {})
+    with pytest.raises(ConfigError, match="redis_password needs redis"):
+        parse_config(config(state={"redis_password": {"env": "X"}}))
