@@ -29,7 +29,7 @@ pytest.importorskip("mcp.server.mcpserver", reason="needs the official MCP SDK 2
 
 from extproc.sim import SimServer  # noqa: E402
 from tests.integration.front_envoy import REPLICA_HEADER, FrontEnvoy  # noqa: E402
-from tests.integration.harness import RunningGateway, free_port  # noqa: E402
+from tests.integration.harness import RunningGateway, free_port, running_gateway  # noqa: E402
 from tests.integration.test_mcp_gateway import ServerThread, build_a  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
@@ -178,6 +178,65 @@ def test_an_mcp_session_opened_on_one_replica_continues_on_the_others(fleet: Fle
     assert served_by == set(range(REPLICAS))
     foreign, _ = _rpc(fleet, {"jsonrpc": "2.0", "id": 99, "method": "tools/list"}, session[:-4] + "AAAA")
     assert foreign.status_code == 404  # a tampered id is still unknown on every replica
+
+
+def test_a_reservation_held_on_one_replica_counts_on_the_others(
+    fleet: Fleet, sim_a: SimServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`ratelimit.reserve`: a request charges its estimate (request bytes / 4 + max_tokens) up
+    front and settles to what it used after. Two replicas of a reserving config on the fleet's Redis: while a
+    stream holds its reservation on one, the other refuses what no longer fits; once it ends,
+    the unused part is given back and the other serves."""
+    config = {
+        "backends": [{"name": "a", "base_url": sim_a.base_url}],
+        "routes": [{"name": "all", "default": True, "backends": [{"name": "a"}]}],
+        "tenancy": {"header": "x-tenant-id"},
+        "budgets": [{"name": "reserved", "tenant": "reserving", "unit": "hour", "limit": 600}],
+        "ratelimit": {"reserve": True},
+        "state": {"redis": fleet.redis.url, "redis_password": {"env": "T_FLEET_REDIS_PASSWORD"}},
+        "processor": {"workers": 1},
+    }
+    env = {"T_FLEET_REDIS_PASSWORD": REDIS_PASSWORD}
+    with running_gateway(config, tmp_path_factory.mktemp("reserve-1"), env=env) as one, \
+            running_gateway(config, tmp_path_factory.mktemp("reserve-2"), env=env) as two:
+        first, second = (openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0, timeout=60,
+                                       default_headers={"x-tenant-id": "reserving"}) for gw in (one, two))
+        # One long word: the estimate (~4 bytes a token) reserves ~420 tokens, it costs ~25.
+        wordy = [{"role": "user", "content": "x" * 1600}]
+        held: list[Any] = []
+        answering = threading.Event()
+
+        def hold() -> None:
+            stream = first.chat.completions.create(
+                model="m", messages=wordy, max_tokens=20, stream=True,  # type: ignore[arg-type]
+                stream_options={"include_usage": True}, extra_headers={"x-sim-hold": "reservation"})
+            for chunk in stream:
+                answering.set()
+                held.append(chunk)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert answering.wait(30)  # ~420 tokens reserved on replica one, in flight
+        with pytest.raises(openai.RateLimitError):  # another ~420 on replica two: more than 600
+            second.chat.completions.create(model="m", messages=wordy, max_tokens=20)  # type: ignore[arg-type]
+        sim_a.release("reservation")
+        holder.join(60)
+        used = held[-1].usage.total_tokens
+        assert used < 100  # what the stream cost, far below what it reserved
+        deadline = time.monotonic() + 15
+        while True:  # the settlement lands as the stream closes
+            try:
+                served = second.chat.completions.create(
+                    model="m", messages=wordy, max_tokens=20)  # type: ignore[arg-type]
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline, "the held reservation was never settled"
+                time.sleep(0.1)
+        assert served.usage is not None
+        expected = used + served.usage.total_tokens
+        while _charged(fleet.redis.url, "reserving") != expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _charged(fleet.redis.url, "reserving") == expected  # settled to what was used, once
 
 
 def test_with_redis_hung_the_fleet_keeps_serving_and_counts_the_failures(fleet: Fleet) -> None:
