@@ -4,7 +4,8 @@ A Bedrock backend that names no keys signs with what botocore's chain finds:
 environment, shared files, `credential_process`, SSO, STS assume-role, container or
 instance metadata. Finding them, and refreshing temporary ones near expiry, may run a
 program or call STS / the metadata service, for seconds. On the event loop that would
-stall every stream of the worker, so `ChainCredentials` does it in a thread:
+stall every stream of the worker, so `ChainCredentials` does it in a thread
+(`refreshing.RefreshedInThread`, as Google tokens do):
 
 * the request path reads frozen credentials from memory (`current`), no I/O;
 * when botocore's advisory window opens (15 minutes before expiry), a background
@@ -29,6 +30,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
+from extproc.refreshing import RefreshedInThread
+
 if TYPE_CHECKING:
     from botocore.credentials import Credentials, RefreshableCredentials
 
@@ -51,19 +54,17 @@ def default_chain() -> Credentials | None:
     return botocore.session.Session().get_credentials()
 
 
-class ChainCredentials:
+class ChainCredentials(RefreshedInThread[AwsKeys]):
     """One process's credentials from the chain; use it from one event loop."""
 
     def __init__(
         self, find: Callable[[], Credentials | None] = default_chain, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        super().__init__(clock)
         self._find = find
-        self._clock = clock
         self._credentials: Credentials | None = None  # botocore's object
         self._refreshable: RefreshableCredentials | None = None  # the same, when it expires
         self._keys: AwsKeys | None = None  # its frozen values, read by requests
-        self._flight: asyncio.Task[None] | None = None  # the one resolution or refresh running
-        self._retry_at = 0.0  # no new attempt before this (clock seconds)
 
     def current(self) -> AwsKeys | None:
         """Keys to sign with now, without waiting; None when the caller must `get`.
@@ -71,31 +72,9 @@ class ChainCredentials:
         keys = self._keys
         if keys is None or self._needs_refresh(MIN_VALIDITY_S):
             return None
-        if self._flight is None and self._clock() >= self._retry_at and self._needs_refresh(None):
+        if self._may_start() and self._needs_refresh(None):
             self._start()
         return keys
-
-    async def get(self) -> AwsKeys | None:
-        """Keys to sign with, waiting (off the loop) for the chain if need be; None when
-        it found none or failed, now or within the last `RETRY_AFTER_S`."""
-        keys = self.current()
-        if keys is not None:
-            return keys
-        if self._flight is None:
-            if self._clock() < self._retry_at:
-                return None
-            self._start()
-        assert self._flight is not None
-        await asyncio.shield(self._flight)  # a request that goes away leaves the refresh running
-        if self._keys is None or self._needs_refresh(MIN_VALIDITY_S):
-            return None
-        return self._keys
-
-    async def settled(self) -> None:
-        """Return once no lookup or refresh runs (a background refresh's result is then in
-        place): for tests, and for code that wants the keys warm before traffic."""
-        while self._flight is not None:
-            await asyncio.shield(self._flight)
 
     def _needs_refresh(self, within: int | None) -> bool:
         """botocore's test: expiring within `within` seconds (None: its advisory window).
@@ -104,10 +83,7 @@ class ChainCredentials:
         refreshable = self._refreshable
         return refreshable is not None and refreshable.refresh_needed(within)
 
-    def _start(self) -> None:
-        self._flight = asyncio.get_running_loop().create_task(self._resolve())
-
-    async def _resolve(self) -> None:
+    async def _refresh(self) -> None:
         """Run the chain (first time, or after it found nothing) or refresh, in a thread."""
         try:
             credentials, keys = await asyncio.to_thread(self._resolve_blocking, self._credentials)
@@ -124,8 +100,6 @@ class ChainCredentials:
                 self._retry_at = self._clock() + RETRY_AFTER_S
             elif self._needs_refresh(None):  # botocore kept the old keys (an advisory refresh failed)
                 self._retry_at = self._clock() + RETRY_AFTER_S
-        finally:
-            self._flight = None
 
     def _resolve_blocking(self, known: Credentials | None) -> tuple[Credentials | None, AwsKeys | None]:
         """In a thread: the chain's credentials (run it unless known) and their frozen keys,

@@ -5,7 +5,7 @@ token: a service-account key signs a JWT and trades it at its `token_uri`; appli
 default credentials may read gcloud's files or ask the metadata server. Each is an HTTP
 call (and a file read) that can take seconds, so on the event loop it would stall every
 stream of the worker. `GoogleTokens` therefore does it in a thread, as
-`aws_credentials.ChainCredentials` does for AWS:
+`aws_credentials.ChainCredentials` does for AWS (both are `refreshing.RefreshedInThread`):
 
 * the request path reads the cached token from memory (`current`), no I/O;
 * `REFRESH_WINDOW_S` before expiry one background refresh starts, and requests keep
@@ -32,6 +32,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
+
+from extproc.refreshing import RefreshedInThread
 
 if TYPE_CHECKING:
     from google.auth.credentials import Credentials
@@ -101,22 +103,20 @@ def _transport() -> Callable[..., Any]:
     return call
 
 
-class GoogleTokens:
+class GoogleTokens(RefreshedInThread[str]):
     """One credential's access tokens; use it from one event loop."""
 
     def __init__(
         self, load: Loader, label: str, clock: Callable[[], float] = time.monotonic,
         retry_after: float = RETRY_AFTER_S,
     ) -> None:
+        super().__init__(clock)
         self._load = load
         self.label = label  # which credentials, for log lines
-        self._clock = clock
         self._retry_after = retry_after
         self._credentials: Credentials | None = None  # google-auth's object, touched only in the thread
         self._transport: Callable[..., Any] | None = None
         self._token: _Token | None = None
-        self._flight: asyncio.Task[None] | None = None  # the one refresh running
-        self._retry_at = 0.0  # no new attempt before this (clock seconds)
 
     def current(self) -> str | None:
         """The token to send now, without waiting; None when the caller must `get`.
@@ -127,31 +127,9 @@ class GoogleTokens:
         left = token.expires_at - self._clock()
         if left < MIN_VALIDITY_S:
             return None
-        if left < REFRESH_WINDOW_S and self._flight is None and self._clock() >= self._retry_at:
+        if left < REFRESH_WINDOW_S and self._may_start():
             self._start()
         return token.value
-
-    async def get(self) -> str | None:
-        """The token to send, waiting (off the loop) for a refresh if need be; None when
-        the refresh failed, now or within the last `retry_after` seconds."""
-        token = self.current()
-        if token is not None:
-            return token
-        if self._flight is None:
-            if self._clock() < self._retry_at:
-                return None
-            self._start()
-        assert self._flight is not None
-        await asyncio.shield(self._flight)  # a request that goes away leaves the refresh running
-        return self.current()
-
-    async def settled(self) -> None:
-        """Return once no refresh runs: for tests, and to warm the token before traffic."""
-        while self._flight is not None:
-            await asyncio.shield(self._flight)
-
-    def _start(self) -> None:
-        self._flight = asyncio.get_running_loop().create_task(self._refresh())
 
     async def _refresh(self) -> None:
         try:
@@ -163,8 +141,6 @@ class GoogleTokens:
             self._retry_at = self._clock() + self._retry_after
         else:
             self._token = _Token(value, self._clock() + lifetime)
-        finally:
-            self._flight = None
 
     def _refresh_blocking(self) -> tuple[str, float]:
         """In a thread: load the credentials (first time), refresh them, and return the new
