@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-long unit integration mypy envoy-config system-deps wrk bench soak clean
+.PHONY: run test test-long test-fleet unit integration mypy envoy-config system-deps wrk bench soak clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ mypy: $(STAMP)
 ## test-long: the tests that last minutes each (5-minute requests and streams through real Envoy, the fleet drill)
 test-long: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m long tests
+
+## test-fleet: the fleet tests alone, both kill drills included, printing their numbers (~5 min)
+test-fleet: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/integration/test_fleet.py
 
 unit: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/unit
