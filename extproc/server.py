@@ -149,6 +149,7 @@ class ProcessorServer:
         self.grpc_port: int | None = None
         self.admin_port: int | None = None
         self._mcp: Any = None  # extproc.mcp.McpGateway in worker 0 when `mcp` is configured
+        self._session_key_keeper: Any = None  # extproc.state.SessionKeyKeeper with state.redis and no session_secret
         self.mcp_port: int | None = None
 
     async def start(self) -> None:
@@ -228,7 +229,13 @@ class ProcessorServer:
         secrets = resolve_mcp_secrets(settings, os.environ)
         state_url = self.loaded.config.state.redis
         if state_url is not None and SESSION_SECRET_KEY not in secrets:
-            secrets[SESSION_SECRET_KEY] = await _shared_session_secret(state_url, self.loaded.redis_password(state_url))
+            from extproc.state import SessionKeyKeeper
+
+            password = self.loaded.redis_password(state_url)
+            secrets[SESSION_SECRET_KEY] = await _shared_session_secret(state_url, password)
+            self._session_key_keeper = SessionKeyKeeper.from_url(state_url, secrets[SESSION_SECRET_KEY],
+                                                                 password=password)
+            self._session_key_keeper.start()
         gateway = McpGateway(settings, secrets, self.telemetry, self.processor.runtime.authorization)
         try:
             self.mcp_port = await gateway.start(
@@ -359,6 +366,8 @@ class ProcessorServer:
             await self._grpc.stop(grace)
         if mcp_stopped is not None:
             await mcp_stopped
+        if self._session_key_keeper is not None:
+            await self._session_key_keeper.aclose()
         if self._admin is not None:
             await self._admin.close()
         if self.ratelimit is not None:

@@ -3,7 +3,9 @@
 - Responses API affinity (`RedisAffinityStore`): ``response id -> backend`` as one key per id
   with a TTL, so a follow-up served by any replica reaches the backend holding the response.
 - The MCP session key (`shared_session_secret`): drawn once (SET NX) and read by every replica,
-  so a session id issued by one replica verifies on the others.
+  so a session id issued by one replica verifies on the others. `SessionKeyKeeper` puts it
+  back when Redis loses it (restarted without persistence), so a replica started later
+  reads the key the running ones use instead of drawing another.
 
 Every call is awaited on redis.asyncio with short timeouts: the event loop never blocks.
 Redis down is not an error for requests: an affinity lookup answers None (the request goes
@@ -14,7 +16,9 @@ key refuses to start rather than issue sessions its peers cannot verify.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import logging
 import os
 from typing import Any
@@ -25,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "extproc:state:"
 SESSION_SECRET_KEY = "mcp:session_secret"  # under the prefix
+KEEP_INTERVAL_S = 10.0  # how often a replica checks that Redis still holds the MCP session key
 
 
 class StateUnavailable(RuntimeError):
@@ -121,3 +126,48 @@ async def shared_session_secret(client: Any, *, prefix: str = DEFAULT_PREFIX) ->
     if not raw:
         raise StateUnavailable("redis state store lost the MCP session key")
     return raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
+
+
+class SessionKeyKeeper:
+    """Keeps the fleet's MCP session key in Redis while this replica uses it: every
+    `interval_s`, SET NX puts it back if Redis lost it. Without this, a replica started after
+    a Redis restart would draw a new key and its sessions would be unknown to the others."""
+
+    def __init__(self, client: Any, secret: str, *, prefix: str = DEFAULT_PREFIX,
+                 interval_s: float = KEEP_INTERVAL_S) -> None:
+        self._client = client
+        self._secret = secret
+        self._key = f"{prefix}{SESSION_SECRET_KEY}"
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, secret: str, *, password: str | None = None, **options: Any) -> SessionKeyKeeper:
+        return cls(redis_client(url, password=password), secret, **options)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.keep_once()
+
+    async def keep_once(self) -> bool:
+        """True when Redis had lost the key and this replica put it back."""
+        try:
+            restored = bool(await self._client.set(self._key, self._secret, nx=True))
+        except _errors() as exc:
+            log.debug("MCP session key check (redis) failed: %s", type(exc).__name__)
+            return False
+        if restored:
+            log.warning("state.redis had lost the MCP session key (restarted without persistence?): "
+                        "put back the one this replica uses")
+        return restored
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._client.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from extproc.server import (
 from extproc.state import (
     DEFAULT_PREFIX,
     RedisAffinityStore,
+    SessionKeyKeeper,
     StateUnavailable,
     redis_client,
     shared_session_secret,
@@ -121,6 +123,29 @@ async def test_replicas_agree_on_the_mcp_session_key(redis_server: RedisServer, 
         SessionCodec(None).decode(token)  # a replica with its own random key would refuse it
     await raw_redis.flushall()
     assert await _shared_session_secret(redis_server.url) != key_one  # a new fleet draws a new key
+
+
+async def test_a_running_replica_puts_the_session_key_back_after_redis_lost_it(
+    redis_server: RedisServer, raw_redis: aioredis.Redis
+) -> None:
+    """Redis restarted empty: the running replicas put their key back, so a replica started
+    afterwards reads it instead of drawing a new one (its sessions would be unknown to them)."""
+    key = await _shared_session_secret(redis_server.url)
+    keeper = SessionKeyKeeper.from_url(redis_server.url, key, interval_s=0.05)
+    keeper.start()
+    try:
+        assert await keeper.keep_once() is False  # Redis holds it: nothing to do
+        await raw_redis.flushall()  # Redis lost everything
+        for _ in range(100):
+            if await raw_redis.get(f"{DEFAULT_PREFIX}mcp:session_secret"):
+                break
+            await asyncio.sleep(0.02)
+        assert await _shared_session_secret(redis_server.url) == key  # a new replica gets the fleet's key
+    finally:
+        await keeper.aclose()
+    down = SessionKeyKeeper.from_url(f"redis://127.0.0.1:{free_port()}/0", key)
+    assert await down.keep_once() is False  # Redis down: nothing raised, tried again later
+    await down.aclose()
 
 
 async def test_mcp_session_key_with_redis_down_is_a_start_error() -> None:
