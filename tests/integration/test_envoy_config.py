@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -57,13 +58,10 @@ def test_config_with_tls_prefix_and_unix_socket_validates(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_fragment_pieces_fit_into_a_users_envoy(tmp_path: Path) -> None:
-    """The documented attach path: a user's own listener + our filter/route/cluster pieces."""
-    config = parse_config(demo_config_data())
-    pieces = envoyconfig.fragment(config)
-    users_envoy = {
-        "layered_runtime": {"layers": [{"name": "static", "static_layer": pieces["runtime"]}]},
-        "grpc_async_client_manager_config": pieces["grpc_async_client_manager_config"],
+def _users_envoy(pieces: dict[str, Any], **connection_manager: Any) -> dict[str, Any]:
+    """A user's own listener and clusters with the fragment's filters, routes and clusters in
+    place; `connection_manager`: more of the fragment's HttpConnectionManager settings."""
+    return {
         "static_resources": {
             "listeners": [{
                 "name": "users_listener",
@@ -73,7 +71,7 @@ def test_fragment_pieces_fit_into_a_users_envoy(tmp_path: Path) -> None:
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "users",
-                        "local_reply_config": pieces["local_reply_config"],
+                        **connection_manager,
                         "route_config": {"virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": pieces["routes"]}]},
                         "http_filters": pieces["http_filters"],
                     },
@@ -81,6 +79,17 @@ def test_fragment_pieces_fit_into_a_users_envoy(tmp_path: Path) -> None:
             }],
             "clusters": pieces["clusters"],
         }
+    }
+
+
+def test_fragment_pieces_fit_into_a_users_envoy(tmp_path: Path) -> None:
+    """The documented attach path: a user's own listener + our filter/route/cluster pieces."""
+    config = parse_config(demo_config_data())
+    pieces = envoyconfig.fragment(config)
+    users_envoy = {
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": pieces["runtime"]}]},
+        "grpc_async_client_manager_config": pieces["grpc_async_client_manager_config"],
+        **_users_envoy(pieces, local_reply_config=pieces["local_reply_config"]),
     }
     path = tmp_path / "users-envoy.yaml"
     path.write_text(yaml.safe_dump(users_envoy))
@@ -183,25 +192,7 @@ def test_otlp_access_log_validates_in_the_bootstrap_and_the_fragment(tmp_path: P
     assert result.returncode == 0, result.stdout + result.stderr
 
     pieces = envoyconfig.fragment(config)
-    users_envoy = {
-        "static_resources": {
-            "listeners": [{
-                "name": "users_listener",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 18080}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "users",
-                        "access_log": pieces["access_log"],
-                        "route_config": {"virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": pieces["routes"]}]},
-                        "http_filters": pieces["http_filters"],
-                    },
-                }]}],
-            }],
-            "clusters": pieces["clusters"],
-        }
-    }
+    users_envoy = _users_envoy(pieces, access_log=pieces["access_log"])
     path = tmp_path / "users-envoy.yaml"
     path.write_text(yaml.safe_dump(users_envoy))
     result = _validate(path)
