@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 import httpx
 
+from tests.processes import terminate
 from tests.redis_server import free_port
 
 __all__ = ["PrometheusServer", "prometheus_binary", "promtool_binary"]
@@ -73,13 +74,8 @@ class PrometheusServer:
 
     def __exit__(self, *exc: object) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        if process is not None:
+            terminate(process, timeout=10)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import BinaryIO
 
+from tests.processes import terminate
+
 __all__ = ["RedisServer", "redis_server_binary", "free_port"]
 
 
@@ -108,13 +110,7 @@ class RedisServer:
         process, self._process = self._process, None
         if process is None:
             return ""
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        terminate(process, timeout=5)
         if self._log is None:
             return ""
         self._log.seek(0)

@@ -22,6 +22,7 @@ import orjson
 
 from extproc.launcher import envoy_command
 from tests.integration.harness import free_port
+from tests.processes import terminate
 
 REPLICA_HEADER = "x-fleet-replica"
 HEALTH_INTERVAL = "0.25s"
@@ -153,10 +154,4 @@ class FrontEnvoy:
         return entries
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        terminate(self.process, timeout=10)
