@@ -1,7 +1,7 @@
 """A real OTLP/HTTP receiver for tests: what a collector would get from the gateway.
 
     with OtlpReceiver() as receiver:
-        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        env = receiver.exporter_env()
         ...  # run the gateway with env
         span = receiver.wait_for_span(lambda s: s.name == "ChatCompletion", timeout=10)
         assert span.attributes["llm.model_name"] == "gpt-4o-mini"
@@ -243,6 +243,17 @@ class OtlpReceiver:
         """Base URL for OTEL_EXPORTER_OTLP_ENDPOINT (the exporters append /v1/traces, /v1/metrics)."""
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def exporter_env(self, metric_interval_ms: int = 60_000, **extra: str) -> dict[str, str]:
+        """The environment that points a gateway's OTLP exporters here: protobuf, spans sent
+        within 100 ms, metrics every `metric_interval_ms` (a minute: tests read /metrics)."""
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_METRIC_EXPORT_INTERVAL": str(metric_interval_ms),
+            **extra,
+        }
 
     @property
     def traces_endpoint(self) -> str:

@@ -46,16 +46,8 @@ def _config(sim: SimServer) -> dict[str, Any]:
 
 
 def _env(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
-    return {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "OTEL_METRIC_EXPORT_INTERVAL": "60000",
-        "T_ATT_ANTHROPIC_KEY": ANTHROPIC_KEY,
-        "T_ATT_AK": SIM_AWS_ACCESS_KEY_ID,
-        "T_ATT_SK": SIM_AWS_SECRET_ACCESS_KEY,
-        **extra,
-    }
+    return receiver.exporter_env(T_ATT_ANTHROPIC_KEY=ANTHROPIC_KEY, T_ATT_AK=SIM_AWS_ACCESS_KEY_ID,
+                                 T_ATT_SK=SIM_AWS_SECRET_ACCESS_KEY, **extra)
 
 
 @pytest.fixture(scope="module")

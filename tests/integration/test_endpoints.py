@@ -76,11 +76,7 @@ def gateway(sim: SimServer, receiver: OtlpReceiver, tmp_path_factory: pytest.Tem
         ],
         "limits": {"max_request_body_bytes": UPLOAD_LIMIT},
     }
-    env = {
-        "T_OPENAI_KEY": OPENAI_KEY, "T_COHERE_KEY": COHERE_KEY, "T_ANTHROPIC_KEY": ANTHROPIC_KEY,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "60000",
-    }
+    env = receiver.exporter_env(T_OPENAI_KEY=OPENAI_KEY, T_COHERE_KEY=COHERE_KEY, T_ANTHROPIC_KEY=ANTHROPIC_KEY)
     with running_gateway(config, tmp_path_factory.mktemp("endpoints"), env=env) as gw:
         yield gw
 

@@ -71,9 +71,7 @@ def gateway(
         ],
         "usage": {"estimate_when_missing": True},  # embeddings: Gemini reports no tokens
     }
-    env = {"T_GEMINI_KEY": GEMINI_KEY, "T_OPENAI_KEY": OPENAI_KEY, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "100",
-           "OTEL_METRIC_EXPORT_INTERVAL": "60000"}
+    env = receiver.exporter_env(T_GEMINI_KEY=GEMINI_KEY, T_OPENAI_KEY=OPENAI_KEY)
     with running_gateway(config, tmp_path_factory.mktemp("gemini"), env=env) as running:
         yield running
 

@@ -42,14 +42,7 @@ def _config(sim: SimServer, conventions: list[str]) -> dict[str, Any]:
 
 
 def _env(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
-    return {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "OTEL_METRIC_EXPORT_INTERVAL": "60000",
-        "T_GENAI_ANTHROPIC_KEY": ANTHROPIC_KEY,
-        **extra,
-    }
+    return receiver.exporter_env(T_GENAI_ANTHROPIC_KEY=ANTHROPIC_KEY, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -188,13 +188,7 @@ def gateway(
     tmp = tmp_path_factory.mktemp("jwt")
     jwks_file = tmp / "jwks.json"
     jwks_file.write_text(json.dumps({"keys": [_jwk(RSA_KEY, "rsa-1"), _jwk(EC_KEY, "ec-1")]}))
-    env = {
-        "T_JWT_ANTHROPIC_KEY": ANTHROPIC_KEY,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "OTEL_METRIC_EXPORT_INTERVAL": "60000",
-    }
+    env = receiver.exporter_env(T_JWT_ANTHROPIC_KEY=ANTHROPIC_KEY)
     with running_gateway(_config(sim_a, jwks_file, jwks_server, mcp_server.url), tmp, env=env) as gw:
         yield gw
 

@@ -76,9 +76,7 @@ def gateway(servers: Any, loose: ServerThread, sim_a: SimServer, receiver: OtlpR
         "budgets": [{"name": "weather-calls", "tenant": "*", "tool": "b__weather", "unit": "minute", "limit": 2,
                      "cost": "mcp_tool_call"}],
     }
-    env = {"T_MCP_A_KEY": KEY_A, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "100",
-           "OTEL_METRIC_EXPORT_INTERVAL": "60000"}
+    env = receiver.exporter_env(T_MCP_A_KEY=KEY_A)
     with running_gateway(config, tmp_path_factory.mktemp("mcp"), env=env) as gw:
         yield gw
 

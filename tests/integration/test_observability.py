@@ -46,15 +46,7 @@ def _config(sim: SimServer) -> dict[str, Any]:
 
 
 def _otel_env(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
-    return {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "OTEL_METRIC_EXPORT_INTERVAL": "60000",
-        "OTEL_SERVICE_NAME": "gateway-under-test",
-        "T_OBS_ANTHROPIC_KEY": ANTHROPIC_KEY,
-        **extra,
-    }
+    return receiver.exporter_env(OTEL_SERVICE_NAME="gateway-under-test", T_OBS_ANTHROPIC_KEY=ANTHROPIC_KEY, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -46,9 +46,8 @@ def _config(sim: SimServer, endpoint: str) -> dict[str, Any]:
 def gateway(
     sim_a: SimServer, spans: OtlpReceiver, logs: OtlpLogsReceiver, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningGateway]:
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": spans.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "60000"}
-    with running_gateway(_config(sim_a, logs.endpoint), tmp_path_factory.mktemp("otlplogs"), env=env) as gw:
+    with running_gateway(_config(sim_a, logs.endpoint), tmp_path_factory.mktemp("otlplogs"),
+                         env=spans.exporter_env()) as gw:
         yield gw
 
 

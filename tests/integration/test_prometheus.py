@@ -298,10 +298,7 @@ def test_prometheus_stores_the_request_span_as_the_bucket_exemplar(sim_a: SimSer
     """Prometheus asks for OpenMetrics; with exemplar storage on it keeps each bucket's trace id."""
     config = {"backends": [{"name": "sim", "base_url": sim_a.base_url}],
               "routes": [{"name": "all", "default": True, "backends": [{"name": "sim"}]}]}
-    env = {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "100",
-           "OTEL_METRIC_EXPORT_INTERVAL": "60000"}
-    with OtlpReceiver() as receiver, \
-            running_gateway(config, tmp_path, env={**env, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}) as gw:
+    with OtlpReceiver() as receiver, running_gateway(config, tmp_path, env=receiver.exporter_env()) as gw:
         scrape = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
         scrape["global"].update(scrape_interval="1s")
         scrape["rule_files"] = []

@@ -161,10 +161,7 @@ def _env(receiver: OtlpReceiver) -> dict[str, str]:
         "T_AWS_SESSION_AK": SIM_AWS_SESSION_ACCESS_KEY_ID, "T_AWS_SESSION_SK": SIM_AWS_SESSION_SECRET_ACCESS_KEY,
         "T_AWS_TOKEN": SIM_AWS_SESSION_TOKEN,
         "EXTPROC_LOG_LEVEL": "DEBUG",  # the processor's --log-level, inherited from `extproc run`
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "OTEL_METRIC_EXPORT_INTERVAL": "500",
+        **receiver.exporter_env(metric_interval_ms=500),
         "OTEL_SERVICE_NAME": "secrets-under-test",
         # Content recording on (the default, made explicit).
         "OPENINFERENCE_HIDE_INPUTS": "false", "OPENINFERENCE_HIDE_OUTPUTS": "false",

@@ -90,9 +90,8 @@ def vertex(sim: SimServer, key: dict[str, Any], receiver: OtlpReceiver,
             {"name": "gemini", "match": {"glob": "gemini-*"}, "backends": [{"name": "vertex"}]},
         ],
     }
-    env = {"T_REFUSED_KEY": orjson.dumps(unknown).decode(), "T_UNREACHABLE_KEY": orjson.dumps(unreachable).decode(),
-           "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "60000"}
+    env = receiver.exporter_env(T_REFUSED_KEY=orjson.dumps(unknown).decode(),
+                                T_UNREACHABLE_KEY=orjson.dumps(unreachable).decode())
     with running_gateway(config, tmp, env=env) as gateway:
         yield gateway
 
