@@ -19,6 +19,11 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
 @pytest.fixture()
 async def raw_redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     """A client on an emptied server."""

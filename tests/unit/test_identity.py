@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from extproc.keys.redis_store import RedisKeyEditor
 from extproc.runtime import Runtime
 from extproc.schemas.openai import RequestError
 from extproc.tenancy import caller_of
-from tests.redis_server import RedisServer, free_port, redis_server_binary
+from tests.redis_server import free_port
 from tests.unit.test_authorization import CLIENT_KEY, TEAM_KEY, config_data
 from tests.unit.test_exchange import body_request, header_values, headers_request, immediate, metadata
 
@@ -106,14 +105,6 @@ def test_a_stored_keys_models_narrow_its_tenants(filed: tuple[Runtime, FileKeyEd
 
 
 # -- Redis: the caller known only after an await -------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed")
-    with RedisServer() as server:
-        yield server.url
 
 
 async def test_models_list_waits_for_the_stored_keys_grants(redis_url: str) -> None:

@@ -26,7 +26,6 @@ from extproc.keys.manage import FileKeyEditor
 from extproc.keys.records import KeyRecord
 from extproc.keys.redis_store import RedisKeyEditor, RedisKeyStore
 from extproc.runtime import Runtime
-from tests.redis_server import RedisServer, redis_server_binary
 from tests.unit.test_exchange import body_request, headers_request, immediate, metadata
 
 NOW = 1_800_000_000.0
@@ -256,14 +255,6 @@ def test_key_store_settings_need_exactly_one_store(tmp_path: Path) -> None:
 
 
 # -- Redis --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed")
-    with RedisServer() as server:
-        yield server.url
 
 
 async def test_redis_lookup_is_cached_for_a_bounded_time(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
