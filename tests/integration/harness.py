@@ -100,6 +100,17 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def eventually(check: Any, timeout: float = 15, interval: float = 0.1) -> bool:
+    """Whether `check()` turns true within `timeout` seconds (e.g. a changed key file that
+    each worker polls)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return False
+
+
 class RunningGateway:
     """`extproc run` as a child process, with its stdout (banner + access log) collected."""
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from extproc.sim import SimServer
-from tests.integration.harness import RunningGateway, free_port, running_gateway
+from tests.integration.harness import RunningGateway, eventually, free_port, running_gateway
 from tests.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.timeout(120)
@@ -202,15 +202,6 @@ def _tenant() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
 
-def _eventually(check: Callable[[], bool], seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def _assert_never_seen(gateway: RunningGateway, sim: SimServer, secret: str) -> None:
     """The token reached no backend request, no access-log line, no processor log line."""
     for request in sim.requests:
@@ -348,9 +339,9 @@ def test_remote_jwks_key_rotation_is_picked_up(gateway: RunningGateway, jwks_ser
     assert not _accepted(gateway, new)  # not published yet
     fetches = jwks_server.fetches
     jwks_server.keys = [_jwk(new_key, "remote-2")]  # the provider rotates: the old key is withdrawn
-    assert _eventually(lambda: _accepted(gateway, new)), "the rotated key was never picked up"
+    assert eventually(lambda: _accepted(gateway, new), timeout=20, interval=0.2), "the rotated key was never picked up"
     assert jwks_server.fetches > fetches
-    assert _eventually(lambda: not _accepted(gateway, old)), "the withdrawn key is still accepted"
+    assert eventually(lambda: not _accepted(gateway, old), timeout=20, interval=0.2), "the withdrawn key is still accepted"
 
 
 def test_an_unreachable_jwks_is_a_retryable_503(gateway: RunningGateway) -> None:
@@ -385,7 +376,7 @@ def test_the_claims_tenant_is_charged_in_its_budget(gateway: RunningGateway) -> 
             return True
         return False
 
-    assert _eventually(refused)
+    assert eventually(refused, timeout=20, interval=0.2)
     # Another tenant's token is served; naming the spent tenant in a header changes nothing.
     fresh = _client(gateway, token(other), **{"x-tenant-id": spender})
     assert fresh.chat.completions.create(model="m", messages=USER, max_tokens=3).choices

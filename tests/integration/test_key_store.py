@@ -23,7 +23,7 @@ from extproc.keys import manage
 from extproc.keys.manage import FileKeyEditor
 from extproc.keys.redis_store import RedisKeyEditor
 from extproc.sim import SimServer
-from tests.integration.harness import RunningGateway, running_gateway
+from tests.integration.harness import RunningGateway, eventually, running_gateway
 from tests.redis_server import RedisServer
 
 USER = [{"role": "user", "content": "hi"}]
@@ -66,20 +66,10 @@ def _works(gateway: RunningGateway, key: str) -> bool:
         return False
 
 
-def _eventually(check: Callable[[], bool], timeout: float = 15) -> bool:
-    """The gateway polls the file (poll_seconds 0.2 here): a change serves within moments."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _everywhere(check: Callable[[], bool]) -> bool:
     """Eventually true eight times in a row: every processor worker polls the file on its own,
     so one answer from a worker that has seen a change says nothing of the others."""
-    return _eventually(lambda: all(check() for _ in range(8)))
+    return eventually(lambda: all(check() for _ in range(8)))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +107,7 @@ def test_an_unknown_key_is_401_in_openai_shape(keyed_gateway: RunningGateway) ->
 
 def test_an_expired_key_is_refused(keyed_gateway: RunningGateway, key_file: Path) -> None:
     key = _keys(key_file, "add", "--tenant", "late", "--id", "expiring")
-    assert _eventually(lambda: _works(keyed_gateway, key))
+    assert eventually(lambda: _works(keyed_gateway, key))
     editor = FileKeyEditor(key_file)  # as if the entry had been made with an expiry that has now passed
     (record,) = [r for r in editor.records() if r.id == "expiring"]
     with editor.transaction():
@@ -149,19 +139,19 @@ def test_add_rotate_revoke_while_traffic_runs(keyed_gateway: RunningGateway, key
     thread.start()
     try:
         other = _keys(key_file, "add", "--tenant", "team-other", "--id", "other")
-        assert _eventually(lambda: _works(keyed_gateway, other))
+        assert eventually(lambda: _works(keyed_gateway, other))
         # Rotation with a grace period: the old key keeps working while clients switch over.
         second = _keys(key_file, "rotate", "live", "--grace", "600")
         assert second != first
         assert _everywhere(lambda: _works(keyed_gateway, second))
         seen = len(outcomes)
-        assert _eventually(lambda: len(outcomes) >= seen + 5)  # the old key still served meanwhile
+        assert eventually(lambda: len(outcomes) >= seen + 5)  # the old key still served meanwhile
         current[0] = second
         # Revoking another entry changes nothing for this client.
         _keys(key_file, "revoke", "other")
         assert _everywhere(lambda: not _works(keyed_gateway, other))
         seen = len(outcomes)  # and the client, now on the new key, is still served
-        assert _eventually(lambda: len(outcomes) >= seen + 5)
+        assert eventually(lambda: len(outcomes) >= seen + 5)
     finally:
         stop.set()
         thread.join(timeout=60)
@@ -171,7 +161,7 @@ def test_add_rotate_revoke_while_traffic_runs(keyed_gateway: RunningGateway, key
     assert refused.value.body["message"] == "This API key has been revoked."  # type: ignore[index]
     assert _works(keyed_gateway, second) and _works(keyed_gateway, first)  # still within the grace period
     _keys(key_file, "revoke", "live")
-    assert _eventually(lambda: not _works(keyed_gateway, second) and not _works(keyed_gateway, first))
+    assert eventually(lambda: not _works(keyed_gateway, second) and not _works(keyed_gateway, first))
     keyed_gateway.wait_access_log(lambda e: e["tenant"] == "team-live" and e["status"] == 200)
     data = key_file.read_bytes()
     assert all(k.encode() not in data for k in (first, second, other))
@@ -188,7 +178,7 @@ def test_a_revoked_key_is_401_for_anthropic_clients_too(keyed_gateway: RunningGa
         except anthropic.AuthenticationError:
             return False
 
-    assert _eventually(works)
+    assert eventually(works)
     _keys(key_file, "revoke", "anthropic-client")
     assert _everywhere(lambda: not works())
     with pytest.raises(anthropic.AuthenticationError) as refused:
@@ -206,7 +196,7 @@ def test_redis_keys_are_read_live(sim_a: SimServer, tmp_path: Path) -> None:
             assert _works(gateway, made.key)
             gateway.wait_access_log(lambda e: e["tenant"] == "team-redis" and e["status"] == 200)
             rotated = manage.rotate(editor, "shared", time.time())
-            assert _eventually(lambda: _works(gateway, rotated.key) and not _works(gateway, made.key))
+            assert eventually(lambda: _works(gateway, rotated.key) and not _works(gateway, made.key))
             assert key_digest(made.key) != key_digest(rotated.key)
         editor.close()
 
@@ -231,7 +221,7 @@ def test_budgets_charge_the_stored_keys_tenant(sim_a: SimServer, tmp_path: Path)
                 return True
             return False
 
-        assert _eventually(refused)
+        assert eventually(refused)
         assert _works(gateway, other)
         entry = gateway.wait_access_log(lambda e: e["tenant"] == "team-spend" and e["status"] == 429)
         assert entry["error_type"] == "gateway_rate_limited"
@@ -248,6 +238,6 @@ def test_pointing_the_config_at_another_store_reloads_without_a_restart(sim_a: S
         assert _works(gateway, old) and not _works(gateway, new)
         changed = {**gateway.config, "tenancy": {"key_store": {"file": str(second)}}}
         gateway.config_path.write_text(yaml.safe_dump(changed))
-        assert _eventually(lambda: _works(gateway, new) and not _works(gateway, old))
+        assert eventually(lambda: _works(gateway, new) and not _works(gateway, old))
         gateway.wait_stderr(lambda line: "config reloaded" in line)
         assert not any("reload rejected" in line for line in gateway.stderr_lines)
