@@ -453,7 +453,8 @@ def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
 async def _shared_session_secret(url: str, password: str | None = None) -> str:
     """The fleet's MCP session key from Redis (drawn by the first replica). Redis down at start:
     a start-up error, since a random key would make this replica's sessions unknown to the others."""
-    from extproc.state import StateUnavailable, redis_client, shared_session_secret
+    from extproc.redis_pool import redis_client
+    from extproc.state import StateUnavailable, shared_session_secret
 
     client = redis_client(url, timeout=2.0, password=password)
     try:

@@ -24,6 +24,7 @@ import os
 from typing import Any
 
 from extproc.affinity import DEFAULT_TTL_S, MAX_ID_LENGTH
+from extproc.redis_pool import redis_client, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +35,6 @@ KEEP_INTERVAL_S = 10.0  # how often a replica checks that Redis still holds the 
 
 class StateUnavailable(RuntimeError):
     """Redis could not answer a start-up question (the MCP session key)."""
-
-
-def redis_client(url: str, *, timeout: float = 0.5, password: str | None = None) -> Any:
-    """A redis.asyncio client with short timeouts and one immediate retry (as the key store).
-    `password` (state.redis_password) applies when the URL carries none."""
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=32, timeout=timeout, socket_timeout=timeout, socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1), **({"password": password} if password is not None else {}),
-    )
-    return aioredis.Redis.from_pool(pool)
-
-
-def _errors() -> tuple[type[BaseException], ...]:
-    from redis import exceptions as rex
-
-    return (rex.RedisError, OSError, TimeoutError)
 
 
 class RedisAffinityStore:
@@ -82,7 +63,7 @@ class RedisAffinityStore:
             return
         try:
             await self._client.set(self._key(response_id), backend, px=int(self.ttl_s * 1000))
-        except _errors() as exc:
+        except redis_errors() as exc:
             self._failed("remember", exc)
 
     async def alookup(self, response_id: str) -> str | None:
@@ -91,7 +72,7 @@ class RedisAffinityStore:
             return None
         try:
             raw = await self._client.get(self._key(response_id))
-        except _errors() as exc:
+        except redis_errors() as exc:
             self._failed("lookup", exc)
             return None
         if raw is None:
@@ -102,7 +83,7 @@ class RedisAffinityStore:
         """Drop ``response_id`` (e.g. after the client deleted the response)."""
         try:
             await self._client.delete(self._key(response_id))
-        except _errors() as exc:
+        except redis_errors() as exc:
             self._failed("forget", exc)
 
     async def aclose(self) -> None:
@@ -121,7 +102,7 @@ async def shared_session_secret(client: Any, *, prefix: str = DEFAULT_PREFIX) ->
     try:
         await client.set(key, drawn, nx=True)
         raw = await client.get(key)
-    except _errors() as exc:
+    except redis_errors() as exc:
         raise StateUnavailable(f"redis state store unavailable: {type(exc).__name__}") from None
     if not raw:
         raise StateUnavailable("redis state store lost the MCP session key")
@@ -157,7 +138,7 @@ class SessionKeyKeeper:
         """True when Redis had lost the key and this replica put it back."""
         try:
             restored = bool(await self._client.set(self._key, self._secret, nx=True))
-        except _errors() as exc:
+        except redis_errors() as exc:
             log.debug("MCP session key check (redis) failed: %s", type(exc).__name__)
             return False
         if restored:

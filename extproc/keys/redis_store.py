@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from extproc.keys.records import PENDING, KeyRecord, KeyStoreError, Lookup
+from extproc.redis_pool import redis_client, redis_errors
 
 DEFAULT_PREFIX = "extproc:keys:"
 
@@ -66,15 +67,7 @@ class RedisKeyStore:
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.5, **options: Any) -> RedisKeyStore:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=32, timeout=timeout, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
-        )
-        return cls(aioredis.Redis.from_pool(pool), **options)
+        return cls(redis_client(url, timeout=timeout), **options)
 
     def lookup(self, digest: str) -> Lookup:
         """The cached answer, or PENDING: then await `fetch`."""
@@ -102,11 +95,9 @@ class RedisKeyStore:
         return record
 
     async def _get(self, digest: str) -> KeyRecord | None:
-        from redis import exceptions as rex
-
         try:
             raw = await self._client.get(record_key(self.prefix, digest))
-        except (rex.RedisError, OSError, TimeoutError) as exc:
+        except redis_errors() as exc:
             raise KeyStoreError(f"redis key store unavailable: {type(exc).__name__}") from None
         return decode(raw)
 

@@ -189,22 +189,10 @@ class RedisStore:
         for a free connection instead of failing at once. `password` applies when the URL
         carries none (state.redis_password).
         """
-        try:
-            import redis.asyncio as aioredis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-        except ImportError as exc:  # pragma: no cover - redis-py is a dependency of this module
-            raise RuntimeError("RedisStore needs the 'redis' package (redis-py)") from exc
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),  # one reconnect for a stale pooled connection, no backoff
-            **({"password": password} if password is not None else {}),
-        )
-        return cls(aioredis.Redis.from_pool(pool), prefix=prefix, owns_client=True)
+        from extproc.redis_pool import redis_client
+
+        client = redis_client(url, timeout=timeout, max_connections=max_connections, password=password)
+        return cls(client, prefix=prefix, owns_client=True)
 
     def _redis_key(self, key: str, window_seconds: int, start: int) -> str:
         return f"{self._prefix}{key}:{window_seconds}:{start}"

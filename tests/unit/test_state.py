@@ -12,6 +12,7 @@ import yaml
 from extproc.config import ConfigError, LoadedConfig, load_config, parse_config
 from extproc.mcp.sessions import GatewaySession, InvalidSession, ServerSession, SessionCodec
 from extproc.redact import config_secrets
+from extproc.redis_pool import redis_client
 from extproc.server import (
     ListenError,
     ProcessorServer,
@@ -24,7 +25,6 @@ from extproc.state import (
     RedisAffinityStore,
     SessionKeyKeeper,
     StateUnavailable,
-    redis_client,
     shared_session_secret,
 )
 from tests.redis_server import RedisServer, free_port
