@@ -102,7 +102,7 @@ class Exchange:
         "runtime", "telemetry", "started_at", "start_time_ns", "method", "path", "query", "endpoint", "model",
         "route", "target", "stream", "session_id", "tenant", "caller", "observer", "finished", "processor_seconds",
         "span", "user_id", "attributes", "_trace_headers", "_request_body", "_prompt", "_reserved", "staged",
-        "affinity", "_stored", "mcp", "done", "content_type", "caller", "_client_keys",
+        "affinity", "_stored", "mcp", "done", "content_type", "_client_keys",
     )
 
     def __init__(
@@ -732,7 +732,6 @@ class Exchange:
             return protocol.immediate(error.status, body, details)
         client_api = self.endpoint.client_api if self.endpoint is not None else None
         return error_reply(client_api, error, PROCESSOR_DETAILS_PREFIX)
-
 
 
 def _mcp_error_code(status: int) -> int:
