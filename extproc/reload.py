@@ -13,24 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from extproc.config import ConfigError, LoadedConfig, load_config
+from extproc.file_state import file_state
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
-
-
-def _file_state(path: Path) -> tuple[int, int, int] | None:
-    """What changes when the file is edited or replaced (editors often write a new inode)."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
 Prepare = Callable[[LoadedConfig], LoadedConfig]
@@ -69,7 +60,7 @@ class ConfigWatcher:
         self.prepare = prepare
         self.current = current
         self.apply = apply
-        self._state = _file_state(path)
+        self._state = file_state(path)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -92,7 +83,7 @@ class ConfigWatcher:
                 await asyncio.wait_for(self._wake.wait(), POLL_SECONDS if self.poll else None)
             asked = self._wake.is_set()
             self._wake.clear()
-            state = _file_state(self.path)
+            state = file_state(self.path)
             if not asked and state == self._state:
                 continue
             self._state = state

@@ -22,21 +22,10 @@ from typing import Any
 
 import orjson
 
+from extproc.file_state import file_state
 from extproc.keys.records import KeyRecord, KeyStoreError, Lookup
 
 log = logging.getLogger(__name__)
-
-FileState = tuple[int, int, int] | None
-
-
-def _state(path: Path) -> FileState:
-    """What changes when the file is replaced or edited (mtime, size, inode)."""
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return stat.st_mtime_ns, stat.st_size, stat.st_ino
-
 
 def read_items(path: Path) -> list[dict[str, Any]]:
     """Every record as decoded JSON, in file order, each with a digest; a missing file holds
@@ -118,7 +107,7 @@ class FileKeyStore:
     def __init__(self, path: Path, poll_seconds: float = 1.0) -> None:
         self.path = path
         self.poll_seconds = poll_seconds
-        self._state = _state(path)
+        self._state = file_state(path)
         if self._state is None:
             log.warning("key store %s does not exist yet: no key is known until it is created", path)
         # (digest -> stored record, digest -> checked record): swapped together on reload.
@@ -169,7 +158,7 @@ class FileKeyStore:
     async def refresh(self) -> bool:
         """Reload if the file changed; True when a new table now serves. A file that does not
         parse leaves the old table serving (logged), so a bad hand edit locks nobody out."""
-        state = await asyncio.to_thread(_state, self.path)
+        state = await asyncio.to_thread(file_state, self.path)
         if state == self._state:
             return False
         try:
