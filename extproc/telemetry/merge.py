@@ -25,39 +25,42 @@ OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset
 
 def merge_expositions(texts: Iterable[str]) -> str:
     """One Prometheus text exposition whose series are the sums over `texts`."""
-    families, samples = _add_up(texts)
-    lines: list[str] = []
-    for name, (kind, documentation) in families.items():
-        exposed = name + "_total" if kind == "counter" and not name.endswith("_total") else name
-        if documentation:
-            lines.append(f"# HELP {exposed} {_escape_help(documentation)}")
-        lines.append(f"# TYPE {exposed} {'gauge' if kind == 'info' else kind}")
-        for (sample_name, labels), value in samples[name].items():
-            rendered = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
-            lines.append(f"{sample_name}{{{rendered}}} {_number(value)}" if rendered else f"{sample_name} {_number(value)}")
-    return "\n".join(lines) + "\n"
+    return _render(*_add_up(texts), exemplars=None)
 
 
 def merge_openmetrics(texts: Iterable[str], exemplars: Mapping[Key, Exemplar]) -> str:
     """The same sums as `merge_expositions`, as OpenMetrics text with each bucket's exemplar
     (`# {trace_id="...",span_id="..."} value timestamp`) and the closing `# EOF`."""
-    families, samples = _add_up(texts)
+    return _render(*_add_up(texts), exemplars=exemplars)
+
+
+def _render(
+    families: dict[str, tuple[str, str]], samples: dict[str, dict[_Series, float]],
+    exemplars: Mapping[Key, Exemplar] | None,
+) -> str:
+    """The added-up series as text: the Prometheus format, or OpenMetrics when `exemplars`
+    is given (family names as parsed, +Inf spelled out, exemplars on buckets, `# EOF`)."""
+    openmetrics = exemplars is not None
+    number = _om_number if openmetrics else _number
     lines: list[str] = []
     for name, (kind, documentation) in families.items():
-        kind = "gauge" if kind == "info" else kind  # target_info: a gauge, as in the text format
+        kind = "gauge" if kind == "info" else kind  # target_info: a gauge in both formats
+        exposed = name + "_total" if not openmetrics and kind == "counter" and not name.endswith("_total") else name
         if documentation:
-            lines.append(f"# HELP {name} {_escape_label(documentation)}")
-        lines.append(f"# TYPE {name} {kind}")
+            help_text = _escape_label(documentation) if openmetrics else _escape_help(documentation)
+            lines.append(f"# HELP {exposed} {help_text}")
+        lines.append(f"# TYPE {exposed} {kind}")
         for (sample_name, labels), value in samples[name].items():
             rendered = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
-            line = f"{sample_name}{{{rendered}}} {_om_number(value)}" if rendered else f"{sample_name} {_om_number(value)}"
-            if sample_name.endswith("_bucket"):
+            line = f"{sample_name}{{{rendered}}} {number(value)}" if rendered else f"{sample_name} {number(value)}"
+            if exemplars is not None and sample_name.endswith("_bucket"):
                 exemplar = exemplars.get(_exemplar_key(sample_name, labels))
                 if exemplar is not None:
                     trace_id, span_id, observed, at = exemplar
                     line += f' # {{trace_id="{trace_id}",span_id="{span_id}"}} {_om_number(observed)} {at:.3f}'
             lines.append(line)
-    lines.append("# EOF")
+    if openmetrics:
+        lines.append("# EOF")
     return "\n".join(lines) + "\n"
 
 
